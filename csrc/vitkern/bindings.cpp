@@ -1,0 +1,51 @@
+// Python bindings of vitkern._C. Every entry point validates its inputs with
+// TORCH_CHECK (RuntimeError in Python); the Python launchers validate first.
+#include <torch/extension.h>
+
+#include "checks.h"
+#include "spatial_prior.h"
+
+namespace {
+
+bool with_cuda() {
+#ifdef VITKERN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor spatial_prior_forward(const at::Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix) {
+#ifdef VITKERN_WITH_CUDA
+  if (omega.is_cuda()) return vitkern::spatial_prior_forward_cuda(omega, gh, gw, num_prefix);
+#endif
+  TORCH_CHECK(omega.device().is_cpu(), "vitkern._C was built without CUDA; omega is on ", omega.device());
+  return vitkern::spatial_prior_forward_cpu(omega, gh, gw, num_prefix);
+}
+
+at::Tensor spatial_prior_backward(const at::Tensor& grad, int64_t gh, int64_t gw, int64_t num_prefix) {
+#ifdef VITKERN_WITH_CUDA
+  if (grad.is_cuda()) return vitkern::spatial_prior_backward_cuda(grad, gh, gw, num_prefix);
+#endif
+  TORCH_CHECK(grad.device().is_cpu(), "vitkern._C was built without CUDA; grad is on ", grad.device());
+  return vitkern::spatial_prior_backward_cpu(grad, gh, gw, num_prefix);
+}
+
+void check_shape(const at::Tensor& x, const std::string& name, std::vector<int64_t> expected) {
+  vitkern::check_shape(x, name.c_str(), std::move(expected));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vitkern compiled kernels (C++ always, CUDA when built with nvcc)";
+  m.def("with_cuda", &with_cuda, "True if this build contains the CUDA kernels");
+  m.def("check_shape", &check_shape, "Raise RuntimeError unless x has the expected shape (-1 = any)",
+        py::arg("x"), py::arg("name"), py::arg("expected"));
+  m.def("spatial_prior_forward", &spatial_prior_forward,
+        "omega (H, 2gh-1, 2gw-1) -> dense prior (H, N, N), N = num_prefix + gh*gw", py::arg("omega"), py::arg("gh"),
+        py::arg("gw"), py::arg("num_prefix"));
+  m.def("spatial_prior_backward", &spatial_prior_backward,
+        "grad (H, N, N) -> d omega (H, 2gh-1, 2gw-1), deterministic", py::arg("grad"), py::arg("gh"), py::arg("gw"),
+        py::arg("num_prefix"));
+}

@@ -1,0 +1,46 @@
+"""Named configurations: timm's ViT sizes and the SP-ViT sizes of SPEC.md 2.2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitkern.models.vit import ViT
+
+_CONFIGS: dict[str, dict[str, Any]] = {
+    "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    # SP-ViT (simplified: no LV-ViT conv stem, no token labelling); MLP ratio 3, K = depth - 2.
+    "sp_vit_small_patch16_224": dict(
+        patch_size=16, embed_dim=384, depth=16, num_heads=6, mlp_ratio=3.0, spatial_prior=True, sp_layers=14
+    ),
+    "sp_vit_medium_patch16_224": dict(
+        patch_size=16, embed_dim=512, depth=20, num_heads=8, mlp_ratio=3.0, spatial_prior=True, sp_layers=18
+    ),
+    "sp_vit_large_patch16_224": dict(
+        patch_size=16, embed_dim=768, depth=24, num_heads=12, mlp_ratio=3.0, spatial_prior=True, sp_layers=22
+    ),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(_CONFIGS)
+
+
+def model_config(name: str) -> dict[str, Any]:
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+    return dict(_CONFIGS[name])
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> ViT:
+    """Build a named configuration; keyword arguments override it (as in timm).
+
+    ``pretrained=True`` is not supported (no weights are downloaded): load a
+    timm checkpoint with ``ViT.from_timm`` or ``load_state_dict`` instead.
+    """
+    if pretrained:
+        raise ValueError("vitkern downloads no weights; use vitkern.ViT.from_timm(timm.create_model(..., pretrained=True))")
+    return ViT(**{**model_config(name), **kwargs})

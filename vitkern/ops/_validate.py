@@ -1,0 +1,48 @@
+"""Input validation shared by the public ops: clear TypeError/ValueError that
+name the argument and what was expected, raised before any kernel runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x: object, ndim: int | Sequence[int], shape_doc: str) -> torch.Tensor:
+    """``x`` is a floating tensor of rank ``ndim`` (one of, if a sequence)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if x.dim() not in ndims:
+        raise ValueError(f"{name} must have shape {shape_doc} ({' or '.join(map(str, ndims))}-D), got {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` has ``ref``'s dtype and device."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must share a device")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; mixed dtypes are not supported")
+
+
+def check_size(name: str, actual: Sequence[int], expected: Sequence[int | None], expected_doc: str) -> None:
+    """``actual`` matches ``expected`` where the latter is not None."""
+    ok = len(actual) == len(expected) and all(e is None or a == e for a, e in zip(actual, expected, strict=True))
+    if not ok:
+        raise ValueError(f"{name} must have shape {expected_doc}, got {tuple(actual)}")
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value

@@ -1,0 +1,118 @@
+"""Spatial-prior self-attention (SP-SA), SPEC.md section 1.2.
+
+    s_ij  = (q_i . k_j) * scale * omega_h(dx_ij, dy_ij)
+    out_i = sum_j softmax_j(s_ij) v_j
+
+The prior multiplies the *scaled* logit before the softmax. Pairs that involve
+a prefix token get factor 1; ``omega=None`` is plain softmax attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vitkern import _backend
+from vitkern.ops._validate import check_same, check_tensor
+from vitkern.ops.spatial_prior import resolve_grid, spatial_prior_reference
+
+__all__ = ["sp_attention", "sp_attention_reference", "sp_attention_probs"]
+
+
+def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    if upcast or dtype in (torch.float16, torch.bfloat16):
+        return torch.float32 if dtype != torch.float64 else torch.float64
+    return dtype
+
+
+def sp_attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    omega: torch.Tensor | None,
+    grid: tuple[int, int] | None,
+    num_prefix_tokens: int,
+    scale: float,
+) -> torch.Tensor:
+    """Attention probabilities (B, H, N, N) with the prior applied, in q's dtype
+    (fp32 for half inputs). Materialises N x N: for inspection and reference only."""
+    ct = _compute_dtype(q.dtype, False)
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-2, -1)) * scale
+    if omega is not None:
+        s = s * spatial_prior_reference(omega.to(ct), grid, num_prefix_tokens)
+    return s.softmax(dim=-1)
+
+
+def sp_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    omega: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 0,
+    scale: float | None = None,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Plain PyTorch SP-SA. Half-precision inputs are computed in fp32 and the
+    result cast back; ``upcast=True`` does the same for every dtype below fp64."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ct = _compute_dtype(q.dtype, upcast)
+    if omega is None:
+        # Plain attention: PyTorch's fused SDPA computes exactly this.
+        out = F.scaled_dot_product_attention(q.to(ct), k.to(ct), v.to(ct), scale=scale)
+        return out.to(q.dtype)
+    p = sp_attention_probs(q.to(ct), k.to(ct), omega.to(ct), grid, num_prefix_tokens, scale)
+    return torch.matmul(p, v.to(ct)).to(q.dtype)
+
+
+_backend.register_impl("sp_attention", "reference", sp_attention_reference)
+
+
+def sp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    omega: torch.Tensor | None = None,
+    *,
+    grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 0,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention with SP-ViT's multiplicative spatial prior.
+
+    Args:
+        q, k, v: (batch, heads, seqlen, head_dim). Strided views (e.g. the
+            unbound output of a fused qkv projection) are accepted.
+        omega: (heads, 2*gh-1, 2*gw-1) prior table, or None for plain attention.
+            Differentiable: its gradient is accumulated over all token pairs.
+        grid: (gh, gw) patch grid; inferred from ``omega`` when omitted.
+        num_prefix_tokens: leading class/register tokens (prior factor 1).
+        scale: logit scale, head_dim**-0.5 by default.
+        backend: "auto", "reference", "triton", "cpu" or "cuda".
+
+    Returns:
+        (batch, heads, seqlen, head_dim) in q's dtype.
+    """
+    check_tensor("q", q, 4, "(batch, heads, seqlen, head_dim)")
+    check_tensor("k", k, 4, "(batch, heads, seqlen, head_dim)")
+    check_tensor("v", v, 4, "(batch, heads, seqlen, head_dim)")
+    check_same("q", q, k=k, v=v, omega=omega)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k and v must have the same shape (batch, heads, seqlen, head_dim), got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    B, H, N, Dh = q.shape
+    if omega is not None:
+        check_tensor("omega", omega, 3, "(heads, 2*gh-1, 2*gw-1)")
+        if omega.shape[0] != H:
+            raise ValueError(f"omega must have shape ({H}, 2*gh-1, 2*gw-1) for {H} heads, got {tuple(omega.shape)}")
+    grid = resolve_grid(N, num_prefix_tokens, omega, grid)
+    if scale is None:
+        scale = Dh**-0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    fn = _backend.select("sp_attention", backend, q.device, q, k, v, omega, grid, num_prefix_tokens, float(scale))
+    if q.numel() == 0:  # empty batch: nothing for a kernel to do, keep autograd connected
+        return sp_attention_reference(q, k, v, omega, grid, num_prefix_tokens, float(scale))
+    return fn(q, k, v, omega, grid, num_prefix_tokens, float(scale))

@@ -1,0 +1,143 @@
+"""The spatial prior of SP-SA: a per-head relative-offset table and its dense form.
+
+``omega`` has shape (H, 2*gh-1, 2*gw-1) with ``omega[h, dy+gh-1, dx+gw-1]`` the
+factor for a key that sits ``dy`` rows below and ``dx`` columns right of the
+query (SPEC.md 1.2). :func:`spatial_prior_matrix` expands it to the dense
+(H, N, N) matrix, N = num_prefix_tokens + gh*gw, with factor 1 for any pair
+that involves a prefix token. The fused attention kernels never build this
+matrix; it exists for the reference path, tests and attention-map inspection.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from vitkern import _backend
+from vitkern._ext import load_extension
+from vitkern.ops._validate import check_int, check_tensor
+
+__all__ = ["resolve_grid", "relative_index", "spatial_prior_matrix", "spatial_prior_reference"]
+
+
+def resolve_grid(
+    num_tokens: int, num_prefix_tokens: int, omega: torch.Tensor | None, grid: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """The (gh, gw) patch grid implied by the arguments, checked for consistency.
+
+    Priority: ``grid`` if given, else the omega table's shape, else a square grid
+    (only when N - num_prefix_tokens is a perfect square). Returns ``None`` when no
+    grid is needed (``omega is None`` and ``grid is None``).
+    """
+    check_int("num_prefix_tokens", num_prefix_tokens, 0)
+    if grid is not None:
+        if (
+            not isinstance(grid, (tuple, list))
+            or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) for g in grid)
+        ):
+            raise TypeError(f"grid must be a pair of ints (gh, gw), got {grid!r}")
+        gh, gw = int(grid[0]), int(grid[1])
+        if gh < 1 or gw < 1:
+            raise ValueError(f"grid must be positive, got {tuple(grid)}")
+    elif omega is not None:
+        if omega.dim() != 3 or omega.shape[1] % 2 == 0 or omega.shape[2] % 2 == 0:
+            raise ValueError(f"omega must have shape (H, 2*gh-1, 2*gw-1) with odd sizes, got {tuple(omega.shape)}")
+        gh, gw = (omega.shape[1] + 1) // 2, (omega.shape[2] + 1) // 2
+    else:
+        return None
+    if num_prefix_tokens + gh * gw != num_tokens:
+        raise ValueError(
+            f"grid {(gh, gw)} with num_prefix_tokens={num_prefix_tokens} implies "
+            f"N = {num_prefix_tokens + gh * gw} tokens, but the inputs have N = {num_tokens}"
+        )
+    if omega is not None and tuple(omega.shape[1:]) != (2 * gh - 1, 2 * gw - 1):
+        raise ValueError(
+            f"omega must have shape (H, {2 * gh - 1}, {2 * gw - 1}) for grid {(gh, gw)}, got {tuple(omega.shape)}"
+        )
+    return gh, gw
+
+
+def square_grid(num_patches: int) -> tuple[int, int]:
+    g = math.isqrt(num_patches)
+    if g * g != num_patches:
+        raise ValueError(f"cannot infer a square grid from {num_patches} patch tokens; pass grid=(gh, gw)")
+    return g, g
+
+
+@lru_cache(maxsize=64)
+def _relative_index_cpu(gh: int, gw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(gh).repeat_interleave(gw)
+    cols = torch.arange(gw).repeat(gh)
+    ry = rows[None, :] - rows[:, None] + gh - 1  # key row - query row
+    rx = cols[None, :] - cols[:, None] + gw - 1  # key col - query col
+    return ry, rx
+
+
+def relative_index(gh: int, gw: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ry, rx), each (gh*gw, gh*gw): the omega table index of every (query, key) patch pair."""
+    ry, rx = _relative_index_cpu(gh, gw)
+    return ry.to(device), rx.to(device)
+
+
+def spatial_prior_reference(omega: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Plain-PyTorch dense prior (H, N, N) by gathering the table; differentiable."""
+    gh, gw = grid
+    ry, rx = relative_index(gh, gw, omega.device)
+    prior = omega[:, ry, rx]
+    if num_prefix_tokens:
+        prior = F.pad(prior, (num_prefix_tokens, 0, num_prefix_tokens, 0), value=1.0)
+    return prior
+
+
+class _SpatialPriorCompiled(torch.autograd.Function):
+    """Dense prior from vitkern._C (C++ on CPU tensors, CUDA on CUDA tensors)."""
+
+    @staticmethod
+    def forward(ctx, omega: torch.Tensor, gh: int, gw: int, num_prefix: int) -> torch.Tensor:
+        ctx.grid = (gh, gw, num_prefix)
+        return load_extension().spatial_prior_forward(omega, gh, gw, num_prefix)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gh, gw, num_prefix = ctx.grid
+        return load_extension().spatial_prior_backward(grad.contiguous(), gh, gw, num_prefix), None, None, None
+
+
+def _compiled(omega: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+    return _SpatialPriorCompiled.apply(omega, grid[0], grid[1], num_prefix_tokens)
+
+
+_backend.register_impl("spatial_prior", "reference", spatial_prior_reference)
+_backend.register_impl("spatial_prior", "cpu", _compiled)
+_backend.register_impl("spatial_prior", "cuda", _compiled)
+
+
+def spatial_prior_matrix(
+    omega: torch.Tensor,
+    grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 0,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Expand the relative-position table into the dense SP-SA prior.
+
+    Args:
+        omega: (H, 2*gh-1, 2*gw-1) table of multiplicative factors.
+        grid: (gh, gw); inferred from ``omega``'s shape when omitted.
+        num_prefix_tokens: leading class/register tokens, which get factor 1.
+        backend: "auto", "reference", "cpu" or "cuda".
+
+    Returns:
+        (H, N, N) with N = num_prefix_tokens + gh*gw; differentiable in ``omega``.
+    """
+    check_tensor("omega", omega, 3, "(H, 2*gh-1, 2*gw-1)")
+    check_int("num_prefix_tokens", num_prefix_tokens, 0)
+    if grid is None:
+        grid = ((omega.shape[1] + 1) // 2, (omega.shape[2] + 1) // 2)
+    grid = resolve_grid(num_prefix_tokens + grid[0] * grid[1], num_prefix_tokens, omega, tuple(grid))
+    fn = _backend.select("spatial_prior", backend, omega.device, omega, grid, num_prefix_tokens)
+    return fn(omega, grid, num_prefix_tokens)
