@@ -45,6 +45,17 @@ def _find_cuda_home() -> str | None:
     return next((c for c in candidates if ok(c)), None)
 
 
+def _pip_cuda_include_dirs() -> list[str]:
+    try:
+        import nvidia  # the namespace package of the nvidia-* wheels that torch depends on
+    except ImportError:
+        return []
+    dirs = []
+    for root in getattr(nvidia, "__path__", []):
+        dirs += sorted(str(p) for p in Path(root).glob("*/include") if p.is_dir())
+    return dirs
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
@@ -86,6 +97,9 @@ def _extensions():
     cxx = ["-O3", "-fvisibility=hidden", *extra]
     include_dirs = [str(CSRC)]
     if use_cuda:
+        # The torch wheels' CUDA math libraries (cuBLAS, cuSPARSE, ...) ship their
+        # headers in site-packages/nvidia/*/include; a bare toolkit may lack them.
+        include_dirs += _pip_cuda_include_dirs()
         sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]

@@ -86,9 +86,7 @@ class _Impl:
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
 
 
-def register_impl(
-    op: str, backend: str, fn: Callable, supports: Callable[..., str | None] | None = None
-) -> None:
+def register_impl(op: str, backend: str, fn: Callable, supports: Callable[..., str | None] | None = None) -> None:
     """Register ``fn`` as ``backend``'s implementation of ``op``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
@@ -136,8 +134,10 @@ def _why_not(op: str, backend: str, device: torch.device, args: tuple, kwargs: d
         return status
     if backend == "cpu" and device.type != "cpu":
         return f"inputs are on {device}, the cpu backend needs CPU tensors"
-    if backend in ("cuda", "triton") and device.type != "cuda" and not (
-        backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if (
+        backend in ("cuda", "triton")
+        and device.type != "cuda"
+        and not (backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1")
     ):
         return f"inputs are on {device}, the {backend} backend needs CUDA tensors"
     if impl.supports is not None:

@@ -111,7 +111,12 @@ class Attention(nn.Module):
         q, k, v = self.split_qkv(x)
         omega = self.omega(grid)
         out = sp_attention(
-            q, k, v, omega, grid=grid if omega is not None else None, num_prefix_tokens=num_prefix_tokens,
+            q,
+            k,
+            v,
+            omega,
+            grid=grid if omega is not None else None,
+            num_prefix_tokens=num_prefix_tokens,
             scale=self.scale,
         )
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
@@ -158,8 +163,12 @@ class Block(nn.Module):
             isinstance(self.drop_path2, DropPath) and self.training
         )
         mlp_args = (
-            self.norm2.weight, self.norm2.bias, self.mlp.fc1.weight, self.mlp.fc1.bias,
-            self.mlp.fc2.weight, self.mlp.fc2.bias,
+            self.norm2.weight,
+            self.norm2.bias,
+            self.mlp.fc1.weight,
+            self.mlp.fc1.bias,
+            self.mlp.fc2.weight,
+            self.mlp.fc2.bias,
         )
         if plain_residual:  # the residual add is fused into fc2's epilogue
             return layernorm_mlp(x, *mlp_args, eps=self.norm2.eps)

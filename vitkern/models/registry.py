@@ -42,5 +42,7 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> ViT:
     timm checkpoint with ``ViT.from_timm`` or ``load_state_dict`` instead.
     """
     if pretrained:
-        raise ValueError("vitkern downloads no weights; use vitkern.ViT.from_timm(timm.create_model(..., pretrained=True))")
+        raise ValueError(
+            "vitkern downloads no weights; use vitkern.ViT.from_timm(timm.create_model(..., pretrained=True))"
+        )
     return ViT(**{**model_config(name), **kwargs})

@@ -38,7 +38,12 @@ class PatchEmbed(nn.Module):
     """Keys ``proj.weight``/``proj.bias`` as in timm (a Conv2d), computed by the fused op."""
 
     def __init__(
-        self, img_size: tuple[int, int], patch_size: tuple[int, int], in_chans: int, embed_dim: int, bias: bool,
+        self,
+        img_size: tuple[int, int],
+        patch_size: tuple[int, int],
+        in_chans: int,
+        embed_dim: int,
+        bias: bool,
         strict_img_size: bool = True,
     ) -> None:
         super().__init__()
@@ -125,9 +130,13 @@ class ViT(nn.Module):
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
         unsupported = {
-            "qk_norm": qk_norm, "dynamic_img_pad": dynamic_img_pad, "patch_drop_rate": patch_drop_rate,
-            "proj_drop_rate": proj_drop_rate, "attn_drop_rate": attn_drop_rate,
-            "pos_embed": pos_embed != "learn", "weight_init": weight_init not in ("", "skip"),
+            "qk_norm": qk_norm,
+            "dynamic_img_pad": dynamic_img_pad,
+            "patch_drop_rate": patch_drop_rate,
+            "proj_drop_rate": proj_drop_rate,
+            "attn_drop_rate": attn_drop_rate,
+            "pos_embed": pos_embed != "learn",
+            "weight_init": weight_init not in ("", "skip"),
         }
         bad = [k for k, v in unsupported.items() if v]
         if bad:
@@ -164,13 +173,22 @@ class ViT(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=1e-6) if pre_norm else nn.Identity()
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
-        self.blocks = nn.Sequential(*[
-            Block(
-                embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, init_values, dpr[i],
-                spatial_prior=i < sp_layers, sp_hidden=sp_hidden,
-            )
-            for i in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    proj_bias,
+                    init_values,
+                    dpr[i],
+                    spatial_prior=i < sp_layers,
+                    sp_hidden=sp_hidden,
+                )
+                for i in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm and not use_fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
@@ -298,4 +316,3 @@ def _offsets(tokens: list[torch.Tensor]) -> list[int]:
         out.append(acc)
         acc += t.shape[1]
     return out
-

@@ -28,9 +28,13 @@ def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) 
         if t is None:
             continue
         if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must share a device")
+            raise ValueError(
+                f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must share a device"
+            )
         if t.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; mixed dtypes are not supported")
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; mixed dtypes are not supported"
+            )
 
 
 def check_size(name: str, actual: Sequence[int], expected: Sequence[int | None], expected_doc: str) -> None:

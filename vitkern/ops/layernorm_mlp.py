@@ -1,6 +1,6 @@
 """LayerNorm + GELU-MLP, the second half of a pre-norm block (SPEC.md 1.4):
 
-    y = x + fc2(GELU(fc1(LayerNorm(x))))      (residual=True)
+y = x + fc2(GELU(fc1(LayerNorm(x))))      (residual=True)
 """
 
 from __future__ import annotations
@@ -71,14 +71,26 @@ def layernorm_mlp(
     check_tensor("fc1_weight", fc1_weight, 2, f"(hidden, {D})")
     Hd = fc1_weight.shape[0]
     check_tensor("fc2_weight", fc2_weight, 2, f"({D}, hidden)")
-    check_same("x", x, ln_weight=ln_weight, ln_bias=ln_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
-               fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    check_same(
+        "x",
+        x,
+        ln_weight=ln_weight,
+        ln_bias=ln_bias,
+        fc1_weight=fc1_weight,
+        fc1_bias=fc1_bias,
+        fc2_weight=fc2_weight,
+        fc2_bias=fc2_bias,
+    )
     if fc1_weight.shape[1] != D:
         raise ValueError(f"fc1_weight must have shape (hidden, {D}), got {tuple(fc1_weight.shape)}")
     if tuple(fc2_weight.shape) != (D, Hd):
         raise ValueError(f"fc2_weight must have shape ({D}, {Hd}), got {tuple(fc2_weight.shape)}")
-    for name, t, n in (("ln_weight", ln_weight, D), ("ln_bias", ln_bias, D), ("fc1_bias", fc1_bias, Hd),
-                       ("fc2_bias", fc2_bias, D)):
+    for name, t, n in (
+        ("ln_weight", ln_weight, D),
+        ("ln_bias", ln_bias, D),
+        ("fc1_bias", fc1_bias, Hd),
+        ("fc2_bias", fc2_bias, D),
+    ):
         if t is not None:
             check_tensor(name, t, 1, f"({n},)")
             if t.shape[0] != n:

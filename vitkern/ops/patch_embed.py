@@ -55,9 +55,13 @@ def patch_embed(
     check_same("images", images, weight=weight, bias=bias, pos_embed=pos_embed)
     D, C, P, P2 = weight.shape
     if P != P2 or P < 1:
-        raise ValueError(f"weight must have shape (embed_dim, channels, P, P) with square patches, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape (embed_dim, channels, P, P) with square patches, got {tuple(weight.shape)}"
+        )
     if images.shape[1] != C:
-        raise ValueError(f"images has {images.shape[1]} channels but weight expects {C}: weight is {tuple(weight.shape)}")
+        raise ValueError(
+            f"images has {images.shape[1]} channels but weight expects {C}: weight is {tuple(weight.shape)}"
+        )
     Hi, Wi = images.shape[-2:]
     if Hi % P or Wi % P:
         raise ValueError(f"image size {(Hi, Wi)} is not divisible by the patch size {P}")

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment, installs the pinned
+# torch and the test/bench tools, then builds the vitkern wheel with its
+# compiled extension (vitkern._C: C++, plus CUDA when nvcc is present) and
+# installs that wheel. Sourced by scripts/test.sh and scripts/bench.sh.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VITKERN_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+TORCH_VERSION="${VITKERN_TORCH_VERSION:-2.14.1}"
+TORCHVISION_VERSION="${VITKERN_TORCHVISION_VERSION:-0.29.1}"
+
+log() { printf '\033[1m[vitkern setup]\033[0m %s\n' "$*" >&2; }
+
+if [ ! -x "$PY" ]; then
+  log "creating virtual environment $VENV"
+  python3 -m venv "$VENV"
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
+  log "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION (a few minutes the first time)"
+  "$PY" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+fi
+log "installing build and test dependencies"
+"$PY" -m pip install -q -r "$ROOT/requirements-dev.txt"
+
+# CUDA toolkit for the CUDA half of the extension (compiles here, runs on GPUs).
+if [ -z "${CUDA_HOME:-}" ] && [ -z "${VITKERN_SKIP_CUDA_BUILD:-}" ]; then
+  for d in /usr/local/cuda /usr/local/cuda-*; do
+    if [ -x "$d/bin/nvcc" ] && [ -f "$d/include/cuda_runtime.h" ]; then export CUDA_HOME="$d"; break; fi
+  done
+fi
+
+log "building the vitkern wheel (ninja, MAX_JOBS=${MAX_JOBS:-2}; incremental after the first build)"
+start=$(date +%s)
+rm -rf "$ROOT/dist"
+( cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip wheel . --no-build-isolation --no-deps -q -w "$ROOT/dist" )
+log "wheel built in $(( $(date +%s) - start )) s: $(ls "$ROOT"/dist/*.whl)"
+"$PY" - "$ROOT"/dist/vitkern-*.whl <<'PYEOF'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+ext = [n for n in names if n.startswith("vitkern/_C") and n.endswith(".so")]
+assert ext, f"the wheel has no compiled extension: {names}"
+print(f"[vitkern setup] wheel contains {ext[0]}", file=sys.stderr)
+PYEOF
+"$PY" -m pip install -q --force-reinstall --no-deps "$ROOT"/dist/vitkern-*.whl
+
+export VITKERN_PY="$PY" VITKERN_VENV_BIN="$VENV/bin"
+if [ -n "${CUDA_HOME:-}" ] && [ -z "${VITKERN_SKIP_CUDA_BUILD:-}" ]; then
+  export VITKERN_EXPECT_CUDA_BUILD=1
+fi

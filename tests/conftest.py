@@ -1,0 +1,58 @@
+"""Shared test helpers. Nothing global is changed at import time."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Per-dtype tolerances of SPEC.md section 5 (relative Frobenius error vs float64).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf (NaN never passes)."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    if torch.isnan(out64).any() or torch.isnan(ref64).any():
+        return float("inf")
+    denom = ref64.norm().item()
+    return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+
+
+@pytest.fixture
+def poison_empty():
+    """Make every torch.empty (also from C++ via at::empty) come back full of NaN,
+    so an output element a kernel forgets to write fails the comparison."""
+    import torch.utils.deterministic as det
+
+    prev_alg, prev_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    prev_fill = det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        det.fill_uninitialized_memory = prev_fill
+        torch.use_deterministic_algorithms(prev_alg, warn_only=prev_warn)
+
+
+@pytest.fixture
+def gen():
+    """A fresh, seeded-per-test generator: random inputs, never zeros."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"generator seed: {seed}")  # shown by pytest when the test fails
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape: int, dtype=torch.float32, gen: torch.Generator | None = None, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).to(dtype)
