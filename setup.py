@@ -94,7 +94,10 @@ def _extensions():
 
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     extra = os.environ.get("VITKERN_EXTRA_CFLAGS", "").split()
-    cxx = ["-O3", "-fvisibility=hidden", *extra]
+    # -fopenmp: at::parallel_for is header code built on `#pragma omp parallel`;
+    # without it the CPU kernels would silently run on one thread.
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", "-fvisibility=hidden", *omp, *extra]
     include_dirs = [str(CSRC)]
     if use_cuda:
         # The torch wheels' CUDA math libraries (cuBLAS, cuSPARSE, ...) ship their
@@ -102,6 +105,7 @@ def _extensions():
         include_dirs += _pip_cuda_include_dirs()
         sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc += [f"-Xcompiler={f}" for f in omp]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         _log(f"building C++ + CUDA with {cuda_home}, archs {archs}, MAX_JOBS={os.environ['MAX_JOBS']}")
         ext = CUDAExtension(
@@ -110,11 +114,11 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=[("VITKERN_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=extra,
+            extra_link_args=[*omp, *extra],
         )
     else:
         ext = CppExtension(
-            "vitkern._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=extra
+            "vitkern._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=[*omp, *extra]
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

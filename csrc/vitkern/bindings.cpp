@@ -2,7 +2,9 @@
 // TORCH_CHECK (RuntimeError in Python); the Python launchers validate first.
 #include <torch/extension.h>
 
+#include "blas.h"
 #include "checks.h"
+#include "sp_attention.h"
 #include "spatial_prior.h"
 
 namespace {
@@ -40,8 +42,16 @@ void check_shape(const at::Tensor& x, const std::string& name, std::vector<int64
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vitkern compiled kernels (C++ always, CUDA when built with nvcc)";
   m.def("with_cuda", &with_cuda, "True if this build contains the CUDA kernels");
+  m.def("blas_backend", &vitkern::blas_backend, "how the CPU kernels reach BLAS");
   m.def("check_shape", &check_shape, "Raise RuntimeError unless x has the expected shape (-1 = any)",
         py::arg("x"), py::arg("name"), py::arg("expected"));
+  m.def("sp_attention_forward", &vitkern::sp_attention_forward_cpu,
+        "flash-style SP-SA forward on CPU tensors -> [out, lse]", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("omega"), py::arg("gh"), py::arg("gw"), py::arg("num_prefix"), py::arg("scale"));
+  m.def("sp_attention_backward", &vitkern::sp_attention_backward_cpu,
+        "SP-SA backward on CPU tensors -> [dq, dk, dv, domega or None]", py::arg("dout"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("omega"), py::arg("out"), py::arg("lse"), py::arg("gh"), py::arg("gw"),
+        py::arg("num_prefix"), py::arg("scale"));
   m.def("spatial_prior_forward", &spatial_prior_forward,
         "omega (H, 2gh-1, 2gw-1) -> dense prior (H, N, N), N = num_prefix + gh*gw", py::arg("omega"), py::arg("gh"),
         py::arg("gw"), py::arg("num_prefix"));

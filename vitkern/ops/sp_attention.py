@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vitkern import _backend
+from vitkern._ext import load_extension
 from vitkern.ops._validate import check_same, check_tensor
 from vitkern.ops.spatial_prior import resolve_grid, spatial_prior_reference
 
@@ -65,6 +66,70 @@ def sp_attention_reference(
 
 
 _backend.register_impl("sp_attention", "reference", sp_attention_reference)
+
+
+# ----------------------------------------------------------------------------- cpu backend (csrc)
+# torch.library custom ops: torch.compile sees one op (no graph break) and
+# autograd goes through register_autograd.
+@torch.library.custom_op("vitkern::sp_attention_cpu", mutates_args=(), device_types="cpu")
+def _sp_attention_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: torch.Tensor | None, gh: int, gw: int,
+    num_prefix: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = load_extension().sp_attention_forward(q, k, v, omega, gh, gw, num_prefix, scale)
+    return out, lse
+
+
+@_sp_attention_cpu.register_fake
+def _(q, k, v, omega, gh, gw, num_prefix, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("vitkern::sp_attention_cpu_backward", mutates_args=(), device_types="cpu")
+def _sp_attention_cpu_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: torch.Tensor | None,
+    out: torch.Tensor, lse: torch.Tensor, gh: int, gw: int, num_prefix: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, domega = load_extension().sp_attention_backward(
+        dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale
+    )
+    return dq, dk, dv, (domega if domega is not None else q.new_empty(0))
+
+
+@_sp_attention_cpu_backward.register_fake
+def _(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale):
+    domega = omega.new_empty(omega.shape) if omega is not None else q.new_empty(0)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), domega
+
+
+def _cpu_setup_context(ctx, inputs, output):
+    q, k, v, omega, gh, gw, num_prefix, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, omega, out, lse)
+    ctx.args = (gh, gw, num_prefix, scale)
+
+
+def _cpu_backward(ctx, dout, _dlse):
+    q, k, v, omega, out, lse = ctx.saved_tensors
+    dq, dk, dv, domega = _sp_attention_cpu_backward(dout, q, k, v, omega, out, lse, *ctx.args)
+    return dq, dk, dv, (domega if omega is not None else None), None, None, None, None
+
+
+_sp_attention_cpu.register_autograd(_cpu_backward, setup_context=_cpu_setup_context)
+
+
+def _sp_attention_cpu_impl(q, k, v, omega, grid, num_prefix_tokens, scale):
+    gh, gw = grid if grid is not None else (1, 1)
+    return _sp_attention_cpu(q, k, v, omega, gh, gw, num_prefix_tokens, scale)[0]
+
+
+def _cpu_supports(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
+    if q.dtype == torch.float64:
+        return "float64 runs on the reference path (the cpu kernel computes in fp32)"
+    return None
+
+
+_backend.register_impl("sp_attention", "cpu", _sp_attention_cpu_impl, _cpu_supports)
 
 
 def sp_attention(

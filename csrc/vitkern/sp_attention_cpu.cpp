@@ -1,0 +1,285 @@
+// Flash-style spatial-prior attention (SP-SA) on the CPU, forward and backward.
+//
+//   s_ij = (q_i . k_j) * scale * omega[h, ry(i,j), rx(i,j)]   (1 for prefix pairs)
+//   out_i = sum_j softmax_j(s_ij) v_j
+//
+// Blocks of BM queries meet blocks of BN keys; the softmax is online (running
+// max m and sum l per row, fp32), so no (N x N) buffer exists: per task the
+// largest buffers are BM x BN tiles. The prior factor comes from the small
+// per-head table, indexed by the relative offset computed on the fly.
+// Block GEMMs call the BLAS torch uses (sgemm_, see blas.h), fp32.
+// Inputs of any floating dtype are computed in fp32 (fp64 is left to the
+// reference path); outputs are cast back. Backward is deterministic: every
+// (batch, head) task owns its dK/dV rows and its own d-omega partial table,
+// and the partials are summed over the batch in a fixed order.
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "blas.h"
+#include "checks.h"
+#include "simd.h"
+#include "sp_attention.h"
+
+namespace vitkern {
+namespace {
+
+
+constexpr int64_t kBlockM = 64;   // queries per tile
+constexpr int64_t kBlockN = 256;  // keys per tile
+
+// Prior geometry: maps (query, key) to a table entry; prefix pairs get 1.
+struct Prior {
+  const float* tab = nullptr;  // (2gh-1, 2gw-1) table of this head, or nullptr (no prior)
+  int64_t gh = 1, gw = 1, num_prefix = 0;
+
+  // Multiplies row `i` of a tile, keys [j0, j1), by scale * factor in place.
+  // If `logits` is given, the scaled logit before the prior is stored there.
+  inline void apply_row(float* s, int64_t i, int64_t j0, int64_t j1, float scale, float* logits = nullptr) const {
+    const int64_t n = j1 - j0;
+    if (logits) {
+      for (int64_t t = 0; t < n; ++t) logits[t] = s[t] * scale;
+    }
+    if (tab == nullptr || i < num_prefix) {
+      for (int64_t t = 0; t < n; ++t) s[t] *= scale;
+      return;
+    }
+    const int64_t tw = 2 * gw - 1;
+    const int64_t pi = i - num_prefix, ri = pi / gw, ci = pi % gw;
+    int64_t j = j0;
+    for (; j < std::min(j1, num_prefix); ++j) s[j - j0] *= scale;
+    // Walk the key block row by row of the patch grid: within a grid row the
+    // table entries are contiguous.
+    while (j < j1) {
+      const int64_t pj = j - num_prefix, rj = pj / gw, cj0 = pj % gw;
+      const int64_t run = std::min<int64_t>(gw - cj0, j1 - j);
+      const float* src = tab + (rj - ri + gh - 1) * tw + (cj0 - ci + gw - 1);
+      float* dst = s + (j - j0);
+      for (int64_t t = 0; t < run; ++t) dst[t] *= scale * src[t];
+      j += run;
+    }
+  }
+
+  // d-omega accumulation for row i: dtab[r(i,j)] += ds[j] * logits[j].
+  inline void accumulate_row(float* dtab, const float* ds, const float* logits, int64_t i, int64_t j0,
+                             int64_t j1) const {
+    if (i < num_prefix) return;
+    const int64_t tw = 2 * gw - 1;
+    const int64_t pi = i - num_prefix, ri = pi / gw, ci = pi % gw;
+    int64_t j = std::max(j0, num_prefix);
+    while (j < j1) {
+      const int64_t pj = j - num_prefix, rj = pj / gw, cj0 = pj % gw;
+      const int64_t run = std::min<int64_t>(gw - cj0, j1 - j);
+      float* dst = dtab + (rj - ri + gh - 1) * tw + (cj0 - ci + gw - 1);
+      for (int64_t t = 0; t < run; ++t) dst[t] += ds[j - j0 + t] * logits[j - j0 + t];
+      j += run;
+    }
+  }
+
+};
+
+// Row-major (rows x Dh) fp32 view of one (batch, head) slice.
+struct Mat {
+  const float* p;
+  int64_t ld;
+};
+
+// C(rows_a x rows_b) = A(rows_a x k) . B(rows_b x k)^T, all row-major.
+inline void gemm_abt(int64_t rows_a, int64_t rows_b, int64_t k, Mat a, Mat b, float* c, int64_t ldc) {
+  sgemm(true, false, rows_b, rows_a, k, 1.f, b.p, b.ld, a.p, a.ld, 0.f, c, ldc);
+}
+
+// C(rows x k) (+)= P(rows x inner) . B(inner x k), row-major.
+inline void gemm_ab(int64_t rows, int64_t inner, int64_t k, const float* p, int64_t ldp, Mat b, float beta, float* c,
+                    int64_t ldc) {
+  sgemm(false, false, k, rows, inner, 1.f, b.p, b.ld, p, ldp, beta, c, ldc);
+}
+
+// C(inner x k) += P(rows x inner)^T . B(rows x k), row-major.
+inline void gemm_atb(int64_t rows, int64_t inner, int64_t k, const float* p, int64_t ldp, Mat b, float* c,
+                     int64_t ldc) {
+  sgemm(false, true, k, inner, rows, 1.f, b.p, b.ld, p, ldp, 1.f, c, ldc);
+}
+
+// fp32 tensor whose last dim is contiguous (a view when the input already is one).
+at::Tensor as_fp32_rows(const at::Tensor& x) {
+  at::Tensor y = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  return y.stride(-1) == 1 ? y : y.contiguous();
+}
+
+inline Mat slice(const at::Tensor& x, int64_t b, int64_t h) {
+  return {x.data_ptr<float>() + b * x.stride(0) + h * x.stride(1), x.stride(2)};
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& omega,
+                  int64_t gh, int64_t gw, int64_t num_prefix) {
+  VK_CHECK_CPU(q);
+  VK_CHECK_CPU(k);
+  VK_CHECK_CPU(v);
+  VK_CHECK_FLOATING(q);
+  TORCH_CHECK(q.dim() == 4, "q must have shape (batch, heads, seqlen, head_dim), got ", shape_str(q.sizes()));
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must have the same shape, got q ",
+              shape_str(q.sizes()), ", k ", shape_str(k.sizes()), ", v ", shape_str(v.sizes()));
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k and v must share a dtype");
+  if (omega.has_value()) {
+    const auto& om = *omega;
+    VK_CHECK_CPU(om);
+    TORCH_CHECK(gh > 0 && gw > 0, "grid must be positive, got (", gh, ", ", gw, ")");
+    TORCH_CHECK(num_prefix >= 0, "num_prefix_tokens must be >= 0, got ", num_prefix);
+    check_shape(om, "omega", {q.size(1), 2 * gh - 1, 2 * gw - 1});
+    TORCH_CHECK(num_prefix + gh * gw == q.size(2), "grid (", gh, ", ", gw, ") with ", num_prefix,
+                " prefix tokens does not match seqlen ", q.size(2));
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in, const c10::optional<at::Tensor>& omega_in,
+                                                 int64_t gh, int64_t gw, int64_t num_prefix, double scale_d) {
+  check_inputs(q_in, k_in, v_in, omega_in, gh, gw, num_prefix);
+  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), Dh = q_in.size(3);
+  const at::Tensor q = as_fp32_rows(q_in), k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
+  const at::Tensor omega = omega_in.has_value() ? omega_in->to(at::kFloat).contiguous() : at::Tensor();
+  const float scale = static_cast<float>(scale_d);
+  const bool out_fp32 = q_in.scalar_type() == at::kFloat;
+  at::Tensor out = at::empty({B, H, N, Dh}, q.options());  // fp32; cast at the end if needed
+  at::Tensor lse = at::empty({B, H, N}, q.options());
+  const int64_t n_qblk = (N + kBlockM - 1) / kBlockM;
+  const int64_t tsize = (2 * gh - 1) * (2 * gw - 1);
+  float* out_p = out.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+
+  at::parallel_for(0, B * H * n_qblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s_buf(kBlockM * kBlockN), acc(kBlockM * Dh), m(kBlockM), l(kBlockM);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % n_qblk, bh = task / n_qblk, b = bh / H, h = bh % H;
+      const int64_t i0 = qb * kBlockM, rows = std::min(kBlockM, N - i0);
+      Prior prior{omega.defined() ? omega.data_ptr<float>() + h * tsize : nullptr, gh, gw, num_prefix};
+      Mat qm = slice(q, b, h), km = slice(k, b, h), vm = slice(v, b, h);
+      qm.p += i0 * qm.ld;
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j0 = 0; j0 < N; j0 += kBlockN) {
+        const int64_t cols = std::min(kBlockN, N - j0);
+        gemm_abt(rows, cols, Dh, qm, {km.p + j0 * km.ld, km.ld}, s_buf.data(), kBlockN);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* s = s_buf.data() + r * kBlockN;
+          prior.apply_row(s, i0 + r, j0, j0 + cols, scale);
+          const float mb = simd::row_max(s, cols);
+          const float m_new = std::max(m[r], mb);
+          // Rows whose logits are all -inf keep m = -inf; use 0 as the shift so exp gives 0, not NaN.
+          const float shift = std::isinf(m_new) && m_new < 0 ? 0.f : m_new;
+          const float alpha = std::exp(m[r] - shift);
+          const float rowsum = simd::exp_sub_sum(s, cols, shift);
+          l[r] = l[r] * alpha + rowsum;
+          m[r] = m_new;
+          if (alpha != 1.f) {
+            float* a = acc.data() + r * Dh;
+            for (int64_t t = 0; t < Dh; ++t) a[t] *= alpha;
+          }
+        }
+        gemm_ab(rows, cols, Dh, s_buf.data(), kBlockN, {vm.p + j0 * vm.ld, vm.ld}, 1.f, acc.data(), Dh);
+      }
+      float* o = out_p + ((b * H + h) * N + i0) * Dh;
+      float* ls = lse_p + (b * H + h) * N + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = 1.f / l[r];
+        const float* a = acc.data() + r * Dh;
+        for (int64_t t = 0; t < Dh; ++t) o[r * Dh + t] = a[t] * inv;
+        ls[r] = m[r] + std::log(l[r]);
+      }
+    }
+  });
+  return {out_fp32 ? out : out.to(q_in.scalar_type()), lse};
+}
+
+std::vector<at::Tensor> sp_attention_backward_cpu(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                                  const at::Tensor& k_in, const at::Tensor& v_in,
+                                                  const c10::optional<at::Tensor>& omega_in, const at::Tensor& out_in,
+                                                  const at::Tensor& lse_in, int64_t gh, int64_t gw, int64_t num_prefix,
+                                                  double scale_d) {
+  check_inputs(q_in, k_in, v_in, omega_in, gh, gw, num_prefix);
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), "dout and out must match q's shape");
+  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), Dh = q_in.size(3);
+  check_shape(lse_in, "lse", {B, H, N});
+  const at::Tensor q = as_fp32_rows(q_in), k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
+  const at::Tensor dout = as_fp32_rows(dout_in), out = as_fp32_rows(out_in);
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const bool has_prior = omega_in.has_value();
+  const at::Tensor omega = has_prior ? omega_in->to(at::kFloat).contiguous() : at::Tensor();
+  const float scale = static_cast<float>(scale_d);
+  const int64_t tsize = (2 * gh - 1) * (2 * gw - 1);
+
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::empty({B, H, N, Dh}, f32), dk = at::empty({B, H, N, Dh}, f32), dv = at::empty({B, H, N, Dh}, f32);
+  at::Tensor dtab_partial = has_prior ? at::zeros({B, H, tsize}, f32) : at::Tensor();
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p_buf(kBlockM * kBlockN), dp_buf(kBlockM * kBlockN), logit_buf(kBlockN), delta(N);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      Prior prior{has_prior ? omega.data_ptr<float>() + h * tsize : nullptr, gh, gw, num_prefix};
+      float* dtab = has_prior ? dtab_partial.data_ptr<float>() + bh * tsize : nullptr;
+      const Mat qm = slice(q, b, h), km = slice(k, b, h), vm = slice(v, b, h);
+      const Mat dom = slice(dout, b, h), om = slice(out, b, h);
+      const float* lse_p = lse.data_ptr<float>() + bh * N;
+      float* dq_p = dq.data_ptr<float>() + bh * N * Dh;
+      float* dk_p = dk.data_ptr<float>() + bh * N * Dh;
+      float* dv_p = dv.data_ptr<float>() + bh * N * Dh;
+      std::fill(dk_p, dk_p + N * Dh, 0.f);
+      std::fill(dv_p, dv_p + N * Dh, 0.f);
+      // delta_i = rowsum(dO_i * O_i), the softmax backward's correction term.
+      for (int64_t i = 0; i < N; ++i) {
+        const float* a = dom.p + i * dom.ld;
+        const float* c = om.p + i * om.ld;
+        float d = 0.f;
+        for (int64_t t = 0; t < Dh; ++t) d += a[t] * c[t];
+        delta[i] = d;
+      }
+      for (int64_t i0 = 0; i0 < N; i0 += kBlockM) {
+        const int64_t rows = std::min(kBlockM, N - i0);
+        const Mat qb{qm.p + i0 * qm.ld, qm.ld}, dob{dom.p + i0 * dom.ld, dom.ld};
+        float* dq_blk = dq_p + i0 * Dh;
+        std::fill(dq_blk, dq_blk + rows * Dh, 0.f);
+        for (int64_t j0 = 0; j0 < N; j0 += kBlockN) {
+          const int64_t cols = std::min(kBlockN, N - j0);
+          const Mat kb{km.p + j0 * km.ld, km.ld}, vb{vm.p + j0 * vm.ld, vm.ld};
+          gemm_abt(rows, cols, Dh, qb, kb, p_buf.data(), kBlockN);    // q.k
+          gemm_abt(rows, cols, Dh, dob, vb, dp_buf.data(), kBlockN);  // dP = dO . V^T
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r;
+            float* p = p_buf.data() + r * kBlockN;
+            float* ds = dp_buf.data() + r * kBlockN;
+            prior.apply_row(p, i, j0, j0 + cols, scale, has_prior ? logit_buf.data() : nullptr);
+            const float li = lse_p[i], di = delta[i];
+            simd::exp_sub_sum(p, cols, li);
+            // dS = P * (dP - delta): gradient of the post-prior logit.
+            for (int64_t t = 0; t < cols; ++t) ds[t] = p[t] * (ds[t] - di);
+            if (has_prior) prior.accumulate_row(dtab, ds, logit_buf.data(), i, j0, j0 + cols);
+            // Chain through the prior and the scale: d(q.k) = dS * scale * factor.
+            prior.apply_row(ds, i, j0, j0 + cols, scale);
+          }
+          gemm_atb(rows, cols, Dh, p_buf.data(), kBlockN, dob, dv_p + j0 * Dh, Dh);        // dV += P^T dO
+          gemm_ab(rows, cols, Dh, dp_buf.data(), kBlockN, kb, 1.f, dq_blk, Dh);          // dQ += dQK . K
+          gemm_atb(rows, cols, Dh, dp_buf.data(), kBlockN, qb, dk_p + j0 * Dh, Dh);       // dK += dQK^T . Q
+        }
+      }
+    }
+  });
+
+  at::Tensor domega;
+  if (has_prior) {
+    // Fixed-order reduction over the batch: deterministic.
+    domega = dtab_partial.sum(0).view({H, 2 * gh - 1, 2 * gw - 1}).to(omega_in->scalar_type());
+  }
+  const auto dt = q_in.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt), domega};
+}
+
+}  // namespace vitkern

@@ -1,0 +1,100 @@
+"""backend="cpu" sp_attention (csrc/vitkern/sp_attention_cpu.cpp) against the
+float64 reference: output and every gradient, fp32 and bf16, ragged shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOL, assert_close_rel, randn
+
+import vitkern
+from vitkern._ext import extension_error, load_extension
+from vitkern.ops import sp_attention
+
+pytestmark = pytest.mark.skipif(load_extension() is None, reason=f"_C not built: {extension_error()}")
+
+CASES = [
+    # B, H, grid, num_prefix, Dh, omega
+    (1, 2, (14, 14), 1, 64, True),  # N = 197 with a class token, batch 1
+    (2, 3, (3, 5), 0, 32, True),  # non-square grid, N = 15 below one block
+    (2, 2, (5, 3), 5, 80, True),  # class + 4 registers, head dim 80
+    (1, 2, (9, 9), 1, 96, True),
+    (2, 1, (17, 19), 2, 128, True),  # N = 325 spans two key blocks of 256
+    (1, 1, (1, 1), 0, 16, True),  # a single token
+    (2, 2, (7, 7), 1, 64, False),  # omega=None: plain attention
+    (1, 2, None, 0, 48, False),  # plain attention with no grid at all (N = 300)
+]
+
+
+def _inputs(B, H, grid, num_prefix, Dh, with_omega, dtype, gen, n_plain=300):
+    N = num_prefix + grid[0] * grid[1] if grid else n_plain
+    q, k, v = (randn(B, H, N, Dh, dtype=dtype, gen=gen) for _ in range(3))
+    omega = None
+    if with_omega:
+        omega = (randn(H, 2 * grid[0] - 1, 2 * grid[1] - 1, gen=gen) * 0.5 + 1.0).to(dtype)
+    return q, k, v, omega
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,grid,num_prefix,Dh,with_omega", CASES)
+def test_forward_and_all_gradients(B, H, grid, num_prefix, Dh, with_omega, dtype, gen, poison_empty):
+    q, k, v, omega = _inputs(B, H, grid, num_prefix, Dh, with_omega, dtype, gen)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([omega.clone().requires_grad_()] if with_omega else [])
+    out = sp_attention(*leaves[:3], leaves[3] if with_omega else None, num_prefix_tokens=num_prefix, backend="cpu")
+    assert vitkern.last_backend("sp_attention") == "cpu"
+    assert out.dtype == dtype and out.shape == q.shape
+    # Truth: the reference in float64 on the same (rounded) inputs.
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = sp_attention(*ref_leaves[:3], ref_leaves[3] if with_omega else None, num_prefix_tokens=num_prefix,
+                       backend="reference")
+    tol = TOL[dtype]
+    assert_close_rel(out, ref, tol, "out")
+    dout = randn(*out.shape, gen=gen).to(dtype)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    for name, g, rg in zip("q k v omega".split(), grads, ref_grads, strict=False):
+        assert g.dtype == dtype
+        if rg.norm() == 0:  # a single token: d q = d k = 0, up to rounding of dP - delta
+            assert g.double().norm() <= tol * dout.double().norm() * v.double().norm(), name
+        else:
+            assert_close_rel(g, rg, tol, f"d{name}")
+
+
+def test_strided_qkv_views_from_fused_projection(gen):
+    B, N, H, Dh = 2, 1 + 6 * 7, 3, 32
+    qkv = randn(B, N, 3 * H * Dh, gen=gen)
+    q, k, v = qkv.reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+    omega = randn(H, 11, 13, gen=gen)
+    out = sp_attention(q, k, v, omega, num_prefix_tokens=1, backend="cpu")
+    ref = sp_attention(q.double(), k.double(), v.double(), omega.double(), num_prefix_tokens=1, backend="reference")
+    assert_close_rel(out, ref, TOL[torch.float32])
+    # transposed (non-unit last stride) inputs are accepted too
+    qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert qt.stride(-1) != 1
+    out2 = sp_attention(qt, k, v, omega, num_prefix_tokens=1, backend="cpu")
+    torch.testing.assert_close(out2, out, rtol=1e-6, atol=1e-6)
+
+
+def test_backward_is_bitwise_deterministic(gen):
+    q, k, v, omega = _inputs(3, 2, (14, 14), 1, 64, True, torch.float32, gen)
+    leaves = [t.requires_grad_() for t in (q, k, v, omega)]
+    dout = randn(*q.shape, gen=gen)
+    runs = []
+    for _ in range(3):
+        out = sp_attention(*leaves, num_prefix_tokens=1, backend="cpu")
+        runs.append(torch.autograd.grad(out, leaves, dout))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_auto_picks_cpu_for_cpu_tensors(gen):
+    q, k, v, omega = _inputs(1, 2, (4, 4), 1, 32, True, torch.float32, gen)
+    sp_attention(q, k, v, omega, num_prefix_tokens=1)
+    assert vitkern.last_backend("sp_attention") == "cpu"
+    # float64 is left to the reference, and the report says why.
+    sp_attention(q.double(), k.double(), v.double(), omega.double(), num_prefix_tokens=1)
+    rec = vitkern.backend_report()["sp_attention"]
+    assert rec.backend == "reference" and "float64" in rec.skipped["cpu"]
+    with pytest.raises(vitkern.BackendError, match="float64"):
+        sp_attention(q.double(), k.double(), v.double(), omega.double(), num_prefix_tokens=1, backend="cpu")
