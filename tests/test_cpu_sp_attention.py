@@ -19,7 +19,8 @@ CASES = [
     (2, 3, (3, 5), 0, 32, True),  # non-square grid, N = 15 below one block
     (2, 2, (5, 3), 5, 80, True),  # class + 4 registers, head dim 80
     (1, 2, (9, 9), 1, 96, True),
-    (2, 1, (17, 19), 2, 128, True),  # N = 325 spans two key blocks of 256
+    (2, 1, (17, 19), 2, 128, True),  # N = 325
+    (1, 1, (23, 23), 1, 32, True),  # N = 530 spans two key blocks of 512 (online rescaling)
     (1, 1, (1, 1), 0, 16, True),  # a single token
     (2, 2, (7, 7), 1, 64, False),  # omega=None: plain attention
     (1, 2, None, 0, 48, False),  # plain attention with no grid at all (N = 300)

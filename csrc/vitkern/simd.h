@@ -2,7 +2,8 @@
 // exp(x - shift) that returns the row sum. AVX2+FMA versions are compiled with
 // function-level target attributes and chosen at run time, so the extension
 // runs (more slowly) on a CPU without AVX2 and never executes an illegal
-// instruction. NaN propagates as in std::exp; exp(-inf) is exactly 0.
+// instruction (AVX-512 > AVX2+FMA > scalar). NaN propagates as in std::exp;
+// exp(-inf) is exactly 0.
 #pragma once
 
 #include <cmath>
@@ -91,16 +92,78 @@ __attribute__((target("avx2,fma"))) inline float exp_sub_sum_avx2(float* x, int6
   return s;
 }
 
+// AVX-512: 16 lanes, and vscalefps does the 2^n scaling with correct
+// underflow to 0 / overflow to inf, so no exponent-bit arithmetic or blends.
+__attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
+  // Operand order keeps NaN: max_ps/min_ps return the second operand if either is NaN.
+  x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, fx);
+}
+
+__attribute__((target("avx512f"))) inline float exp_sub_sum_avx512(float* x, int64_t n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 y = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
+    _mm512_storeu_ps(x + i, y);
+    acc = _mm512_add_ps(acc, y);
+  }
+  if (i < n) {  // masked tail: no scalar loop
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 y = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), sh));
+    _mm512_mask_storeu_ps(x + i, m, y);
+    acc = _mm512_mask_add_ps(acc, m, acc, y);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+__attribute__((target("avx512f"))) inline float row_max_avx512(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan_seen = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    nan_seen |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, v);
+  }
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), k, x + i);
+    nan_seen |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, v);
+  }
+  if (nan_seen) return std::numeric_limits<float>::quiet_NaN();
+  return _mm512_reduce_max_ps(m);
+}
+
 inline bool has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
+inline bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
 #else
 inline bool has_avx2() { return false; }
+inline bool has_avx512() { return false; }
 #endif
 
 inline float row_max(const float* x, int64_t n) {
 #if defined(__x86_64__)
+  if (has_avx512()) return row_max_avx512(x, n);
   if (has_avx2()) return row_max_avx2(x, n);
 #endif
   return row_max_scalar(x, n);
@@ -109,6 +172,7 @@ inline float row_max(const float* x, int64_t n) {
 // x[i] = exp(x[i] - shift) in place; returns the sum of the new x.
 inline float exp_sub_sum(float* x, int64_t n, float shift) {
 #if defined(__x86_64__)
+  if (has_avx512()) return exp_sub_sum_avx512(x, n, shift);
   if (has_avx2()) return exp_sub_sum_avx2(x, n, shift);
 #endif
   return exp_sub_sum_scalar(x, n, shift);

@@ -28,29 +28,32 @@ namespace vitkern {
 namespace {
 
 
+// Tile sizes (measured, benchmarks/NOTES.md): 64 x 512 fp32 scores = 128 KiB,
+// resident in L2; a 196- or 576-token sequence is one or two key blocks.
 constexpr int64_t kBlockM = 64;   // queries per tile
-constexpr int64_t kBlockN = 256;  // keys per tile
+constexpr int64_t kBlockN = 512;  // keys per tile
 
 // Prior geometry: maps (query, key) to a table entry; prefix pairs get 1.
 struct Prior {
   const float* tab = nullptr;  // (2gh-1, 2gw-1) table of this head, or nullptr (no prior)
   int64_t gh = 1, gw = 1, num_prefix = 0;
 
-  // Multiplies row `i` of a tile, keys [j0, j1), by scale * factor in place.
-  // If `logits` is given, the scaled logit before the prior is stored there.
-  inline void apply_row(float* s, int64_t i, int64_t j0, int64_t j1, float scale, float* logits = nullptr) const {
+  // Multiplies row `i` of a tile, keys [j0, j1), by mult * factor in place
+  // (mult = 1 skips the work for rows without a prior). If `logits` is given,
+  // the row before the multiplication is copied there.
+  inline void apply_row(float* s, int64_t i, int64_t j0, int64_t j1, float mult, float* logits = nullptr) const {
     const int64_t n = j1 - j0;
-    if (logits) {
-      for (int64_t t = 0; t < n; ++t) logits[t] = s[t] * scale;
-    }
+    if (logits) std::copy(s, s + n, logits);
     if (tab == nullptr || i < num_prefix) {
-      for (int64_t t = 0; t < n; ++t) s[t] *= scale;
+      if (mult != 1.f) {
+        for (int64_t t = 0; t < n; ++t) s[t] *= mult;
+      }
       return;
     }
     const int64_t tw = 2 * gw - 1;
     const int64_t pi = i - num_prefix, ri = pi / gw, ci = pi % gw;
     int64_t j = j0;
-    for (; j < std::min(j1, num_prefix); ++j) s[j - j0] *= scale;
+    for (; j < std::min(j1, num_prefix); ++j) s[j - j0] *= mult;
     // Walk the key block row by row of the patch grid: within a grid row the
     // table entries are contiguous.
     while (j < j1) {
@@ -58,7 +61,11 @@ struct Prior {
       const int64_t run = std::min<int64_t>(gw - cj0, j1 - j);
       const float* src = tab + (rj - ri + gh - 1) * tw + (cj0 - ci + gw - 1);
       float* dst = s + (j - j0);
-      for (int64_t t = 0; t < run; ++t) dst[t] *= scale * src[t];
+      if (mult == 1.f) {
+        for (int64_t t = 0; t < run; ++t) dst[t] *= src[t];
+      } else {
+        for (int64_t t = 0; t < run; ++t) dst[t] *= mult * src[t];
+      }
       j += run;
     }
   }
@@ -87,9 +94,10 @@ struct Mat {
   int64_t ld;
 };
 
-// C(rows_a x rows_b) = A(rows_a x k) . B(rows_b x k)^T, all row-major.
-inline void gemm_abt(int64_t rows_a, int64_t rows_b, int64_t k, Mat a, Mat b, float* c, int64_t ldc) {
-  sgemm(true, false, rows_b, rows_a, k, 1.f, b.p, b.ld, a.p, a.ld, 0.f, c, ldc);
+// C(rows_a x rows_b) = alpha * A(rows_a x k) . B(rows_b x k)^T, all row-major.
+inline void gemm_abt(int64_t rows_a, int64_t rows_b, int64_t k, Mat a, Mat b, float* c, int64_t ldc,
+                     float alpha = 1.f) {
+  sgemm(true, false, rows_b, rows_a, k, alpha, b.p, b.ld, a.p, a.ld, 0.f, c, ldc);
 }
 
 // C(rows x k) (+)= P(rows x inner) . B(inner x k), row-major.
@@ -167,10 +175,11 @@ std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const a
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j0 = 0; j0 < N; j0 += kBlockN) {
         const int64_t cols = std::min(kBlockN, N - j0);
-        gemm_abt(rows, cols, Dh, qm, {km.p + j0 * km.ld, km.ld}, s_buf.data(), kBlockN);
+        // The logit scale rides on the GEMM's alpha: no separate pass.
+        gemm_abt(rows, cols, Dh, qm, {km.p + j0 * km.ld, km.ld}, s_buf.data(), kBlockN, scale);
         for (int64_t r = 0; r < rows; ++r) {
           float* s = s_buf.data() + r * kBlockN;
-          prior.apply_row(s, i0 + r, j0, j0 + cols, scale);
+          prior.apply_row(s, i0 + r, j0, j0 + cols, 1.f);
           const float mb = simd::row_max(s, cols);
           const float m_new = std::max(m[r], mb);
           // Rows whose logits are all -inf keep m = -inf; use 0 as the shift so exp gives 0, not NaN.
@@ -250,13 +259,13 @@ std::vector<at::Tensor> sp_attention_backward_cpu(const at::Tensor& dout_in, con
         for (int64_t j0 = 0; j0 < N; j0 += kBlockN) {
           const int64_t cols = std::min(kBlockN, N - j0);
           const Mat kb{km.p + j0 * km.ld, km.ld}, vb{vm.p + j0 * vm.ld, vm.ld};
-          gemm_abt(rows, cols, Dh, qb, kb, p_buf.data(), kBlockN);    // q.k
+          gemm_abt(rows, cols, Dh, qb, kb, p_buf.data(), kBlockN, scale);  // scale * q.k
           gemm_abt(rows, cols, Dh, dob, vb, dp_buf.data(), kBlockN);  // dP = dO . V^T
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + r;
             float* p = p_buf.data() + r * kBlockN;
             float* ds = dp_buf.data() + r * kBlockN;
-            prior.apply_row(p, i, j0, j0 + cols, scale, has_prior ? logit_buf.data() : nullptr);
+            prior.apply_row(p, i, j0, j0 + cols, 1.f, has_prior ? logit_buf.data() : nullptr);
             const float li = lse_p[i], di = delta[i];
             simd::exp_sub_sum(p, cols, li);
             // dS = P * (dP - delta): gradient of the post-prior logit.
