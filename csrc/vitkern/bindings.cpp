@@ -4,6 +4,7 @@
 
 #include "blas.h"
 #include "checks.h"
+#include "layernorm_mlp.h"
 #include "sp_attention.h"
 #include "spatial_prior.h"
 
@@ -52,6 +53,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "SP-SA backward on CPU tensors -> [dq, dk, dv, domega or None]", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("omega"), py::arg("out"), py::arg("lse"), py::arg("gh"), py::arg("gw"),
         py::arg("num_prefix"), py::arg("scale"));
+  m.def("layernorm_mlp_forward", &vitkern::layernorm_mlp_forward_cpu,
+        "fused LayerNorm+GELU-MLP forward on CPU -> [out, mean, rstd, pre]", py::arg("x"), py::arg("ln_weight"),
+        py::arg("ln_bias"), py::arg("fc1_weight"), py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("fc2_bias"),
+        py::arg("eps"), py::arg("tanh_approx"), py::arg("residual"), py::arg("save_for_backward"));
+  m.def("layernorm_mlp_backward", &vitkern::layernorm_mlp_backward_cpu,
+        "LayerNorm+GELU-MLP backward on CPU -> [dx, dlnw, dlnb, dw1, db1, dw2, db2]", py::arg("dout"), py::arg("x"),
+        py::arg("ln_weight"), py::arg("ln_bias"), py::arg("fc1_weight"), py::arg("fc2_weight"), py::arg("mean"),
+        py::arg("rstd"), py::arg("pre"), py::arg("tanh_approx"), py::arg("residual"));
   m.def("spatial_prior_forward", &spatial_prior_forward,
         "omega (H, 2gh-1, 2gw-1) -> dense prior (H, N, N), N = num_prefix + gh*gw", py::arg("omega"), py::arg("gh"),
         py::arg("gw"), py::arg("num_prefix"));

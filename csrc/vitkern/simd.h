@@ -178,4 +178,135 @@ inline float exp_sub_sum(float* x, int64_t n, float shift) {
   return exp_sub_sum_scalar(x, n, shift);
 }
 
+
+// ----------------------------------------------------------------------------- GELU
+// gelu(a) = a/2 (1 + erf(a/sqrt2)) (exact) or a/2 (1 + tanh(sqrt(2/pi)(a + 0.044715 a^3))).
+// erf via Abramowitz & Stegun 7.1.26 (|abs err| < 1.5e-7) on the vector paths.
+constexpr float kInvSqrt2 = 0.70710678118654752f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+inline float gelu_scalar(float a, bool tanh_approx) {
+  if (tanh_approx) return 0.5f * a * (1.f + std::tanh(kSqrt2OverPi * (a + 0.044715f * a * a * a)));
+  return 0.5f * a * (1.f + std::erf(a * kInvSqrt2));
+}
+
+// d gelu / d a
+inline float gelu_grad_scalar(float a, bool tanh_approx) {
+  if (tanh_approx) {
+    const float u = kSqrt2OverPi * (a + 0.044715f * a * a * a);
+    const float t = std::tanh(u);
+    return 0.5f * (1.f + t) + 0.5f * a * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * 0.044715f * a * a);
+  }
+  return 0.5f * (1.f + std::erf(a * kInvSqrt2)) + a * kInvSqrt2Pi * std::exp(-0.5f * a * a);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) inline __m512 erf_avx512(__m512 x) {
+  const __m512 ax = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(p, t);
+  const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(ax, ax)));
+  const __m512 r = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.f));  // 1 - p e
+  // copysign(r, x)
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x80000000));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
+}
+
+__attribute__((target("avx512f"))) inline __m512 tanh_avx512(__m512 u) {
+  // tanh(u) = 1 - 2 / (exp(2u) + 1); exp saturates cleanly at both ends.
+  const __m512 e = exp_avx512(_mm512_add_ps(u, u));
+  return _mm512_sub_ps(_mm512_set1_ps(1.f), _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
+}
+
+__attribute__((target("avx512f"))) inline void bias_gelu_avx512(float* a, const float* bias, int64_t n, bool tanh_approx,
+                                                                  float* pre) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_loadu_ps(a + i);
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + i));
+    if (pre) _mm512_storeu_ps(pre + i, v);
+    __m512 inner;
+    if (tanh_approx) {
+      const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+      inner = tanh_avx512(_mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), v3, v)));
+    } else {
+      inner = erf_avx512(_mm512_mul_ps(v, _mm512_set1_ps(kInvSqrt2)));
+    }
+    _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.f), inner)));
+  }
+  for (; i < n; ++i) {
+    const float v = a[i] + (bias ? bias[i] : 0.f);
+    if (pre) pre[i] = v;
+    a[i] = gelu_scalar(v, tanh_approx);
+  }
+}
+#endif
+
+#if defined(__x86_64__)
+// g[i] = gelu(a[i]) (if g) and d[i] *= gelu'(a[i]) (if d).
+__attribute__((target("avx512f"))) inline void gelu_fwd_bwd_avx512(const float* a, float* g, float* d, int64_t n,
+                                                                     bool tanh_approx) {
+  int64_t i = 0;
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(a + i);
+    __m512 gv, dv;
+    if (tanh_approx) {
+      const __m512 v2 = _mm512_mul_ps(v, v);
+      const __m512 u =
+          _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), _mm512_mul_ps(v2, v), v));
+      const __m512 t = tanh_avx512(u);
+      gv = _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, t));
+      const __m512 du =
+          _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(3.f * 0.044715f), v2, one));
+      dv = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_fnmadd_ps(t, t, one)), du,
+                           _mm512_mul_ps(half, _mm512_add_ps(one, t)));
+    } else {
+      const __m512 e = erf_avx512(_mm512_mul_ps(v, _mm512_set1_ps(kInvSqrt2)));
+      gv = _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, e));
+      if (d) {
+        const __m512 phi = exp_avx512(_mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(v, v)));
+        dv = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(kInvSqrt2Pi)), phi, _mm512_mul_ps(half, _mm512_add_ps(one, e)));
+      }
+    }
+    if (g) _mm512_storeu_ps(g + i, gv);
+    if (d) _mm512_storeu_ps(d + i, _mm512_mul_ps(_mm512_loadu_ps(d + i), dv));
+  }
+  for (; i < n; ++i) {
+    if (g) g[i] = gelu_scalar(a[i], tanh_approx);
+    if (d) d[i] *= gelu_grad_scalar(a[i], tanh_approx);
+  }
+}
+#endif
+
+// g[i] = gelu(a[i]) when g is not null; d[i] *= gelu'(a[i]) when d is not null.
+inline void gelu_fwd_bwd(const float* a, float* g, float* d, int64_t n, bool tanh_approx) {
+#if defined(__x86_64__)
+  if (has_avx512()) return gelu_fwd_bwd_avx512(a, g, d, n, tanh_approx);
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    if (g) g[i] = gelu_scalar(a[i], tanh_approx);
+    if (d) d[i] *= gelu_grad_scalar(a[i], tanh_approx);
+  }
+}
+
+// a[i] = gelu(a[i] + bias[i]) in place over one row of n; the pre-activation
+// a + bias is stored to `pre` when it is not null (for the backward).
+inline void bias_gelu(float* a, const float* bias, int64_t n, bool tanh_approx, float* pre) {
+#if defined(__x86_64__)
+  if (has_avx512()) return bias_gelu_avx512(a, bias, n, tanh_approx, pre);
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = a[i] + (bias ? bias[i] : 0.f);
+    if (pre) pre[i] = v;
+    a[i] = gelu_scalar(v, tanh_approx);
+  }
+}
+
 }  // namespace vitkern::simd

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vitkern import _backend
+from vitkern._ext import load_extension
 from vitkern.ops._validate import check_same, check_tensor
 
 __all__ = ["layernorm_mlp", "layernorm_mlp_reference"]
@@ -35,6 +36,94 @@ def layernorm_mlp_reference(
 
 
 _backend.register_impl("layernorm_mlp", "reference", layernorm_mlp_reference)
+
+
+# ----------------------------------------------------------------------------- cpu backend (csrc)
+Opt = torch.Tensor | None
+
+
+@torch.library.custom_op("vitkern::layernorm_mlp_cpu", mutates_args=(), device_types="cpu")
+def _layernorm_mlp_cpu(
+    x: torch.Tensor, ln_weight: Opt, ln_bias: Opt, fc1_weight: torch.Tensor, fc1_bias: Opt,
+    fc2_weight: torch.Tensor, fc2_bias: Opt, eps: float, tanh_approx: bool, residual: bool, save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, mean, rstd, pre = load_extension().layernorm_mlp_forward(
+        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save
+    )
+    return out, mean, rstd, pre
+
+
+@_layernorm_mlp_cpu.register_fake
+def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save):
+    M, Hd = x.shape[0], fc1_weight.shape[0]
+    f32 = dict(dtype=torch.float32)
+    pre = x.new_empty((M, Hd), **f32) if save else x.new_empty((0,), **f32)
+    return x.new_empty(x.shape), x.new_empty((M,), **f32), x.new_empty((M,), **f32), pre
+
+
+@torch.library.custom_op("vitkern::layernorm_mlp_cpu_backward", mutates_args=(), device_types="cpu")
+def _layernorm_mlp_cpu_backward(
+    dout: torch.Tensor, x: torch.Tensor, ln_weight: Opt, ln_bias: Opt, fc1_weight: torch.Tensor,
+    fc2_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, pre: torch.Tensor, tanh_approx: bool,
+    residual: bool,
+) -> list[torch.Tensor]:
+    grads = load_extension().layernorm_mlp_backward(
+        dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, tanh_approx, residual
+    )
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_layernorm_mlp_cpu_backward.register_fake
+def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, tanh_approx, residual):
+    D, Hd = x.shape[1], fc1_weight.shape[0]
+    vec = (lambda t, n: x.new_empty((n,), dtype=t.dtype) if t is not None else x.new_empty(0))
+    return [
+        x.new_empty(x.shape), vec(ln_weight, D), vec(ln_bias, D), fc1_weight.new_empty(fc1_weight.shape),
+        x.new_empty((Hd,)), fc2_weight.new_empty(fc2_weight.shape), x.new_empty((D,)),
+    ]
+
+
+def _lnmlp_setup_context(ctx, inputs, output):
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save = inputs
+    _, mean, rstd, pre = output
+    ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre)
+    ctx.flags = (tanh_approx, residual)
+    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+
+
+def _lnmlp_backward(ctx, dout, _dmean, _drstd, _dpre):
+    x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre = ctx.saved_tensors
+    if pre.numel() == 0 and x.numel() != 0:
+        raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
+    dx, dlnw, dlnb, dw1, db1, dw2, db2 = _layernorm_mlp_cpu_backward(
+        dout.contiguous(), x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, *ctx.flags
+    )
+    return (
+        dx, dlnw if ln_weight is not None else None, dlnb if ln_bias is not None else None, dw1,
+        db1 if ctx.has_bias[0] else None, dw2, db2 if ctx.has_bias[1] else None, None, None, None, None,
+    )
+
+
+_layernorm_mlp_cpu.register_autograd(_lnmlp_backward, setup_context=_lnmlp_setup_context)
+
+
+def _layernorm_mlp_cpu_impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate,
+                            residual):
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    out = _layernorm_mlp_cpu(x2, *params, eps, approximate == "tanh", residual, save)[0]
+    return out.reshape(shape)
+
+
+def _cpu_supports(x, *args) -> str | None:
+    if x.dtype == torch.float64:
+        return "float64 runs on the reference path (the cpu kernel computes in fp32)"
+    return None
+
+
+_backend.register_impl("layernorm_mlp", "cpu", _layernorm_mlp_cpu_impl, _cpu_supports)
 
 
 def layernorm_mlp(

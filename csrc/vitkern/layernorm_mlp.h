@@ -1,0 +1,27 @@
+// Fused LayerNorm + GELU-MLP (SPEC.md 1.4), CPU kernels.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace vitkern {
+
+// x: (M, D). Returns {out (M, D) in x's dtype, mean (M), rstd (M), pre (M, Hd) or (0,)}.
+std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& ln_weight,
+                                                  const c10::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
+                                                  const c10::optional<at::Tensor>& fc1_bias,
+                                                  const at::Tensor& fc2_weight,
+                                                  const c10::optional<at::Tensor>& fc2_bias, double eps,
+                                                  bool tanh_approx, bool residual, bool save_for_backward);
+
+// Returns {dx, d ln_weight, d ln_bias, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias}
+// (undefined where the parameter is None).
+std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout, const at::Tensor& x,
+                                                   const c10::optional<at::Tensor>& ln_weight,
+                                                   const c10::optional<at::Tensor>& ln_bias,
+                                                   const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+                                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                                   const at::Tensor& pre, bool tanh_approx, bool residual);
+
+}  // namespace vitkern
