@@ -5,6 +5,7 @@
 #include "blas.h"
 #include "checks.h"
 #include "layernorm_mlp.h"
+#include "patch_embed.h"
 #include "sp_attention.h"
 #include "spatial_prior.h"
 
@@ -61,6 +62,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "LayerNorm+GELU-MLP backward on CPU -> [dx, dlnw, dlnb, dw1, db1, dw2, db2]", py::arg("dout"), py::arg("x"),
         py::arg("ln_weight"), py::arg("ln_bias"), py::arg("fc1_weight"), py::arg("fc2_weight"), py::arg("mean"),
         py::arg("rstd"), py::arg("pre"), py::arg("tanh_approx"), py::arg("residual"));
+  m.def("patch_embed_forward", &vitkern::patch_embed_forward_cpu,
+        "fused patchify + projection + bias + pos_embed on CPU -> (B, N, D)", py::arg("images"), py::arg("weight"),
+        py::arg("bias"), py::arg("pos_embed"));
+  m.def("patch_embed_backward", &vitkern::patch_embed_backward_cpu, "patch embedding backward -> [d images, d weight]",
+        py::arg("dout"), py::arg("images"), py::arg("weight"), py::arg("need_images"), py::arg("need_weight"));
   m.def("spatial_prior_forward", &spatial_prior_forward,
         "omega (H, 2gh-1, 2gw-1) -> dense prior (H, N, N), N = num_prefix + gh*gw", py::arg("omega"), py::arg("gh"),
         py::arg("gw"), py::arg("num_prefix"));

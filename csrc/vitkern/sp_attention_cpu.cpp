@@ -155,11 +155,15 @@ std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const a
   const at::Tensor omega = omega_in.has_value() ? omega_in->to(at::kFloat).contiguous() : at::Tensor();
   const float scale = static_cast<float>(scale_d);
   const bool out_fp32 = q_in.scalar_type() == at::kFloat;
-  at::Tensor out = at::empty({B, H, N, Dh}, q.options());  // fp32; cast at the end if needed
+  // The output is stored token-major, (B, N, H, Dh), and returned as a (B, H, N, Dh)
+  // view: the usual transpose(1, 2).reshape(B, N, H*Dh) before the output
+  // projection is then free instead of a copy.
+  at::Tensor out_tok = at::empty({B, N, H, Dh}, q.options());  // fp32; cast at the end if needed
+  at::Tensor out = out_tok.permute({0, 2, 1, 3});
   at::Tensor lse = at::empty({B, H, N}, q.options());
   const int64_t n_qblk = (N + kBlockM - 1) / kBlockM;
   const int64_t tsize = (2 * gh - 1) * (2 * gw - 1);
-  float* out_p = out.data_ptr<float>();
+  float* out_p = out_tok.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
 
   at::parallel_for(0, B * H * n_qblk, 1, [&](int64_t begin, int64_t end) {
@@ -195,12 +199,12 @@ std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const a
         }
         gemm_ab(rows, cols, Dh, s_buf.data(), kBlockN, {vm.p + j0 * vm.ld, vm.ld}, 1.f, acc.data(), Dh);
       }
-      float* o = out_p + ((b * H + h) * N + i0) * Dh;
+      float* o = out_p + ((b * N + i0) * H + h) * Dh;  // token-major rows, stride H * Dh
       float* ls = lse_p + (b * H + h) * N + i0;
       for (int64_t r = 0; r < rows; ++r) {
         const float inv = 1.f / l[r];
         const float* a = acc.data() + r * Dh;
-        for (int64_t t = 0; t < Dh; ++t) o[r * Dh + t] = a[t] * inv;
+        for (int64_t t = 0; t < Dh; ++t) o[r * H * Dh + t] = a[t] * inv;
         ls[r] = m[r] + std::log(l[r]);
       }
     }

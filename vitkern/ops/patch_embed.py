@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vitkern import _backend
+from vitkern._ext import load_extension
 from vitkern.ops._validate import check_same, check_tensor
 
 __all__ = ["patch_embed", "patch_embed_reference"]
@@ -28,6 +29,66 @@ def patch_embed_reference(
 
 
 _backend.register_impl("patch_embed", "reference", patch_embed_reference)
+
+
+# ----------------------------------------------------------------------------- cpu backend (csrc)
+@torch.library.custom_op("vitkern::patch_embed_cpu", mutates_args=(), device_types="cpu")
+def _patch_embed_cpu(
+    images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None
+) -> torch.Tensor:
+    return load_extension().patch_embed_forward(images, weight, bias, pos_embed)
+
+
+@_patch_embed_cpu.register_fake
+def _(images, weight, bias, pos_embed):
+    P = weight.shape[-1]
+    return images.new_empty((images.shape[0], (images.shape[2] // P) * (images.shape[3] // P), weight.shape[0]))
+
+
+@torch.library.custom_op("vitkern::patch_embed_cpu_backward", mutates_args=(), device_types="cpu")
+def _patch_embed_cpu_backward(
+    dout: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, need_images: bool, need_weight: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dimg, dw = load_extension().patch_embed_backward(dout, images, weight, need_images, need_weight)
+    return (dimg if dimg is not None else images.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
+
+
+@_patch_embed_cpu_backward.register_fake
+def _(dout, images, weight, need_images, need_weight):
+    return (
+        images.new_empty(images.shape) if need_images else images.new_empty(0),
+        weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
+    )
+
+
+def _pe_setup_context(ctx, inputs, output):
+    images, weight, bias, pos_embed = inputs
+    ctx.save_for_backward(images, weight)
+    ctx.bias_shape = None if bias is None else bias.shape
+    ctx.pos_shape = None if pos_embed is None else pos_embed.shape
+
+
+def _pe_backward(ctx, dout):
+    images, weight = ctx.saved_tensors
+    need_img, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dimg = dw = None
+    if need_img or need_w:
+        dimg, dw = _patch_embed_cpu_backward(dout.contiguous(), images, weight, need_img, need_w)
+    dbias = dout.sum((0, 1)) if ctx.bias_shape is not None and ctx.needs_input_grad[2] else None
+    dpos = dout.sum(0).reshape(ctx.pos_shape) if ctx.pos_shape is not None and ctx.needs_input_grad[3] else None
+    return (dimg if need_img else None), (dw if need_w else None), dbias, dpos
+
+
+_patch_embed_cpu.register_autograd(_pe_backward, setup_context=_pe_setup_context)
+
+
+def _cpu_supports(images, *args) -> str | None:
+    if images.dtype == torch.float64:
+        return "float64 runs on the reference path (the cpu kernel computes in fp32)"
+    return None
+
+
+_backend.register_impl("patch_embed", "cpu", _patch_embed_cpu, _cpu_supports)
 
 
 def patch_embed(

@@ -82,7 +82,8 @@ def _sp_attention_cpu(
 
 @_sp_attention_cpu.register_fake
 def _(q, k, v, omega, gh, gw, num_prefix, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    B, H, N, Dh = q.shape  # the kernel's output is token-major, returned as a (B, H, N, Dh) view
+    return q.new_empty((B, N, H, Dh)).permute(0, 2, 1, 3), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("vitkern::sp_attention_cpu_backward", mutates_args=(), device_types="cpu")

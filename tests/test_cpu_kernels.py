@@ -1,0 +1,112 @@
+"""backend="cpu" patch_embed and layernorm_mlp (csrc/) against the float64
+reference: output and every gradient, fp32 and bf16, ragged shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOL, assert_close_rel, randn
+
+import vitkern
+from vitkern._ext import extension_error, load_extension
+from vitkern.ops import layernorm_mlp, patch_embed
+
+pytestmark = pytest.mark.skipif(load_extension() is None, reason=f"_C not built: {extension_error()}")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _check_op_and_grads(fn, inputs, gen, dtype):
+    """Run fn on `inputs` (dtype) with backend cpu and on float64 copies with the
+    reference; compare the output and the gradient of every tensor input."""
+    leaves = [t.to(dtype).requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*leaves, backend="cpu")
+    ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
+    ref = fn(*ref_leaves, backend="reference")
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close_rel(out, ref, TOL[dtype], "out")
+    dout = randn(*out.shape, gen=gen).to(dtype)
+    live = [i for i, t in enumerate(leaves) if t is not None]
+    grads = torch.autograd.grad(out, [leaves[i] for i in live], dout)
+    ref_grads = torch.autograd.grad(ref, [ref_leaves[i] for i in live], dout.double())
+    for i, g, rg in zip(live, grads, ref_grads, strict=True):
+        assert g.dtype == leaves[i].dtype and g.shape == leaves[i].shape
+        assert_close_rel(g, rg, TOL[dtype], f"grad of input {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B,C,grid,P,D,use_bias,pos",
+    [
+        (2, 3, (14, 14), 16, 48, True, "3d"),  # ViT geometry, N = 196
+        (1, 3, (3, 5), 4, 24, True, "2d"),  # non-square grid, batch 1
+        (3, 1, (7, 7), 2, 8, False, None),  # no bias, no pos_embed
+        (2, 4, (5, 3), 14, 40, True, "2d"),  # patch 14, odd grid
+    ],
+)
+def test_patch_embed_cpu(B, C, grid, P, D, use_bias, pos, dtype, gen, poison_empty):
+    gh, gw = grid
+    inputs = [
+        randn(B, C, gh * P, gw * P, dtype=torch.float64, gen=gen),
+        randn(D, C, P, P, dtype=torch.float64, gen=gen) * 0.1,
+        randn(D, dtype=torch.float64, gen=gen) if use_bias else None,
+        None if pos is None else randn(*((1,) if pos == "3d" else ()), gh * gw, D, dtype=torch.float64, gen=gen),
+    ]
+    _check_op_and_grads(patch_embed, inputs, gen, dtype)
+    assert vitkern.last_backend("patch_embed") == "reference"  # the last call was the reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize(
+    "shape,D,Hd,residual,affine,biases",
+    [
+        ((2, 197), 64, 256, True, True, True),  # ViT block geometry, N = 197
+        ((1, 5), 24, 72, False, True, True),  # batch 1, no residual
+        ((131,), 80, 240, True, False, False),  # 2-D input, no LN affine, no biases
+        ((3, 7, 11), 48, 96, True, True, True),  # 4-D input
+    ],
+)
+def test_layernorm_mlp_cpu(shape, D, Hd, residual, affine, biases, approximate, dtype, gen, poison_empty):
+    def fn(x, lw, lb, w1, b1, w2, b2, backend):
+        return layernorm_mlp(x, lw, lb, w1, b1, w2, b2, approximate=approximate, residual=residual, backend=backend)
+
+    f64 = dict(dtype=torch.float64, gen=gen)
+    inputs = [
+        randn(*shape, D, **f64),
+        randn(D, **f64) * 0.5 + 1 if affine else None,
+        randn(D, **f64) if affine else None,
+        randn(Hd, D, **f64) * 0.2,
+        randn(Hd, **f64) if biases else None,
+        randn(D, Hd, **f64) * 0.2,
+        randn(D, **f64) if biases else None,
+    ]
+    _check_op_and_grads(fn, inputs, gen, dtype)
+
+
+def test_layernorm_mlp_cpu_inference_saves_nothing_and_auto_picks_cpu(gen):
+    x = randn(4, 16, gen=gen)
+    w1, w2 = randn(64, 16, gen=gen), randn(16, 64, gen=gen)
+    with torch.no_grad():
+        y = layernorm_mlp(x, None, None, w1, None, w2, None)
+    assert vitkern.last_backend("layernorm_mlp") == "cpu"
+    ref = layernorm_mlp(x.double(), None, None, w1.double(), None, w2.double(), None, backend="reference")
+    assert_close_rel(y, ref, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("op", ["patch_embed", "layernorm_mlp"])
+def test_backward_is_bitwise_deterministic(op, gen):
+    if op == "patch_embed":
+        leaves = [randn(4, 3, 32, 48, gen=gen), randn(32, 3, 8, 8, gen=gen), randn(32, gen=gen), randn(24, 32, gen=gen)]
+        fn = patch_embed
+    else:
+        leaves = [randn(3, 50, 32, gen=gen), randn(32, gen=gen), randn(32, gen=gen), randn(128, 32, gen=gen),
+                  randn(128, gen=gen), randn(32, 128, gen=gen), randn(32, gen=gen)]
+        fn = layernorm_mlp
+    leaves = [t.requires_grad_() for t in leaves]
+    runs = []
+    for _ in range(3):
+        out = fn(*leaves, backend="cpu")
+        runs.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)
