@@ -118,7 +118,11 @@ def _extensions():
         )
     else:
         ext = CppExtension(
-            "vitkern._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=[*omp, *extra]
+            "vitkern._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=[*omp, *extra],
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

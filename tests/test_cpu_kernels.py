@@ -99,8 +99,15 @@ def test_backward_is_bitwise_deterministic(op, gen):
         leaves = [randn(4, 3, 32, 48, gen=gen), randn(32, 3, 8, 8, gen=gen), randn(32, gen=gen), randn(24, 32, gen=gen)]
         fn = patch_embed
     else:
-        leaves = [randn(3, 50, 32, gen=gen), randn(32, gen=gen), randn(32, gen=gen), randn(128, 32, gen=gen),
-                  randn(128, gen=gen), randn(32, 128, gen=gen), randn(32, gen=gen)]
+        leaves = [
+            randn(3, 50, 32, gen=gen),
+            randn(32, gen=gen),
+            randn(32, gen=gen),
+            randn(128, 32, gen=gen),
+            randn(128, gen=gen),
+            randn(32, 128, gen=gen),
+            randn(32, gen=gen),
+        ]
         fn = layernorm_mlp
     leaves = [t.requires_grad_() for t in leaves]
     runs = []

@@ -46,8 +46,9 @@ def test_forward_and_all_gradients(B, H, grid, num_prefix, Dh, with_omega, dtype
     assert out.dtype == dtype and out.shape == q.shape
     # Truth: the reference in float64 on the same (rounded) inputs.
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = sp_attention(*ref_leaves[:3], ref_leaves[3] if with_omega else None, num_prefix_tokens=num_prefix,
-                       backend="reference")
+    ref = sp_attention(
+        *ref_leaves[:3], ref_leaves[3] if with_omega else None, num_prefix_tokens=num_prefix, backend="reference"
+    )
     tol = TOL[dtype]
     assert_close_rel(out, ref, tol, "out")
     dout = randn(*out.shape, gen=gen).to(dtype)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -16,151 +16,322 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitkern", description="vitkern: fused kernels for Vision Transformers")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="benchmark vitkern against eager PyTorch / timm, print a table, write JSON")
-    b.add_argument("--suite", choices=["models", "ops", "all"], default="models")
+    b = sub.add_parser(
+        "bench", help="benchmark vitkern against eager PyTorch, torch.compile, SDPA, FlexAttention, timm"
+    )
+    b.add_argument("--suite", choices=["ops", "models", "all"], default="all")
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    b.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    b.add_argument("--batch", type=int, default=None, help="batch size (default 8; 2 with --quick)")
-    b.add_argument("--models", nargs="+", default=None, help="model names (default vit_small and vit_base)")
+    b.add_argument("--dtype", nargs="+", choices=sorted(_DTYPES), default=["float32"])
+    b.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 8; 2 with --quick)")
+    b.add_argument(
+        "--img",
+        nargs="+",
+        type=int,
+        default=None,
+        help="image sizes for the attention sweep, patch 16 (default 224 384 448 512)",
+    )
+    b.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="models (default vit_small_patch16_224 vit_base_patch16_224 sp_vit_small_patch16_224)",
+    )
+    b.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
     b.add_argument("--repeats", type=int, default=None, help="timed repeats per provider (default 7; 3 with --quick)")
-    b.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke run in seconds")
-    b.add_argument("--out", default="bench_out", help="output folder for results.json")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile / FlexAttention baselines")
+    b.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no compile: a smoke run in seconds")
+    b.add_argument("--out", default="bench_out", help="output folder for results.json and the plots")
     sub.add_parser("info", help="print the backends available here and why others are not")
     return p
 
 
-def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+# ----------------------------------------------------------------------------- output helpers
+def _console():
     try:
         from rich.console import Console
+    except ImportError:
+        return None
+    c = Console()
+    return c if c.is_terminal else Console(width=200)
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    console = _console()
+    if console is not None:
+        from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=title)
+        table = Table(title=escape(title), title_justify="left")
         for c in columns:
-            table.add_column(c, justify="right" if c not in ("model", "provider", "op") else "left")
+            table.add_column(c, justify="left" if c in ("case", "provider") else "right")
         for r in rows:
-            table.add_row(*r)
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=160)
+            table.add_row(*(escape(x) for x in r))
         console.print(table)
-    except ImportError:  # plain text fallback
-        print(title)
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-        print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-        for r in rows:
-            print("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)))
+        return
+    print(title)
+    widths = (
+        [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)] if rows else [len(c) for c in columns]
+    )
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)))
 
 
-def _progress(total: int, description: str):
+class _Progress:
+    def __init__(self, total: int) -> None:
+        self._done, self._total = 0, total
+        console = _console()
+        if console is None or not console.is_terminal:  # logs (CI): one line per finished case
+            self._p = None
+            return
+        try:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._p = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
+            )
+            self._p.start()
+            self._task = self._p.add_task("bench", total=total)
+        except ImportError:
+            self._p = None
+
+    def step(self, description: str) -> None:
+        self._done += 1
+        if self._p is not None:
+            self._p.update(self._task, advance=1, description=description)
+        else:
+            print(f"[{self._done}/{self._total}] {description}", flush=True)
+
+    def stop(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+
+def _peak_memory_mb(run, device: torch.device) -> float:
+    """Extra peak memory of one call: CUDA allocator peak, or peak RSS on the CPU (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     try:
-        from rich.progress import Progress
+        import gc
 
-        prog = Progress(transient=True)
-        prog.start()
-        task = prog.add_task(description, total=total)
-        return lambda: prog.advance(task), prog.stop
-    except ImportError:
-        return (lambda: None), (lambda: None)
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+            f.write("5")
+
+        def status(key: str) -> float:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key):
+                        return float(line.split()[1]) / 1024
+            return float("nan")
+
+        before = status("VmRSS")
+        run()
+        return max(0.0, status("VmHWM") - before)
+    except OSError:
+        return float("nan")
 
 
-def _bench_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    import vitkern
+# ----------------------------------------------------------------------------- the runs
+def _cases(args: argparse.Namespace, device: torch.device):
+    from vitkern import bench_suites as S
+
+    quick, compile_ = args.quick, not (args.no_compile or args.quick)
+    batches = args.batch or ([2] if quick else [8])
+    imgs = args.img or ([64] if quick else [224, 384, 448, 512])
+    for dname in args.dtype:
+        dtype = _DTYPES[dname]
+        for bwd in [p == "fwd+bwd" for p in args.passes]:
+            kw = dict(dtype=dtype, device=device, backward=bwd, compile=compile_)
+            if args.suite in ("ops", "all"):
+                for batch in batches:
+                    for img in imgs:
+                        yield lambda img=img, batch=batch, kw=kw: S.attention_case(
+                            img // 16, batch=batch, heads=2 if quick else 6, head_dim=32 if quick else 64, **kw
+                        )
+                    for dim in [64] if quick else [384, 768]:
+                        yield lambda dim=dim, batch=batch, kw=kw: S.layernorm_mlp_case(
+                            dim, tokens=17 if quick else 197, batch=batch, **kw
+                        )
+                    yield lambda batch=batch, kw=kw: S.patch_embed_case(
+                        img=64 if quick else 224, dim=64 if quick else 768, batch=batch, **kw
+                    )
+            if args.suite in ("models", "all"):
+                names = args.models or (
+                    ["vit_tiny_patch16_224"]
+                    if quick
+                    else ["vit_small_patch16_224", "vit_base_patch16_224", "sp_vit_small_patch16_224"]
+                )
+                for batch in batches:
+                    for name in names:
+                        if bwd and not quick and name != "vit_small_patch16_224" and args.models is None:
+                            continue  # training step: vit_small only by default
+                        yield lambda name=name, batch=batch, kw=kw: S.model_case(
+                            name, batch=batch, img=64 if quick else 224, **kw
+                        )
+
+
+def _run_case(case, repeats: int, peak_gflops: float) -> dict:
     from vitkern.benchmarking import as_dict, ratio_spread, time_interleaved
 
-    try:
-        import timm
-    except ImportError as exc:  # pragma: no cover
-        raise SystemExit("the models suite compares against timm: pip install timm") from exc
-    names = args.models or (
-        ["vit_tiny_patch16_224"] if args.quick else ["vit_small_patch16_224", "vit_base_patch16_224"]
-    )
-    batch = args.batch or (2 if args.quick else 8)
-    repeats = args.repeats or (3 if args.quick else 7)
-    img = 64 if args.quick else 224
-    results = []
-    advance, stop = _progress(len(names), "models")
-    try:
-        for name in names:
-            torch.manual_seed(0)
-            kw = {"img_size": img} if args.quick else {}
-            ref = timm.create_model(name, pretrained=False, **kw).to(device=device, dtype=dtype).eval()
-            ours = vitkern.ViT.from_timm(ref).eval()
-            x = torch.randn(batch, 3, img, img, device=device, dtype=dtype)
-            with torch.inference_mode():
-                a, b = ref(x).float(), ours(x).float()
-                err = ((a - b).norm() / a.norm()).item()
-                backends = {op: r.backend for op, r in vitkern.backend_report().items()}
-                t = time_interleaved(
-                    {"timm eager": functools.partial(ref, x), "vitkern": functools.partial(ours, x)},
-                    device,
-                    warmup=2,
-                    repeats=repeats,
-                )
-            speed, lo, hi = ratio_spread(t["timm eager"], t["vitkern"])
-            results.append(
-                {
-                    "suite": "models",
-                    "model": name,
-                    "batch": batch,
-                    "img_size": img,
-                    "dtype": str(dtype),
-                    "rel_err_vs_timm": err,
-                    "backends": backends,
-                    "speedup_vs_timm_eager": speed,
-                    "speedup_iqr": [lo, hi],
-                    "timings": {k: as_dict(v) for k, v in t.items()},
-                }
+    timings = time_interleaved(case.providers, case.device, warmup=1 if repeats <= 3 else 2, repeats=repeats)
+    base = timings.get(case.baseline)
+    floor = timings.get(case.floor) if case.floor else None
+    rows = {}
+    for name, t in timings.items():
+        row = as_dict(t)
+        if base is not None:
+            row["speedup_vs_baseline"], *iqr = ratio_spread(base, t)
+            row["speedup_iqr"] = iqr
+        if floor is not None:
+            row["x_floor"] = t.median / floor.median
+        if case.flops:
+            row["gflops"] = case.flops / (t.median * 1e-3) / 1e9
+            row["pct_gemm_peak"] = 100.0 * row["gflops"] / peak_gflops
+        row["peak_mem_mb"] = _peak_memory_mb(case.providers[name], case.device)
+        rows[name] = row
+    return {
+        "case": case.name,
+        "op": case.op,
+        "params": case.params,
+        "dtype": str(case.dtype),
+        "backward": case.backward,
+        "baseline": case.baseline,
+        "floor": case.floor,
+        "providers": rows,
+        "failures": case.failures,
+        "compile_s": case.compile_s,
+    }
+
+
+def _table(results: list[dict]) -> None:
+    cols = ["case", "provider", "median ms", "IQR ms", "x baseline", "x floor", "GFLOP/s", "% peak", "peak MB"]
+    rows = []
+    for r in results:
+        first = True
+        for name, p in r["providers"].items():
+            lo, hi = p["spread_ms"]
+            rows.append(
+                [
+                    r["case"] if first else "",
+                    name,
+                    f"{p['median_ms']:.2f}",
+                    f"{lo:.2f}-{hi:.2f}",
+                    f"{p['speedup_vs_baseline']:.2f}x" if "speedup_vs_baseline" in p else "",
+                    f"{p['x_floor']:.2f}" if "x_floor" in p else "",
+                    f"{p['gflops']:.1f}" if "gflops" in p else "",
+                    f"{p['pct_gemm_peak']:.0f}" if "pct_gemm_peak" in p else "",
+                    f"{p['peak_mem_mb']:.1f}",
+                ]
             )
-            advance()
-    finally:
-        stop()
-    rows = [
-        [
-            r["model"],
-            str(r["batch"]),
-            f"{r['timings']['timm eager']['median_ms']:.1f}",
-            f"{r['timings']['vitkern']['median_ms']:.1f}",
-            f"{r['speedup_vs_timm_eager']:.2f}x",
-            f"{r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f}",
-            f"{r['rel_err_vs_timm']:.1e}",
-            ",".join(sorted(set(r["backends"].values()))),
-        ]
-        for r in results
-    ]
+            first = False
+        for name, why in r["failures"].items():
+            rows.append(["", name, "failed", why[:60], "", "", "", "", ""])
     _print_table(
-        f"vitkern.ViT vs timm eager, inference, {device}, {str(dtype).removeprefix('torch.')}",
-        ["model", "batch", "timm ms", "vitkern ms", "speed-up", "IQR", "rel err", "backend"],
+        "x baseline: speed-up over the case's baseline (eager / timm / public code); "
+        "x floor: time / floor (SDPA without prior, or the bare GEMMs)",
+        cols,
         rows,
     )
-    return results
+
+
+def _plots(results: list[dict], out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    att = [r for r in results if r["op"] == "sp_attention"]
+    written = []
+    for metric, ylabel, fname in [
+        ("speedup_vs_baseline", "speed-up over eager SP-SA", "attention_speedup.png"),
+        ("peak_mem_mb", "peak extra memory (MB)", "attention_memory.png"),
+    ]:
+        groups: dict[tuple, dict[str, list[tuple[int, float]]]] = {}
+        for r in att:
+            key = (r["dtype"].removeprefix("torch."), "fwd+bwd" if r["backward"] else "fwd", r["params"]["B"])
+            for name, p in r["providers"].items():
+                if metric in p:
+                    groups.setdefault(key, {}).setdefault(name, []).append((r["params"]["N"], p[metric]))
+        if not groups:
+            continue
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+        for ax, (key, series) in zip(axes[0], sorted(groups.items()), strict=True):
+            for name, pts in sorted(series.items()):
+                pts.sort()
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+            ax.set_title(f"sp_attention {key[0]} {key[1]} B={key[2]}")
+            ax.set_xlabel("sequence length N")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        written.append(str(out / fname))
+    return written
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from vitkern.bench_suites import gemm_peak_gflops
     from vitkern.benchmarking import environment
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available")
-    dtype = _DTYPES[args.dtype]
     env = environment(device)
-    print(f"vitkern bench: {env['device_name']} ({device}), torch {env['torch']}, {env['threads']} threads")
-    results: list[dict] = []
-    if args.suite in ("models", "all"):
-        results += _bench_models(args, device, dtype)
-    if args.suite in ("ops", "all"):
-        print("the ops suite runs with pytest: pytest benchmarks/ --benchmark-only")
+    start = time.perf_counter()
+    peak = gemm_peak_gflops(device, n=512 if args.quick else 1536)
+    env["gemm_peak_gflops_fp32"] = peak
+    print(
+        f"vitkern bench: {env['device_name']} ({device}), torch {env['torch']}, {env['threads']} threads, "
+        f"measured fp32 GEMM peak {peak:.0f} GFLOP/s"
+    )
+    repeats = args.repeats or (3 if args.quick else 7)
+    builders = list(_cases(args, device))
+    progress = _Progress(len(builders))
+    results = []
+    try:
+        for build in builders:
+            case = build()
+            results.append(_run_case(case, repeats, peak))
+            progress.step(case.name)
+            del case
+    finally:
+        progress.stop()
+    _table(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    env["wall_s"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps({"environment": env, "results": results}, indent=2, default=str))
-    print(f"wrote {out / 'results.json'}")
+    plots = _plots(results, out)
+    print(
+        f"wrote {out / 'results.json'}" + (f" and {', '.join(plots)}" if plots else "") + f" in {env['wall_s']:.0f} s"
+    )
     return 0
 
 
 def _info() -> int:
     import vitkern
+    from vitkern._ext import load_extension
 
     for name, reason in vitkern.available_backends().items():
         print(f"{name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+    ext = load_extension()
+    if ext is not None:
+        print(f"vitkern._C: CUDA kernels built: {ext.with_cuda()}; CPU BLAS: {ext.blas_backend()}")
     return 0
 
 

@@ -44,8 +44,17 @@ Opt = torch.Tensor | None
 
 @torch.library.custom_op("vitkern::layernorm_mlp_cpu", mutates_args=(), device_types="cpu")
 def _layernorm_mlp_cpu(
-    x: torch.Tensor, ln_weight: Opt, ln_bias: Opt, fc1_weight: torch.Tensor, fc1_bias: Opt,
-    fc2_weight: torch.Tensor, fc2_bias: Opt, eps: float, tanh_approx: bool, residual: bool, save: bool,
+    x: torch.Tensor,
+    ln_weight: Opt,
+    ln_bias: Opt,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Opt,
+    fc2_weight: torch.Tensor,
+    fc2_bias: Opt,
+    eps: float,
+    tanh_approx: bool,
+    residual: bool,
+    save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     out, mean, rstd, pre = load_extension().layernorm_mlp_forward(
         x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save
@@ -63,8 +72,16 @@ def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, ta
 
 @torch.library.custom_op("vitkern::layernorm_mlp_cpu_backward", mutates_args=(), device_types="cpu")
 def _layernorm_mlp_cpu_backward(
-    dout: torch.Tensor, x: torch.Tensor, ln_weight: Opt, ln_bias: Opt, fc1_weight: torch.Tensor,
-    fc2_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, pre: torch.Tensor, tanh_approx: bool,
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    ln_weight: Opt,
+    ln_bias: Opt,
+    fc1_weight: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    pre: torch.Tensor,
+    tanh_approx: bool,
     residual: bool,
 ) -> list[torch.Tensor]:
     grads = load_extension().layernorm_mlp_backward(
@@ -76,10 +93,18 @@ def _layernorm_mlp_cpu_backward(
 @_layernorm_mlp_cpu_backward.register_fake
 def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, tanh_approx, residual):
     D, Hd = x.shape[1], fc1_weight.shape[0]
-    vec = (lambda t, n: x.new_empty((n,), dtype=t.dtype) if t is not None else x.new_empty(0))
+
+    def vec(t, n):
+        return x.new_empty((n,), dtype=t.dtype) if t is not None else x.new_empty(0)
+
     return [
-        x.new_empty(x.shape), vec(ln_weight, D), vec(ln_bias, D), fc1_weight.new_empty(fc1_weight.shape),
-        x.new_empty((Hd,)), fc2_weight.new_empty(fc2_weight.shape), x.new_empty((D,)),
+        x.new_empty(x.shape),
+        vec(ln_weight, D),
+        vec(ln_bias, D),
+        fc1_weight.new_empty(fc1_weight.shape),
+        x.new_empty((Hd,)),
+        fc2_weight.new_empty(fc2_weight.shape),
+        x.new_empty((D,)),
     ]
 
 
@@ -99,16 +124,26 @@ def _lnmlp_backward(ctx, dout, _dmean, _drstd, _dpre):
         dout.contiguous(), x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, *ctx.flags
     )
     return (
-        dx, dlnw if ln_weight is not None else None, dlnb if ln_bias is not None else None, dw1,
-        db1 if ctx.has_bias[0] else None, dw2, db2 if ctx.has_bias[1] else None, None, None, None, None,
+        dx,
+        dlnw if ln_weight is not None else None,
+        dlnb if ln_bias is not None else None,
+        dw1,
+        db1 if ctx.has_bias[0] else None,
+        dw2,
+        db2 if ctx.has_bias[1] else None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
 _layernorm_mlp_cpu.register_autograd(_lnmlp_backward, setup_context=_lnmlp_setup_context)
 
 
-def _layernorm_mlp_cpu_impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate,
-                            residual):
+def _layernorm_mlp_cpu_impl(
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual
+):
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)

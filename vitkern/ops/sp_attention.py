@@ -73,8 +73,14 @@ _backend.register_impl("sp_attention", "reference", sp_attention_reference)
 # autograd goes through register_autograd.
 @torch.library.custom_op("vitkern::sp_attention_cpu", mutates_args=(), device_types="cpu")
 def _sp_attention_cpu(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: torch.Tensor | None, gh: int, gw: int,
-    num_prefix: int, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    omega: torch.Tensor | None,
+    gh: int,
+    gw: int,
+    num_prefix: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = load_extension().sp_attention_forward(q, k, v, omega, gh, gw, num_prefix, scale)
     return out, lse
@@ -88,8 +94,17 @@ def _(q, k, v, omega, gh, gw, num_prefix, scale):
 
 @torch.library.custom_op("vitkern::sp_attention_cpu_backward", mutates_args=(), device_types="cpu")
 def _sp_attention_cpu_backward(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: torch.Tensor | None,
-    out: torch.Tensor, lse: torch.Tensor, gh: int, gw: int, num_prefix: int, scale: float,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    omega: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    gh: int,
+    gw: int,
+    num_prefix: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, domega = load_extension().sp_attention_backward(
         dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale

@@ -68,8 +68,7 @@ def square_grid(num_patches: int) -> tuple[int, int]:
     return g, g
 
 
-@lru_cache(maxsize=64)
-def _relative_index_cpu(gh: int, gw: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _relative_index(gh: int, gw: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = torch.arange(gh).repeat_interleave(gw)
     cols = torch.arange(gw).repeat(gh)
     ry = rows[None, :] - rows[:, None] + gh - 1  # key row - query row
@@ -77,9 +76,13 @@ def _relative_index_cpu(gh: int, gw: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ry, rx
 
 
+_relative_index_cpu = lru_cache(maxsize=64)(_relative_index)
+
+
 def relative_index(gh: int, gw: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(ry, rx), each (gh*gw, gh*gw): the omega table index of every (query, key) patch pair."""
-    ry, rx = _relative_index_cpu(gh, gw)
+    # Cached in eager mode; under torch.compile the index is traced (and folded) directly.
+    ry, rx = _relative_index(gh, gw) if torch.compiler.is_compiling() else _relative_index_cpu(gh, gw)
     return ry.to(device), rx.to(device)
 
 

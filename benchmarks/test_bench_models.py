@@ -1,0 +1,25 @@
+"""Whole models: vitkern.ViT vs timm (eager and compiled); SP-ViT vs the public code."""
+
+import pytest
+from conftest import DEVICE, DTYPES, cached_case, run_provider
+
+from vitkern.bench_suites import model_case
+
+PROVIDERS = ["vitkern", "timm eager", "timm compiled", "eager SP-ViT (public code)"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize(
+    "name,backward",
+    [
+        ("vit_small_patch16_224", False),
+        ("vit_base_patch16_224", False),
+        ("sp_vit_small_patch16_224", False),
+        ("vit_small_patch16_224", True),
+    ],
+    ids=["vit_small-infer", "vit_base-infer", "sp_vit_small-infer", "vit_small-train"],
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_model(benchmark, provider, name, backward, dtype):
+    case = cached_case(model_case, name, batch=8, dtype=dtype, device=DEVICE, backward=backward)
+    run_provider(benchmark, case, provider)

@@ -1,0 +1,40 @@
+"""`vitkern bench --quick` runs end to end in seconds, so the main job cannot rot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("timm")
+
+
+def test_vitkern_bench_quick(tmp_path):
+    exe = shutil.which("vitkern")
+    cmd = [exe] if exe else [sys.executable, "-m", "vitkern.cli"]
+    res = subprocess.run(
+        [*cmd, "bench", "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "GFLOP/s" in res.stdout and "sp_attention" in res.stdout
+    data = json.loads((tmp_path / "results.json").read_text())
+    env = data["environment"]
+    assert env["threads"] >= 1 and env["torch"] and env["gemm_peak_gflops_fp32"] > 0
+    ops = {r["op"] for r in data["results"]}
+    assert ops == {"sp_attention", "layernorm_mlp", "patch_embed", "model"}
+    att = next(r for r in data["results"] if r["op"] == "sp_attention")
+    assert {"eager", "public SP-ViT code", "SDPA (no prior)"} <= set(att["providers"])
+    for r in data["results"]:
+        for p in r["providers"].values():
+            assert p["median_ms"] > 0 and len(p["samples_ms"]) == 3
+    assert (tmp_path / "attention_speedup.png").stat().st_size > 0
+
+
+def test_vitkern_info():
+    exe = shutil.which("vitkern")
+    cmd = [exe] if exe else [sys.executable, "-m", "vitkern.cli"]
+    res = subprocess.run([*cmd, "info"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "reference  available" in res.stdout

@@ -1,0 +1,370 @@
+"""Benchmark cases and providers shared by ``vitkern bench`` and benchmarks/.
+
+A *case* is one op at one shape, dtype and pass; its *providers* are zero-argument
+callables that run it (vitkern's available backends and the baselines: eager
+PyTorch, torch.compile of the eager code, SDPA without a prior as the attention
+floor, compiled FlexAttention with the Omega score_mod, the public SP-ViT
+formulation, and the bare GEMMs as the floor for GEMM-bound ops).
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from vitkern import _backend
+from vitkern.ops import layernorm_mlp, patch_embed, sp_attention
+from vitkern.ops.spatial_prior import relative_index
+
+
+@dataclass
+class Case:
+    op: str
+    params: dict
+    dtype: torch.dtype
+    device: torch.device
+    backward: bool
+    flops: float  # forward FLOPs (x3 with backward)
+    providers: dict[str, Callable[[], object]] = field(default_factory=dict)
+    floor: str | None = None  # provider that is the physical floor
+    baseline: str = "eager"
+    failures: dict[str, str] = field(default_factory=dict)
+    compile_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        p = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.op}[{p},{str(self.dtype).removeprefix('torch.')},{'fwd+bwd' if self.backward else 'fwd'}]"
+
+
+def vitkern_backends(op: str, device: torch.device, *args) -> list[str]:
+    """vitkern backends (other than reference) that can run ``op`` on these inputs here."""
+    return [b for b in ("cpu", "cuda", "triton") if _backend._why_not(op, b, device, args, {}) is None]
+
+
+def _runner(fn: Callable[[], torch.Tensor], backward: bool, leaves: list[torch.Tensor]) -> Callable[[], object]:
+    if not backward:
+
+        def run() -> object:
+            with torch.no_grad():
+                return fn()
+
+        return run
+    grad: dict[str, torch.Tensor] = {}
+
+    def run_bwd() -> object:
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        if "g" not in grad:
+            grad["g"] = torch.randn_like(out)
+        out.backward(grad["g"])
+        return out
+
+    return run_bwd
+
+
+def _compiled(case: Case, name: str, fn: Callable, leaves: list[torch.Tensor]) -> None:
+    """Add torch.compile(fn) as a provider; compile time is measured apart (first call)."""
+    import time
+
+    try:
+        cfn = torch.compile(fn, dynamic=False)
+        run = _runner(cfn, case.backward, leaves)
+        t0 = time.perf_counter()
+        run()
+        case.compile_s[name] = time.perf_counter() - t0
+        case.providers[name] = run
+    except Exception as exc:  # a compiler failure is a result, reported in the table
+        case.failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+
+# ----------------------------------------------------------------------------- attention
+def public_spvit_prior(
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, grid: tuple[int, int]
+) -> torch.Tensor:
+    """The public SP-ViT code's formulation: the relation MLP evaluated on all
+    N x N (dx, dy) pairs every forward, giving the (H, N, N) prior."""
+    gh, gw = grid
+    rows = torch.arange(gh, device=w1.device).repeat_interleave(gw)
+    cols = torch.arange(gw, device=w1.device).repeat(gh)
+    rel = torch.stack([cols[None, :] - cols[:, None], rows[None, :] - rows[:, None]], dim=-1).to(w1.dtype)
+    hidden = torch.relu(torch.einsum("ijc,hkc->hijk", rel, w1) + b1[:, None, None, :])
+    return torch.einsum("hijk,hk->hij", hidden, w2) + b2[:, None, None]
+
+
+def attention_case(
+    N_grid: int,
+    batch: int = 8,
+    heads: int = 6,
+    head_dim: int = 64,
+    dtype=torch.float32,
+    device="cpu",
+    backward: bool = False,
+    compile: bool = True,
+    sp_hidden: int = 32,
+) -> Case:
+    device = torch.device(device)
+    gh = gw = N_grid
+    N = gh * gw
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(backward)
+
+    q, k, v = rnd(batch, heads, N, head_dim), rnd(batch, heads, N, head_dim), rnd(batch, heads, N, head_dim)
+    w1, b1 = rnd(heads, sp_hidden, 2, scale=0.3), rnd(heads, sp_hidden, scale=0.3)
+    w2, b2 = (
+        rnd(heads, sp_hidden, scale=0.05),
+        (torch.ones(heads) + 0).to(device=device, dtype=dtype).requires_grad_(backward),
+    )
+    omega = rnd(heads, 2 * gh - 1, 2 * gw - 1, scale=0.1)
+    with torch.no_grad():
+        omega += 1
+    flops = 4.0 * batch * heads * N * N * head_dim * (3.0 if backward else 1.0)
+    case = Case(
+        "sp_attention",
+        dict(N=N, B=batch, H=heads, Dh=head_dim),
+        dtype,
+        device,
+        backward,
+        flops,
+        floor="SDPA (no prior)",
+    )
+    leaves = [q, k, v, omega]
+    for b in vitkern_backends("sp_attention", device, q, k, v, omega, (gh, gw), 0, head_dim**-0.5):
+        case.providers[f"vitkern[{b}]"] = _runner(lambda b=b: sp_attention(q, k, v, omega, backend=b), backward, leaves)
+
+    def eager():
+        return sp_attention(q, k, v, omega, backend="reference")
+
+    def public():
+        prior = public_spvit_prior(w1, b1, w2, b2, (gh, gw))
+        attn = (q @ k.transpose(-2, -1) * head_dim**-0.5 * prior).softmax(-1)
+        return attn @ v
+
+    case.providers["eager"] = _runner(eager, backward, leaves)
+    case.providers["public SP-ViT code"] = _runner(public, backward, [q, k, v, w1, b1, w2, b2])
+    case.providers["SDPA (no prior)"] = _runner(lambda: F.scaled_dot_product_attention(q, k, v), backward, leaves)
+    if compile:
+        from vitkern.ops.sp_attention import sp_attention_reference
+
+        _compiled(case, "torch.compile(eager)", lambda: sp_attention_reference(q, k, v, omega, (gh, gw), 0), leaves)
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            ry, rx = relative_index(gh, gw, device)
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score * omega[h, ry[q_idx, kv_idx], rx[q_idx, kv_idx]]
+
+            _compiled(case, "FlexAttention (compiled)", lambda: flex_attention(q, k, v, score_mod=score_mod), leaves)
+        except ImportError as exc:  # pragma: no cover
+            case.failures["FlexAttention (compiled)"] = str(exc)
+    return case
+
+
+# ----------------------------------------------------------------------------- layernorm_mlp
+def layernorm_mlp_case(
+    dim: int,
+    tokens: int = 197,
+    batch: int = 8,
+    mlp_ratio: float = 4.0,
+    dtype=torch.float32,
+    device="cpu",
+    backward: bool = False,
+    compile: bool = True,
+) -> Case:
+    device = torch.device(device)
+    hidden = int(dim * mlp_ratio)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=g) * scale + shift).to(device=device, dtype=dtype).requires_grad_(backward)
+
+    x = rnd(batch, tokens, dim)
+    params = [
+        rnd(dim, scale=0.1, shift=1.0),
+        rnd(dim, scale=0.1),
+        rnd(hidden, dim, scale=0.02),
+        rnd(hidden, scale=0.02),
+        rnd(dim, hidden, scale=0.02),
+        rnd(dim, scale=0.02),
+    ]
+    M = batch * tokens
+    flops = 4.0 * M * dim * hidden * (3.0 if backward else 1.0)
+    case = Case("layernorm_mlp", dict(D=dim, M=M), dtype, device, backward, flops, floor="GEMMs alone")
+    leaves = [x, *params]
+    for b in vitkern_backends("layernorm_mlp", device, x, *params, 1e-6, "none", True):
+        case.providers[f"vitkern[{b}]"] = _runner(lambda b=b: layernorm_mlp(x, *params, backend=b), backward, leaves)
+    from vitkern.ops.layernorm_mlp import layernorm_mlp_reference
+
+    case.providers["eager"] = _runner(lambda: layernorm_mlp_reference(x, *params), backward, leaves)
+    h = torch.randn(M, dim, generator=g).to(device=device, dtype=dtype).requires_grad_(backward)
+    a = torch.randn(M, hidden, generator=g).to(device=device, dtype=dtype).requires_grad_(backward)
+    w1, w2 = params[2], params[4]
+
+    def gemms():  # the two GEMMs alone on ready inputs (the forward floor)
+        return torch.cat([(h @ w1.t()).flatten(), (a @ w2.t()).flatten()])
+
+    case.providers["GEMMs alone"] = _runner(gemms, backward, [h, a, w1, w2])
+    if compile:
+        _compiled(case, "torch.compile(eager)", lambda: layernorm_mlp_reference(x, *params), leaves)
+    return case
+
+
+# ----------------------------------------------------------------------------- patch_embed
+def patch_embed_case(
+    img: int = 224,
+    patch: int = 16,
+    dim: int = 768,
+    batch: int = 8,
+    dtype=torch.float32,
+    device="cpu",
+    backward: bool = False,
+    compile: bool = True,
+) -> Case:
+    device = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(backward)
+
+    N = (img // patch) ** 2
+    images, weight, bias, pos = rnd(batch, 3, img, img), rnd(dim, 3, patch, patch, scale=0.02), rnd(dim), rnd(1, N, dim)
+    K = 3 * patch * patch
+    flops = 2.0 * batch * N * K * dim * (3.0 if backward else 1.0)
+    case = Case(
+        "patch_embed",
+        dict(img=img, P=patch, D=dim, B=batch),
+        dtype,
+        device,
+        backward,
+        flops,
+        floor="GEMM alone",
+        baseline="eager (Conv2d)",
+    )
+    leaves = [images, weight, bias, pos]
+    for b in vitkern_backends("patch_embed", device, images, weight, bias, pos):
+        case.providers[f"vitkern[{b}]"] = _runner(
+            lambda b=b: patch_embed(images, weight, bias, pos, backend=b), backward, leaves
+        )
+    from vitkern.ops.patch_embed import patch_embed_reference
+
+    case.providers["eager (Conv2d)"] = _runner(
+        lambda: patch_embed_reference(images, weight, bias, pos), backward, leaves
+    )
+    patches = torch.randn(batch * N, K, generator=g).to(device=device, dtype=dtype).requires_grad_(backward)
+    w2d = weight.detach().reshape(dim, K).clone().requires_grad_(backward)
+    case.providers["GEMM alone"] = _runner(lambda: patches @ w2d.t(), backward, [patches, w2d])
+    if compile:
+        _compiled(case, "torch.compile(eager)", lambda: patch_embed_reference(images, weight, bias, pos), leaves)
+    return case
+
+
+# ----------------------------------------------------------------------------- models
+def public_spvit(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a vitkern SP-ViT whose SP-SA layers follow the public SP-ViT code:
+    relation MLP over all N x N pairs, dense prior, eager softmax attention."""
+    m = copy.deepcopy(model)
+
+    def forward(self, x, grid, num_prefix_tokens):
+        B, N, C = x.shape
+        q, k, v = self.split_qkv(x)
+        s = q @ k.transpose(-2, -1) * self.scale
+        if self.spatial_relation is not None:
+            r = self.spatial_relation
+            prior = public_spvit_prior(r.w1, r.b1, r.w2, r.b2, grid)
+            if num_prefix_tokens:
+                prior = F.pad(prior, (num_prefix_tokens, 0, num_prefix_tokens, 0), value=1.0)
+            s = s * prior
+        out = s.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    for blk in m.blocks:
+        blk.attn.forward = types.MethodType(forward, blk.attn)
+    return m
+
+
+def model_case(
+    name: str,
+    batch: int = 8,
+    img: int = 224,
+    dtype=torch.float32,
+    device="cpu",
+    backward: bool = False,
+    compile: bool = True,
+) -> Case:
+    import vitkern
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, img, img, device=device, dtype=dtype)
+    case = Case("model", dict(name=name, B=batch, img=img), dtype, device, backward, 0.0, baseline="timm eager")
+    if name.startswith("sp_vit"):
+        ours = vitkern.create_model(name, img_size=img).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            for blk in ours.blocks:  # a trained-looking prior, not the all-ones init
+                if blk.attn.spatial_relation is not None:
+                    blk.attn.spatial_relation.w2.normal_(std=0.05)
+        ref = public_spvit(ours)
+        case.baseline = "eager SP-ViT (public code)"
+        base_name = case.baseline
+    else:
+        import timm
+
+        ref = timm.create_model(name, pretrained=False, img_size=img).to(device=device, dtype=dtype)
+        ours = vitkern.ViT.from_timm(ref)
+        base_name = "timm eager"
+    ours.train(backward)
+    ref.train(backward)
+    case.providers["vitkern"] = _model_runner(ours, x, backward)
+    case.providers[base_name] = _model_runner(ref, x, backward)
+    if compile and not name.startswith("sp_vit"):
+        import time
+
+        try:
+            cref = torch.compile(ref)
+            run = _model_runner(cref, x, backward)
+            t0 = time.perf_counter()
+            run()
+            case.compile_s["timm compiled"] = time.perf_counter() - t0
+            case.providers["timm compiled"] = run
+        except Exception as exc:
+            case.failures["timm compiled"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    return case
+
+
+def _model_runner(model: torch.nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], object]:
+    if not backward:
+
+        def run() -> object:
+            with torch.inference_mode():
+                return model(x)
+
+        return run
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step() -> object:  # one training step: forward, backward, optimizer
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).float().logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def gemm_peak_gflops(device: torch.device | str = "cpu", dtype=torch.float32, n: int = 1536) -> float:
+    """Measured GEMM throughput (GFLOP/s) of an n^3 product: the device's practical peak."""
+    from vitkern.benchmarking import time_interleaved
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_interleaved({"gemm": lambda: a @ b}, device, warmup=2, repeats=5)
+    return 2 * n**3 / (t["gemm"].median * 1e-3) / 1e9
