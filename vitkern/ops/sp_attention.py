@@ -148,6 +148,67 @@ def _cpu_supports(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
 _backend.register_impl("sp_attention", "cpu", _sp_attention_cpu_impl, _cpu_supports)
 
 
+# ----------------------------------------------------------------------------- triton backend
+# Device types: CUDA, and CPU tensors for the Triton interpreter (TRITON_INTERPRET=1).
+@torch.library.custom_op("vitkern::sp_attention_triton", mutates_args=())
+def _sp_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: torch.Tensor | None, gh: int, gw: int,
+    num_prefix: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from vitkern.triton_kernels.sp_attention import sp_attention_fwd
+
+    return sp_attention_fwd(q, k, v, omega, (gh, gw), num_prefix, scale)
+
+
+@_sp_attention_triton.register_fake
+def _(q, k, v, omega, gh, gw, num_prefix, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("vitkern::sp_attention_triton_backward", mutates_args=())
+def _sp_attention_triton_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: torch.Tensor | None,
+    out: torch.Tensor, lse: torch.Tensor, gh: int, gw: int, num_prefix: int, scale: float, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from vitkern.triton_kernels.sp_attention import sp_attention_bwd
+
+    dq, dk, dv, domega = sp_attention_bwd(dout, q, k, v, omega, out, lse, (gh, gw), num_prefix, scale, deterministic)
+    return dq, dk, dv, (domega if domega is not None else q.new_empty(0))
+
+
+@_sp_attention_triton_backward.register_fake
+def _(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic):
+    domega = omega.new_empty(omega.shape) if omega is not None else q.new_empty(0)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), domega
+
+
+def _triton_backward(ctx, dout, _dlse):
+    q, k, v, omega, out, lse = ctx.saved_tensors
+    # d-omega without atomics (bit-identical across runs) under torch.use_deterministic_algorithms(True).
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    dq, dk, dv, domega = _sp_attention_triton_backward(dout, q, k, v, omega, out, lse, *ctx.args, deterministic)
+    return dq, dk, dv, (domega if omega is not None else None), None, None, None, None
+
+
+_sp_attention_triton.register_autograd(_triton_backward, setup_context=_cpu_setup_context)
+
+
+def _sp_attention_triton_impl(q, k, v, omega, grid, num_prefix_tokens, scale):
+    gh, gw = grid if grid is not None else (1, 1)
+    return _sp_attention_triton(q, k, v, omega, gh, gw, num_prefix_tokens, scale)[0]
+
+
+def _triton_supports(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
+    if q.dtype == torch.float64:
+        return "float64 is not supported by the Triton kernels"
+    if q.shape[-1] > 128 or q.shape[-1] < 8:
+        return f"head_dim {q.shape[-1]} is outside the Triton kernel's range [8, 128]"
+    return None
+
+
+_backend.register_impl("sp_attention", "triton", _sp_attention_triton_impl, _triton_supports)
+
+
 def sp_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,0 +1,93 @@
+"""backend="triton" sp_attention, verified on the CPU by the Triton interpreter.
+
+TRITON_INTERPRET must be set before triton is imported; this module runs its
+checks in a subprocess that sets it, so the rest of the suite is unaffected
+(no global state changed at import). bf16 runs only where CUDA exists: the
+interpreter computes bf16 on raw bit patterns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+CASES = [
+    # B, H, grid, num_prefix, Dh, omega, dtype
+    (1, 1, (14, 14), 1, 64, True, "float32"),  # N = 197 with a class token, batch 1
+    (2, 2, (3, 5), 0, 32, True, "float16"),  # non-square grid, N below one block
+    (1, 2, (5, 3), 5, 80, True, "float32"),  # head dim 80, class + 4 register tokens
+    (1, 1, (4, 5), 1, 96, True, "float16"),
+    (1, 1, (3, 3), 1, 128, True, "float32"),
+    (2, 1, (4, 4), 0, 64, False, "float32"),  # omega=None
+]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    import torch
+    import vitkern
+    from vitkern.ops import sp_attention
+
+    cases = json.loads(sys.argv[1])
+    tol = {"float32": 1e-5, "float16": 2e-3}
+    results = []
+    for B, H, (gh, gw), P, Dh, use_omega, dt in cases:
+        dtype = getattr(torch, dt)
+        g = torch.Generator().manual_seed(1000 + len(results))
+        N = P + gh * gw
+        # q, k, v as strided views of a fused qkv projection, like the model passes them.
+        qkv = torch.randn(B, N, 3, H, Dh, generator=g).to(dtype)
+        q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+        omega = None
+        if use_omega:
+            omega = (torch.randn(H, 2 * gh - 1, 2 * gw - 1, generator=g) * 0.5 + 1).to(dtype).requires_grad_()
+        leaves = [q, k, v] + ([omega] if use_omega else [])
+        grid, prefix = ((gh, gw), P) if use_omega else (None, 0)
+        out = sp_attention(q, k, v, omega, grid=grid, num_prefix_tokens=prefix, backend="triton")
+        assert vitkern.last_backend("sp_attention") == "triton"
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        ref_omega = ref_leaves[3] if use_omega else None
+        ref = sp_attention(*ref_leaves[:3], ref_omega, grid=grid, num_prefix_tokens=prefix, backend="reference")
+        dout = torch.randn(ref.shape, generator=g).to(dtype)
+        grads = torch.autograd.grad(out, leaves, dout)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+        err = lambda a, b: float("inf") if torch.isnan(a).any() else ((a.double() - b).norm() / b.norm()).item()
+        row = {"case": [B, H, [gh, gw], P, Dh, use_omega, dt], "out": err(out, ref)}
+        row.update({f"d{n}": err(a, b) for n, a, b in zip("q k v omega".split(), grads, ref_grads)})
+        row["tol"] = tol[dt]
+        if use_omega:  # deterministic mode: d-omega from the atomics-free kernel, bit-identical across runs
+            torch.use_deterministic_algorithms(True)
+            d1 = torch.autograd.grad(sp_attention(*leaves, num_prefix_tokens=P, backend="triton"), omega, dout)[0]
+            d2 = torch.autograd.grad(sp_attention(*leaves, num_prefix_tokens=P, backend="triton"), omega, dout)[0]
+            torch.use_deterministic_algorithms(False)
+            row["det_bitwise"] = bool(torch.equal(d1, d2))
+            row["det_domega"] = err(d1, ref_grads[3])
+        results.append(row)
+    print("RESULTS " + json.dumps(results))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="interpreter run tested on Linux")
+def test_triton_sp_attention_under_interpreter(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
+                         timeout=1200, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULTS "))
+    rows = json.loads(line.removeprefix("RESULTS "))
+    assert len(rows) == len(CASES)
+    for row in rows:
+        for key in ("out", "dq", "dk", "dv", "domega", "det_domega"):
+            if key in row:
+                assert row[key] < row["tol"], f"{row['case']}: {key} error {row[key]:.2e} >= {row['tol']}"
+        if "det_bitwise" in row:
+            assert row["det_bitwise"], row["case"]

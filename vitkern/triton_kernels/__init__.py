@@ -1,0 +1,1 @@
+"""Triton GPU kernels (imported lazily: triton is optional on the CPU)."""
