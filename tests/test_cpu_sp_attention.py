@@ -90,6 +90,18 @@ def test_backward_is_bitwise_deterministic(gen):
             assert torch.equal(a, b)
 
 
+def test_plain_attention_training_is_routed_to_sdpa(gen):
+    q, k, v, _ = _inputs(1, 2, (4, 4), 0, 32, False, torch.float32, gen)
+    with torch.no_grad():
+        sp_attention(q, k, v)
+    assert vitkern.last_backend("sp_attention") == "cpu"
+    sp_attention(*(t.requires_grad_() for t in (q, k, v)))
+    rec = vitkern.backend_report()["sp_attention"]
+    assert rec.backend == "reference" and "SDPA" in rec.skipped["cpu"]
+    sp_attention(q, k, v, backend="cpu")  # an explicit request still runs the kernel
+    assert vitkern.last_backend("sp_attention") == "cpu"
+
+
 def test_auto_picks_cpu_for_cpu_tensors(gen):
     q, k, v, omega = _inputs(1, 2, (4, 4), 1, 32, True, torch.float32, gen)
     sp_attention(q, k, v, omega, num_prefix_tokens=1)

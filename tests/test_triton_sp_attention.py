@@ -79,8 +79,14 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(sys.platform != "linux", reason="interpreter run tested on Linux")
 def test_triton_sp_attention_under_interpreter(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
-                         timeout=1200, env=env, cwd=tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULTS "))
     rows = json.loads(line.removeprefix("RESULTS "))

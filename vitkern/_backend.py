@@ -81,16 +81,25 @@ class _Impl:
     fn: Callable
     # Returns None when the implementation can run the inputs, else the reason.
     supports: Callable[..., str | None] | None = None
+    # Consulted by "auto" only: a reason to prefer the next backend although this one
+    # can run the inputs (it was measured slower there). An explicit request still runs it.
+    auto_skip: Callable[..., str | None] | None = None
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
 
 
-def register_impl(op: str, backend: str, fn: Callable, supports: Callable[..., str | None] | None = None) -> None:
+def register_impl(
+    op: str,
+    backend: str,
+    fn: Callable,
+    supports: Callable[..., str | None] | None = None,
+    auto_skip: Callable[..., str | None] | None = None,
+) -> None:
     """Register ``fn`` as ``backend``'s implementation of ``op``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
-    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports)
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports, auto_skip)
 
 
 def _triton_status() -> str | None:
@@ -178,6 +187,9 @@ def select(op: str, backend: str | None, device: torch.device, *args, **kwargs) 
         chosen = ""
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             reason = _why_not(op, name, device, args, kwargs)
+            impl = _REGISTRY.get(op, {}).get(name)
+            if reason is None and impl is not None and impl.auto_skip is not None:
+                reason = impl.auto_skip(*args, **kwargs)
             if reason is None:
                 chosen = name
                 break

@@ -267,11 +267,13 @@ def _plots(results: list[dict], out: Path) -> list[str]:
                     groups.setdefault(key, {}).setdefault(name, []).append((r["params"]["N"], p[metric]))
         if not groups:
             continue
+        names = sorted({n for series in groups.values() for n in series})
+        colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}  # same colour in every panel
         fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
         for ax, (key, series) in zip(axes[0], sorted(groups.items()), strict=True):
             for name, pts in sorted(series.items()):
                 pts.sort()
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name, color=colors[name])
             ax.set_title(f"sp_attention {key[0]} {key[1]} B={key[2]}")
             ax.set_xlabel("sequence length N")
             ax.set_ylabel(ylabel)

@@ -145,15 +145,29 @@ def _cpu_supports(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
     return None
 
 
-_backend.register_impl("sp_attention", "cpu", _sp_attention_cpu_impl, _cpu_supports)
+def _cpu_auto_skip(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
+    if omega is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        # Measured (benchmarks/NOTES.md): without a prior, PyTorch's fused SDPA backward
+        # is faster than this kernel's; the reference path uses SDPA.
+        return "plain attention with autograd: SDPA's fused backward (reference path) is faster"
+    return None
+
+
+_backend.register_impl("sp_attention", "cpu", _sp_attention_cpu_impl, _cpu_supports, _cpu_auto_skip)
 
 
 # ----------------------------------------------------------------------------- triton backend
 # Device types: CUDA, and CPU tensors for the Triton interpreter (TRITON_INTERPRET=1).
 @torch.library.custom_op("vitkern::sp_attention_triton", mutates_args=())
 def _sp_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: torch.Tensor | None, gh: int, gw: int,
-    num_prefix: int, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    omega: torch.Tensor | None,
+    gh: int,
+    gw: int,
+    num_prefix: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from vitkern.triton_kernels.sp_attention import sp_attention_fwd
 
@@ -167,8 +181,18 @@ def _(q, k, v, omega, gh, gw, num_prefix, scale):
 
 @torch.library.custom_op("vitkern::sp_attention_triton_backward", mutates_args=())
 def _sp_attention_triton_backward(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: torch.Tensor | None,
-    out: torch.Tensor, lse: torch.Tensor, gh: int, gw: int, num_prefix: int, scale: float, deterministic: bool,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    omega: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    gh: int,
+    gw: int,
+    num_prefix: int,
+    scale: float,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from vitkern.triton_kernels.sp_attention import sp_attention_bwd
 

@@ -35,14 +35,39 @@ def _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_oh, TW):
 
 @triton.jit
 def _sp_attn_fwd_kernel(
-    Q, K, V, Omega, Out, Lse,  # q/k/v/out: (B, H, N, Dh) strided; omega: (H, 2gh-1, 2gw-1); lse: (B, H, N) fp32
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
+    Q,
+    K,
+    V,
+    Omega,
+    Out,
+    Lse,  # q/k/v/out: (B, H, N, Dh) strided; omega: (H, 2gh-1, 2gw-1); lse: (B, H, N) fp32
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_od,
     stride_omh,
-    H, N, gh, gw, num_prefix, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H,
+    N,
+    gh,
+    gw,
+    num_prefix,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HAS_PRIOR: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -53,8 +78,11 @@ def _sp_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     # q stays in registers for the whole key loop.
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=(offs_m < N)[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=(offs_m < N)[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -62,8 +90,11 @@ def _sp_attn_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(
+            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         s = tl.dot(q, tl.trans(k)) * scale
         if HAS_PRIOR:
             prior, _, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
@@ -74,27 +105,61 @@ def _sp_attn_fwd_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     acc = acc / l_i[:, None]
     m_ok = offs_m < N
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-             acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+        acc.to(Out.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
     tl.store(Lse + pid_bh * N + offs_m, m_i + tl.log(l_i), mask=m_ok)
 
 
 @triton.jit
 def _sp_attn_bwd_dkdv_kernel(
-    Q, K, V, Omega, DO, Lse, Delta, DK, DV,  # q/k/v/do: (B, H, N, Dh) strided; dk/dv: contiguous (B, H, N, Dh)
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
+    Q,
+    K,
+    V,
+    Omega,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,  # q/k/v/do: (B, H, N, Dh) strided; dk/dv: contiguous (B, H, N, Dh)
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dod,
     stride_omh,
-    H, N, gh, gw, num_prefix, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H,
+    N,
+    gh,
+    gw,
+    num_prefix,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HAS_PRIOR: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -106,20 +171,32 @@ def _sp_attn_bwd_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     n_ok = offs_n < N
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     TW = 2 * gw - 1
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         lse = tl.load(Lse + pid_bh * N + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(Delta + pid_bh * N + offs_m, mask=m_ok, other=0.0)
         logit = tl.dot(q, tl.trans(k)) * scale
@@ -141,15 +218,44 @@ def _sp_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _sp_attn_bwd_dq_kernel(
-    Q, K, V, Omega, DO, Lse, Delta, DQ, DOmega,  # dq: contiguous (B, H, N, Dh); domega: fp32 (H, 2gh-1, 2gw-1)
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
+    Q,
+    K,
+    V,
+    Omega,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    DOmega,  # dq: contiguous (B, H, N, Dh); domega: fp32 (H, 2gh-1, 2gw-1)
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dod,
     stride_omh,
-    H, N, gh, gw, num_prefix, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PRIOR: tl.constexpr, ATOMIC_DOMEGA: tl.constexpr,
+    H,
+    N,
+    gh,
+    gw,
+    num_prefix,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_PRIOR: tl.constexpr,
+    ATOMIC_DOMEGA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -160,10 +266,16 @@ def _sp_attn_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < N
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=q_mask, other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=q_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+        mask=q_mask,
+        other=0.0,
+    )
     lse = tl.load(Lse + pid_bh * N + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(Delta + pid_bh * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -171,10 +283,16 @@ def _sp_attn_bwd_dq_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(
+            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         logit = tl.dot(q, tl.trans(k)) * scale
         if HAS_PRIOR:
             prior, ry, rx, valid = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
@@ -188,20 +306,50 @@ def _sp_attn_bwd_dq_kernel(
             if ATOMIC_DOMEGA:
                 tl.atomic_add(DOmega + h * (2 * gh - 1) * TW + ry * TW + rx, ds * logit, mask=valid)
         dq += tl.dot((ds * prior * scale).to(k.dtype), k)
-    tl.store(DQ + pid_bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=q_mask)
+    tl.store(
+        DQ + pid_bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 @triton.jit
 def _sp_attn_bwd_domega_kernel(
-    Q, K, V, Omega, DO, Lse, Delta, DOmega,  # one program per table cell (h, dy, dx); fixed summation order
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
+    Q,
+    K,
+    V,
+    Omega,
+    DO,
+    Lse,
+    Delta,
+    DOmega,  # one program per table cell (h, dy, dx); fixed summation order
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dod,
     stride_omh,
-    B, H, N, gh, gw, num_prefix, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
+    B,
+    H,
+    N,
+    gh,
+    gw,
+    num_prefix,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_I: tl.constexpr,
 ):
     cell = tl.program_id(0)
     TW = 2 * gw - 1
@@ -229,14 +377,26 @@ def _sp_attn_bwd_domega_kernel(
             i = num_prefix + r * gw + c
             j = i + dy * gw + dx
             mask = ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * stride_qb + h * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                        mask=mask, other=0.0).to(tl.float32)
-            k = tl.load(K + b * stride_kb + h * stride_kh + j[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(V + b * stride_vb + h * stride_vh + j[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=mask, other=0.0).to(tl.float32)
-            do = tl.load(DO + b * stride_dob + h * stride_doh + i[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                         mask=mask, other=0.0).to(tl.float32)
+            q = tl.load(
+                Q + b * stride_qb + h * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
+            k = tl.load(
+                K + b * stride_kb + h * stride_kh + j[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
+            v = tl.load(
+                V + b * stride_vb + h * stride_vh + j[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
+            do = tl.load(
+                DO + b * stride_dob + h * stride_doh + i[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
             lse = tl.load(Lse + bh * N + i, mask=ok, other=0.0)
             delta = tl.load(Delta + bh * N + i, mask=ok, other=0.0)
             logit = tl.sum(q * k, 1) * scale
@@ -246,27 +406,51 @@ def _sp_attn_bwd_domega_kernel(
     tl.store(DOmega + cell, tl.sum(acc, 0))
 
 
-def _block_sizes(N: int, head_dim: int) -> tuple[int, int, int]:
+def _block_sizes(N: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). 64 x 64 tiles with 8 warps: with 4
+    warps the relative-index gather of Omega pushes the tiles into local memory
+    (spills; see scripts/gpu_build_report.py and benchmarks/NOTES.md)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # 64 x 64 tiles keep q, acc and one k/v tile in registers at Dh 128 (see the GPU build report).
-    block = 64 if block_d <= 128 else 32
-    return block, block, block_d
+    return 64, 64, block_d, (4 if block_d <= 32 else 8)
+
+
+def _domega_block(head_dim: int) -> int:
+    """Rows per step of the deterministic d-omega kernel (4 fp32 tiles of BLOCK_I x BLOCK_D live at once)."""
+    return 64 if head_dim <= 32 else (32 if head_dim <= 64 else 16)
 
 
 def sp_attention_fwd(q, k, v, omega, grid, num_prefix, scale):
     """Returns (out (B, H, N, Dh) in q's dtype, lse (B, H, N) fp32)."""
     B, H, N, Dh = q.shape
     gh, gw = grid if grid is not None else (1, 1)
-    BLOCK_M, BLOCK_N, BLOCK_D = _block_sizes(N, Dh)
+    BLOCK_M, BLOCK_N, BLOCK_D, warps = _block_sizes(N, Dh)
     out = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     om = omega.contiguous() if omega is not None else q  # dummy pointer when there is no prior
     _sp_attn_fwd_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
-        q, k, v, om, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q,
+        k,
+        v,
+        om,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
         om.stride(0) if omega is not None else 0,
-        H, N, gh, gw, num_prefix, scale,
-        HEAD_DIM=Dh, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_PRIOR=omega is not None,
+        H,
+        N,
+        gh,
+        gw,
+        num_prefix,
+        scale,
+        HEAD_DIM=Dh,
+        BLOCK_D=BLOCK_D,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        HAS_PRIOR=omega is not None,
+        num_warps=warps,
     )
     return out, lse
 
@@ -275,7 +459,7 @@ def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, de
     """Returns (dq, dk, dv, domega or None)."""
     B, H, N, Dh = q.shape
     gh, gw = grid if grid is not None else (1, 1)
-    BLOCK_M, BLOCK_N, BLOCK_D = _block_sizes(N, Dh)
+    BLOCK_M, BLOCK_N, BLOCK_D, warps = _block_sizes(N, Dh)
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, H, N)
     dq = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
@@ -284,17 +468,51 @@ def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, de
     om = omega.contiguous() if has_prior else q
     domega = torch.zeros((H, 2 * gh - 1, 2 * gw - 1), device=q.device, dtype=torch.float32) if has_prior else None
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), om.stride(0) if has_prior else 0)
-    common = dict(HEAD_DIM=Dh, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_PRIOR=has_prior)
+    common = dict(HEAD_DIM=Dh, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_PRIOR=has_prior, num_warps=warps)
     _sp_attn_bwd_dkdv_kernel[(triton.cdiv(N, BLOCK_N), B * H)](
         q, k, v, om, dout, lse, delta, dk, dv, *strides, H, N, gh, gw, num_prefix, scale, **common
     )
     _sp_attn_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
-        q, k, v, om, dout, lse, delta, dq, domega if has_prior else dq, *strides, H, N, gh, gw, num_prefix, scale,
-        ATOMIC_DOMEGA=has_prior and not deterministic, **common,
+        q,
+        k,
+        v,
+        om,
+        dout,
+        lse,
+        delta,
+        dq,
+        domega if has_prior else dq,
+        *strides,
+        H,
+        N,
+        gh,
+        gw,
+        num_prefix,
+        scale,
+        ATOMIC_DOMEGA=has_prior and not deterministic,
+        **common,
     )
     if has_prior and deterministic:
         _sp_attn_bwd_domega_kernel[(H * (2 * gh - 1) * (2 * gw - 1),)](
-            q, k, v, om, dout, lse, delta, domega, *strides, B, H, N, gh, gw, num_prefix, scale,
-            HEAD_DIM=Dh, BLOCK_D=BLOCK_D, BLOCK_I=64,
+            q,
+            k,
+            v,
+            om,
+            dout,
+            lse,
+            delta,
+            domega,
+            *strides,
+            B,
+            H,
+            N,
+            gh,
+            gw,
+            num_prefix,
+            scale,
+            HEAD_DIM=Dh,
+            BLOCK_D=BLOCK_D,
+            BLOCK_I=_domega_block(Dh),
+            num_warps=4,
         )
     return dq, dk, dv, (domega.to(omega.dtype) if has_prior else None)
