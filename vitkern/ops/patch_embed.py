@@ -88,7 +88,15 @@ def _cpu_supports(images, *args) -> str | None:
     return None
 
 
-_backend.register_impl("patch_embed", "cpu", _patch_embed_cpu, _cpu_supports)
+def _cpu_auto_skip(images, *args) -> str | None:
+    if images.dtype in (torch.bfloat16, torch.float16):
+        # Measured (benchmarks/NOTES.md): torch's bf16 GEMMs run ~3x faster than the fp32
+        # sgemm this kernel computes in, so eager wins for half-precision inputs here.
+        return "half-precision input: torch's native bf16/fp16 GEMMs (reference path) are faster than this fp32 kernel"
+    return None
+
+
+_backend.register_impl("patch_embed", "cpu", _patch_embed_cpu, _cpu_supports, _cpu_auto_skip)
 
 
 def patch_embed(
