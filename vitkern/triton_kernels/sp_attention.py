@@ -22,15 +22,21 @@ import triton.language as tl
 
 @triton.jit
 def _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_oh, TW):
-    """(BLOCK_M, BLOCK_N) prior factors: omega[h, ry, rx] for patch pairs, 1 elsewhere."""
+    """(BLOCK_M, BLOCK_N) prior factors: omega[h, ry, rx] for patch pairs, 1 elsewhere.
+
+    The table offset (ry * TW + rx) splits into a query part and a key part, so
+    only one int tile is built from two vectors: keeping ry and rx as separate
+    tiles spilled registers at 64 x 64 (scripts/gpu_build_report.py).
+    Returns (prior, table offset, valid mask)."""
     pm = offs_m - num_prefix
     pn = offs_n - num_prefix
     q_ok = (offs_m >= num_prefix) & (offs_m < N)
     k_ok = (offs_n >= num_prefix) & (offs_n < N)
-    ry = (pn // gw)[None, :] - (pm // gw)[:, None] + gh - 1
-    rx = (pn % gw)[None, :] - (pm % gw)[:, None] + gw - 1
+    q_base = (gh - 1 - pm // gw) * TW + (gw - 1 - pm % gw)
+    k_base = (pn // gw) * TW + pn % gw
+    idx = q_base[:, None] + k_base[None, :]
     valid = q_ok[:, None] & k_ok[None, :]
-    return tl.load(Omega + h * stride_oh + ry * TW + rx, mask=valid, other=1.0).to(tl.float32), ry, rx, valid
+    return tl.load(Omega + h * stride_oh + idx, mask=valid, other=1.0).to(tl.float32), idx, valid
 
 
 @triton.jit
@@ -97,7 +103,7 @@ def _sp_attn_fwd_kernel(
         )
         s = tl.dot(q, tl.trans(k)) * scale
         if HAS_PRIOR:
-            prior, _, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
+            prior, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
             s = s * prior
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -201,7 +207,7 @@ def _sp_attn_bwd_dkdv_kernel(
         delta = tl.load(Delta + pid_bh * N + offs_m, mask=m_ok, other=0.0)
         logit = tl.dot(q, tl.trans(k)) * scale
         if HAS_PRIOR:
-            prior, _, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
+            prior, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
         else:
             prior = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
         p = tl.exp(logit * prior - lse[:, None])
@@ -295,7 +301,7 @@ def _sp_attn_bwd_dq_kernel(
         )
         logit = tl.dot(q, tl.trans(k)) * scale
         if HAS_PRIOR:
-            prior, ry, rx, valid = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
+            prior, idx, valid = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
         else:
             prior = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
         p = tl.exp(logit * prior - lse[:, None])
@@ -304,7 +310,7 @@ def _sp_attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         if HAS_PRIOR:
             if ATOMIC_DOMEGA:
-                tl.atomic_add(DOmega + h * (2 * gh - 1) * TW + ry * TW + rx, ds * logit, mask=valid)
+                tl.atomic_add(DOmega + h * (2 * gh - 1) * TW + idx, ds * logit, mask=valid)
         dq += tl.dot((ds * prior * scale).to(k.dtype), k)
     tl.store(
         DQ + pid_bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
@@ -407,11 +413,13 @@ def _sp_attn_bwd_domega_kernel(
 
 
 def _block_sizes(N: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). 64 x 64 tiles with 8 warps: with 4
-    warps the relative-index gather of Omega pushes the tiles into local memory
-    (spills; see scripts/gpu_build_report.py and benchmarks/NOTES.md)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps), chosen from a register sweep on sm_80
+    and sm_90 (benchmarks/NOTES.md): the largest tiles with no spill in any of the
+    three kernels. 64 x 64 with 8 warps spills 16-32 B at Dh 64/128 on sm_80."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return 64, 64, block_d, (4 if block_d <= 32 else 8)
+    if block_d <= 32:
+        return 64, 32, block_d, 4
+    return 32, 64, block_d, 8
 
 
 def _domega_block(head_dim: int) -> int:
