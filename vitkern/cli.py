@@ -237,6 +237,8 @@ def _table(results: list[dict]) -> None:
             first = False
         for name, why in r["failures"].items():
             rows.append(["", name, "failed", why[:60], "", "", "", "", ""])
+        for name, secs in r["compile_s"].items():  # compile time, excluded from the timings above
+            rows.append(["", f"{name}: compile", f"{secs * 1e3:.0f}", "(first call)", "", "", "", "", ""])
     _print_table(
         "x baseline: speed-up over the case's baseline (eager / timm / public code); "
         "x floor: time / floor (SDPA without prior, or the bare GEMMs)",
