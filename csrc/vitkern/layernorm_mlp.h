@@ -7,7 +7,8 @@
 
 namespace vitkern {
 
-// x: (M, D). Returns {out (M, D) in x's dtype, mean (M), rstd (M), pre (M, Hd) or (0,)}.
+// x: (M, D). Returns {out (M, D) in x's dtype, mean (M), rstd (M), and when saving for
+// backward pre-activation (M, Hd), GELU output (M, Hd), LN output (M, D) (else (0,) each)}.
 std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& ln_weight,
                                                   const c10::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
                                                   const c10::optional<at::Tensor>& fc1_bias,
@@ -22,6 +23,7 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout, const
                                                    const c10::optional<at::Tensor>& ln_bias,
                                                    const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
                                                    const at::Tensor& mean, const at::Tensor& rstd,
-                                                   const at::Tensor& pre, bool tanh_approx, bool residual);
+                                                   const at::Tensor& pre, const at::Tensor& gelu_out,
+                                                   const at::Tensor& ln_out, bool tanh_approx, bool residual);
 
 }  // namespace vitkern

@@ -6,8 +6,9 @@
 // fc2 -> bias+residual; the normalised rows live only in the tile buffer, and
 // bias, GELU and residual are applied in the GEMMs' prologue/epilogue passes
 // over the tile, never as separate full-tensor ops. With a gradient wanted,
-// the pre-activation fc1(LN(x)) + b1 is stored (what the backward needs;
-// eager PyTorch keeps it, the GELU output and the LN output).
+// the LN output, the pre-activation fc1(LN(x)) + b1 and its GELU are stored,
+// copied out of the tile while it is in cache (the same tensors eager PyTorch
+// keeps), so the backward recomputes nothing.
 // Backward: full-height GEMMs (the weight gradients sum over every row) with
 // the elementwise parts (GELU', LayerNorm backward) fused in C++ loops.
 #include <ATen/Parallel.h>
@@ -74,10 +75,14 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const 
   at::Tensor out = at::empty({M, D}, f32);
   at::Tensor mean = at::empty({M}, f32), rstd = at::empty({M}, f32);
   at::Tensor pre = save_for_backward ? at::empty({M, Hd}, f32) : at::empty({0}, f32);
+  at::Tensor gsave = save_for_backward ? at::empty({M, Hd}, f32) : at::empty({0}, f32);
+  at::Tensor hnsave = save_for_backward ? at::empty({M, D}, f32) : at::empty({0}, f32);
   const float *xp = x.data_ptr<float>(), *w1p = w1.data_ptr<float>(), *w2p = w2.data_ptr<float>();
   const float *lnwp = ptr_or_null(lnw), *lnbp = ptr_or_null(lnb), *b1p = ptr_or_null(b1), *b2p = ptr_or_null(b2);
   float *op = out.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
   float* prep = save_for_backward ? pre.data_ptr<float>() : nullptr;
+  float* gsp = save_for_backward ? gsave.data_ptr<float>() : nullptr;
+  float* hnsp = save_for_backward ? hnsave.data_ptr<float>() : nullptr;
   const int64_t kTileM = tile_rows(M);
   const int64_t tiles = (M + kTileM - 1) / kTileM;
 
@@ -103,6 +108,10 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const 
       for (int64_t r = 0; r < rows; ++r) {
         simd::bias_gelu(hid.data() + r * Hd, b1p, Hd, tanh_approx, prep ? prep + (r0 + r) * Hd : nullptr);
       }
+      if (save_for_backward) {
+        std::copy(hid.data(), hid.data() + rows * Hd, gsp + r0 * Hd);
+        std::copy(hn.data(), hn.data() + rows * D, hnsp + r0 * D);
+      }
       // fc2 with bias and residual: out rows start as x + b2, GEMM accumulates (beta = 1).
       float* o = op + r0 * D;
       for (int64_t r = 0; r < rows; ++r) {
@@ -113,35 +122,31 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const 
       sgemm(true, false, D, rows, Hd, 1.f, w2p, Hd, hid.data(), Hd, 1.f, o, D);
     }
   });
-  return {x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type()), mean, rstd, pre};
+  return {x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type()), mean, rstd, pre, gsave, hnsave};
 }
 
 std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, const at::Tensor& x_in,
                                                    const c10::optional<at::Tensor>& lnw_in,
                                                    const c10::optional<at::Tensor>& lnb_in, const at::Tensor& w1_in,
                                                    const at::Tensor& w2_in, const at::Tensor& mean,
-                                                   const at::Tensor& rstd, const at::Tensor& pre_in, bool tanh_approx,
+                                                   const at::Tensor& rstd, const at::Tensor& pre_in,
+                                                   const at::Tensor& g_in, const at::Tensor& hn_in, bool tanh_approx,
                                                    bool residual) {
   check_args(x_in, w1_in, w2_in);
   const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w1_in.size(0);
   check_shape(dout_in, "dout", {M, D});
   check_shape(pre_in, "pre", {M, Hd});
+  check_shape(g_in, "gelu_out", {M, Hd});
+  check_shape(hn_in, "ln_out", {M, D});
   check_shape(mean, "mean", {M});
   check_shape(rstd, "rstd", {M});
   const at::Tensor x = f32c(x_in), dy = f32c(dout_in), w1 = f32c(w1_in), w2 = f32c(w2_in), pre = f32c(pre_in);
-  const at::Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in);
-  const float *lnwp = ptr_or_null(lnw), *lnbp = ptr_or_null(lnb);
+  const at::Tensor g = f32c(g_in), hn = f32c(hn_in), lnw = opt_f32(lnw_in);
+  const float* lnwp = ptr_or_null(lnw);
   const float *xp = x.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
   const float* prep = pre.data_ptr<float>();
   auto f32 = x.options();
 
-  // g = GELU(pre) for dW2; the GELU' factor is applied in place to dy W2 below
-  // (no separate GELU' tensor).
-  at::Tensor g = at::empty({M, Hd}, f32);
-  float* gptr = g.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    simd::gelu_fwd_bwd(prep + b * Hd, gptr + b * Hd, nullptr, (e - b) * Hd, tanh_approx);
-  });
   // fc2: dW2 = dy^T g, db2 = colsum(dy), d pre = (dy W2) * GELU'(pre).
   at::Tensor dw2 = at::mm(dy.t(), g);
   at::Tensor db2 = dy.sum(0);
@@ -150,32 +155,24 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     simd::gelu_fwd_bwd(prep + b * Hd, nullptr, dap + b * Hd, (e - b) * Hd, tanh_approx);
   });
-  // fc1: hn recomputed from the saved statistics.
-  at::Tensor hn = at::empty({M, D}, f32), xhat = at::empty({M, D}, f32);
-  float *hnp = hn.data_ptr<float>(), *xhp = xhat.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r)
-      for (int64_t t = 0; t < D; ++t) {
-        const float v = (xp[r * D + t] - mp[r]) * rp[r];
-        xhp[r * D + t] = v;
-        hnp[r * D + t] = v * (lnwp ? lnwp[t] : 1.f) + (lnbp ? lnbp[t] : 0.f);
-      }
-  });
   at::Tensor dw1 = at::mm(da.t(), hn);
   at::Tensor db1 = da.sum(0);
   at::Tensor dhn = at::mm(da, w1);  // (M, D)
   // LayerNorm backward, row by row: dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)), dxh = dhn * w.
-  at::Tensor dx = at::empty({M, D}, f32);
+  at::Tensor dx = at::empty({M, D}, f32), xhat = at::empty({M, D}, f32);
+  float* xhp = xhat.data_ptr<float>();
   const float* dhp = dhn.data_ptr<float>();
   const float* dyp = dy.data_ptr<float>();
   float* dxp = dx.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* dh = dhp + r * D;
-      const float* xh = xhp + r * D;
+      const float* xr = xp + r * D;
+      float* xh = xhp + r * D;
       float s1 = 0.f, s2 = 0.f;
 #pragma omp simd reduction(+ : s1, s2)
       for (int64_t t = 0; t < D; ++t) {
+        xh[t] = (xr[t] - mp[r]) * rp[r];  // x-hat from the saved statistics
         const float dxh = dh[t] * (lnwp ? lnwp[t] : 1.f);
         s1 += dxh;
         s2 += dxh * xh[t];
@@ -189,7 +186,7 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
     }
   });
   at::Tensor dlnw = lnw.defined() ? (dhn * xhat).sum(0) : at::Tensor();
-  at::Tensor dlnb = lnb.defined() ? dhn.sum(0) : at::Tensor();
+  at::Tensor dlnb = lnb_in.has_value() ? dhn.sum(0) : at::Tensor();
   const auto dt = x_in.scalar_type();
   auto cast = [&](const at::Tensor& t, at::ScalarType s) { return t.defined() ? t.to(s) : t; };
   return {cast(dx, dt),

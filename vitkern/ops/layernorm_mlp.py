@@ -55,19 +55,23 @@ def _layernorm_mlp_cpu(
     tanh_approx: bool,
     residual: bool,
     save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, mean, rstd, pre = load_extension().layernorm_mlp_forward(
-        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out, mean, rstd, pre-activation, GELU output, LN output); the last three are empty
+    unless ``save`` (a gradient is wanted)."""
+    return tuple(
+        load_extension().layernorm_mlp_forward(
+            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save
+        )
     )
-    return out, mean, rstd, pre
 
 
 @_layernorm_mlp_cpu.register_fake
 def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save):
     M, Hd = x.shape[0], fc1_weight.shape[0]
     f32 = dict(dtype=torch.float32)
-    pre = x.new_empty((M, Hd), **f32) if save else x.new_empty((0,), **f32)
-    return x.new_empty(x.shape), x.new_empty((M,), **f32), x.new_empty((M,), **f32), pre
+    D = x.shape[1]
+    saved = [x.new_empty(shape if save else (0,), **f32) for shape in ((M, Hd), (M, Hd), (M, D))]
+    return (x.new_empty(x.shape), x.new_empty((M,), **f32), x.new_empty((M,), **f32), *saved)
 
 
 @torch.library.custom_op("vitkern::layernorm_mlp_cpu_backward", mutates_args=(), device_types="cpu")
@@ -81,17 +85,19 @@ def _layernorm_mlp_cpu_backward(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     pre: torch.Tensor,
+    gelu_out: torch.Tensor,
+    ln_out: torch.Tensor,
     tanh_approx: bool,
     residual: bool,
 ) -> list[torch.Tensor]:
     grads = load_extension().layernorm_mlp_backward(
-        dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, tanh_approx, residual
+        dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out, tanh_approx, residual
     )
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @_layernorm_mlp_cpu_backward.register_fake
-def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, tanh_approx, residual):
+def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out, tanh_approx, residual):
     D, Hd = x.shape[1], fc1_weight.shape[0]
 
     def vec(t, n):
@@ -110,18 +116,18 @@ def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, tanh
 
 def _lnmlp_setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save = inputs
-    _, mean, rstd, pre = output
-    ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre)
+    _, mean, rstd, pre, gelu_out, ln_out = output
+    ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out)
     ctx.flags = (tanh_approx, residual)
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
 
 
-def _lnmlp_backward(ctx, dout, _dmean, _drstd, _dpre):
-    x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre = ctx.saved_tensors
+def _lnmlp_backward(ctx, dout, *_grads_of_saved):
+    x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out = ctx.saved_tensors
     if pre.numel() == 0 and x.numel() != 0:
         raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
     dx, dlnw, dlnb, dw1, db1, dw2, db2 = _layernorm_mlp_cpu_backward(
-        dout.contiguous(), x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, *ctx.flags
+        dout.contiguous(), x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out, *ctx.flags
     )
     return (
         dx,
