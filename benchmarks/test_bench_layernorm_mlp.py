@@ -1,10 +1,14 @@
 """layernorm_mlp: vitkern vs eager, torch.compile and the two GEMMs alone."""
 
+import os
+
 import pytest
-from conftest import DEVICE, DTYPES, cached_case, run_provider
 
-from vitkern.bench_suites import layernorm_mlp_case
+from vitkern.bench_suites import bench_device, bench_dtypes, cached_case, layernorm_mlp_case, run_provider
 
+FULL = os.environ.get("VITKERN_BENCH_FULL", "0") == "1"
+DEVICE = bench_device()
+DTYPES = bench_dtypes(FULL)
 PROVIDERS = ["vitkern[cpu]", "vitkern[triton]", "vitkern[cuda]", "eager", "torch.compile(eager)", "GEMMs alone"]
 
 
@@ -14,4 +18,4 @@ PROVIDERS = ["vitkern[cpu]", "vitkern[triton]", "vitkern[cuda]", "eager", "torch
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_layernorm_mlp(benchmark, provider, backward, dim, dtype):
     case = cached_case(layernorm_mlp_case, dim, dtype=dtype, device=DEVICE, backward=backward)
-    run_provider(benchmark, case, provider)
+    run_provider(benchmark, case, provider, rounds=5 if FULL else 3)

@@ -1,10 +1,14 @@
 """Whole models: vitkern.ViT vs timm (eager and compiled); SP-ViT vs the public code."""
 
+import os
+
 import pytest
-from conftest import DEVICE, DTYPES, cached_case, run_provider
 
-from vitkern.bench_suites import model_case
+from vitkern.bench_suites import bench_device, bench_dtypes, cached_case, model_case, run_provider
 
+FULL = os.environ.get("VITKERN_BENCH_FULL", "0") == "1"
+DEVICE = bench_device()
+DTYPES = bench_dtypes(FULL)
 PROVIDERS = ["vitkern", "timm eager", "timm compiled", "eager SP-ViT (public code)"]
 
 
@@ -22,4 +26,4 @@ PROVIDERS = ["vitkern", "timm eager", "timm compiled", "eager SP-ViT (public cod
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_model(benchmark, provider, name, backward, dtype):
     case = cached_case(model_case, name, batch=8, dtype=dtype, device=DEVICE, backward=backward)
-    run_provider(benchmark, case, provider)
+    run_provider(benchmark, case, provider, rounds=5 if FULL else 3)

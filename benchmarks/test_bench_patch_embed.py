@@ -1,10 +1,14 @@
 """patch_embed: vitkern vs timm's Conv2d (eager), torch.compile and the GEMM alone."""
 
+import os
+
 import pytest
-from conftest import DEVICE, DTYPES, cached_case, run_provider
 
-from vitkern.bench_suites import patch_embed_case
+from vitkern.bench_suites import bench_device, bench_dtypes, cached_case, patch_embed_case, run_provider
 
+FULL = os.environ.get("VITKERN_BENCH_FULL", "0") == "1"
+DEVICE = bench_device()
+DTYPES = bench_dtypes(FULL)
 PROVIDERS = ["vitkern[cpu]", "vitkern[triton]", "vitkern[cuda]", "eager (Conv2d)", "torch.compile(eager)", "GEMM alone"]
 
 
@@ -13,4 +17,4 @@ PROVIDERS = ["vitkern[cpu]", "vitkern[triton]", "vitkern[cuda]", "eager (Conv2d)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_patch_embed(benchmark, provider, backward, dtype):
     case = cached_case(patch_embed_case, 224, 16, 768, dtype=dtype, device=DEVICE, backward=backward)
-    run_provider(benchmark, case, provider)
+    run_provider(benchmark, case, provider, rounds=5 if FULL else 3)
