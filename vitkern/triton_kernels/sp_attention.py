@@ -412,26 +412,33 @@ def _sp_attn_bwd_domega_kernel(
     tl.store(DOmega + cell, tl.sum(acc, 0))
 
 
-def _block_sizes(N: int, head_dim: int) -> tuple[int, int, int, int]:
+def _block_sizes(head_dim: int, has_prior: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps), chosen from a register sweep on sm_80
     and sm_90 (benchmarks/NOTES.md): the largest tiles with no spill in any of the
-    three kernels. 64 x 64 with 8 warps spills 16-32 B at Dh 64/128 on sm_80."""
+    three kernels. With a prior, 64 x 64 / 8 warps spills 16-32 B at Dh 64/128 on
+    sm_80 (the prior's offset tile costs registers), so those use 32-row tiles."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 32:
         return 64, 32, block_d, 4
-    return 32, 64, block_d, 8
+    return (32, 64, block_d, 8) if has_prior else (64, 64, block_d, 8)
 
 
-def _domega_block(head_dim: int) -> int:
-    """Rows per step of the deterministic d-omega kernel (4 fp32 tiles of BLOCK_I x BLOCK_D live at once)."""
-    return 64 if head_dim <= 32 else (32 if head_dim <= 64 else 16)
+def _domega_config(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_I, num_warps) of the deterministic d-omega kernel (four fp32 tiles of
+    BLOCK_I x BLOCK_D live at once); from the same register sweep, spill-free on
+    sm_80 and sm_90 in fp16 and bf16."""
+    if head_dim <= 32:
+        return 64, 4
+    if head_dim <= 64:
+        return 32, 4
+    return (32, 8) if head_dim < 128 else (8, 4)
 
 
 def sp_attention_fwd(q, k, v, omega, grid, num_prefix, scale):
     """Returns (out (B, H, N, Dh) in q's dtype, lse (B, H, N) fp32)."""
     B, H, N, Dh = q.shape
     gh, gw = grid if grid is not None else (1, 1)
-    BLOCK_M, BLOCK_N, BLOCK_D, warps = _block_sizes(N, Dh)
+    BLOCK_M, BLOCK_N, BLOCK_D, warps = _block_sizes(Dh, omega is not None)
     out = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     om = omega.contiguous() if omega is not None else q  # dummy pointer when there is no prior
@@ -467,7 +474,7 @@ def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, de
     """Returns (dq, dk, dv, domega or None)."""
     B, H, N, Dh = q.shape
     gh, gw = grid if grid is not None else (1, 1)
-    BLOCK_M, BLOCK_N, BLOCK_D, warps = _block_sizes(N, Dh)
+    BLOCK_M, BLOCK_N, BLOCK_D, warps = _block_sizes(Dh, omega is not None)
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, H, N)
     dq = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
@@ -520,7 +527,7 @@ def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, de
             scale,
             HEAD_DIM=Dh,
             BLOCK_D=BLOCK_D,
-            BLOCK_I=_domega_block(Dh),
-            num_warps=4,
+            BLOCK_I=_domega_config(Dh)[0],
+            num_warps=_domega_config(Dh)[1],
         )
     return dq, dk, dv, (domega.to(omega.dtype) if has_prior else None)
