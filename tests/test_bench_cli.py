@@ -20,6 +20,7 @@ def test_vitkern_bench_quick(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "GFLOP/s" in res.stdout and "sp_attention" in res.stdout
+    assert "speed-up vs each baseline" in res.stdout
     data = json.loads((tmp_path / "results.json").read_text())
     env = data["environment"]
     assert env["threads"] >= 1 and env["torch"] and env["gemm_peak_gflops_fp32"] > 0

@@ -247,6 +247,27 @@ def _table(results: list[dict]) -> None:
     )
 
 
+def _summary(results: list[dict]) -> None:
+    """vitkern's speed-up against each baseline, one row per case (baseline time / vitkern time)."""
+    names = []
+    rows_data = []
+    for r in results:
+        mine = [n for n in r["providers"] if n.startswith("vitkern")]
+        for m in mine:
+            t = r["providers"][m]["median_ms"]
+            ratios = {n: p["median_ms"] / t for n, p in r["providers"].items() if not n.startswith("vitkern")}
+            names += [n for n in ratios if n not in names]
+            rows_data.append((f"{r['case']} {m}", ratios))
+    if not rows_data:
+        return
+    rows = [[case, *(f"{ratios[n]:.2f}x" if n in ratios else "" for n in names)] for case, ratios in rows_data]
+    _print_table(
+        "vitkern speed-up vs each baseline (baseline median / vitkern median; < 1 = baseline faster)",
+        ["case", *names],
+        rows,
+    )
+
+
 def _plots(results: list[dict], out: Path) -> list[str]:
     try:
         import matplotlib
@@ -316,6 +337,7 @@ def _bench(args: argparse.Namespace) -> int:
     finally:
         progress.stop()
     _table(results)
+    _summary(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env["wall_s"] = time.perf_counter() - start
