@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
-from vitkern.ops._validate import check_same, check_tensor
+from vitkern.ops._validate import check_same, check_tensor, cpu_fp32_kernel_supports, cpu_gemm_kernel_auto_skip
 
 __all__ = ["layernorm_mlp", "layernorm_mlp_reference"]
 
@@ -158,21 +158,9 @@ def _layernorm_mlp_cpu_impl(
     return out.reshape(shape)
 
 
-def _cpu_supports(x, *args) -> str | None:
-    if x.dtype == torch.float64:
-        return "float64 runs on the reference path (the cpu kernel computes in fp32)"
-    return None
-
-
-def _cpu_auto_skip(x, *args) -> str | None:
-    if x.dtype in (torch.bfloat16, torch.float16):
-        # Measured (benchmarks/NOTES.md): torch's bf16 GEMMs run ~3x faster than the fp32
-        # sgemm this kernel computes in, so eager wins for half-precision inputs here.
-        return "half-precision input: torch's native bf16/fp16 GEMMs (reference path) are faster than this fp32 kernel"
-    return None
-
-
-_backend.register_impl("layernorm_mlp", "cpu", _layernorm_mlp_cpu_impl, _cpu_supports, _cpu_auto_skip)
+_backend.register_impl(
+    "layernorm_mlp", "cpu", _layernorm_mlp_cpu_impl, cpu_fp32_kernel_supports, cpu_gemm_kernel_auto_skip
+)
 
 
 def layernorm_mlp(

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
-from vitkern.ops._validate import check_same, check_tensor
+from vitkern.ops._validate import check_same, check_tensor, cpu_fp32_kernel_supports, cpu_gemm_kernel_auto_skip
 
 __all__ = ["patch_embed", "patch_embed_reference"]
 
@@ -82,21 +82,7 @@ def _pe_backward(ctx, dout):
 _patch_embed_cpu.register_autograd(_pe_backward, setup_context=_pe_setup_context)
 
 
-def _cpu_supports(images, *args) -> str | None:
-    if images.dtype == torch.float64:
-        return "float64 runs on the reference path (the cpu kernel computes in fp32)"
-    return None
-
-
-def _cpu_auto_skip(images, *args) -> str | None:
-    if images.dtype in (torch.bfloat16, torch.float16):
-        # Measured (benchmarks/NOTES.md): torch's bf16 GEMMs run ~3x faster than the fp32
-        # sgemm this kernel computes in, so eager wins for half-precision inputs here.
-        return "half-precision input: torch's native bf16/fp16 GEMMs (reference path) are faster than this fp32 kernel"
-    return None
-
-
-_backend.register_impl("patch_embed", "cpu", _patch_embed_cpu, _cpu_supports, _cpu_auto_skip)
+_backend.register_impl("patch_embed", "cpu", _patch_embed_cpu, cpu_fp32_kernel_supports, cpu_gemm_kernel_auto_skip)
 
 
 def patch_embed(

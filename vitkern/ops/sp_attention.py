@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
-from vitkern.ops._validate import check_same, check_tensor
+from vitkern.ops._validate import check_same, check_tensor, cpu_fp32_kernel_supports
 from vitkern.ops.spatial_prior import resolve_grid, spatial_prior_reference
 
 __all__ = ["sp_attention", "sp_attention_reference", "sp_attention_probs"]
@@ -139,12 +139,6 @@ def _sp_attention_cpu_impl(q, k, v, omega, grid, num_prefix_tokens, scale):
     return _sp_attention_cpu(q, k, v, omega, gh, gw, num_prefix_tokens, scale)[0]
 
 
-def _cpu_supports(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
-    if q.dtype == torch.float64:
-        return "float64 runs on the reference path (the cpu kernel computes in fp32)"
-    return None
-
-
 def _cpu_auto_skip(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
     if omega is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         # Measured (benchmarks/NOTES.md): without a prior, PyTorch's fused SDPA backward
@@ -153,7 +147,7 @@ def _cpu_auto_skip(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None
     return None
 
 
-_backend.register_impl("sp_attention", "cpu", _sp_attention_cpu_impl, _cpu_supports, _cpu_auto_skip)
+_backend.register_impl("sp_attention", "cpu", _sp_attention_cpu_impl, cpu_fp32_kernel_supports, _cpu_auto_skip)
 
 
 # ----------------------------------------------------------------------------- triton backend
