@@ -56,3 +56,25 @@ def gen():
 
 def randn(*shape: int, dtype=torch.float32, gen: torch.Generator | None = None, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).to(dtype)
+
+
+def run_under_triton_interpreter(script: str, payload: object, cwd, timeout: int = 1200) -> list:
+    """Run ``script`` in a fresh Python with TRITON_INTERPRET=1 (it must be set before
+    triton is imported, so never in this process); ``payload`` arrives JSON-encoded in
+    sys.argv[1]; the script prints ``RESULTS <json>``, which is returned."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(payload)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))

@@ -8,13 +8,11 @@ interpreter computes bf16 on raw bit patterns.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
+from conftest import run_under_triton_interpreter
 
 pytest.importorskip("triton")
 
@@ -78,18 +76,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(sys.platform != "linux", reason="interpreter run tested on Linux")
 def test_triton_sp_attention_under_interpreter(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-4000:]
-    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULTS "))
-    rows = json.loads(line.removeprefix("RESULTS "))
+    rows = run_under_triton_interpreter(SCRIPT, CASES, tmp_path)
     assert len(rows) == len(CASES)
     for row in rows:
         for key in ("out", "dq", "dk", "dv", "domega", "det_domega"):

@@ -67,3 +67,10 @@ def cpu_gemm_kernel_auto_skip(x: torch.Tensor, *args: object) -> str | None:
         # sgemm these kernels compute in, so eager wins for half-precision inputs here.
         return "half-precision input: torch's native bf16/fp16 GEMMs (reference path) are faster than this fp32 kernel"
     return None
+
+
+def triton_kernel_supports(x: torch.Tensor, *args: object) -> str | None:
+    """The Triton GEMM kernels take fp16, bf16 and fp32 (fp32 accumulation)."""
+    if x.dtype == torch.float64:
+        return "float64 is not supported by the Triton kernels (reference path)"
+    return None

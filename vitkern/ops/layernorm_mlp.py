@@ -10,7 +10,13 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
-from vitkern.ops._validate import check_same, check_tensor, cpu_fp32_kernel_supports, cpu_gemm_kernel_auto_skip
+from vitkern.ops._validate import (
+    check_same,
+    check_tensor,
+    cpu_fp32_kernel_supports,
+    cpu_gemm_kernel_auto_skip,
+    triton_kernel_supports,
+)
 
 __all__ = ["layernorm_mlp", "layernorm_mlp_reference"]
 
@@ -96,8 +102,7 @@ def _layernorm_mlp_cpu_backward(
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
-@_layernorm_mlp_cpu_backward.register_fake
-def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out, tanh_approx, residual):
+def _lnmlp_grads_fake(x, ln_weight, ln_bias, fc1_weight, fc2_weight):
     D, Hd = x.shape[1], fc1_weight.shape[0]
 
     def vec(t, n):
@@ -114,6 +119,29 @@ def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu
     ]
 
 
+@_layernorm_mlp_cpu_backward.register_fake
+def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out, tanh_approx, residual):
+    return _lnmlp_grads_fake(x, ln_weight, ln_bias, fc1_weight, fc2_weight)
+
+
+def _lnmlp_grad_tuple(grads, ln_weight, ln_bias, has_bias):
+    """The autograd return: one entry per op input, None where no gradient applies."""
+    dx, dlnw, dlnb, dw1, db1, dw2, db2 = grads
+    return (
+        dx,
+        dlnw if ln_weight is not None else None,
+        dlnb if ln_bias is not None else None,
+        dw1,
+        db1 if has_bias[0] else None,
+        dw2,
+        db2 if has_bias[1] else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
 def _lnmlp_setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save = inputs
     _, mean, rstd, pre, gelu_out, ln_out = output
@@ -126,40 +154,127 @@ def _lnmlp_backward(ctx, dout, *_grads_of_saved):
     x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out = ctx.saved_tensors
     if pre.numel() == 0 and x.numel() != 0:
         raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
-    dx, dlnw, dlnb, dw1, db1, dw2, db2 = _layernorm_mlp_cpu_backward(
+    grads = _layernorm_mlp_cpu_backward(
         dout.contiguous(), x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out, *ctx.flags
     )
-    return (
-        dx,
-        dlnw if ln_weight is not None else None,
-        dlnb if ln_bias is not None else None,
-        dw1,
-        db1 if ctx.has_bias[0] else None,
-        dw2,
-        db2 if ctx.has_bias[1] else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return _lnmlp_grad_tuple(grads, ln_weight, ln_bias, ctx.has_bias)
 
 
 _layernorm_mlp_cpu.register_autograd(_lnmlp_backward, setup_context=_lnmlp_setup_context)
 
 
-def _layernorm_mlp_cpu_impl(
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual
-):
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-    out = _layernorm_mlp_cpu(x2, *params, eps, approximate == "tanh", residual, save)[0]
-    return out.reshape(shape)
+def _make_lnmlp_impl(op, contiguous_rows: bool = False):
+    """Flatten x to (tokens, dim), decide whether the backward's tensors are saved, run ``op``."""
 
+    def impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if contiguous_rows and x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+        out = op(x2, *params, eps, approximate == "tanh", residual, save)[0]
+        return out.reshape(shape)
+
+    return impl
+
+
+_layernorm_mlp_cpu_impl = _make_lnmlp_impl(_layernorm_mlp_cpu)
 
 _backend.register_impl(
     "layernorm_mlp", "cpu", _layernorm_mlp_cpu_impl, cpu_fp32_kernel_supports, cpu_gemm_kernel_auto_skip
+)
+
+
+# ----------------------------------------------------------------------------- triton backend
+# Device types: CUDA, and CPU tensors for the Triton interpreter (TRITON_INTERPRET=1).
+@torch.library.custom_op("vitkern::layernorm_mlp_triton", mutates_args=())
+def _layernorm_mlp_triton(
+    x: torch.Tensor,
+    ln_weight: Opt,
+    ln_bias: Opt,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Opt,
+    fc2_weight: torch.Tensor,
+    fc2_bias: Opt,
+    eps: float,
+    tanh_approx: bool,
+    residual: bool,
+    save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out, mean, rstd, pre-activation or empty)."""
+    from vitkern.triton_kernels.layernorm_mlp import layernorm_mlp_fwd
+
+    return layernorm_mlp_fwd(
+        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, 2 if tanh_approx else 1, residual, save
+    )
+
+
+@_layernorm_mlp_triton.register_fake
+def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save):
+    M, Hd = x.shape[0], fc1_weight.shape[0]
+    stats = x.new_empty((M,), dtype=torch.float32)
+    return x.new_empty(x.shape), stats, x.new_empty((M,), dtype=torch.float32), x.new_empty((M, Hd) if save else (0,))
+
+
+@torch.library.custom_op("vitkern::layernorm_mlp_triton_backward", mutates_args=())
+def _layernorm_mlp_triton_backward(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    ln_weight: Opt,
+    ln_bias: Opt,
+    fc1_weight: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    pre: torch.Tensor,
+    tanh_approx: bool,
+    residual: bool,
+) -> list[torch.Tensor]:
+    from vitkern.triton_kernels.layernorm_mlp import layernorm_mlp_bwd
+
+    grads = layernorm_mlp_bwd(
+        dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, 2 if tanh_approx else 1, residual
+    )
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_layernorm_mlp_triton_backward.register_fake
+def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, tanh_approx, residual):
+    return _lnmlp_grads_fake(x, ln_weight, ln_bias, fc1_weight, fc2_weight)
+
+
+def _lnmlp_triton_setup_context(ctx, inputs, output):
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save = inputs
+    _, mean, rstd, pre = output
+    ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre)
+    ctx.flags = (tanh_approx, residual)
+    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+
+
+def _lnmlp_triton_backward(ctx, dout, *_grads_of_saved):
+    x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre = ctx.saved_tensors
+    if pre.numel() == 0 and x.numel() != 0:
+        raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
+    grads = _layernorm_mlp_triton_backward(
+        dout.contiguous(), x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, *ctx.flags
+    )
+    return _lnmlp_grad_tuple(grads, ln_weight, ln_bias, ctx.has_bias)
+
+
+_layernorm_mlp_triton.register_autograd(_lnmlp_triton_backward, setup_context=_lnmlp_triton_setup_context)
+
+
+def _triton_lnmlp_supports(x, *args) -> str | None:
+    from vitkern.triton_kernels.layernorm_mlp import MAX_DIM
+
+    if x.shape[-1] > MAX_DIM:
+        return f"dim {x.shape[-1]} is above the Triton LayerNorm kernels' limit {MAX_DIM}"
+    return triton_kernel_supports(x)
+
+
+_backend.register_impl(
+    "layernorm_mlp", "triton", _make_lnmlp_impl(_layernorm_mlp_triton, contiguous_rows=True), _triton_lnmlp_supports
 )
 
 

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
-from vitkern.ops._validate import check_same, check_tensor, cpu_fp32_kernel_supports, cpu_gemm_kernel_auto_skip
+from vitkern.ops._validate import (
+    check_same,
+    check_tensor,
+    cpu_fp32_kernel_supports,
+    cpu_gemm_kernel_auto_skip,
+    triton_kernel_supports,
+)
 
 __all__ = ["patch_embed", "patch_embed_reference"]
 
@@ -40,7 +46,7 @@ def _patch_embed_cpu(
 
 
 @_patch_embed_cpu.register_fake
-def _(images, weight, bias, pos_embed):
+def _patch_embed_fake(images, weight, bias, pos_embed):
     P = weight.shape[-1]
     return images.new_empty((images.shape[0], (images.shape[2] // P) * (images.shape[3] // P), weight.shape[0]))
 
@@ -54,7 +60,7 @@ def _patch_embed_cpu_backward(
 
 
 @_patch_embed_cpu_backward.register_fake
-def _(dout, images, weight, need_images, need_weight):
+def _patch_embed_backward_fake(dout, images, weight, need_images, need_weight):
     return (
         images.new_empty(images.shape) if need_images else images.new_empty(0),
         weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
@@ -68,21 +74,53 @@ def _pe_setup_context(ctx, inputs, output):
     ctx.pos_shape = None if pos_embed is None else pos_embed.shape
 
 
-def _pe_backward(ctx, dout):
-    images, weight = ctx.saved_tensors
-    need_img, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dimg = dw = None
-    if need_img or need_w:
-        dimg, dw = _patch_embed_cpu_backward(dout.contiguous(), images, weight, need_img, need_w)
-    dbias = dout.sum((0, 1)) if ctx.bias_shape is not None and ctx.needs_input_grad[2] else None
-    dpos = dout.sum(0).reshape(ctx.pos_shape) if ctx.pos_shape is not None and ctx.needs_input_grad[3] else None
-    return (dimg if need_img else None), (dw if need_w else None), dbias, dpos
+def _make_pe_backward(backward_op):
+    def _pe_backward(ctx, dout):
+        images, weight = ctx.saved_tensors
+        need_img, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dimg = dw = None
+        if need_img or need_w:
+            dimg, dw = backward_op(dout.contiguous(), images, weight, need_img, need_w)
+        dbias = dout.sum((0, 1)) if ctx.bias_shape is not None and ctx.needs_input_grad[2] else None
+        dpos = dout.sum(0).reshape(ctx.pos_shape) if ctx.pos_shape is not None and ctx.needs_input_grad[3] else None
+        return (dimg if need_img else None), (dw if need_w else None), dbias, dpos
+
+    return _pe_backward
 
 
-_patch_embed_cpu.register_autograd(_pe_backward, setup_context=_pe_setup_context)
+_patch_embed_cpu.register_autograd(_make_pe_backward(_patch_embed_cpu_backward), setup_context=_pe_setup_context)
 
 
 _backend.register_impl("patch_embed", "cpu", _patch_embed_cpu, cpu_fp32_kernel_supports, cpu_gemm_kernel_auto_skip)
+
+
+# ----------------------------------------------------------------------------- triton backend
+# Device types: CUDA, and CPU tensors for the Triton interpreter (TRITON_INTERPRET=1).
+@torch.library.custom_op("vitkern::patch_embed_triton", mutates_args=())
+def _patch_embed_triton(
+    images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None
+) -> torch.Tensor:
+    from vitkern.triton_kernels.patch_embed import patch_embed_fwd
+
+    return patch_embed_fwd(images, weight, bias, pos_embed)
+
+
+_patch_embed_triton.register_fake(_patch_embed_fake)
+
+
+@torch.library.custom_op("vitkern::patch_embed_triton_backward", mutates_args=())
+def _patch_embed_triton_backward(
+    dout: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, need_images: bool, need_weight: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from vitkern.triton_kernels.patch_embed import patch_embed_bwd
+
+    dimg, dw = patch_embed_bwd(dout, images, weight, need_images, need_weight)
+    return (dimg if dimg is not None else images.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
+
+
+_patch_embed_triton_backward.register_fake(_patch_embed_backward_fake)
+_patch_embed_triton.register_autograd(_make_pe_backward(_patch_embed_triton_backward), setup_context=_pe_setup_context)
+_backend.register_impl("patch_embed", "triton", _patch_embed_triton, triton_kernel_supports)
 
 
 def patch_embed(

@@ -1,0 +1,495 @@
+"""One fused, autotuned Triton GEMM that the patch-embedding and LayerNorm-MLP
+kernels are built from (SPEC.md 1.1 and 1.4), forward and backward.
+
+    C[m, n] = epilogue( sum_k prologue_A(A)[m, k] * prologue_B(B)[k, n] )
+
+Operands are read through arbitrary strides (so a transposed weight or a
+transposed gradient is a stride swap, never a copy), and each operand can be
+produced on the fly instead of read from memory:
+
+A prologue (A_MODE)   0 strided   1 LayerNorm of the row (x - mean[m]) * rstd[m] * w[k] + b[k)
+                      2 patch gather: row m = patch token, column k = (c, py, px) pixel of the image
+B prologue (B_MODE)   0 strided   1 LayerNorm with statistics per row k, affine per column n
+                      2 patch gather with k = token, n = pixel   3 GELU of the stored pre-activation
+Epilogue              + bias[n]; store the pre-activation; GELU (erf or tanh) or, for the backward,
+                      multiply by GELU'(pre); + residual[m % res_rows, n]; store strided or
+                      scatter back into image layout (C_MODE 1, the patch embedding's d-image).
+
+fp32 accumulation for every input dtype. fp32 inputs use tf32 tensor cores only
+when ``torch.backends.cuda.matmul.allow_tf32`` allows it, like torch's own matmul.
+
+Autotuning: the configurations below, keyed on the problem size and the fusion
+mode, pruned to those whose tiles are not larger than the problem and whose
+pipelined operand tiles fit the device's shared memory; the interpreter keeps one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Every one is compiled for sm_80 and
+# sm_90 in every fusion mode by scripts/gpu_build_report.py (no spill).
+CONFIGS = [
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 4, 4),
+    (32, 64, 32, 4, 4),
+]
+# Default shared-memory budget for the prune when no device can be queried: sm_80's 163 KiB.
+_SMEM_DEFAULT = 166912
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _smem_limit() -> int:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(getattr(props, "shared_memory_per_block_optin", _SMEM_DEFAULT))
+    return _SMEM_DEFAULT
+
+
+def config_fits(bm: int, bn: int, bk: int, stages: int, elem_bytes: int, smem: int = _SMEM_DEFAULT) -> bool:
+    """The pipelined A and B tiles (stages x (BM x BK + BK x BN)) fit in shared memory."""
+    return stages * (bm * bk + bk * bn) * elem_bytes <= smem
+
+
+def _prune(configs, named_args, **kwargs):
+    M, N = named_args["M"], named_args["N"]
+    elem = named_args["A"].element_size() if hasattr(named_args["A"], "element_size") else 2
+    smem = _smem_limit()
+    # Tiles larger than the (power-of-two rounded) problem only add masked work.
+    cap_m = max(32, triton.next_power_of_2(M))
+    cap_n = max(32, triton.next_power_of_2(N))
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if bm > cap_m or bn > cap_n or not config_fits(bm, bn, bk, c.num_stages, elem, smem):
+            continue
+        kept.append(c)
+    if not kept:
+        kept = [configs[-1]]
+    if _interpreting():  # no benchmarking on the interpreter: the smallest tile that covers the problem
+        kept = [kept[-1]]
+    return kept
+
+
+_AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in CONFIGS
+]
+
+
+@triton.jit
+def _gelu(x, ACT: tl.constexpr):
+    """GELU of fp32 ``x``: ACT 1 exact (erf), 2 tanh approximation."""
+    if ACT == 1:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    else:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        return 0.5 * x * (1.0 + t)
+
+
+@triton.jit
+def _gelu_grad(x, ACT: tl.constexpr):
+    """d GELU / dx of fp32 ``x``."""
+    if ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    else:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        du = 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+
+
+@triton.jit
+def _patch_offsets(tok, pix, NP, gw, P, s_ib, s_ic, s_ih, s_iw):
+    """Image offsets of token ``tok`` (b * NP + row * gw + col) and pixel ``pix``
+    ((c * P + py) * P + px): the two separate, so an (M, K) tile costs one add."""
+    b = tok // NP
+    t = tok % NP
+    tok_off = b * s_ib + (t // gw) * P * s_ih + (t % gw) * P * s_iw
+    PP = P * P
+    c = pix // PP
+    r = pix % PP
+    pix_off = c * s_ic + (r // P) * s_ih + (r % P) * s_iw
+    return tok_off, pix_off
+
+
+@triton.jit
+def _mac_block(
+    acc,
+    A,
+    B,
+    a_ptrs,
+    b_ptrs,
+    a_row,
+    b_col,
+    a_mean,
+    a_rstd,
+    b_w,
+    b_b,
+    Mean,
+    Rstd,
+    LnW,
+    LnB,
+    offs_k,
+    K,
+    NP,
+    gw,
+    P,
+    s_ib,
+    s_ic,
+    s_ih,
+    s_iw,
+    A_MODE: tl.constexpr,
+    B_MODE: tl.constexpr,
+    HAS_LNW: tl.constexpr,
+    HAS_LNB: tl.constexpr,
+    ACT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """acc += prologue_A(A tile) @ prologue_B(B tile) for the K columns ``offs_k``."""
+    k_ok = offs_k < K
+    # ---- A tile (BLOCK_M, BLOCK_K)
+    if A_MODE == 2:
+        _, a_col = _patch_offsets(0, offs_k, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
+        a_src = A + a_row[:, None] + a_col[None, :]
+    else:
+        a_src = a_ptrs
+    if MASKED:
+        a = tl.load(a_src, mask=k_ok[None, :], other=0.0)
+    else:
+        a = tl.load(a_src)
+    if A_MODE == 1:
+        if MASKED:
+            lw = tl.load(LnW + offs_k, mask=k_ok, other=0.0) if HAS_LNW else None
+            lb = tl.load(LnB + offs_k, mask=k_ok, other=0.0) if HAS_LNB else None
+        else:
+            lw = tl.load(LnW + offs_k) if HAS_LNW else None
+            lb = tl.load(LnB + offs_k) if HAS_LNB else None
+        xhat = (a.to(tl.float32) - a_mean[:, None]) * a_rstd[:, None]
+        if HAS_LNW:
+            xhat = xhat * lw.to(tl.float32)[None, :]
+        if HAS_LNB:
+            xhat = xhat + lb.to(tl.float32)[None, :]
+        if MASKED:
+            xhat = tl.where(k_ok[None, :], xhat, 0.0)
+        a = xhat.to(A.dtype.element_ty)
+    # ---- B tile (BLOCK_K, BLOCK_N)
+    if B_MODE == 2:
+        b_row, _ = _patch_offsets(offs_k, 0, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
+        b_src = B + b_row[:, None] + b_col[None, :]
+    else:
+        b_src = b_ptrs
+    if MASKED:
+        b = tl.load(b_src, mask=k_ok[:, None], other=0.0)
+    else:
+        b = tl.load(b_src)
+    if B_MODE == 1:
+        if MASKED:
+            k_mean = tl.load(Mean + offs_k, mask=k_ok, other=0.0)
+            k_rstd = tl.load(Rstd + offs_k, mask=k_ok, other=0.0)
+        else:
+            k_mean = tl.load(Mean + offs_k)
+            k_rstd = tl.load(Rstd + offs_k)
+        bhat = (b.to(tl.float32) - k_mean[:, None]) * k_rstd[:, None] * b_w[None, :] + b_b[None, :]
+        if MASKED:
+            bhat = tl.where(k_ok[:, None], bhat, 0.0)
+        b = bhat.to(B.dtype.element_ty)
+    if B_MODE == 3:
+        b = _gelu(b.to(tl.float32), ACT).to(B.dtype.element_ty)
+    b = b.to(a.dtype)
+    if ALLOW_TF32:
+        acc = tl.dot(a, b, acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.autotune(
+    configs=_AUTOTUNE_CONFIGS,
+    key=["M", "N", "K", "A_MODE", "B_MODE", "C_MODE", "EPI_GELU", "EPI_DGELU", "HAS_RES"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def fused_gemm_kernel(
+    A,
+    B,
+    C,
+    Bias,
+    Res,
+    Pre,
+    Mean,
+    Rstd,
+    LnW,
+    LnB,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_rm,
+    stride_rn,
+    stride_pm,
+    stride_pn,
+    res_rows,
+    NP,
+    gw,
+    P,
+    s_ib,
+    s_ic,
+    s_ih,
+    s_iw,
+    A_MODE: tl.constexpr,
+    B_MODE: tl.constexpr,
+    C_MODE: tl.constexpr,
+    HAS_LNW: tl.constexpr,
+    HAS_LNB: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    EPI_GELU: tl.constexpr,
+    EPI_DGELU: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row blocks share their B column blocks in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    # Operand rows/columns past the edge wrap around (loads stay in bounds without a mask;
+    # the epilogue's store mask drops those results), so the K loop masks only K.
+    rm = offs_m % M
+    rn = offs_n % N
+    offs_kb = tl.arange(0, BLOCK_K)
+    # Per-mode row/column values; placeholders (unused) in the other modes.
+    a_mean = tl.zeros([BLOCK_M], tl.float32)
+    a_rstd = a_mean
+    if A_MODE == 1:
+        a_mean = tl.load(Mean + rm)
+        a_rstd = tl.load(Rstd + rm)
+    a_row, _ = _patch_offsets(rm, 0, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
+    a_ptrs = A + rm[:, None] * stride_am + offs_kb[None, :] * stride_ak
+    b_w = tl.full([BLOCK_N], 1.0, tl.float32)
+    b_b = tl.zeros([BLOCK_N], tl.float32)
+    if B_MODE == 1:
+        if HAS_LNW:
+            b_w = tl.load(LnW + rn).to(tl.float32)
+        if HAS_LNB:
+            b_b = tl.load(LnB + rn).to(tl.float32)
+    _, b_col = _patch_offsets(0, rn, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
+    b_ptrs = B + offs_kb[:, None] * stride_bk + rn[None, :] * stride_bn
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Full K blocks without a mask (their loads pipeline through shared memory), then
+    # one masked tail block when K is ragged (K = tokens in the weight-gradient GEMMs).
+    k_full = (K // BLOCK_K) * BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):
+        acc = _mac_block(
+            acc,
+            A,
+            B,
+            a_ptrs,
+            b_ptrs,
+            a_row,
+            b_col,
+            a_mean,
+            a_rstd,
+            b_w,
+            b_b,
+            Mean,
+            Rstd,
+            LnW,
+            LnB,
+            k0 + offs_kb,
+            K,
+            NP,
+            gw,
+            P,
+            s_ib,
+            s_ic,
+            s_ih,
+            s_iw,
+            A_MODE,
+            B_MODE,
+            HAS_LNW,
+            HAS_LNB,
+            ACT,
+            ALLOW_TF32,
+            False,
+        )
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if k_full < K:
+        acc = _mac_block(
+            acc,
+            A,
+            B,
+            a_ptrs,
+            b_ptrs,
+            a_row,
+            b_col,
+            a_mean,
+            a_rstd,
+            b_w,
+            b_b,
+            Mean,
+            Rstd,
+            LnW,
+            LnB,
+            k_full + offs_kb,
+            K,
+            NP,
+            gw,
+            P,
+            s_ib,
+            s_ic,
+            s_ih,
+            s_iw,
+            A_MODE,
+            B_MODE,
+            HAS_LNW,
+            HAS_LNB,
+            ACT,
+            ALLOW_TF32,
+            True,
+        )
+
+    # ---- epilogue
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        tl.store(
+            Pre + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+            acc.to(Pre.dtype.element_ty),
+            mask=c_mask,
+        )
+    if EPI_DGELU:
+        pre = tl.load(Pre + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=c_mask, other=0.0)
+        acc = acc * _gelu_grad(pre.to(tl.float32), ACT)
+    if EPI_GELU:
+        # GELU of the pre-activation as stored in the output dtype (what eager PyTorch computes).
+        acc = _gelu(acc.to(C.dtype.element_ty).to(tl.float32), ACT)
+    if HAS_RES:
+        r_rows = offs_m % res_rows
+        acc = acc + tl.load(Res + r_rows[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=c_mask, other=0.0).to(
+            tl.float32
+        )
+    if C_MODE == 1:
+        c_row, c_col = _patch_offsets(offs_m, offs_n, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
+        tl.store(C + c_row[:, None] + c_col[None, :], acc.to(C.dtype.element_ty), mask=c_mask)
+    else:
+        tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=c_mask)
+
+
+def _strides(t: torch.Tensor | None, transpose: bool = False) -> tuple[int, int]:
+    if t is None:
+        return 0, 0
+    s0, s1 = t.stride(-2), t.stride(-1)
+    return (s1, s0) if transpose else (s0, s1)
+
+
+def fused_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    M: int,
+    N: int,
+    K: int,
+    *,
+    a_strides: tuple[int, int] = (0, 0),
+    b_strides: tuple[int, int] = (0, 0),
+    c_strides: tuple[int, int] = (0, 0),
+    a_mode: int = 0,
+    b_mode: int = 0,
+    c_mode: int = 0,
+    bias: torch.Tensor | None = None,
+    res: torch.Tensor | None = None,
+    res_rows: int = 1,
+    pre: torch.Tensor | None = None,
+    store_pre: bool = False,
+    mean: torch.Tensor | None = None,
+    rstd: torch.Tensor | None = None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    act: int = 1,
+    epi_gelu: bool = False,
+    epi_dgelu: bool = False,
+    patch: tuple[int, int, int, tuple[int, int, int, int]] | None = None,
+) -> torch.Tensor:
+    """Launch :func:`fused_gemm_kernel`; see the module docstring for the modes.
+    ``patch`` = (tokens per image, grid width, P, image strides (b, c, h, w))."""
+    dummy = out
+    NP, gw, P, img_strides = patch if patch is not None else (1, 1, 1, (0, 0, 0, 0))
+    allow_tf32 = out.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting()
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    fused_gemm_kernel[grid](
+        a,
+        b,
+        out,
+        bias if bias is not None else dummy,
+        res if res is not None else dummy,
+        pre if pre is not None else dummy,
+        mean if mean is not None else dummy,
+        rstd if rstd is not None else dummy,
+        ln_weight if ln_weight is not None else dummy,
+        ln_bias if ln_bias is not None else dummy,
+        M,
+        N,
+        K,
+        *a_strides,
+        *b_strides,
+        *c_strides,
+        *_strides(res),
+        *_strides(pre),
+        res_rows,
+        NP,
+        gw,
+        P,
+        *img_strides,
+        A_MODE=a_mode,
+        B_MODE=b_mode,
+        C_MODE=c_mode,
+        HAS_LNW=ln_weight is not None,
+        HAS_LNB=ln_bias is not None,
+        HAS_BIAS=bias is not None,
+        HAS_RES=res is not None,
+        ACT=act,
+        STORE_PRE=store_pre,
+        EPI_GELU=epi_gelu,
+        EPI_DGELU=epi_dgelu,
+        ALLOW_TF32=allow_tf32,
+    )
+    return out
