@@ -165,7 +165,15 @@ def _attention_kernels(quick: bool):
                 base = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_PRIOR=has_prior)
                 cfg = f"{dtype} Dh={head_dim} {block_m}x{block_n} w{warps} prior={int(has_prior)}"
                 yield "sp_attn_fwd", spk._sp_attn_fwd_kernel, dtype, base, warps, cfg
-                yield "sp_attn_bwd_dkdv", spk._sp_attn_bwd_dkdv_kernel, dtype, base, warps, cfg
+                dkdv_m = spk._dkdv_block_m(head_dim, has_prior)
+                yield (
+                    "sp_attn_bwd_dkdv",
+                    spk._sp_attn_bwd_dkdv_kernel,
+                    dtype,
+                    {**base, "BLOCK_M": dkdv_m},
+                    warps,
+                    cfg.replace(f"{block_m}x{block_n}", f"{dkdv_m}x{block_n}"),
+                )
                 yield (
                     "sp_attn_bwd_dq",
                     spk._sp_attn_bwd_dq_kernel,

@@ -160,6 +160,19 @@ MODEL_SCRIPT = PRELUDE + textwrap.dedent(
             "compiled": err(cout, ref),
             "compiled_grad": compiled_grad,
         }
+    # The custom ops' schema, fake (meta) kernels and autograd registration.
+    from vitkern.ops.layernorm_mlp import _layernorm_mlp_triton
+    from vitkern.ops.patch_embed import _patch_embed_triton
+
+    g = torch.Generator().manual_seed(7)
+    img = torch.randn(2, 3, 8, 12, generator=g).requires_grad_()
+    w = torch.randn(16, 3, 4, 4, generator=g).requires_grad_()
+    b, pos = torch.randn(16, generator=g).requires_grad_(), torch.randn(6, 16, generator=g).requires_grad_()
+    torch.library.opcheck(_patch_embed_triton, (img, w, b, pos))
+    xs = torch.randn(10, 16, generator=g).requires_grad_()
+    params = [torch.randn(*s, generator=g).requires_grad_() for s in ((16,), (16,), (32, 16), (32,), (16, 32), (16,))]
+    torch.library.opcheck(_layernorm_mlp_triton, (xs, *params, 1e-6, False, True, True))
+    results["opcheck"] = True
     print("RESULTS " + json.dumps(results))
     """
 )
@@ -167,6 +180,7 @@ MODEL_SCRIPT = PRELUDE + textwrap.dedent(
 
 def test_whole_models_on_triton_backend_match_reference(tmp_path):
     res = run_under_triton_interpreter(MODEL_SCRIPT, ["vit", "sp_vit"], tmp_path)
+    assert res["opcheck"]
     for name in ("vit", "sp_vit"):
         r = res[name]
         assert set(r["used"].values()) == {"triton"}, r["used"]
@@ -174,6 +188,33 @@ def test_whole_models_on_triton_backend_match_reference(tmp_path):
         assert r["max_grad"] < 1e-5, (name, r)
         assert r["compiled"] < 1e-5, (name, r)
         assert r["compiled_grad"] < 1e-5, (name, r)
+
+
+def test_autotune_prune_keeps_configs_that_fit(monkeypatch):
+    """The GEMM's autotune space: pruned to tiles no larger than the problem whose
+    pipelined operand tiles fit in shared memory; one config on the interpreter."""
+    import triton
+
+    from vitkern.triton_kernels import gemm
+
+    def names(cfgs):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in cfgs]
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    a16 = torch.empty(0, dtype=torch.float16)
+    big = gemm._prune(gemm._AUTOTUNE_CONFIGS, {"M": 1576, "N": 1536, "A": a16})
+    assert names(big) == names(gemm._AUTOTUNE_CONFIGS)  # all fit at fp16
+    small = gemm._prune(gemm._AUTOTUNE_CONFIGS, {"M": 20, "N": 40, "A": a16})
+    assert names(small) == [(32, 64, 32, 4)]  # no tile wider than the rounded-up problem
+    assert all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] <= 64 for c in small)
+    for c in gemm._AUTOTUNE_CONFIGS:  # the shared-memory rule itself
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        need = c.num_stages * (bm * bk + bk * bn) * 4
+        assert gemm.config_fits(bm, bn, bk, c.num_stages, 4, smem=need)
+        assert not gemm.config_fits(bm, bn, bk, c.num_stages, 4, smem=need - 1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert len(gemm._prune(gemm._AUTOTUNE_CONFIGS, {"M": 1576, "N": 1536, "A": a16})) == 1
+    assert triton.next_power_of_2(20) == 32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton needs a GPU (the interpreter cannot run bf16)")
@@ -188,7 +229,10 @@ def test_triton_bf16_on_gpu(gen):
     out = patch_embed(img, w, b, backend="triton")
     assert_close_rel(out, patch_embed(img.double(), w.double(), b.double(), backend="reference"), 1e-2, "pe bf16")
     x = torch.randn(2, 197, 96, generator=gen).cuda().bfloat16()
-    ps = [torch.randn(*s, generator=gen).cuda().bfloat16() * 0.1 for s in ((96,), (96,), (384, 96), (384,), (96, 384), (96,))]
+    ps = [
+        torch.randn(*s, generator=gen).cuda().bfloat16() * 0.1
+        for s in ((96,), (96,), (384, 96), (384,), (96, 384), (96,))
+    ]
     out = layernorm_mlp(x, *ps, backend="triton")
     ref = layernorm_mlp(x.double(), *(p.double() for p in ps), backend="reference")
     assert_close_rel(out, ref, 1e-2, "lnmlp bf16")

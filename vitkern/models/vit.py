@@ -3,6 +3,7 @@ fused ops, with an SP-ViT mode (SPEC.md section 2)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -223,6 +224,38 @@ class ViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "reg_token"}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """A checkpoint's position embedding for another image size (another patch grid) is
+        resampled to this model's grid on load (bicubic, as timm does); its grid is read from
+        the checkpoint's ``pos_embed_grid`` entry if present, else taken as square."""
+        key = prefix + "pos_embed"
+        grid_key = prefix + "pos_embed_grid"
+        old_grid_t = state_dict.pop(grid_key, None)
+        pos = state_dict.get(key)
+        if isinstance(pos, torch.Tensor) and pos.shape != self.pos_embed.shape:
+            n_pre = 0 if self.no_embed_class else self.num_prefix_tokens
+            D = self.pos_embed.shape[-1]
+            expected = f"(1, {n_pre} + gh*gw, {D})"
+            if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[-1] != D or pos.shape[1] <= n_pre:
+                raise ValueError(
+                    f"checkpoint pos_embed must have shape {expected} to load into this model "
+                    f"(grid {self.patch_embed.grid_size}), got {tuple(pos.shape)}"
+                )
+            n_old = pos.shape[1] - n_pre
+            if old_grid_t is not None:
+                old_grid = (int(old_grid_t[0]), int(old_grid_t[1]))
+            else:
+                g = math.isqrt(n_old)
+                old_grid = (g, g)
+            if old_grid[0] * old_grid[1] != n_old:
+                raise ValueError(
+                    f"checkpoint pos_embed has {n_old} patch positions, which is not a square grid; "
+                    f"store its grid as 'pos_embed_grid' to resample it to {self.patch_embed.grid_size} "
+                    f"(expected shape {tuple(self.pos_embed.shape)})"
+                )
+            state_dict[key] = resample_pos_embed(pos, self.patch_embed.grid_size, old_grid, n_pre)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     # ------------------------------------------------------------------ forward
     def _prefix_tokens(self, batch: int) -> list[torch.Tensor]:

@@ -423,6 +423,14 @@ def _block_sizes(head_dim: int, has_prior: bool) -> tuple[int, int, int, int]:
     return (32, 64, block_d, 8) if has_prior else (64, 64, block_d, 8)
 
 
+def _dkdv_block_m(head_dim: int, has_prior: bool) -> int:
+    """Query-block rows of the dK/dV kernel (its inner loop). With 16-byte-aligned
+    pointers (as every launch has them) 64 rows spill 8 B on sm_80 at Dh 64 without a
+    prior (REG 255); 32 rows do not (scripts/gpu_build_report.py)."""
+    block_m, _, block_d, _ = _block_sizes(head_dim, has_prior)
+    return 32 if block_d == 64 and not has_prior else block_m
+
+
 def _domega_config(head_dim: int) -> tuple[int, int]:
     """(BLOCK_I, num_warps) of the deterministic d-omega kernel (four fp32 tiles of
     BLOCK_I x BLOCK_D live at once); from the same register sweep, spill-free on
@@ -485,7 +493,23 @@ def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, de
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), om.stride(0) if has_prior else 0)
     common = dict(HEAD_DIM=Dh, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_PRIOR=has_prior, num_warps=warps)
     _sp_attn_bwd_dkdv_kernel[(triton.cdiv(N, BLOCK_N), B * H)](
-        q, k, v, om, dout, lse, delta, dk, dv, *strides, H, N, gh, gw, num_prefix, scale, **common
+        q,
+        k,
+        v,
+        om,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        *strides,
+        H,
+        N,
+        gh,
+        gw,
+        num_prefix,
+        scale,
+        **{**common, "BLOCK_M": _dkdv_block_m(Dh, has_prior)},
     )
     _sp_attn_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
         q,
