@@ -3,6 +3,8 @@
 * ``vitkern.ops``: ``patch_embed``, ``sp_attention`` (spatial-prior flash attention),
   ``layernorm_mlp``, each with a plain-PyTorch reference and selectable backends.
 * ``vitkern.ViT``: a drop-in for timm's VisionTransformer, with an SP-ViT mode.
+* Interop: ``patch_timm`` (timm model in place), ``from_hf_vit`` / ``to_hf_vit``
+  (Hugging Face transformers ViT weights), ``save_model`` / ``load_model`` (safetensors).
 * Backend control: ``use_backend``, ``VITKERN_BACKEND``, ``available_backends``,
   ``last_backend``, ``backend_report``.
 """
@@ -16,6 +18,7 @@ from vitkern._backend import (
     last_backend,
     use_backend,
 )
+from vitkern.interop import from_hf_vit, load_model, patch_timm, save_model, to_hf_vit
 from vitkern.models import ViT, create_model, list_models
 
 __version__ = "0.1.0"
@@ -27,6 +30,11 @@ __all__ = [
     "available_backends",
     "backend_report",
     "create_model",
+    "from_hf_vit",
+    "load_model",
+    "patch_timm",
+    "save_model",
+    "to_hf_vit",
     "last_backend",
     "list_models",
     "ops",

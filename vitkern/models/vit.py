@@ -121,9 +121,13 @@ class ViT(nn.Module):
         spatial_prior: bool = False,
         sp_layers: int | None = None,
         sp_hidden: int = 32,
+        norm_eps: float = 1e-6,
         **kwargs: Any,
     ) -> None:
+        config = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")}
         super().__init__()
+        # The constructor arguments, for checkpoints (vitkern.save_model / load_model).
+        self.config: dict[str, Any] = config
         if kwargs:
             raise TypeError(f"vitkern.ViT got unsupported keyword arguments: {sorted(kwargs)}")
         if global_pool not in ("", "avg", "avgmax", "max", "token"):
@@ -172,7 +176,7 @@ class ViT(nn.Module):
         embed_len = num_patches if self.no_embed_class else num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        self.norm_pre = nn.LayerNorm(embed_dim, eps=1e-6) if pre_norm else nn.Identity()
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.Sequential(
             *[
@@ -186,12 +190,13 @@ class ViT(nn.Module):
                     dpr[i],
                     spatial_prior=i < sp_layers,
                     sp_hidden=sp_hidden,
+                    norm_eps=norm_eps,
                 )
                 for i in range(depth)
             ]
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm and not use_fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm and use_fc_norm else nn.Identity()
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
