@@ -152,6 +152,17 @@ MODEL_SCRIPT = PRELUDE + textwrap.dedent(
             cout = compiled(x)
             cout.backward(dout)
         compiled_grad = max(err(p.grad, ref_params[n].grad) for n, p in model.named_parameters())
+        # torch.export: the Triton custom ops appear in the exported graph; forward + backward.
+        with vitkern.use_backend("triton"):
+            ep = torch.export.export(model, (x,))
+        ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+        exported_ops = sorted(o for o in ops if "vitkern" in o)
+        emod = ep.module()
+        model.zero_grad()  # the exported module shares the model's parameter tensors
+        emod.zero_grad()
+        eout = emod(x)
+        eout.backward(dout)
+        export_grad = max(err(p.grad, ref_params[n].grad) for n, p in emod.named_parameters())
         results[name] = {
             "used": used,
             "logits": err(out, ref),
@@ -159,6 +170,9 @@ MODEL_SCRIPT = PRELUDE + textwrap.dedent(
             "worst": max(grad_errs, key=grad_errs.get),
             "compiled": err(cout, ref),
             "compiled_grad": compiled_grad,
+            "exported": err(eout, ref),
+            "export_grad": export_grad,
+            "exported_ops": exported_ops,
         }
     # The custom ops' schema, fake (meta) kernels and autograd registration.
     from vitkern.ops.layernorm_mlp import _layernorm_mlp_triton
@@ -188,6 +202,9 @@ def test_whole_models_on_triton_backend_match_reference(tmp_path):
         assert r["max_grad"] < 1e-5, (name, r)
         assert r["compiled"] < 1e-5, (name, r)
         assert r["compiled_grad"] < 1e-5, (name, r)
+        assert r["exported"] < 1e-5 and r["export_grad"] < 1e-5, (name, r)
+        assert any("sp_attention_triton" in o for o in r["exported_ops"]), r["exported_ops"]
+        assert any("layernorm_mlp_triton" in o for o in r["exported_ops"]), r["exported_ops"]
 
 
 def test_autotune_prune_keeps_configs_that_fit(monkeypatch):
