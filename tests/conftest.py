@@ -58,7 +58,7 @@ def randn(*shape: int, dtype=torch.float32, gen: torch.Generator | None = None, 
     return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).to(dtype)
 
 
-def run_under_triton_interpreter(script: str, payload: object, cwd, timeout: int = 1200) -> list:
+def run_under_triton_interpreter(script: str, payload: object, cwd, timeout: int = 1200, extra_args=()) -> list:
     """Run ``script`` in a fresh Python with TRITON_INTERPRET=1 (it must be set before
     triton is imported, so never in this process); ``payload`` arrives JSON-encoded in
     sys.argv[1]; the script prints ``RESULTS <json>``, which is returned."""
@@ -68,7 +68,7 @@ def run_under_triton_interpreter(script: str, payload: object, cwd, timeout: int
 
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(payload)],
+        [sys.executable, "-c", script, json.dumps(payload), *extra_args],
         capture_output=True,
         text=True,
         timeout=timeout,
