@@ -153,36 +153,29 @@ def _kernels(quick: bool = False):
     dims 32..128 with and without a prior; the fused GEMM in every autotune configuration and
     fusion mode; the LayerNorm row kernels."""
     yield from _gemm_kernels(quick)
-    for item in _attention_kernels(quick):
-        yield (*item, (), 3)
+    yield from _attention_kernels(quick)
 
 
 def _attention_kernels(quick: bool):
+    """Every autotune configuration of the three flash kernels, and the deterministic
+    d-omega kernel's fixed one: (name, fn, dtype, constexprs, warps, cfg, fp32 ptrs, stages)."""
+    kernels = (
+        ("sp_attn_fwd", spk._sp_attn_fwd_kernel, "fwd"),
+        ("sp_attn_bwd_dkdv", spk._sp_attn_bwd_dkdv_kernel, "dkdv"),
+        ("sp_attn_bwd_dq", spk._sp_attn_bwd_dq_kernel, "dq"),
+    )
     for dtype in ("fp16",) if quick else ("fp16", "bf16"):
         for head_dim in (64,) if quick else (32, 64, 80, 96, 128):
-            for has_prior in (True, False):
-                block_m, block_n, block_d, warps = spk._block_sizes(head_dim, has_prior)
-                base = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_PRIOR=has_prior)
-                cfg = f"{dtype} Dh={head_dim} {block_m}x{block_n} w{warps} prior={int(has_prior)}"
-                yield "sp_attn_fwd", spk._sp_attn_fwd_kernel, dtype, base, warps, cfg
-                dkdv_m = spk._dkdv_block_m(head_dim, has_prior)
-                yield (
-                    "sp_attn_bwd_dkdv",
-                    spk._sp_attn_bwd_dkdv_kernel,
-                    dtype,
-                    {**base, "BLOCK_M": dkdv_m},
-                    warps,
-                    cfg.replace(f"{block_m}x{block_n}", f"{dkdv_m}x{block_n}"),
-                )
-                yield (
-                    "sp_attn_bwd_dq",
-                    spk._sp_attn_bwd_dq_kernel,
-                    dtype,
-                    {**base, "ATOMIC_DOMEGA": has_prior},
-                    warps,
-                    cfg + f" atomic={int(has_prior)}",
-                )
             block_d = spk._block_sizes(head_dim, True)[2]
+            for has_prior in (True, False):
+                for name, fn, kind in kernels:
+                    for bm, bn, warps, stages in spk.attention_configs(kind, head_dim, has_prior):
+                        ce = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, HAS_PRIOR=has_prior)
+                        cfg = f"{dtype} Dh={head_dim} {bm}x{bn} w{warps} s{stages} prior={int(has_prior)}"
+                        if kind == "dq":
+                            ce["ATOMIC_DOMEGA"] = has_prior
+                            cfg += f" atomic={int(has_prior)}"
+                        yield name, fn, dtype, ce, warps, cfg, (), stages
             bi, dwarps = spk._domega_config(head_dim)
             yield (
                 "sp_attn_bwd_domega",
@@ -191,6 +184,8 @@ def _attention_kernels(quick: bool):
                 dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_I=bi),
                 dwarps,
                 f"{dtype} Dh={head_dim} I={bi} w{dwarps}",
+                (),
+                3,
             )
 
 

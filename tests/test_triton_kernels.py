@@ -234,6 +234,26 @@ def test_autotune_prune_keeps_configs_that_fit(monkeypatch):
     assert triton.next_power_of_2(20) == 32
 
 
+def test_attention_autotune_space_follows_the_register_sweep(monkeypatch):
+    """The flash kernels' autotuner may pick only the spill-free tile of the head dim (from
+    the register sweep), varying the pipelining depth; the interpreter keeps one."""
+    from vitkern.triton_kernels import sp_attention as spk
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for kernel, kind in ((spk._sp_attn_fwd, "fwd"), (spk._sp_attn_bwd_dkdv, "dkdv"), (spk._sp_attn_bwd_dq, "dq")):
+        prune = kernel.early_config_prune
+        for head_dim in (32, 64, 80, 128):
+            for prior in (True, False):
+                kept = prune(kernel.configs, {}, HEAD_DIM=head_dim, HAS_PRIOR=prior)
+                got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+                assert got == spk.attention_configs(kind, head_dim, prior)
+                assert len({g[:3] for g in got}) == 1 and len(got) == len(spk.ATTN_STAGES)
+        assert kernel.keys[:3] == ["N", "HEAD_DIM", "HAS_PRIOR"]
+    assert spk._sp_attn_bwd_dq.reset_to_zero == ["DOmega"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert len(spk._sp_attn_fwd.early_config_prune(spk._sp_attn_fwd.configs, {}, HEAD_DIM=64, HAS_PRIOR=True)) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton needs a GPU (the interpreter cannot run bf16)")
 def test_triton_bf16_on_gpu(gen):
     from conftest import assert_close_rel

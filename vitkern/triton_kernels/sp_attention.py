@@ -442,15 +442,68 @@ def _domega_config(head_dim: int) -> tuple[int, int]:
     return (32, 8) if head_dim < 128 else (8, 4)
 
 
+# ----------------------------------------------------------------------------- autotuning
+# The tile (BLOCK_M, BLOCK_N, warps) per head-dim class and prior comes from the register
+# sweep above; the autotuner chooses the software-pipelining depth on the device, keyed on
+# the sequence length, head dim, prior and dtype. Every configuration it can pick is compiled
+# for sm_80 and sm_90 by scripts/gpu_build_report.py (no spill). The first is the default
+# (and the interpreter's only one).
+ATTN_STAGES = (3, 2)
+_BLOCK_D_CLASSES = (16, 32, 64, 128)
+
+
+def attention_configs(kind: str, head_dim: int, has_prior: bool) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick for kernel ``kind``
+    ("fwd", "dkdv" or "dq") at this head dim, with or without a prior."""
+    bm, bn, _, warps = _block_sizes(head_dim, has_prior)
+    if kind == "dkdv":
+        bm = _dkdv_block_m(head_dim, has_prior)
+    return [(bm, bn, warps, stages) for stages in ATTN_STAGES]
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotuned(kernel, kind: str, extra_key: tuple[str, ...] = (), reset_to_zero=None):
+    every = {cfg for bd in _BLOCK_D_CLASSES for prior in (True, False) for cfg in attention_configs(kind, bd, prior)}
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in sorted(every, key=lambda c: (c[0], c[1], c[2], -c[3]))
+    ]
+
+    def prune(configs, named_args, **kwargs):
+        allowed = attention_configs(kind, kwargs["HEAD_DIM"], kwargs["HAS_PRIOR"])
+        by_key = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+        kept = [by_key[a] for a in allowed]
+        return kept[:1] if _interpreting() else kept
+
+    return triton.autotune(
+        configs=configs,
+        key=["N", "HEAD_DIM", "HAS_PRIOR", *extra_key],
+        prune_configs_by={"early_config_prune": prune},
+        reset_to_zero=reset_to_zero,
+    )(kernel)
+
+
+_sp_attn_fwd = _autotuned(_sp_attn_fwd_kernel, "fwd")
+_sp_attn_bwd_dkdv = _autotuned(_sp_attn_bwd_dkdv_kernel, "dkdv")
+# d-omega is accumulated with atomics: zeroed before each benchmarked configuration and again
+# before the real launch (triton's reset_to_zero).
+_sp_attn_bwd_dq = _autotuned(_sp_attn_bwd_dq_kernel, "dq", ("ATOMIC_DOMEGA",), reset_to_zero=["DOmega"])
+
+
 def sp_attention_fwd(q, k, v, omega, grid, num_prefix, scale):
     """Returns (out (B, H, N, Dh) in q's dtype, lse (B, H, N) fp32)."""
     B, H, N, Dh = q.shape
     gh, gw = grid if grid is not None else (1, 1)
-    BLOCK_M, BLOCK_N, BLOCK_D, warps = _block_sizes(Dh, omega is not None)
+    BLOCK_D = _block_sizes(Dh, omega is not None)[2]
     out = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     om = omega.contiguous() if omega is not None else q  # dummy pointer when there is no prior
-    _sp_attn_fwd_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
+    _sp_attn_fwd[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
         q,
         k,
         v,
@@ -470,10 +523,7 @@ def sp_attention_fwd(q, k, v, omega, grid, num_prefix, scale):
         scale,
         HEAD_DIM=Dh,
         BLOCK_D=BLOCK_D,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
         HAS_PRIOR=omega is not None,
-        num_warps=warps,
     )
     return out, lse
 
@@ -482,7 +532,7 @@ def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, de
     """Returns (dq, dk, dv, domega or None)."""
     B, H, N, Dh = q.shape
     gh, gw = grid if grid is not None else (1, 1)
-    BLOCK_M, BLOCK_N, BLOCK_D, warps = _block_sizes(Dh, omega is not None)
+    BLOCK_D = _block_sizes(Dh, omega is not None)[2]
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, H, N)
     dq = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
@@ -491,8 +541,8 @@ def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, de
     om = omega.contiguous() if has_prior else q
     domega = torch.zeros((H, 2 * gh - 1, 2 * gw - 1), device=q.device, dtype=torch.float32) if has_prior else None
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), om.stride(0) if has_prior else 0)
-    common = dict(HEAD_DIM=Dh, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_PRIOR=has_prior, num_warps=warps)
-    _sp_attn_bwd_dkdv_kernel[(triton.cdiv(N, BLOCK_N), B * H)](
+    common = dict(HEAD_DIM=Dh, BLOCK_D=BLOCK_D, HAS_PRIOR=has_prior)
+    _sp_attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
         q,
         k,
         v,
@@ -509,9 +559,9 @@ def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, de
         gw,
         num_prefix,
         scale,
-        **{**common, "BLOCK_M": _dkdv_block_m(Dh, has_prior)},
+        **common,
     )
-    _sp_attn_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
+    _sp_attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
         q,
         k,
         v,
