@@ -247,7 +247,7 @@ def test_attention_autotune_space_follows_the_register_sweep(monkeypatch):
                 kept = prune(kernel.configs, {}, HEAD_DIM=head_dim, HAS_PRIOR=prior)
                 got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
                 assert got == spk.attention_configs(kind, head_dim, prior)
-                assert len({g[:3] for g in got}) == 1 and len(got) == len(spk.ATTN_STAGES)
+                assert len({g[:3] for g in got}) == 1 and 1 <= len(got) <= len(spk.ATTN_STAGES)
         assert kernel.keys[:3] == ["N", "HEAD_DIM", "HAS_PRIOR"]
     assert spk._sp_attn_bwd_dq.reset_to_zero == ["DOmega"]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
