@@ -157,3 +157,41 @@ def test_timm_checkpoint_loads_at_another_image_size():
     ours.load_state_dict(src.state_dict())
     expected = resample_abs_pos_embed(src.pos_embed, new_size=(4, 4), old_size=(2, 2), num_prefix_tokens=1)
     assert_close_rel(ours.pos_embed, expected, 1e-6, "pos_embed resampled from a 2x2 to a 4x4 grid")
+
+
+def test_from_hugging_face_transformers4_key_layout(gen):
+    """Checkpoints saved by transformers < 5 name the layers encoder.layer.i.attention.attention.query
+    etc.; from_hf_vit reads that layout too (a stand-in module carries the renamed state_dict)."""
+    import re
+
+    torch.manual_seed(5)
+    hf = _perturbed(transformers.ViTForImageClassification(_hf_config())).eval()
+    rename = [
+        (r"vit\.layers\.(\d+)\.attention\.q_proj", r"vit.encoder.layer.\1.attention.attention.query"),
+        (r"vit\.layers\.(\d+)\.attention\.k_proj", r"vit.encoder.layer.\1.attention.attention.key"),
+        (r"vit\.layers\.(\d+)\.attention\.v_proj", r"vit.encoder.layer.\1.attention.attention.value"),
+        (r"vit\.layers\.(\d+)\.attention\.o_proj", r"vit.encoder.layer.\1.attention.output.dense"),
+        (r"vit\.layers\.(\d+)\.mlp\.fc1", r"vit.encoder.layer.\1.intermediate.dense"),
+        (r"vit\.layers\.(\d+)\.mlp\.fc2", r"vit.encoder.layer.\1.output.dense"),
+        (r"vit\.layers\.(\d+)\.", r"vit.encoder.layer.\1."),
+    ]
+    v4 = {}
+    for k, v in hf.state_dict().items():
+        for pat, rep in rename:
+            k = re.sub(pat, rep, k)
+        v4[k] = v
+    assert any("attention.attention.query" in k for k in v4) and not any(".layers." in k for k in v4)
+
+    class ViTForImageClassification(torch.nn.Module):  # noqa: N801 - the name from_hf_vit dispatches on
+        def __init__(self):
+            super().__init__()
+            self.config = hf.config
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def state_dict(self, *args, **kwargs):
+            return v4
+
+    ours = vitkern.from_hf_vit(ViTForImageClassification().eval()).eval()
+    x = randn(2, 3, 32, 32, gen=gen)
+    with torch.no_grad():
+        assert_close_rel(ours(x), hf(pixel_values=x).logits, 1e-5, "logits from a transformers-4 layout")
