@@ -22,10 +22,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 BACKENDS = [b for b in ("reference", "cpu") if vitkern.available_backends()[b] is None]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _check(fn, leaves, dtype, seed, what):
+def _check(fn, leaves, dtype, seed, what, grad_tol=None):
     """fn(*leaves, backend=...) vs fn on float64 copies with backend="reference": output and
     the gradient of every leaf."""
     g = torch.Generator().manual_seed(seed)
@@ -37,13 +37,15 @@ def _check(fn, leaves, dtype, seed, what):
         refs = [t.detach().double().requires_grad_() for t in leaves]
         ref = fn(*refs, backend="reference")
         assert out.dtype == dtype and out.shape == ref.shape
-        dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-        grads = torch.autograd.grad(out, xs, dout.to(dtype))
-        ref_grads = torch.autograd.grad(ref, refs, dout)
+        # The same (dtype-rounded) upstream gradient for both: a float64 one would make the
+        # reference solve a different problem wherever the gradient sum cancels.
+        dout = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad(out, xs, dout)
+        ref_grads = torch.autograd.grad(ref, refs, dout.double())
         tol = TOL[dtype]
         assert _err(out, ref) < tol, f"{what} {backend}: out"
         for i, (a, b) in enumerate(zip(grads, ref_grads, strict=True)):
-            assert _err(a, b) < tol, f"{what} {backend}: grad of input {i}"
+            assert _err(a, b) < (grad_tol or tol), f"{what} {backend}: grad of input {i}"
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,7 +102,12 @@ def test_sp_attention_properties(B, H, gh, gw, prefix, Dh, use_omega, layout, dt
             backend=backend,
         )
 
-    _check(fn, leaves, dtype, seed, f"sp_attention B{B} H{H} {gh}x{gw}+{prefix} Dh{Dh} {layout}")
+    # bf16 over <= 4 keys: the softmax gradient dS = P (dP - rowsum(dO * O)) cancels, and O is
+    # stored in bf16 (as in FlashAttention), so the gradients are ill-conditioned there: measured
+    # over 150 random N = 2 cases, worst 7.6e-2 (cpu) and 1.4e-2 (eager bf16); N >= 5 stays
+    # below 7e-3 (benchmarks/NOTES.md, hardening).
+    grad_tol = 1e-1 if dtype == torch.bfloat16 and N <= 4 else None
+    _check(fn, leaves, dtype, seed, f"sp_attention B{B} H{H} {gh}x{gw}+{prefix} Dh{Dh} {layout}", grad_tol)
 
 
 @SETTINGS
