@@ -6,6 +6,7 @@ gradient. The Triton backend gets the same properties under the interpreter
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 
@@ -22,7 +23,12 @@ from hypothesis import strategies as st  # noqa: E402
 
 BACKENDS = [b for b in ("reference", "cpu") if vitkern.available_backends()[b] is None]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Fixed example sequence in CI (a landing must not depend on luck); VITKERN_HYPOTHESIS_RANDOM=1
+# explores new examples on every run (how the cases documented in NOTES were found).
+_RANDOM = os.environ.get("VITKERN_HYPOTHESIS_RANDOM") == "1"
+SETTINGS = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=not _RANDOM
+)
 
 
 def _check(fn, leaves, dtype, seed, what, grad_tol=None):
@@ -106,7 +112,7 @@ def test_sp_attention_properties(B, H, gh, gw, prefix, Dh, use_omega, layout, dt
     # stored in bf16 (as in FlashAttention), so the gradients are ill-conditioned there: measured
     # over 150 random N = 2 cases, worst 7.6e-2 (cpu) and 1.4e-2 (eager bf16); N >= 5 stays
     # below 7e-3 (benchmarks/NOTES.md, hardening).
-    grad_tol = 1e-1 if dtype == torch.bfloat16 and N <= 4 else None
+    grad_tol = {torch.bfloat16: 1e-1, torch.float16: 2e-2}.get(dtype) if N <= 4 else None
     _check(fn, leaves, dtype, seed, f"sp_attention B{B} H{H} {gh}x{gw}+{prefix} Dh{Dh} {layout}", grad_tol)
 
 
@@ -195,7 +201,13 @@ TRITON_SCRIPT = textwrap.dedent(
     tp.BACKENDS[:] = ["triton"]
     tp.TOL[torch.float16] = 2e-3
     n = json.loads(sys.argv[1])
-    cfg = settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    cfg = settings(
+        max_examples=n,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=not tp._RANDOM,
+    )
     for test in (tp.test_sp_attention_properties, tp.test_patch_embed_properties, tp.test_layernorm_mlp_properties):
         inner = test.hypothesis.inner_test
         from hypothesis import given, strategies as st
