@@ -6,11 +6,12 @@
 // fc2 -> bias+residual; the normalised rows live only in the tile buffer, and
 // bias, GELU and residual are applied in the GEMMs' prologue/epilogue passes
 // over the tile, never as separate full-tensor ops. With a gradient wanted,
-// the LN output, the pre-activation fc1(LN(x)) + b1 and its GELU are stored,
-// copied out of the tile while it is in cache (the same tensors eager PyTorch
-// keeps), so the backward recomputes nothing.
+// the tile's LN output and GELU output are the saved tensors themselves (the GEMMs
+// write into them) and the pre-activation fc1(LN(x)) + b1 is stored by the GELU
+// epilogue (the same tensors eager PyTorch keeps), so the backward recomputes nothing.
 // Backward: full-height GEMMs (the weight gradients sum over every row) with
-// the elementwise parts (GELU', LayerNorm backward) fused in C++ loops.
+// the elementwise parts (GELU' with the fc1-bias sum, LayerNorm backward with the
+// LN-affine sums) fused in C++ loops.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -31,6 +32,9 @@ inline int64_t tile_rows(int64_t m) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   return std::clamp<int64_t>((m + threads - 1) / threads, 64, 1024);
 }
+
+// Rows per partial column sum in the backward (fixed, so the sums are deterministic).
+constexpr int64_t kSumRows = 32;
 
 at::Tensor f32c(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
@@ -87,9 +91,14 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const 
   const int64_t tiles = (M + kTileM - 1) / kTileM;
 
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> hn(kTileM * D), hid(kTileM * Hd);
+    // Without a gradient the tile lives in a per-thread buffer; with one, the LN output and
+    // the GELU output are written straight into the tensors saved for the backward (same
+    // row-major layout), so keeping them costs no copy.
+    std::vector<float> hn_buf(save_for_backward ? 0 : kTileM * D), hid_buf(save_for_backward ? 0 : kTileM * Hd);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = tile * kTileM, rows = std::min(kTileM, M - r0);
+      float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.data();
+      float* hid = save_for_backward ? gsp + r0 * Hd : hid_buf.data();
       // LayerNorm prologue into the tile buffer.
       for (int64_t r = 0; r < rows; ++r) {
         const float* xr = xp + (r0 + r) * D;
@@ -97,20 +106,16 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const 
         row_stats(xr, D, eps, &mu, &rs);
         mp[r0 + r] = mu;
         rp[r0 + r] = rs;
-        float* h = hn.data() + r * D;
+        float* h = hn + r * D;
         for (int64_t t = 0; t < D; ++t) {
           const float v = (xr[t] - mu) * rs;
           h[t] = v * (lnwp ? lnwp[t] : 1.f) + (lnbp ? lnbp[t] : 0.f);
         }
       }
       // fc1: hid (rows x Hd) = hn . W1^T, then bias + GELU in place (epilogue).
-      sgemm(true, false, Hd, rows, D, 1.f, w1p, D, hn.data(), D, 0.f, hid.data(), Hd);
+      sgemm(true, false, Hd, rows, D, 1.f, w1p, D, hn, D, 0.f, hid, Hd);
       for (int64_t r = 0; r < rows; ++r) {
-        simd::bias_gelu(hid.data() + r * Hd, b1p, Hd, tanh_approx, prep ? prep + (r0 + r) * Hd : nullptr);
-      }
-      if (save_for_backward) {
-        std::copy(hid.data(), hid.data() + rows * Hd, gsp + r0 * Hd);
-        std::copy(hn.data(), hn.data() + rows * D, hnsp + r0 * D);
+        simd::bias_gelu(hid + r * Hd, b1p, Hd, tanh_approx, prep ? prep + (r0 + r) * Hd : nullptr);
       }
       // fc2 with bias and residual: out rows start as x + b2, GEMM accumulates (beta = 1).
       float* o = op + r0 * D;
@@ -119,7 +124,7 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const 
         float* orow = o + r * D;
         for (int64_t t = 0; t < D; ++t) orow[t] = (residual ? xr[t] : 0.f) + (b2p ? b2p[t] : 0.f);
       }
-      sgemm(true, false, D, rows, Hd, 1.f, w2p, Hd, hid.data(), Hd, 1.f, o, D);
+      sgemm(true, false, D, rows, Hd, 1.f, w2p, Hd, hid, Hd, 1.f, o, D);
     }
   });
   return {x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type()), mean, rstd, pre, gsave, hnsave};
@@ -147,46 +152,86 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
   const float* prep = pre.data_ptr<float>();
   auto f32 = x.options();
 
+  // Column sums (the bias and LayerNorm-affine gradients) are fused into the row passes as
+  // partial sums over fixed blocks of kSumRows rows, added in block order afterwards: the
+  // result does not depend on the thread count or on scheduling (bitwise deterministic).
+  const int64_t nblk = (M + kSumRows - 1) / kSumRows;
+
   // fc2: dW2 = dy^T g, db2 = colsum(dy), d pre = (dy W2) * GELU'(pre).
   at::Tensor dw2 = at::mm(dy.t(), g);
   at::Tensor db2 = dy.sum(0);
   at::Tensor da = at::mm(dy, w2);
   float* dap = da.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    simd::gelu_fwd_bwd(prep + b * Hd, nullptr, dap + b * Hd, (e - b) * Hd, tanh_approx);
-  });
-  at::Tensor dw1 = at::mm(da.t(), hn);
-  at::Tensor db1 = da.sum(0);
-  at::Tensor dhn = at::mm(da, w1);  // (M, D)
-  // LayerNorm backward, row by row: dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)), dxh = dhn * w.
-  at::Tensor dx = at::empty({M, D}, f32), xhat = at::empty({M, D}, f32);
-  float* xhp = xhat.data_ptr<float>();
-  const float* dhp = dhn.data_ptr<float>();
-  const float* dyp = dy.data_ptr<float>();
-  float* dxp = dx.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float* dh = dhp + r * D;
-      const float* xr = xp + r * D;
-      float* xh = xhp + r * D;
-      float s1 = 0.f, s2 = 0.f;
-#pragma omp simd reduction(+ : s1, s2)
-      for (int64_t t = 0; t < D; ++t) {
-        xh[t] = (xr[t] - mp[r]) * rp[r];  // x-hat from the saved statistics
-        const float dxh = dh[t] * (lnwp ? lnwp[t] : 1.f);
-        s1 += dxh;
-        s2 += dxh * xh[t];
-      }
-      s1 /= D;
-      s2 /= D;
-      for (int64_t t = 0; t < D; ++t) {
-        const float dxh = dh[t] * (lnwp ? lnwp[t] : 1.f);
-        dxp[r * D + t] = rp[r] * (dxh - s1 - xh[t] * s2) + (residual ? dyp[r * D + t] : 0.f);
+  at::Tensor db1_part = at::empty({nblk, Hd}, f32);
+  float* db1p = db1_part.data_ptr<float>();
+  at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
+      float* acc = db1p + blk * Hd;
+      std::fill(acc, acc + Hd, 0.f);
+      for (int64_t r = r0; r < r1; ++r) {
+        float* dar = dap + r * Hd;
+        simd::gelu_fwd_bwd(prep + r * Hd, nullptr, dar, Hd, tanh_approx);
+#pragma omp simd
+        for (int64_t t = 0; t < Hd; ++t) acc[t] += dar[t];
       }
     }
   });
-  at::Tensor dlnw = lnw.defined() ? (dhn * xhat).sum(0) : at::Tensor();
-  at::Tensor dlnb = lnb_in.has_value() ? dhn.sum(0) : at::Tensor();
+  at::Tensor dw1 = at::mm(da.t(), hn);
+  at::Tensor db1 = db1_part.sum(0);
+  at::Tensor dhn = at::mm(da, w1);  // (M, D)
+  // LayerNorm backward, row by row: dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)), dxh = dhn * w;
+  // d ln_weight = colsum(dhn * xhat), d ln_bias = colsum(dhn) in the same pass.
+  const bool want_dlnw = lnw.defined(), want_dlnb = lnb_in.has_value();
+  at::Tensor dx = at::empty({M, D}, f32);
+  at::Tensor lnw_part = at::empty({want_dlnw ? nblk : 0, D}, f32), lnb_part = at::empty({want_dlnb ? nblk : 0, D}, f32);
+  float* lnwpp = want_dlnw ? lnw_part.data_ptr<float>() : nullptr;
+  float* lnbpp = want_dlnb ? lnb_part.data_ptr<float>() : nullptr;
+  const float* dhp = dhn.data_ptr<float>();
+  const float* dyp = dy.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> xh(D);
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
+      float* aw = lnwpp ? lnwpp + blk * D : nullptr;
+      float* ab = lnbpp ? lnbpp + blk * D : nullptr;
+      if (aw) std::fill(aw, aw + D, 0.f);
+      if (ab) std::fill(ab, ab + D, 0.f);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* dh = dhp + r * D;
+        const float* xr = xp + r * D;
+        const float mu = mp[r], rs = rp[r];
+        float s1 = 0.f, s2 = 0.f;
+#pragma omp simd reduction(+ : s1, s2)
+        for (int64_t t = 0; t < D; ++t) {
+          xh[t] = (xr[t] - mu) * rs;  // x-hat from the saved statistics
+          const float dxh = dh[t] * (lnwp ? lnwp[t] : 1.f);
+          s1 += dxh;
+          s2 += dxh * xh[t];
+        }
+        s1 /= D;
+        s2 /= D;
+        float* dxr = dxp + r * D;
+        const float* dyr = dyp + r * D;
+#pragma omp simd
+        for (int64_t t = 0; t < D; ++t) {
+          const float dxh = dh[t] * (lnwp ? lnwp[t] : 1.f);
+          dxr[t] = rs * (dxh - s1 - xh[t] * s2) + (residual ? dyr[t] : 0.f);
+        }
+        if (aw) {
+#pragma omp simd
+          for (int64_t t = 0; t < D; ++t) aw[t] += dh[t] * xh[t];
+        }
+        if (ab) {
+#pragma omp simd
+          for (int64_t t = 0; t < D; ++t) ab[t] += dh[t];
+        }
+      }
+    }
+  });
+  at::Tensor dlnw = want_dlnw ? lnw_part.sum(0) : at::Tensor();
+  at::Tensor dlnb = want_dlnb ? lnb_part.sum(0) : at::Tensor();
   const auto dt = x_in.scalar_type();
   auto cast = [&](const at::Tensor& t, at::ScalarType s) { return t.defined() ? t.to(s) : t; };
   return {cast(dx, dt),

@@ -122,10 +122,14 @@ def _cpu_setup_context(ctx, inputs, output):
     q, k, v, omega, gh, gw, num_prefix, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, omega, out, lse)
+    ctx.mark_non_differentiable(lse)  # saved for the backward; no zero-filled gradient for it
+    ctx.set_materialize_grads(False)
     ctx.args = (gh, gw, num_prefix, scale)
 
 
 def _cpu_backward(ctx, dout, _dlse):
+    if dout is None:  # the output took no part in the loss
+        return (None,) * 8
     q, k, v, omega, out, lse = ctx.saved_tensors
     dq, dk, dv, domega = _sp_attention_cpu_backward(dout, q, k, v, omega, out, lse, *ctx.args)
     return dq, dk, dv, (domega if omega is not None else None), None, None, None, None
@@ -201,6 +205,8 @@ def _(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic):
 
 
 def _triton_backward(ctx, dout, _dlse):
+    if dout is None:  # the output took no part in the loss
+        return (None,) * 8
     q, k, v, omega, out, lse = ctx.saved_tensors
     # d-omega without atomics (bit-identical across runs) under torch.use_deterministic_algorithms(True).
     deterministic = torch.are_deterministic_algorithms_enabled()
