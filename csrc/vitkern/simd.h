@@ -148,6 +148,33 @@ __attribute__((target("avx512f"))) inline float row_max_avx512(const float* x, i
   return _mm512_reduce_max_ps(m);
 }
 
+// Contiguous row helpers of the spatial prior: x *= k; d *= k * f; d += a * b.
+__attribute__((target("avx512f"))) inline void mul_scaled_avx512(float* d, const float* f, int64_t n, float k) {
+  const __m512 kv = _mm512_set1_ps(k);
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
+    _mm512_storeu_ps(d + t, _mm512_mul_ps(_mm512_loadu_ps(d + t), _mm512_mul_ps(_mm512_loadu_ps(f + t), kv)));
+  }
+  if (t < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - t)) - 1u);
+    const __m512 fv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, f + t), kv);
+    _mm512_mask_storeu_ps(d + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, d + t), fv));
+  }
+}
+
+__attribute__((target("avx512f"))) inline void fma_acc_avx512(float* d, const float* a, const float* b, int64_t n) {
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
+    _mm512_storeu_ps(d + t, _mm512_fmadd_ps(_mm512_loadu_ps(a + t), _mm512_loadu_ps(b + t), _mm512_loadu_ps(d + t)));
+  }
+  if (t < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - t)) - 1u);
+    const __m512 r =
+        _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + t), _mm512_maskz_loadu_ps(m, b + t), _mm512_maskz_loadu_ps(m, d + t));
+    _mm512_mask_storeu_ps(d + t, m, r);
+  }
+}
+
 inline bool has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -178,6 +205,24 @@ inline float exp_sub_sum(float* x, int64_t n, float shift) {
   return exp_sub_sum_scalar(x, n, shift);
 }
 
+
+inline void scale(float* x, int64_t n, float k) {
+  for (int64_t t = 0; t < n; ++t) x[t] *= k;
+}
+
+inline void mul_scaled(float* d, const float* f, int64_t n, float k) {
+#if defined(__x86_64__)
+  if (has_avx512()) return mul_scaled_avx512(d, f, n, k);
+#endif
+  for (int64_t t = 0; t < n; ++t) d[t] *= k * f[t];
+}
+
+inline void fma_acc(float* d, const float* a, const float* b, int64_t n) {
+#if defined(__x86_64__)
+  if (has_avx512()) return fma_acc_avx512(d, a, b, n);
+#endif
+  for (int64_t t = 0; t < n; ++t) d[t] += a[t] * b[t];
+}
 
 // ----------------------------------------------------------------------------- GELU
 // gelu(a) = a/2 (1 + erf(a/sqrt2)) (exact) or a/2 (1 + tanh(sqrt(2/pi)(a + 0.044715 a^3))).

@@ -33,10 +33,55 @@ namespace {
 constexpr int64_t kBlockM = 64;   // queries per tile
 constexpr int64_t kBlockN = 512;  // keys per tile
 
-// Prior geometry: maps (query, key) to a table entry; prefix pairs get 1.
+// Prior geometry. The factor of patch query (ri, ci) and patch key (rj, cj) is
+// tab[rj - ri + gh - 1][cj - ci + gw - 1]. Unrolled once per call into an
+// "expanded" table E[ci][r][cj] = tab[r][cj - ci + gw - 1] (gw x (2gh-1) x gw per
+// head), the factors of query (ri, ci) for all patch keys in order are ONE
+// contiguous slice, E[ci][gh-1-ri .. 2gh-2-ri][:], so a score row is multiplied
+// by a plain vector loop instead of a gather over gh runs of gw entries (the runs
+// cost more than the multiply: benchmarks/NOTES.md). d-omega accumulates into a
+// per-thread expanded gradient with the same layout, folded back after each task.
 struct Prior {
-  const float* tab = nullptr;  // (2gh-1, 2gw-1) table of this head, or nullptr (no prior)
+  const float* expanded = nullptr;  // this head's E, or nullptr (no prior)
   int64_t gh = 1, gw = 1, num_prefix = 0;
+
+  static int64_t expanded_size(int64_t gh, int64_t gw) { return gw * (2 * gh - 1) * gw; }
+
+  // E for every head: (H, gw, 2gh-1, gw) from omega (H, 2gh-1, 2gw-1).
+  static at::Tensor expand(const at::Tensor& omega, int64_t gh, int64_t gw) {
+    const int64_t H = omega.size(0), th = 2 * gh - 1, tw = 2 * gw - 1;
+    at::Tensor e = at::empty({H, gw, th, gw}, omega.options());
+    const float* src = omega.data_ptr<float>();
+    float* dst = e.data_ptr<float>();
+    at::parallel_for(0, H * gw, 1, [&](int64_t b, int64_t end) {
+      for (int64_t hc = b; hc < end; ++hc) {
+        const int64_t h = hc / gw, ci = hc % gw;
+        for (int64_t r = 0; r < th; ++r) {
+          std::copy_n(src + (h * th + r) * tw + gw - 1 - ci, gw, dst + (hc * th + r) * gw);
+        }
+      }
+    });
+    return e;
+  }
+
+  // Adds an expanded gradient (gw, 2gh-1, gw) into the table gradient (2gh-1, 2gw-1),
+  // in a fixed order.
+  static void fold(const float* dexp, float* dtab, int64_t gh, int64_t gw) {
+    const int64_t th = 2 * gh - 1, tw = 2 * gw - 1;
+    for (int64_t ci = 0; ci < gw; ++ci) {
+      for (int64_t r = 0; r < th; ++r) {
+        const float* a = dexp + (ci * th + r) * gw;
+        float* d = dtab + r * tw + gw - 1 - ci;
+        for (int64_t cj = 0; cj < gw; ++cj) d[cj] += a[cj];
+      }
+    }
+  }
+
+  // Offset in E of patch query i's factor row (patch keys in order).
+  inline int64_t row_offset(int64_t i) const {
+    const int64_t pi = i - num_prefix, ri = pi / gw, ci = pi % gw;
+    return (ci * (2 * gh - 1) + gh - 1 - ri) * gw;
+  }
 
   // Multiplies row `i` of a tile, keys [j0, j1), by mult * factor in place
   // (mult = 1 skips the work for rows without a prior). If `logits` is given,
@@ -44,48 +89,22 @@ struct Prior {
   inline void apply_row(float* s, int64_t i, int64_t j0, int64_t j1, float mult, float* logits = nullptr) const {
     const int64_t n = j1 - j0;
     if (logits) std::copy(s, s + n, logits);
-    if (tab == nullptr || i < num_prefix) {
-      if (mult != 1.f) {
-        for (int64_t t = 0; t < n; ++t) s[t] *= mult;
-      }
+    if (expanded == nullptr || i < num_prefix) {
+      if (mult != 1.f) simd::scale(s, n, mult);
       return;
     }
-    const int64_t tw = 2 * gw - 1;
-    const int64_t pi = i - num_prefix, ri = pi / gw, ci = pi % gw;
-    int64_t j = j0;
-    for (; j < std::min(j1, num_prefix); ++j) s[j - j0] *= mult;
-    // Walk the key block row by row of the patch grid: within a grid row the
-    // table entries are contiguous.
-    while (j < j1) {
-      const int64_t pj = j - num_prefix, rj = pj / gw, cj0 = pj % gw;
-      const int64_t run = std::min<int64_t>(gw - cj0, j1 - j);
-      const float* src = tab + (rj - ri + gh - 1) * tw + (cj0 - ci + gw - 1);
-      float* dst = s + (j - j0);
-      if (mult == 1.f) {
-        for (int64_t t = 0; t < run; ++t) dst[t] *= src[t];
-      } else {
-        for (int64_t t = 0; t < run; ++t) dst[t] *= mult * src[t];
-      }
-      j += run;
-    }
+    const int64_t jp = std::min(std::max(j0, num_prefix), j1);  // first patch key in the block
+    if (mult != 1.f) simd::scale(s, jp - j0, mult);
+    simd::mul_scaled(s + (jp - j0), expanded + row_offset(i) + (jp - num_prefix), j1 - jp, mult);
   }
 
-  // d-omega accumulation for row i: dtab[r(i,j)] += ds[j] * logits[j].
-  inline void accumulate_row(float* dtab, const float* ds, const float* logits, int64_t i, int64_t j0,
+  // d-omega for row i into the expanded gradient: dexp[r(i,j)] += ds[j] * logits[j].
+  inline void accumulate_row(float* dexp, const float* ds, const float* logits, int64_t i, int64_t j0,
                              int64_t j1) const {
     if (i < num_prefix) return;
-    const int64_t tw = 2 * gw - 1;
-    const int64_t pi = i - num_prefix, ri = pi / gw, ci = pi % gw;
-    int64_t j = std::max(j0, num_prefix);
-    while (j < j1) {
-      const int64_t pj = j - num_prefix, rj = pj / gw, cj0 = pj % gw;
-      const int64_t run = std::min<int64_t>(gw - cj0, j1 - j);
-      float* dst = dtab + (rj - ri + gh - 1) * tw + (cj0 - ci + gw - 1);
-      for (int64_t t = 0; t < run; ++t) dst[t] += ds[j - j0 + t] * logits[j - j0 + t];
-      j += run;
-    }
+    const int64_t jp = std::min(std::max(j0, num_prefix), j1);
+    simd::fma_acc(dexp + row_offset(i) + (jp - num_prefix), ds + (jp - j0), logits + (jp - j0), j1 - jp);
   }
-
 };
 
 // Row-major (rows x Dh) fp32 view of one (batch, head) slice.
@@ -153,6 +172,8 @@ std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const a
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), Dh = q_in.size(3);
   const at::Tensor q = as_fp32_rows(q_in), k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
   const at::Tensor omega = omega_in.has_value() ? omega_in->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor expanded = omega.defined() ? Prior::expand(omega, gh, gw) : at::Tensor();
+  const int64_t esize = Prior::expanded_size(gh, gw);
   const float scale = static_cast<float>(scale_d);
   const bool out_fp32 = q_in.scalar_type() == at::kFloat;
   // The output is stored token-major, (B, N, H, Dh), and returned as a (B, H, N, Dh)
@@ -171,7 +192,7 @@ std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const a
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % n_qblk, bh = task / n_qblk, b = bh / H, h = bh % H;
       const int64_t i0 = qb * kBlockM, rows = std::min(kBlockM, N - i0);
-      Prior prior{omega.defined() ? omega.data_ptr<float>() + h * tsize : nullptr, gh, gw, num_prefix};
+      Prior prior{expanded.defined() ? expanded.data_ptr<float>() + h * esize : nullptr, gh, gw, num_prefix};
       Mat qm = slice(q, b, h), km = slice(k, b, h), vm = slice(v, b, h);
       qm.p += i0 * qm.ld;
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
@@ -226,6 +247,8 @@ std::vector<at::Tensor> sp_attention_backward_cpu(const at::Tensor& dout_in, con
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
   const bool has_prior = omega_in.has_value();
   const at::Tensor omega = has_prior ? omega_in->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor expanded = has_prior ? Prior::expand(omega, gh, gw) : at::Tensor();
+  const int64_t esize = Prior::expanded_size(gh, gw);
   const float scale = static_cast<float>(scale_d);
   const int64_t tsize = (2 * gh - 1) * (2 * gw - 1);
 
@@ -235,10 +258,12 @@ std::vector<at::Tensor> sp_attention_backward_cpu(const at::Tensor& dout_in, con
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p_buf(kBlockM * kBlockN), dp_buf(kBlockM * kBlockN), logit_buf(kBlockN), delta(N);
+    std::vector<float> dexp(has_prior ? esize : 0);  // this task's expanded d-omega
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      Prior prior{has_prior ? omega.data_ptr<float>() + h * tsize : nullptr, gh, gw, num_prefix};
+      Prior prior{has_prior ? expanded.data_ptr<float>() + h * esize : nullptr, gh, gw, num_prefix};
       float* dtab = has_prior ? dtab_partial.data_ptr<float>() + bh * tsize : nullptr;
+      std::fill(dexp.begin(), dexp.end(), 0.f);
       const Mat qm = slice(q, b, h), km = slice(k, b, h), vm = slice(v, b, h);
       const Mat dom = slice(dout, b, h), om = slice(out, b, h);
       const float* lse_p = lse.data_ptr<float>() + bh * N;
@@ -274,7 +299,7 @@ std::vector<at::Tensor> sp_attention_backward_cpu(const at::Tensor& dout_in, con
             simd::exp_sub_sum(p, cols, li);
             // dS = P * (dP - delta): gradient of the post-prior logit.
             for (int64_t t = 0; t < cols; ++t) ds[t] = p[t] * (ds[t] - di);
-            if (has_prior) prior.accumulate_row(dtab, ds, logit_buf.data(), i, j0, j0 + cols);
+            if (has_prior) prior.accumulate_row(dexp.data(), ds, logit_buf.data(), i, j0, j0 + cols);
             // Chain through the prior and the scale: d(q.k) = dS * scale * factor.
             prior.apply_row(ds, i, j0, j0 + cols, scale);
           }
@@ -283,6 +308,7 @@ std::vector<at::Tensor> sp_attention_backward_cpu(const at::Tensor& dout_in, con
           gemm_atb(rows, cols, Dh, dp_buf.data(), kBlockN, qb, dk_p + j0 * Dh, Dh);       // dK += dQK^T . Q
         }
       }
+      if (has_prior) Prior::fold(dexp.data(), dtab, gh, gw);
     }
   });
 
