@@ -21,6 +21,7 @@ CASES = [
     (1, 2, (9, 9), 1, 96, True),
     (2, 1, (17, 19), 2, 128, True),  # N = 325
     (1, 1, (23, 23), 1, 32, True),  # N = 530 spans two key blocks of 512 (online rescaling)
+    (1, 2, (22, 24), 5, 64, True),  # N = 533, non-square: the second key block starts mid grid row
     (1, 1, (1, 1), 0, 16, True),  # a single token
     (2, 2, (7, 7), 1, 64, False),  # omega=None: plain attention
     (1, 2, None, 0, 48, False),  # plain attention with no grid at all (N = 300)

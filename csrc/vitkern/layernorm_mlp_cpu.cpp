@@ -40,17 +40,79 @@ at::Tensor f32c(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 at::Tensor opt_f32(const c10::optional<at::Tensor>& t) { return t.has_value() ? f32c(*t) : at::Tensor(); }
 
-// One row: mean and 1/std (biased variance, as LayerNorm), two-pass in fp32.
-inline void row_stats(const float* x, int64_t d, float eps, float* mean, float* rstd) {
-  float s = 0.f;
+// LayerNorm of `rows` rows: mean and 1/std (biased variance, two-pass, fp32) into
+// mean/rstd, normalised and affine rows into h.
+VK_TARGET_CLONES void ln_rows(const float* x, int64_t rows, int64_t d, float eps, const float* w, const float* b,
+                              float* mean, float* rstd, float* h) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t t = 0; t < d; ++t) s += x[t];
-  const float mu = s / d;
-  float v = 0.f;
+    for (int64_t t = 0; t < d; ++t) s += xr[t];
+    const float mu = s / d;
+    float v = 0.f;
 #pragma omp simd reduction(+ : v)
-  for (int64_t t = 0; t < d; ++t) v += (x[t] - mu) * (x[t] - mu);
-  *mean = mu;
-  *rstd = 1.f / std::sqrt(v / d + eps);
+    for (int64_t t = 0; t < d; ++t) v += (xr[t] - mu) * (xr[t] - mu);
+    const float rs = 1.f / std::sqrt(v / d + eps);
+    mean[r] = mu;
+    rstd[r] = rs;
+    float* hr = h + r * d;
+#pragma omp simd
+    for (int64_t t = 0; t < d; ++t) hr[t] = (xr[t] - mu) * rs * (w ? w[t] : 1.f) + (b ? b[t] : 0.f);
+  }
+}
+
+// out rows = x rows (residual, or 0) + bias: the fc2 GEMM then accumulates onto them.
+VK_TARGET_CLONES void init_rows(float* o, const float* x, const float* bias, int64_t rows, int64_t d) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* orow = o + r * d;
+    const float* xr = x ? x + r * d : nullptr;
+#pragma omp simd
+    for (int64_t t = 0; t < d; ++t) orow[t] = (xr ? xr[t] : 0.f) + (bias ? bias[t] : 0.f);
+  }
+}
+
+// acc[t] += a[t]
+VK_TARGET_CLONES void add_to(float* acc, const float* a, int64_t n) {
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) acc[t] += a[t];
+}
+
+// LayerNorm backward of rows [r0, r1): dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)) (+ dy),
+// dxh = dhn * w; d ln_weight += dhn * xhat and d ln_bias += dhn into aw / ab (when given).
+VK_TARGET_CLONES void ln_backward_rows(const float* x, const float* dhn, const float* dy, const float* mean,
+                                       const float* rstd, const float* w, int64_t r0, int64_t r1, int64_t d,
+                                       float* xh, float* dx, float* aw, float* ab) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* dh = dhn + r * d;
+    const float* xr = x + r * d;
+    const float mu = mean[r], rs = rstd[r];
+    float s1 = 0.f, s2 = 0.f;
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t t = 0; t < d; ++t) {
+      xh[t] = (xr[t] - mu) * rs;  // x-hat from the saved statistics
+      const float dxh = dh[t] * (w ? w[t] : 1.f);
+      s1 += dxh;
+      s2 += dxh * xh[t];
+    }
+    s1 /= d;
+    s2 /= d;
+    float* dxr = dx + r * d;
+    const float* dyr = dy ? dy + r * d : nullptr;
+#pragma omp simd
+    for (int64_t t = 0; t < d; ++t) {
+      const float dxh = dh[t] * (w ? w[t] : 1.f);
+      dxr[t] = rs * (dxh - s1 - xh[t] * s2) + (dyr ? dyr[t] : 0.f);
+    }
+    if (aw) {
+#pragma omp simd
+      for (int64_t t = 0; t < d; ++t) aw[t] += dh[t] * xh[t];
+    }
+    if (ab) {
+#pragma omp simd
+      for (int64_t t = 0; t < d; ++t) ab[t] += dh[t];
+    }
+  }
 }
 
 void check_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
@@ -94,24 +156,13 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const 
     // Without a gradient the tile lives in a per-thread buffer; with one, the LN output and
     // the GELU output are written straight into the tensors saved for the backward (same
     // row-major layout), so keeping them costs no copy.
-    std::vector<float> hn_buf(save_for_backward ? 0 : kTileM * D), hid_buf(save_for_backward ? 0 : kTileM * Hd);
+    Scratch hn_buf = scratch(save_for_backward ? 0 : kTileM * D), hid_buf = scratch(save_for_backward ? 0 : kTileM * Hd);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = tile * kTileM, rows = std::min(kTileM, M - r0);
-      float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.data();
-      float* hid = save_for_backward ? gsp + r0 * Hd : hid_buf.data();
+      float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.get();
+      float* hid = save_for_backward ? gsp + r0 * Hd : hid_buf.get();
       // LayerNorm prologue into the tile buffer.
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = xp + (r0 + r) * D;
-        float mu, rs;
-        row_stats(xr, D, eps, &mu, &rs);
-        mp[r0 + r] = mu;
-        rp[r0 + r] = rs;
-        float* h = hn + r * D;
-        for (int64_t t = 0; t < D; ++t) {
-          const float v = (xr[t] - mu) * rs;
-          h[t] = v * (lnwp ? lnwp[t] : 1.f) + (lnbp ? lnbp[t] : 0.f);
-        }
-      }
+      ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, mp + r0, rp + r0, hn);
       // fc1: hid (rows x Hd) = hn . W1^T, then bias + GELU in place (epilogue).
       sgemm(true, false, Hd, rows, D, 1.f, w1p, D, hn, D, 0.f, hid, Hd);
       for (int64_t r = 0; r < rows; ++r) {
@@ -119,11 +170,7 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const 
       }
       // fc2 with bias and residual: out rows start as x + b2, GEMM accumulates (beta = 1).
       float* o = op + r0 * D;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = xp + (r0 + r) * D;
-        float* orow = o + r * D;
-        for (int64_t t = 0; t < D; ++t) orow[t] = (residual ? xr[t] : 0.f) + (b2p ? b2p[t] : 0.f);
-      }
+      init_rows(o, residual ? xp + r0 * D : nullptr, b2p, rows, D);
       sgemm(true, false, D, rows, Hd, 1.f, w2p, Hd, hid, Hd, 1.f, o, D);
     }
   });
@@ -172,8 +219,7 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
       for (int64_t r = r0; r < r1; ++r) {
         float* dar = dap + r * Hd;
         simd::gelu_fwd_bwd(prep + r * Hd, nullptr, dar, Hd, tanh_approx);
-#pragma omp simd
-        for (int64_t t = 0; t < Hd; ++t) acc[t] += dar[t];
+        add_to(acc, dar, Hd);
       }
     }
   });
@@ -198,36 +244,7 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
       float* ab = lnbpp ? lnbpp + blk * D : nullptr;
       if (aw) std::fill(aw, aw + D, 0.f);
       if (ab) std::fill(ab, ab + D, 0.f);
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* dh = dhp + r * D;
-        const float* xr = xp + r * D;
-        const float mu = mp[r], rs = rp[r];
-        float s1 = 0.f, s2 = 0.f;
-#pragma omp simd reduction(+ : s1, s2)
-        for (int64_t t = 0; t < D; ++t) {
-          xh[t] = (xr[t] - mu) * rs;  // x-hat from the saved statistics
-          const float dxh = dh[t] * (lnwp ? lnwp[t] : 1.f);
-          s1 += dxh;
-          s2 += dxh * xh[t];
-        }
-        s1 /= D;
-        s2 /= D;
-        float* dxr = dxp + r * D;
-        const float* dyr = dyp + r * D;
-#pragma omp simd
-        for (int64_t t = 0; t < D; ++t) {
-          const float dxh = dh[t] * (lnwp ? lnwp[t] : 1.f);
-          dxr[t] = rs * (dxh - s1 - xh[t] * s2) + (residual ? dyr[t] : 0.f);
-        }
-        if (aw) {
-#pragma omp simd
-          for (int64_t t = 0; t < D; ++t) aw[t] += dh[t] * xh[t];
-        }
-        if (ab) {
-#pragma omp simd
-          for (int64_t t = 0; t < D; ++t) ab[t] += dh[t];
-        }
-      }
+      ln_backward_rows(xp, dhp, residual ? dyp : nullptr, mp, rp, lnwp, r0, r1, D, xh.data(), dxp, aw, ab);
     }
   });
   at::Tensor dlnw = want_dlnw ? lnw_part.sum(0) : at::Tensor();

@@ -105,16 +105,16 @@ at::Tensor patch_embed_forward_cpu(const at::Tensor& images_in, const at::Tensor
   float* op = out.data_ptr<float>();
   const int64_t total = g.B * g.N, chunk = chunk_rows(total), chunks = (total + chunk - 1) / chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(chunk * g.K);
+    Scratch tile = scratch(chunk * g.K);
     for (int64_t ch = begin; ch < end; ++ch) {
       const int64_t r0 = ch * chunk, rows = std::min(chunk, total - r0);
-      gather(g, ip, r0, rows, tile.data());
+      gather(g, ip, r0, rows, tile.get());
       float* o = op + r0 * g.D;
       for (int64_t r = 0; r < rows; ++r) {  // epilogue terms first: bias + pos_embed
         const float* pr = pp ? pp + ((r0 + r) % g.N) * g.D : nullptr;
         for (int64_t t = 0; t < g.D; ++t) o[r * g.D + t] = (bp ? bp[t] : 0.f) + (pr ? pr[t] : 0.f);
       }
-      sgemm(true, false, g.D, rows, g.K, 1.f, wp, g.K, tile.data(), g.K, 1.f, o, g.D);
+      sgemm(true, false, g.D, rows, g.K, 1.f, wp, g.K, tile.get(), g.K, 1.f, o, g.D);
     }
   });
   return images_in.scalar_type() == at::kFloat ? out : out.to(images_in.scalar_type());
@@ -134,12 +134,12 @@ std::vector<at::Tensor> patch_embed_backward_cpu(const at::Tensor& dout_in, cons
     dimg = at::empty({g.B, g.C, g.img_h, g.img_w}, dout.options());
     float* dip = dimg.data_ptr<float>();
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> tile(chunk * g.K);
+      Scratch tile = scratch(chunk * g.K);
       for (int64_t ch = begin; ch < end; ++ch) {
         const int64_t r0 = ch * chunk, rows = std::min(chunk, total - r0);
         // d tile (rows x K) = d out (rows x D) . W (D x K)
-        sgemm(false, false, g.K, rows, g.D, 1.f, wp, g.K, dp + r0 * g.D, g.D, 0.f, tile.data(), g.K);
-        scatter(g, tile.data(), r0, rows, dip);
+        sgemm(false, false, g.K, rows, g.D, 1.f, wp, g.K, dp + r0 * g.D, g.D, 0.f, tile.get(), g.K);
+        scatter(g, tile.get(), r0, rows, dip);
       }
     });
     dimg = dimg.to(images_in.scalar_type());
@@ -150,12 +150,12 @@ std::vector<at::Tensor> patch_embed_backward_cpu(const at::Tensor& dout_in, cons
     dw = at::zeros({g.D, g.K}, dout.options());
     float* dwp = dw.data_ptr<float>();
     const int64_t wchunk = 512;  // fixed, thread-independent order: deterministic
-    std::vector<float> tile(wchunk * g.K);
+    Scratch tile = scratch(wchunk * g.K);
     for (int64_t r0 = 0; r0 < total; r0 += wchunk) {
       const int64_t rows = std::min(wchunk, total - r0);
-      gather(g, ip, r0, rows, tile.data());
+      gather(g, ip, r0, rows, tile.get());
       // d W (D x K) += d out^T (D x rows) . tile (rows x K)
-      sgemm(false, true, g.K, g.D, rows, 1.f, tile.data(), g.K, dp + r0 * g.D, g.D, 1.f, dwp, g.K);
+      sgemm(false, true, g.K, g.D, rows, 1.f, tile.get(), g.K, dp + r0 * g.D, g.D, 1.f, dwp, g.K);
     }
     dw = dw.view({g.D, g.C, g.P, g.P}).to(weight_in.scalar_type());
   }

@@ -14,6 +14,15 @@
 #include <immintrin.h>
 #endif
 
+// Plain row loops (LayerNorm, residual init, column sums) are compiled for AVX-512,
+// AVX2 and baseline x86-64 and picked at load time (GCC/Clang function multiversioning);
+// the extension itself is built for baseline x86-64, where they would be 4-wide SSE.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(VITKERN_NO_TARGET_CLONES)
+#define VK_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VK_TARGET_CLONES
+#endif
+
 namespace vitkern::simd {
 
 inline float row_max_scalar(const float* x, int64_t n) {

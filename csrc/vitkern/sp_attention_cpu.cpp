@@ -188,7 +188,8 @@ std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const a
   float* lse_p = lse.data_ptr<float>();
 
   at::parallel_for(0, B * H * n_qblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s_buf(kBlockM * kBlockN), acc(kBlockM * Dh), m(kBlockM), l(kBlockM);
+    Scratch s_buf = scratch(kBlockM * kBlockN);
+    std::vector<float> acc(kBlockM * Dh), m(kBlockM), l(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % n_qblk, bh = task / n_qblk, b = bh / H, h = bh % H;
       const int64_t i0 = qb * kBlockM, rows = std::min(kBlockM, N - i0);
@@ -201,9 +202,9 @@ std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const a
       for (int64_t j0 = 0; j0 < N; j0 += kBlockN) {
         const int64_t cols = std::min(kBlockN, N - j0);
         // The logit scale rides on the GEMM's alpha: no separate pass.
-        gemm_abt(rows, cols, Dh, qm, {km.p + j0 * km.ld, km.ld}, s_buf.data(), kBlockN, scale);
+        gemm_abt(rows, cols, Dh, qm, {km.p + j0 * km.ld, km.ld}, s_buf.get(), kBlockN, scale);
         for (int64_t r = 0; r < rows; ++r) {
-          float* s = s_buf.data() + r * kBlockN;
+          float* s = s_buf.get() + r * kBlockN;
           prior.apply_row(s, i0 + r, j0, j0 + cols, 1.f);
           const float mb = simd::row_max(s, cols);
           const float m_new = std::max(m[r], mb);
@@ -218,7 +219,7 @@ std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const a
             for (int64_t t = 0; t < Dh; ++t) a[t] *= alpha;
           }
         }
-        gemm_ab(rows, cols, Dh, s_buf.data(), kBlockN, {vm.p + j0 * vm.ld, vm.ld}, 1.f, acc.data(), Dh);
+        gemm_ab(rows, cols, Dh, s_buf.get(), kBlockN, {vm.p + j0 * vm.ld, vm.ld}, 1.f, acc.data(), Dh);
       }
       float* o = out_p + ((b * N + i0) * H + h) * Dh;  // token-major rows, stride H * Dh
       float* ls = lse_p + (b * H + h) * N + i0;
@@ -257,7 +258,8 @@ std::vector<at::Tensor> sp_attention_backward_cpu(const at::Tensor& dout_in, con
   at::Tensor dtab_partial = has_prior ? at::zeros({B, H, tsize}, f32) : at::Tensor();
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p_buf(kBlockM * kBlockN), dp_buf(kBlockM * kBlockN), logit_buf(kBlockN), delta(N);
+    Scratch p_buf = scratch(kBlockM * kBlockN), dp_buf = scratch(kBlockM * kBlockN), logit_buf = scratch(kBlockN);
+    std::vector<float> delta(N);
     std::vector<float> dexp(has_prior ? esize : 0);  // this task's expanded d-omega
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -288,24 +290,24 @@ std::vector<at::Tensor> sp_attention_backward_cpu(const at::Tensor& dout_in, con
         for (int64_t j0 = 0; j0 < N; j0 += kBlockN) {
           const int64_t cols = std::min(kBlockN, N - j0);
           const Mat kb{km.p + j0 * km.ld, km.ld}, vb{vm.p + j0 * vm.ld, vm.ld};
-          gemm_abt(rows, cols, Dh, qb, kb, p_buf.data(), kBlockN, scale);  // scale * q.k
-          gemm_abt(rows, cols, Dh, dob, vb, dp_buf.data(), kBlockN);  // dP = dO . V^T
+          gemm_abt(rows, cols, Dh, qb, kb, p_buf.get(), kBlockN, scale);  // scale * q.k
+          gemm_abt(rows, cols, Dh, dob, vb, dp_buf.get(), kBlockN);  // dP = dO . V^T
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + r;
-            float* p = p_buf.data() + r * kBlockN;
-            float* ds = dp_buf.data() + r * kBlockN;
-            prior.apply_row(p, i, j0, j0 + cols, 1.f, has_prior ? logit_buf.data() : nullptr);
+            float* p = p_buf.get() + r * kBlockN;
+            float* ds = dp_buf.get() + r * kBlockN;
+            prior.apply_row(p, i, j0, j0 + cols, 1.f, has_prior ? logit_buf.get() : nullptr);
             const float li = lse_p[i], di = delta[i];
             simd::exp_sub_sum(p, cols, li);
             // dS = P * (dP - delta): gradient of the post-prior logit.
             for (int64_t t = 0; t < cols; ++t) ds[t] = p[t] * (ds[t] - di);
-            if (has_prior) prior.accumulate_row(dexp.data(), ds, logit_buf.data(), i, j0, j0 + cols);
+            if (has_prior) prior.accumulate_row(dexp.data(), ds, logit_buf.get(), i, j0, j0 + cols);
             // Chain through the prior and the scale: d(q.k) = dS * scale * factor.
             prior.apply_row(ds, i, j0, j0 + cols, scale);
           }
-          gemm_atb(rows, cols, Dh, p_buf.data(), kBlockN, dob, dv_p + j0 * Dh, Dh);        // dV += P^T dO
-          gemm_ab(rows, cols, Dh, dp_buf.data(), kBlockN, kb, 1.f, dq_blk, Dh);          // dQ += dQK . K
-          gemm_atb(rows, cols, Dh, dp_buf.data(), kBlockN, qb, dk_p + j0 * Dh, Dh);       // dK += dQK^T . Q
+          gemm_atb(rows, cols, Dh, p_buf.get(), kBlockN, dob, dv_p + j0 * Dh, Dh);        // dV += P^T dO
+          gemm_ab(rows, cols, Dh, dp_buf.get(), kBlockN, kb, 1.f, dq_blk, Dh);          // dQ += dQK . K
+          gemm_atb(rows, cols, Dh, dp_buf.get(), kBlockN, qb, dk_p + j0 * Dh, Dh);       // dK += dQK^T . Q
         }
       }
       if (has_prior) Prior::fold(dexp.data(), dtab, gh, gw);
