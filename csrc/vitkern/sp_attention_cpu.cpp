@@ -40,7 +40,9 @@ constexpr int64_t kBlockN = 512;  // keys per tile
 // contiguous slice, E[ci][gh-1-ri .. 2gh-2-ri][:], so a score row is multiplied
 // by a plain vector loop instead of a gather over gh runs of gw entries (the runs
 // cost more than the multiply: benchmarks/NOTES.md). d-omega accumulates into a
-// per-thread expanded gradient with the same layout, folded back after each task.
+// per-task expanded gradient with the same layout, folded back after each task.
+// Memory: H x gw x (2gh-1) x gw floats for E (21 KB per head at 14 x 14, 2 MB at
+// 64 x 64, 17 MB at 128 x 128) and one expanded gradient per thread in the backward.
 struct Prior {
   const float* expanded = nullptr;  // this head's E, or nullptr (no prior)
   int64_t gh = 1, gw = 1, num_prefix = 0;
