@@ -18,7 +18,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_digits.py
 
 def test_train_digits_short_run(tmp_path):
     res = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--epochs", "3", "--seeds", "0", "--out", str(tmp_path)],
+        [sys.executable, str(EXAMPLE), "--epochs", "5", "--seeds", "0", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -28,7 +28,8 @@ def test_train_digits_short_run(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     result = json.loads((tmp_path / "results.json").read_text())
     for kind in ("vit", "sp_vit"):
-        # 3 epochs: well above chance (0.1) already; the full run reaches > 0.9.
+        # 5 epochs: 0.58 (ViT) / 0.64 (SP-ViT) on this seed, far above chance (0.1); the full run
+        # reaches > 0.9. (3 epochs ended at 0.29-0.33, where kernel rounding decided the outcome.)
         assert result["summary"][kind]["mean"] > 0.3, result["summary"]
     omega = next(r["omega"] for r in result["runs"] if r["kind"] == "sp_vit")
     assert len(omega) == 2 and len(omega[0]) == 4  # 2 SP-SA layers x 4 heads
