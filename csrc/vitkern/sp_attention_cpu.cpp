@@ -185,7 +185,6 @@ std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const a
   at::Tensor out = out_tok.permute({0, 2, 1, 3});
   at::Tensor lse = at::empty({B, H, N}, q.options());
   const int64_t n_qblk = (N + kBlockM - 1) / kBlockM;
-  const int64_t tsize = (2 * gh - 1) * (2 * gw - 1);
   float* out_p = out_tok.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
 
