@@ -93,6 +93,35 @@ def test_layernorm_mlp_cpu_inference_saves_nothing_and_auto_picks_cpu(gen):
     assert_close_rel(y, ref, TOL[torch.float32])
 
 
+def test_saved_outputs_are_not_differentiable_and_get_no_zero_gradients(gen):
+    """The statistics and activations the custom ops return for their backward are marked
+    non-differentiable, and autograd does not zero-fill gradients for them (that cost 12 ms of a
+    53 ms LN-MLP backward at D 384 before: benchmarks/NOTES.md, third pass)."""
+    x = randn(6, 16, gen=gen).requires_grad_()
+    w1, w2 = randn(64, 16, gen=gen).requires_grad_(), randn(16, 64, gen=gen).requires_grad_()
+    outs = torch.ops.vitkern.layernorm_mlp_cpu(x, None, None, w1, None, w2, None, 1e-6, False, True, True)
+    assert outs[0].requires_grad and not any(t.requires_grad for t in outs[1:])
+    q, k, v = (randn(1, 2, 5, 8, gen=gen).requires_grad_() for _ in range(3))
+    out, lse = torch.ops.vitkern.sp_attention_cpu(q, k, v, None, 1, 1, 0, 8**-0.5)
+    assert out.requires_grad and not lse.requires_grad
+    zero_fills = []
+
+    class _Watch(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default, torch.ops.aten.fill_.Scalar):
+                zero_fills.append(func)
+            return func(*args, **(kwargs or {}))
+
+    dy = randn(6, 16, gen=gen)
+    with _Watch():
+        grads = torch.autograd.grad(outs[0], (x, w1, w2), dy)
+    assert not zero_fills, zero_fills
+    y_ref = layernorm_mlp(x.double(), None, None, w1.double(), None, w2.double(), None, backend="reference")
+    ref = torch.autograd.grad(y_ref, (x, w1, w2), dy.double())
+    for g, r in zip(grads, ref, strict=True):
+        assert_close_rel(g, r, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("op", ["patch_embed", "layernorm_mlp"])
 def test_backward_is_bitwise_deterministic(op, gen):
     if op == "patch_embed":
