@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
+from vitkern.ops._autograd import mark_saved_outputs
 from vitkern.ops._validate import (
     check_same,
     check_tensor,
@@ -142,19 +143,11 @@ def _lnmlp_grad_tuple(grads, ln_weight, ln_bias, has_bias):
     )
 
 
-def _no_zero_grads(ctx, output):
-    """The statistics and saved activations are outputs only so that the backward can have them:
-    mark them non-differentiable and stop autograd materialising zero gradients for them (at
-    8 x 197 tokens, D 384 that was five zero-filled buffers, 2 x 9.7 MB, per backward: 12 ms of 53)."""
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-
-
 def _lnmlp_setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save = inputs
     _, mean, rstd, pre, gelu_out, ln_out = output
     ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out)
-    _no_zero_grads(ctx, output)
+    mark_saved_outputs(ctx, output)
     ctx.flags = (tanh_approx, residual)
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
 
@@ -259,7 +252,7 @@ def _lnmlp_triton_setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save = inputs
     _, mean, rstd, pre = output
     ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre)
-    _no_zero_grads(ctx, output)
+    mark_saved_outputs(ctx, output)
     ctx.flags = (tanh_approx, residual)
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
+from vitkern.ops._autograd import mark_saved_outputs
 from vitkern.ops._validate import check_same, check_tensor, cpu_fp32_kernel_supports
 from vitkern.ops.spatial_prior import resolve_grid, spatial_prior_reference
 
@@ -122,8 +123,7 @@ def _cpu_setup_context(ctx, inputs, output):
     q, k, v, omega, gh, gw, num_prefix, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, omega, out, lse)
-    ctx.mark_non_differentiable(lse)  # saved for the backward; no zero-filled gradient for it
-    ctx.set_materialize_grads(False)
+    mark_saved_outputs(ctx, output)
     ctx.args = (gh, gw, num_prefix, scale)
 
 
