@@ -102,8 +102,13 @@ def register_impl(
     _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports, auto_skip)
 
 
+# Probed once, at import: the dispatch below runs inside torch.compile's trace, where an
+# import or a module-spec lookup cannot be traced (fullgraph=True fails on it).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_status() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "triton is not installed"
     if torch.cuda.is_available():
         return None
@@ -213,3 +218,8 @@ def last_backend(op: str | None = None) -> str | None:
 def backend_report() -> dict[str, DispatchRecord]:
     """The last dispatch decision per op in this thread, with skipped backends and reasons."""
     return dict(_records())
+
+
+# Load vitkern._C now (cheap: torch is imported already) rather than on the first op call, so
+# that torch.compile(model, fullgraph=True) as a process's first call traces no import.
+load_extension()

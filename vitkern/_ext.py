@@ -1,4 +1,5 @@
-"""Lazy, failure-tolerant loading of the compiled extension ``vitkern._C``.
+"""Failure-tolerant loading of the compiled extension ``vitkern._C`` (done once, when
+``vitkern`` is imported; later calls return the cached module).
 
 ``import vitkern`` never fails because of the extension: if ``_C`` is missing
 or broken (built against another torch, say), one warning is emitted and the

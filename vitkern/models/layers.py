@@ -4,12 +4,11 @@ for key; the forward passes call vitkern's fused ops."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from vitkern.ops import layernorm_mlp, sp_attention
+from vitkern.ops._autograd import no_autocast
 
 
 class LayerScale(nn.Module):
@@ -47,20 +46,37 @@ class SpatialRelation(nn.Module):
         omega_h(dx, dy) = w2_h . ReLU(W1_h [dx, dy] + b1_h) + b2_h
 
     evaluated once per forward on the (2gh-1)(2gw-1) offsets of the current grid.
-    ``w2 = 0`` and ``b2 = 1`` at initialisation, so a fresh layer is plain attention.
+
+    Initialised as SP-ViT's public code does: ``W1`` truncated normal (std 0.02, cut at
+    ±2), ``b1 = 0``, ``w2 = 0``, ``b2 = 1``, so a fresh layer is exactly plain attention and
+    its hidden layer starts small on the raw integer offsets (a uniform ±0.7 ``W1`` would put
+    it at up to ±10 on a 14x14 grid).
     """
 
     def __init__(self, num_heads: int, hidden: int = 32) -> None:
         super().__init__()
         self.num_heads, self.hidden = num_heads, hidden
-        bound = 1.0 / math.sqrt(2.0)  # nn.Linear's default init for 2 inputs
-        self.w1 = nn.Parameter(torch.empty(num_heads, hidden, 2).uniform_(-bound, bound))
-        self.b1 = nn.Parameter(torch.empty(num_heads, hidden).uniform_(-bound, bound))
+        self.w1 = nn.Parameter(torch.empty(num_heads, hidden, 2))
+        self.b1 = nn.Parameter(torch.zeros(num_heads, hidden))
         self.w2 = nn.Parameter(torch.zeros(num_heads, hidden))
         self.b2 = nn.Parameter(torch.ones(num_heads))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.w1, std=0.02)
+        nn.init.zeros_(self.b1)
+        nn.init.zeros_(self.w2)
+        nn.init.ones_(self.b2)
 
     def forward(self, grid: tuple[int, int]) -> torch.Tensor:
-        """(H, 2*gh-1, 2*gw-1) table: ``[h, dy+gh-1, dx+gw-1]``."""
+        """(H, 2*gh-1, 2*gw-1) table: ``[h, dy+gh-1, dx+gw-1]``, in the parameters' dtype
+        (also under autocast: the MLP is tiny and sp_attention takes an fp32 table with
+        half-precision q/k/v)."""
+        with no_autocast(self.w1.device.type):
+            return self._table(grid)
+
+    def _table(self, grid: tuple[int, int]) -> torch.Tensor:
         gh, gw = grid
         dev, dt = self.w1.device, self.w1.dtype
         dy = torch.arange(-(gh - 1), gh, device=dev, dtype=dt)

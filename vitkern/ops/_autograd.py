@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 
 def mark_saved_outputs(ctx, output) -> None:
     """Outputs after the first exist only so that the backward can have them (statistics, saved
@@ -11,3 +15,41 @@ def mark_saved_outputs(ctx, output) -> None:
     ``None`` for an unused first output as well."""
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
+
+
+# ----------------------------------------------------------------------------- autocast
+# The rule every vitkern op follows inside a ``torch.autocast`` region for its inputs' device:
+# floating inputs other than float64 are cast to the autocast dtype (weights too, as autocast
+# does for ``F.linear``), except the exceptions an op documents (sp_attention's omega stays
+# fp32), and the op body, forward and backward, runs with autocast off. The kernels then see
+# one dtype they were written for, and the ATen calls inside them (``at::mm`` in the cpu
+# kernels' backward, the reference path's matmuls) are not re-cast behind their back.
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type``, or ``None`` outside an autocast region."""
+    if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_cast(dtype: torch.dtype | None, t):
+    """``t`` in ``dtype`` if it is a floating tensor other than float64 (autocast's eligibility)."""
+    if dtype is None or not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def autocast_inputs(dtype: torch.dtype | None, *tensors):
+    """:func:`autocast_cast` of each argument (``None`` and non-tensors pass through)."""
+    return tuple(autocast_cast(dtype, t) for t in tensors)
+
+
+def no_autocast(device_type: str):
+    """A context that turns autocast off for ``device_type`` (a no-op when it is off)."""
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
-from vitkern.ops._autograd import mark_saved_outputs
+from vitkern.ops._autograd import autocast_dtype, autocast_inputs, mark_saved_outputs, no_autocast
 from vitkern.ops._validate import (
     check_same,
     check_tensor,
@@ -65,11 +65,12 @@ def _layernorm_mlp_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out, mean, rstd, pre-activation, GELU output, LN output); the last three are empty
     unless ``save`` (a gradient is wanted)."""
-    return tuple(
-        load_extension().layernorm_mlp_forward(
-            x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save
+    with no_autocast("cpu"):
+        return tuple(
+            load_extension().layernorm_mlp_forward(
+                x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save
+            )
         )
-    )
 
 
 @_layernorm_mlp_cpu.register_fake
@@ -97,9 +98,22 @@ def _layernorm_mlp_cpu_backward(
     tanh_approx: bool,
     residual: bool,
 ) -> list[torch.Tensor]:
-    grads = load_extension().layernorm_mlp_backward(
-        dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out, tanh_approx, residual
-    )
+    with no_autocast("cpu"):  # the kernel's at::mm calls must not be autocast to bf16
+        grads = load_extension().layernorm_mlp_backward(
+            dout,
+            x,
+            ln_weight,
+            ln_bias,
+            fc1_weight,
+            fc2_weight,
+            mean,
+            rstd,
+            pre,
+            gelu_out,
+            ln_out,
+            tanh_approx,
+            residual,
+        )
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -209,9 +223,20 @@ def _layernorm_mlp_triton(
     """-> (out, mean, rstd, pre-activation or empty)."""
     from vitkern.triton_kernels.layernorm_mlp import layernorm_mlp_fwd
 
-    return layernorm_mlp_fwd(
-        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, 2 if tanh_approx else 1, residual, save
-    )
+    with no_autocast(x.device.type):
+        return layernorm_mlp_fwd(
+            x,
+            ln_weight,
+            ln_bias,
+            fc1_weight,
+            fc1_bias,
+            fc2_weight,
+            fc2_bias,
+            eps,
+            2 if tanh_approx else 1,
+            residual,
+            save,
+        )
 
 
 @_layernorm_mlp_triton.register_fake
@@ -237,9 +262,10 @@ def _layernorm_mlp_triton_backward(
 ) -> list[torch.Tensor]:
     from vitkern.triton_kernels.layernorm_mlp import layernorm_mlp_bwd
 
-    grads = layernorm_mlp_bwd(
-        dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, 2 if tanh_approx else 1, residual
-    )
+    with no_autocast(x.device.type):
+        grads = layernorm_mlp_bwd(
+            dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, 2 if tanh_approx else 1, residual
+        )
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -272,12 +298,28 @@ def _lnmlp_triton_backward(ctx, dout, *_grads_of_saved):
 _layernorm_mlp_triton.register_autograd(_lnmlp_triton_backward, setup_context=_lnmlp_triton_setup_context)
 
 
-def _triton_lnmlp_supports(x, *args) -> str | None:
-    from vitkern.triton_kernels.layernorm_mlp import MAX_DIM
+_TRITON_MAX_DIM: list[int] = []
 
-    if x.shape[-1] > MAX_DIM:
-        return f"dim {x.shape[-1]} is above the Triton LayerNorm kernels' limit {MAX_DIM}"
+
+def _triton_max_dim() -> int:
+    if not _TRITON_MAX_DIM:
+        from vitkern.triton_kernels.layernorm_mlp import MAX_DIM
+
+        _TRITON_MAX_DIM.append(MAX_DIM)
+    return _TRITON_MAX_DIM[0]
+
+
+def _triton_lnmlp_supports(x, *args) -> str | None:
+    max_dim = _triton_max_dim()
+    if x.shape[-1] > max_dim:
+        return f"dim {x.shape[-1]} is above the Triton LayerNorm kernels' limit {max_dim}"
     return triton_kernel_supports(x)
+
+
+if _backend.backend_status("triton") is None:
+    # Where the Triton backend can run, read its limit now: the dispatch check runs inside
+    # torch.compile's trace, which must not import (fullgraph=True).
+    _triton_max_dim()
 
 
 _backend.register_impl(
@@ -311,9 +353,18 @@ def layernorm_mlp(
         residual: add ``x`` to the output (default True).
         backend: "auto", "reference", "triton", "cpu" or "cuda".
 
+    Under ``torch.autocast`` (for x's device) x and every parameter are cast to the
+    autocast dtype (float64 excepted) and the op runs with autocast off, forward and
+    backward: the GEMMs run in bf16/fp16 and the output has the autocast dtype.
+
     Returns:
         Same shape and dtype as ``x``.
     """
+    amp = autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    if amp is not None:
+        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = autocast_inputs(
+            amp, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias
+        )
     check_tensor("x", x, range(1, 9), "(..., dim)")
     D = x.shape[-1]
     check_tensor("fc1_weight", fc1_weight, 2, f"(hidden, {D})")
@@ -349,6 +400,7 @@ def layernorm_mlp(
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     args = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), approximate, bool(residual))
     fn = _backend.select("layernorm_mlp", backend, x.device, *args)
-    if x.numel() == 0:
-        return layernorm_mlp_reference(*args)
-    return fn(*args)
+    with no_autocast(x.device.type):
+        if x.numel() == 0:
+            return layernorm_mlp_reference(*args)
+        return fn(*args)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
+from vitkern.ops._autograd import autocast_dtype, autocast_inputs, no_autocast
 from vitkern.ops._validate import (
     check_same,
     check_tensor,
@@ -42,7 +43,8 @@ _backend.register_impl("patch_embed", "reference", patch_embed_reference)
 def _patch_embed_cpu(
     images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None
 ) -> torch.Tensor:
-    return load_extension().patch_embed_forward(images, weight, bias, pos_embed)
+    with no_autocast("cpu"):
+        return load_extension().patch_embed_forward(images, weight, bias, pos_embed)
 
 
 @_patch_embed_cpu.register_fake
@@ -55,7 +57,8 @@ def _patch_embed_fake(images, weight, bias, pos_embed):
 def _patch_embed_cpu_backward(
     dout: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, need_images: bool, need_weight: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dimg, dw = load_extension().patch_embed_backward(dout, images, weight, need_images, need_weight)
+    with no_autocast("cpu"):
+        dimg, dw = load_extension().patch_embed_backward(dout, images, weight, need_images, need_weight)
     return (dimg if dimg is not None else images.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
 
 
@@ -102,7 +105,8 @@ def _patch_embed_triton(
 ) -> torch.Tensor:
     from vitkern.triton_kernels.patch_embed import patch_embed_fwd
 
-    return patch_embed_fwd(images, weight, bias, pos_embed)
+    with no_autocast(images.device.type):
+        return patch_embed_fwd(images, weight, bias, pos_embed)
 
 
 _patch_embed_triton.register_fake(_patch_embed_fake)
@@ -114,7 +118,8 @@ def _patch_embed_triton_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from vitkern.triton_kernels.patch_embed import patch_embed_bwd
 
-    dimg, dw = patch_embed_bwd(dout, images, weight, need_images, need_weight)
+    with no_autocast(images.device.type):
+        dimg, dw = patch_embed_bwd(dout, images, weight, need_images, need_weight)
     return (dimg if dimg is not None else images.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
 
 
@@ -140,9 +145,15 @@ def patch_embed(
         pos_embed: (N, embed_dim) or (1, N, embed_dim) with N = gh*gw, or None.
         backend: "auto", "reference", "triton", "cpu" or "cuda".
 
+    Under ``torch.autocast`` (for the images' device) every input is cast to the autocast
+    dtype (float64 excepted) and the op runs with autocast off, forward and backward.
+
     Returns:
         (batch, N, embed_dim), patches in row-major order (n = row*gw + col).
     """
+    amp = autocast_dtype(images.device.type) if isinstance(images, torch.Tensor) else None
+    if amp is not None:
+        images, weight, bias, pos_embed = autocast_inputs(amp, images, weight, bias, pos_embed)
     check_tensor("images", images, 4, "(batch, channels, height, width)")
     check_tensor("weight", weight, 4, "(embed_dim, channels, P, P)")
     check_same("images", images, weight=weight, bias=bias, pos_embed=pos_embed)
@@ -171,6 +182,7 @@ def patch_embed(
                 f"got {tuple(pos_embed.shape)}"
             )
     fn = _backend.select("patch_embed", backend, images.device, images, weight, bias, pos_embed)
-    if images.shape[0] == 0:
-        return patch_embed_reference(images, weight, bias, pos_embed)
-    return fn(images, weight, bias, pos_embed)
+    with no_autocast(images.device.type):
+        if images.shape[0] == 0:
+            return patch_embed_reference(images, weight, bias, pos_embed)
+        return fn(images, weight, bias, pos_embed)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
-from vitkern.ops._autograd import mark_saved_outputs
+from vitkern.ops._autograd import autocast_cast, autocast_dtype, autocast_inputs, mark_saved_outputs, no_autocast
 from vitkern.ops._validate import check_same, check_tensor, cpu_fp32_kernel_supports
 from vitkern.ops.spatial_prior import resolve_grid, spatial_prior_reference
 
@@ -83,7 +83,8 @@ def _sp_attention_cpu(
     num_prefix: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = load_extension().sp_attention_forward(q, k, v, omega, gh, gw, num_prefix, scale)
+    with no_autocast("cpu"):
+        out, lse = load_extension().sp_attention_forward(q, k, v, omega, gh, gw, num_prefix, scale)
     return out, lse
 
 
@@ -107,9 +108,10 @@ def _sp_attention_cpu_backward(
     num_prefix: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, domega = load_extension().sp_attention_backward(
-        dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale
-    )
+    with no_autocast("cpu"):
+        dq, dk, dv, domega = load_extension().sp_attention_backward(
+            dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale
+        )
     return dq, dk, dv, (domega if domega is not None else q.new_empty(0))
 
 
@@ -169,7 +171,8 @@ def _sp_attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from vitkern.triton_kernels.sp_attention import sp_attention_fwd
 
-    return sp_attention_fwd(q, k, v, omega, (gh, gw), num_prefix, scale)
+    with no_autocast(q.device.type):
+        return sp_attention_fwd(q, k, v, omega, (gh, gw), num_prefix, scale)
 
 
 @_sp_attention_triton.register_fake
@@ -194,7 +197,10 @@ def _sp_attention_triton_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from vitkern.triton_kernels.sp_attention import sp_attention_bwd
 
-    dq, dk, dv, domega = sp_attention_bwd(dout, q, k, v, omega, out, lse, (gh, gw), num_prefix, scale, deterministic)
+    with no_autocast(q.device.type):
+        dq, dk, dv, domega = sp_attention_bwd(
+            dout, q, k, v, omega, out, lse, (gh, gw), num_prefix, scale, deterministic
+        )
     return dq, dk, dv, (domega if domega is not None else q.new_empty(0))
 
 
@@ -251,18 +257,34 @@ def sp_attention(
             unbound output of a fused qkv projection) are accepted.
         omega: (heads, 2*gh-1, 2*gw-1) prior table, or None for plain attention.
             Differentiable: its gradient is accumulated over all token pairs.
+            Its dtype is q's, or float32 with float16/bfloat16 q/k/v (the layout
+            mixed precision produces: the table is tiny and its parameters stay fp32);
+            the prior is applied in fp32 and d-omega is accumulated in fp32 and
+            returned in omega's dtype. Any other mix (float16 omega with bfloat16 q,
+            say) is a TypeError.
         grid: (gh, gw) patch grid; inferred from ``omega`` when omitted.
         num_prefix_tokens: leading class/register tokens (prior factor 1).
         scale: logit scale, head_dim**-0.5 by default.
         backend: "auto", "reference", "triton", "cpu" or "cuda".
 
+    Under ``torch.autocast`` (for q's device) q, k and v are cast to the autocast dtype
+    (float64 excepted), a float16/bfloat16 omega to float32, and the op runs with autocast off.
+
     Returns:
         (batch, heads, seqlen, head_dim) in q's dtype.
     """
+    amp = autocast_dtype(q.device.type) if isinstance(q, torch.Tensor) else None
+    if amp is not None:
+        q, k, v = autocast_inputs(amp, q, k, v)
+        if isinstance(q, torch.Tensor) and q.dtype in (torch.float16, torch.bfloat16):
+            omega = autocast_cast(torch.float32, omega)
     check_tensor("q", q, 4, "(batch, heads, seqlen, head_dim)")
     check_tensor("k", k, 4, "(batch, heads, seqlen, head_dim)")
     check_tensor("v", v, 4, "(batch, heads, seqlen, head_dim)")
-    check_same("q", q, k=k, v=v, omega=omega)
+    check_same("q", q, k=k, v=v)
+    if omega is not None:
+        check_tensor("omega", omega, 3, "(heads, 2*gh-1, 2*gw-1)")
+        check_omega_dtype(q, omega)
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"q, k and v must have the same shape (batch, heads, seqlen, head_dim), got "
@@ -279,6 +301,23 @@ def sp_attention(
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     fn = _backend.select("sp_attention", backend, q.device, q, k, v, omega, grid, num_prefix_tokens, float(scale))
-    if q.numel() == 0:  # empty batch: nothing for a kernel to do, keep autograd connected
-        return sp_attention_reference(q, k, v, omega, grid, num_prefix_tokens, float(scale))
-    return fn(q, k, v, omega, grid, num_prefix_tokens, float(scale))
+    with no_autocast(q.device.type):
+        if q.numel() == 0:  # empty batch: nothing for a kernel to do, keep autograd connected
+            return sp_attention_reference(q, k, v, omega, grid, num_prefix_tokens, float(scale))
+        return fn(q, k, v, omega, grid, num_prefix_tokens, float(scale))
+
+
+def check_omega_dtype(q: torch.Tensor, omega: object) -> None:
+    """omega is a tensor on q's device with q's dtype, or float32 with float16/bfloat16 q."""
+    if not isinstance(omega, torch.Tensor):
+        raise TypeError(
+            f"omega must be a torch.Tensor of shape (heads, 2*gh-1, 2*gw-1) or None, got {type(omega).__name__}"
+        )
+    if omega.device != q.device:
+        raise ValueError(f"omega is on {omega.device} but q is on {q.device}; all inputs must share a device")
+    half = (torch.float16, torch.bfloat16)
+    if omega.dtype != q.dtype and not (omega.dtype == torch.float32 and q.dtype in half):
+        raise TypeError(
+            f"omega has dtype {omega.dtype} but q has {q.dtype}; omega must have q's dtype, or be "
+            "torch.float32 with float16/bfloat16 q/k/v (mixed precision)"
+        )
