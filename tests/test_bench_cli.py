@@ -26,6 +26,8 @@ def test_vitkern_bench_quick(tmp_path):
     assert env["threads"] >= 1 and env["torch"] and env["gemm_peak_gflops_fp32"] > 0
     ops = {r["op"] for r in data["results"]}
     assert ops == {"sp_attention", "layernorm_mlp", "patch_embed", "model"}
+    amp = [r for r in data["results"] if r["op"] == "model" and r["params"].get("autocast")]
+    assert amp and {"vitkern", "timm eager"} <= set(amp[0]["providers"])  # the mixed-precision row
     att = next(r for r in data["results"] if r["op"] == "sp_attention")
     assert {"eager", "public SP-ViT code", "SDPA (no prior)"} <= set(att["providers"])
     for r in data["results"]:

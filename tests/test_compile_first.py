@@ -2,8 +2,8 @@
 
 Each case runs in its own interpreter, where nothing vitkern-related has run eagerly
 before the compiled call: inference, then a training step (forward, backward, optimizer
-step), then two image sizes (``dynamic_img_size=True`` model, ``dynamic=False`` so the second
-size recompiles with static shapes), on every backend this machine has (Triton under the
+step), then two more image sizes (``dynamic_img_size=True`` model; with torch.compile's default
+dynamic-shape handling and with ``dynamic=False``), on every backend this machine has (Triton under the
 interpreter). The compiled results are checked against eager runs made afterwards.
 Nothing in the traced path may import, load or probe (the extension is loaded and triton
 probed when ``vitkern`` is imported).
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _SCRIPT = textwrap.dedent(
     """
     import sys, torch, vitkern
-    kind, backend, compiler = sys.argv[1:4]
+    kind, backend, compiler, dynamic = sys.argv[1:5]
     torch.manual_seed(0)
     cfg = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, dynamic_img_size=True)
     if kind == "sp_vit":
@@ -37,7 +37,8 @@ _SCRIPT = textwrap.dedent(
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     x = torch.randn(2, 3, 32, 32)
-    cmodel = torch.compile(model, fullgraph=True, dynamic=False, backend=compiler)
+    dynamic = {"static": False, "default": None}[dynamic]
+    cmodel = torch.compile(model, fullgraph=True, dynamic=dynamic, backend=compiler)
 
     # 1. inference: the first vitkern call of the process is the compiled one
     model.eval()
@@ -54,17 +55,18 @@ _SCRIPT = textwrap.dedent(
     opt.step()
     opt.zero_grad()
 
-    # 3. a second image size in the same process (recompiles)
-    x2 = torch.randn(1, 3, 48, 40)
+    # 3. two more image sizes in the same process (static: one graph each; default: the
+    # second size recompiles with symbolic sizes, the third reuses that graph)
+    x2, x3 = torch.randn(1, 3, 48, 40), torch.randn(1, 3, 40, 64)
     with torch.no_grad():
-        y2 = cmodel(x2)
+        y2, y3 = cmodel(x2), cmodel(x3)
 
     # eager references, now that the compiled calls are done
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
     with torch.no_grad():
-        assert rel(y2, model(x2)) < 1e-4, "second image size"
+        assert rel(y2, model(x2)) < 1e-4 and rel(y3, model(x3)) < 1e-4, "other image sizes"
         for p, g in zip(model.parameters(), grads.values()):
             p.add_(0.1 * g)  # undo the SGD step
         assert rel(y, model(x)) < 1e-4, "inference"
@@ -88,7 +90,7 @@ def _backends() -> list[str]:
     return out
 
 
-def _run(kind: str, backend: str, compiler: str) -> None:
+def _run(kind: str, backend: str, compiler: str, dynamic: str) -> None:
     env = {
         **os.environ,
         "VITKERN_BACKEND": backend,
@@ -97,7 +99,7 @@ def _run(kind: str, backend: str, compiler: str) -> None:
     if backend == "triton":
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, kind, backend, compiler],
+        [sys.executable, "-c", _SCRIPT, kind, backend, compiler, dynamic],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -110,12 +112,13 @@ def _run(kind: str, backend: str, compiler: str) -> None:
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("kind", ["vit", "sp_vit"])
 def test_compile_fullgraph_first_call(kind, backend):
-    """Dynamo capture plus AOTAutograd (fake kernels, backward graph), no C++ codegen."""
-    _run(kind, backend, "aot_eager")
+    """Dynamo capture plus AOTAutograd (fake kernels, backward graph), no C++ codegen;
+    torch.compile's default dynamic-shape handling across the image sizes."""
+    _run(kind, backend, "aot_eager", "default")
 
 
 @pytest.mark.parametrize("kind", ["vit", "sp_vit"])
 def test_compile_fullgraph_first_call_inductor(kind):
-    """The default compiler (inductor) on the backend ``auto`` picks here."""
+    """The default compiler (inductor) on the backend ``auto`` picks here, ``dynamic=False``."""
     backend = "cpu" if vitkern.available_backends()["cpu"] is None else "reference"
-    _run(kind, backend, "inductor")
+    _run(kind, backend, "inductor", "static")

@@ -300,13 +300,20 @@ def model_case(
     device="cpu",
     backward: bool = False,
     compile: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> Case:
+    """Whole-model case. With ``autocast`` (e.g. torch.bfloat16) the models keep ``dtype``
+    (fp32) parameters and every provider runs inside ``torch.autocast(device, autocast)``:
+    the mixed-precision row, vitkern vs timm under the same autocast."""
     import vitkern
 
     device = torch.device(device)
     torch.manual_seed(0)
     x = torch.randn(batch, 3, img, img, device=device, dtype=dtype)
-    case = Case("model", dict(name=name, B=batch, img=img), dtype, device, backward, 0.0, baseline="timm eager")
+    params = dict(name=name, B=batch, img=img)
+    if autocast is not None:
+        params["autocast"] = str(autocast).removeprefix("torch.")
+    case = Case("model", params, dtype, device, backward, 0.0, baseline="timm eager")
     if name.startswith("sp_vit"):
         ours = vitkern.create_model(name, img_size=img).to(device=device, dtype=dtype)
         with torch.no_grad():
@@ -324,14 +331,14 @@ def model_case(
         base_name = "timm eager"
     ours.train(backward)
     ref.train(backward)
-    case.providers["vitkern"] = _model_runner(ours, x, backward)
-    case.providers[base_name] = _model_runner(ref, x, backward)
+    case.providers["vitkern"] = _model_runner(ours, x, backward, autocast)
+    case.providers[base_name] = _model_runner(ref, x, backward, autocast)
     if compile and not name.startswith("sp_vit"):
         import time
 
         try:
             cref = torch.compile(ref)
-            run = _model_runner(cref, x, backward)
+            run = _model_runner(cref, x, backward, autocast)
             t0 = time.perf_counter()
             run()
             case.compile_s["timm compiled"] = time.perf_counter() - t0
@@ -341,20 +348,26 @@ def model_case(
     return case
 
 
-def _model_runner(model: torch.nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], object]:
+def _model_runner(
+    model: torch.nn.Module, x: torch.Tensor, backward: bool, autocast: torch.dtype | None = None
+) -> Callable[[], object]:
+    def amp():
+        return torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+
     if not backward:
 
         def run() -> object:
-            with torch.inference_mode():
+            with torch.inference_mode(), amp():
                 return model(x)
 
         return run
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
-    def step() -> object:  # one training step: forward, backward, optimizer
+    def step() -> object:  # one training step: forward and backward under autocast (as timm's --amp), optimizer
         opt.zero_grad(set_to_none=True)
-        loss = model(x).float().logsumexp(-1).mean()
-        loss.backward()
+        with amp():
+            loss = model(x).float().logsumexp(-1).mean()
+            loss.backward()
         opt.step()
         return loss
 

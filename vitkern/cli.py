@@ -179,6 +179,11 @@ def _cases(args: argparse.Namespace, device: torch.device):
                         yield lambda name=name, batch=batch, kw=kw: S.model_case(
                             name, batch=batch, img=64 if quick else 224, **kw
                         )
+                        if dtype == torch.float32:  # the mixed-precision row: both models under autocast
+                            amp = torch.float16 if device.type == "cuda" else torch.bfloat16
+                            yield lambda name=name, batch=batch, kw=kw, amp=amp: S.model_case(
+                                name, batch=batch, img=64 if quick else 224, autocast=amp, **kw
+                            )
 
 
 def _run_case(case, repeats: int, peak_gflops: float) -> dict:
