@@ -408,7 +408,7 @@ def _sp_attn_bwd_domega_kernel(
     (dy, kx - qx), so the 2gw-1 diagonals of ``acc`` are the table entries."""
     pid = tl.program_id(0)
     chunks = tl.num_programs(0) // (H * (2 * gh - 1))
-    chunk = pid % chunks
+    chunk = (pid % chunks).to(tl.int64)
     hy = pid // chunks  # h * (2gh - 1) + (dy + gh - 1)
     TW = 2 * gw - 1
     TH = 2 * gh - 1
@@ -428,7 +428,7 @@ def _sp_attn_bwd_domega_kernel(
     b0 = chunk * batch_per_prog
     b1 = tl.minimum(b0 + batch_per_prog, B)
     for bi in range(0, b1 - b0):
-        b64 = b0.to(tl.int64) + bi
+        b64 = b0 + bi
         bh = b64 * H + h
         q_base = Q + b64 * stride_qb + h * stride_qh
         k_base = K + b64 * stride_kb + h * stride_kh
@@ -515,13 +515,13 @@ _FALLBACKS = ((32, 32, 4, 2), (16, 32, 4, 2))
 def attention_configs(kind: str, head_dim: int, has_prior: bool) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick for kernel ``kind``
     ("fwd", "dkdv" or "dq") at this head dim, with or without a prior, before the
-    shared-memory prune; best first."""
+    shared-memory prune: the register-sweep tile at each pipelining depth, then the
+    smaller fallback tiles."""
     bm, bn, block_d, warps = _block_sizes(head_dim, has_prior)
     if kind == "dkdv":
         bm = _dkdv_block_m(head_dim, has_prior)
     out = [(bm, bn, warps, st) for st in ATTN_STAGES if (kind, block_d, has_prior, st) not in _EXCLUDED]
-    out += [c for c in _FALLBACKS if c not in out and c[0] * c[1] < bm * bn]
-    return out
+    return out + [c for c in _FALLBACKS if c[0] * c[1] < bm * bn]
 
 
 def smem_bound(kind: str, bm: int, bn: int, block_d: int, stages: int, elem_bytes: int) -> int:
@@ -547,12 +547,13 @@ def _interpreting() -> bool:
 
 def select_configs(kind: str, head_dim: int, has_prior: bool, elem_bytes: int, smem_limit: int):
     """The configurations the autotuner may run on a device with ``smem_limit`` bytes of
-    shared memory per block: those of :func:`attention_configs` within the limit (the
-    smallest fallback if none is)."""
+    shared memory per block: the register-sweep tiles within the limit; if none is, the
+    fallback tiles within it; if none of those either, the smallest fallback."""
     block_d = _block_sizes(head_dim, has_prior)[2]
     every = attention_configs(kind, head_dim, has_prior)
-    kept = [c for c in every if smem_bound(kind, c[0], c[1], block_d, c[3], elem_bytes) <= smem_limit]
-    return kept or every[-1:]
+    fits = [c for c in every if smem_bound(kind, c[0], c[1], block_d, c[3], elem_bytes) <= smem_limit]
+    primary = [c for c in fits if c not in _FALLBACKS]
+    return primary or fits[:1] or every[-1:]
 
 
 def _autotuned(kernel, kind: str):
