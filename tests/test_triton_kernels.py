@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import run_under_triton_interpreter
 
+from vitkern import testing
+
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="interpreter run tested on Linux")
 
@@ -97,18 +99,8 @@ OP_SCRIPT = PRELUDE + textwrap.dedent(
     """
 )
 
-OP_CASES = [
-    # patch_embed: B, C, P, grid, D, bias, pos_embed, image layout
-    {"op": "patch_embed", "dtype": "float32", "shape": [1, 3, 4, [3, 5], 40, True, True, "contiguous"]},
-    {"op": "patch_embed", "dtype": "float16", "shape": [2, 2, 3, [5, 3], 24, False, True, "channels_last"]},
-    {"op": "patch_embed", "dtype": "float32", "shape": [2, 3, 16, [2, 3], 72, True, False, "contiguous"]},
-    {"op": "patch_embed", "dtype": "float16", "shape": [1, 3, 8, [1, 1], 16, True, True, "contiguous"]},
-    # layernorm_mlp: leading dims, D, hidden, LN affine, GELU, residual
-    {"op": "layernorm_mlp", "dtype": "float32", "shape": [[1, 197], 32, 96, True, "none", True]},
-    {"op": "layernorm_mlp", "dtype": "float16", "shape": [[2, 15], 80, 240, True, "none", True]},
-    {"op": "layernorm_mlp", "dtype": "float32", "shape": [[3], 48, 200, False, "tanh", False]},
-    {"op": "layernorm_mlp", "dtype": "float16", "shape": [[1, 7], 128, 160, True, "tanh", True]},
-]
+# The numerical cases live in vitkern/testing.py, shared with `vitkern selftest`.
+OP_CASES = [c for c in testing.OP_CASES if c["op"] in ("patch_embed", "layernorm_mlp")]
 
 
 def test_triton_patch_embed_and_layernorm_mlp_under_interpreter(tmp_path):

@@ -114,6 +114,8 @@ def _prune(configs, named_args, **kwargs):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if bm > cap_m or bn > cap_n or not config_fits(bm, bn, bk, c.num_stages, elem, smem):
             continue
+        if elem == 4 and bm == 128:  # fp32 operands: 128-row tiles spill (5-6 KB in dW1/dW2, sm_80)
+            continue
         kept.append(c)
     if not kept:
         kept = [configs[-1]]
