@@ -14,7 +14,7 @@ tcgen05, or none) and whether an fp32 path uses TF32. Exits 1 on a compile error
 TF32 instruction in an fp32 path that torch's settings (default: TF32 off) forbid.
 
     python scripts/gpu_build_report.py [--arch 80 86 89 90 100 120] [--dtype fp32 fp16 bf16]
-                                       [--jobs N] [--markdown]
+                                       [--jobs N] [--kernel REGEX] [--markdown]
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ def main() -> int:
     ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--kernel", default="", help="only kernels whose name matches this regular expression")
     args = ap.parse_args()
     torch.backends.cuda.matmul.fp32_precision = "ieee"  # torch's default: no TF32 for fp32 matmuls
     jobs, rows = [], []
@@ -151,6 +152,8 @@ def main() -> int:
         seen = set()
         for dt in args.dtype:
             for model, launch in model_launches(DTYPES[dt], L.SMEM_LIMIT[arch]):
+                if not re.search(args.kernel, launch.name):
+                    continue
                 opts, sig, constexprs, attrs = L.specialise(launch, arch)
                 key = (launch.name, repr(sorted(sig.items())), repr(constexprs), repr(attrs), repr(opts))
                 if key in seen:

@@ -177,23 +177,28 @@ def test_prune_reads_the_tensors_device(monkeypatch):
 
 
 # ---------------------------------------------------------------- 3. TF32 in fp32 attention
-def test_fp32_attention_dots_are_ieee_unless_torch_allows_tf32(monkeypatch):
+def test_fp32_attention_dots_are_ieee_unless_torch_allows_tf32():
     """With torch's default (no TF32 for fp32 matmuls) every fp32 attention kernel is built
     without TF32 tensor-core instructions; with TF32 allowed the launches ask for it."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")
-    seen = set()
-    for launch in attention_launches(Dh=64, dtype=torch.float32, B=1, H=1):
-        assert launch.kwargs["IEEE"] is True
-        if launch.name in seen:
-            continue
-        seen.add(launch.name)
-        ptx = L.compile_launch(launch, 80).asm["ptx"]
-        assert "tf32" not in ptx, f"{launch.name}: TF32 instruction in an fp32 kernel with TF32 off"
-    assert len(seen) == 4
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
-    assert all(launch.kwargs["IEEE"] is False for launch in attention_launches(Dh=64, dtype=torch.float32))
-    # fp16 never asks for IEEE dots (the flag is about fp32 products only).
-    assert all(launch.kwargs["IEEE"] is False for launch in attention_launches(Dh=64, dtype=torch.float16))
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        seen = set()
+        for launch in attention_launches(Dh=64, dtype=torch.float32, B=1, H=1):
+            assert launch.kwargs["IEEE"] is True
+            if launch.name in seen:
+                continue
+            seen.add(launch.name)
+            ptx = L.compile_launch(launch, 80).asm["ptx"]
+            assert "tf32" not in ptx, f"{launch.name}: TF32 instruction in an fp32 kernel with TF32 off"
+        assert len(seen) == 4
+        matmul.fp32_precision = "tf32"
+        assert all(launch.kwargs["IEEE"] is False for launch in attention_launches(Dh=64, dtype=torch.float32))
+        # fp16 never asks for IEEE dots (the flag is about fp32 products only).
+        assert all(launch.kwargs["IEEE"] is False for launch in attention_launches(Dh=64, dtype=torch.float16))
+    finally:
+        matmul.fp32_precision = before
 
 
 # ---------------------------------------------------------------- 4. TF32 read through the new API

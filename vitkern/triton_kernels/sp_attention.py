@@ -526,17 +526,21 @@ def attention_configs(kind: str, head_dim: int, has_prior: bool) -> list[tuple[i
 
 def smem_bound(kind: str, bm: int, bn: int, block_d: int, stages: int, elem_bytes: int) -> int:
     """Upper bound (bytes) of the shared memory Triton 3.x allocates for one attention
-    kernel configuration: every streamed operand tile held ``stages`` deep, plus the
-    resident tile and a (BLOCK_M x BLOCK_N) fp32 staging buffer for the dot layouts.
-    Checked against the compiled kernels of every configuration for every architecture
-    by tests/test_gpu_readiness.py and scripts/gpu_build_report.py."""
+    kernel configuration. Fitted to the compiled kernels (sm_80, fp32, every tile of
+    attention_configs): the streamed operand tiles plus a (BLOCK_M x BLOCK_N) fp32 score
+    buffer for each extra pipelining stage, the resident tiles and one score buffer; with
+    a 6 % + 1 KiB margin. Checked against compiled kernels by tests/test_gpu_readiness.py,
+    and every selectable build against the architecture's limit by
+    scripts/gpu_build_report.py."""
     if kind == "fwd":  # K and V streamed, Q resident
         streamed, resident = 2 * bn * block_d, bm * block_d
     elif kind == "dkdv":  # Q and dO streamed (+ lse, delta), K and V resident
         streamed, resident = 2 * bm * block_d, 2 * bn * block_d
     else:  # dq: K and V streamed, Q and dO resident
         streamed, resident = 2 * bn * block_d, 2 * bm * block_d
-    return (stages * streamed + resident) * elem_bytes + bm * bn * 4 + 1024
+    score = bm * bn * 4
+    fitted = (stages - 1) * (streamed * elem_bytes + score + 512) + resident * elem_bytes + score
+    return fitted + fitted // 16 + 1024
 
 
 def _interpreting() -> bool:
