@@ -1,10 +1,20 @@
-"""GPU build report: compile every Triton kernel in every configuration for sm_80
-and sm_90 with no GPU present; print kernel, configuration, registers, spills
-(local-memory STACK), shared memory and the tensor-core instructions used
-(mma.sync on sm_80, wgmma on sm_90). Exit 1 on a compile error or on a spill in
-a default configuration.
+"""GPU build report: compile, with no GPU present, every Triton kernel configuration the
+runtime can launch for the model shapes below, for each CUDA architecture and dtype.
 
-    python scripts/gpu_build_report.py [--arch 80 90] [--markdown]
+The launches are not written down by hand: each launcher runs on CPU tensors of the model
+shapes with Triton's launch entry points intercepted (vitkern.triton_kernels.launches), so
+every plain launch and every configuration the autotuners' prunes keep for that
+architecture's shared memory is recorded with its real arguments, then compiled with the
+specialisation Triton's own runtime derives from them.
+
+Per kernel build: registers, spill (local-memory STACK bytes), shared memory, pipelining
+(cp.async and TMA copy instructions in the PTX), tensor-core kind (mma.sync, wgmma,
+tcgen05, or none) and whether an fp32 path uses TF32. Exits 1 on a compile error
+(OutOfResources included), a spill, shared memory over the architecture's limit, or a
+TF32 instruction in an fp32 path that torch's settings (default: TF32 off) forbid.
+
+    python scripts/gpu_build_report.py [--arch 80 86 89 90 100 120] [--dtype fp32 fp16 bf16]
+                                       [--jobs N] [--kernel REGEX] [--markdown]
 """
 
 from __future__ import annotations
@@ -15,178 +25,75 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-from vitkern.triton_kernels import gemm
+from vitkern.triton_kernels import launches as L
 from vitkern.triton_kernels import layernorm_mlp as lnk
+from vitkern.triton_kernels import patch_embed as pek
 from vitkern.triton_kernels import sp_attention as spk
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (name, batch, image side, patch, embed dim, heads, MLP ratio, prior): ViT-B/16 as ViT and
+# SP-ViT, ViT-H/14 (head dim 80), and the ViT-B/16 width with 6 and 24 heads (head dims 128
+# and 32) for the attention. Batch 32 / 16: token counts B * 197 and B * 257 that are
+# multiples of 16, as at most training batch sizes (the specialisation Triton applies).
+MODELS = [
+    ("ViT-B/16", 32, 224, 16, 768, 12, 4, False, True),
+    ("SP-ViT-B/16", 32, 224, 16, 768, 12, 4, True, False),
+    ("ViT-H/14 SP", 16, 224, 14, 1280, 16, 4, True, True),
+    ("ViT-B/16 Dh128", 8, 224, 16, 768, 6, 4, False, False),
+    ("SP-ViT-B/16 Dh32", 8, 224, 16, 768, 24, 4, True, False),
+]
 
 
-_FP32_BUFFERS = ("Lse", "Delta", "DOmega", "Mean", "Rstd", "DWPart", "DBPart", "DLN")
-_FLOAT_SCALARS = ("scale", "eps")
+def model_launches(dtype: torch.dtype, smem_limit: int):
+    """(model, kernel launch) for every launch of the model's forward and backward."""
+    lim = {"smem_limit": smem_limit}
+    for name, B, img, P, D, H, ratio, prior, mlp in MODELS:
+        g = img // P
+        N = 1 + g * g
+        Dh = D // H
+        qkv = torch.empty(B, N, 3, H, Dh, dtype=dtype)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        om = torch.empty(H, 2 * g - 1, 2 * g - 1, dtype=dtype) if prior else None
+        grid, prefix = ((g, g), 1) if prior else (None, 0)
+        scale = Dh**-0.5
+        out = L.capture(spk.sp_attention_fwd, q, k, v, om, grid, prefix, scale, **lim)
+        lse = torch.empty(B, H, N)
+        o = torch.empty(B, H, N, Dh, dtype=dtype)
+        out += L.capture(spk.sp_attention_bwd, o, q, k, v, om, o, lse, grid, prefix, scale, **lim)
+        if mlp:
+            M, Hd = B * N, D * ratio
+            x = torch.empty(M, D, dtype=dtype)
+            lw, lb, w1, b1, w2, b2 = (torch.empty(s, dtype=dtype) for s in ((D,), (D,), (Hd, D), (Hd,), (D, Hd), (D,)))
+            out += L.capture(lnk.layernorm_mlp_fwd, x, lw, lb, w1, b1, w2, b2, 1e-6, 1, True, True, **lim)
+            mean, rstd, pre = torch.empty(M), torch.empty(M), torch.empty(M, Hd, dtype=dtype)
+            out += L.capture(lnk.layernorm_mlp_bwd, x, x, lw, lb, w1, w2, mean, rstd, pre, 1, True, **lim)
+            images = torch.empty(B, 3, img, img, dtype=dtype)
+            w, bias, pos = torch.empty(D, 3, P, P, dtype=dtype), torch.empty(D, dtype=dtype), torch.empty(1, g * g, D)
+            out += L.capture(pek.patch_embed_fwd, images, w, bias, pos.to(dtype), **lim)
+            dout = torch.empty(B, g * g, D, dtype=dtype)
+            out += L.capture(pek.patch_embed_bwd, dout, images, w, True, True, **lim)
+        for launch in out:
+            yield name, launch
 
 
-def _size_args(fn) -> tuple[str, ...]:
-    """Capitalised integer arguments (everything else capitalised is a pointer)."""
-    if fn is gemm.fused_gemm_kernel.fn:
-        return ("M", "N", "K", "NP", "P")
-    return ("B", "H", "N", "M", "D")
-
-
-def _signature(fn, dtype: str, constexprs: dict, fp32_pointers: tuple[str, ...] = ()) -> dict[str, str]:
-    """Pointer args (capitalised names) get the data type, except the fp32 statistics /
-    partial-sum buffers; other args are i32 sizes and strides, or fp32 scalars."""
-    sig = {}
-    for n in fn.arg_names:
-        if n in constexprs:
-            sig[n] = "constexpr"
-        elif n[0].isupper() and n not in _size_args(fn):
-            sig[n] = "*fp32" if n in _FP32_BUFFERS or n in fp32_pointers else f"*{dtype}"
-        else:
-            sig[n] = "fp32" if n in _FLOAT_SCALARS else "i32"
-    return sig
-
-
-# The fused GEMM's fusion modes, as the patch-embedding and LayerNorm-MLP launchers use them.
-# Strides that are 1 in the launchers' calls are listed: Triton specialises an int argument
-# equal to 1 into a constant at launch, so the build does too.
-_GEMM_MODES = {
-    "lnmlp fc1: LN prologue, bias+GELU, store pre": dict(
-        A_MODE=1,
-        HAS_LNW=True,
-        HAS_LNB=True,
-        HAS_BIAS=True,
-        STORE_PRE=True,
-        EPI_GELU=True,
-        stride_ak=1,
-        stride_bk=1,
-        stride_cn=1,
-        stride_pn=1,
-    ),
-    "lnmlp fc2: bias+residual": dict(HAS_BIAS=True, HAS_RES=True, stride_ak=1, stride_bk=1, stride_cn=1, stride_rn=1),
-    "lnmlp bwd d_pre: GELU' epilogue": dict(EPI_DGELU=True, stride_ak=1, stride_bn=1, stride_cn=1, stride_pn=1),
-    "lnmlp bwd dW2: GELU B prologue": dict(B_MODE=3, stride_am=1, stride_bn=1, stride_cn=1),
-    "lnmlp bwd dW1: LN B prologue": dict(B_MODE=1, HAS_LNW=True, HAS_LNB=True, stride_am=1, stride_bn=1, stride_cn=1),
-    "lnmlp bwd d_ln (fp32 out)": dict(stride_ak=1, stride_bn=1, stride_cn=1),
-    "patch fwd: gather A, bias+pos": dict(
-        A_MODE=2, HAS_BIAS=True, HAS_RES=True, s_iw=1, stride_bk=1, stride_cn=1, stride_rn=1
-    ),
-    "patch bwd d-image: scatter C": dict(C_MODE=1, stride_ak=1, stride_bn=1, s_iw=1),
-    "patch bwd d-weight: gather B": dict(B_MODE=2, stride_am=1, s_iw=1, stride_cn=1),
-}
-_GEMM_DEFAULTS = dict(
-    A_MODE=0,
-    B_MODE=0,
-    C_MODE=0,
-    HAS_LNW=False,
-    HAS_LNB=False,
-    HAS_BIAS=False,
-    HAS_RES=False,
-    ACT=1,
-    STORE_PRE=False,
-    EPI_GELU=False,
-    EPI_DGELU=False,
-    ALLOW_TF32=False,
-)
-
-
-def _divisibility(fn, sig: dict[str, str], cfg: str) -> dict:
-    """What Triton's launch specialisation marks as a multiple of 16: pointers (torch
-    allocations are aligned) and, for the GEMM, the strides and the N/K sizes of ViT shapes
-    (D, 4D and C*P*P for P = 16 are multiples of 16). K of the weight-gradient GEMMs is the
-    token count (B * 197: ragged), so it is left unmarked there."""
-    marked = set()
-    for n, kind in sig.items():
-        if kind.startswith("*"):
-            marked.add(n)
-        elif fn is gemm.fused_gemm_kernel.fn and kind == "i32":
-            ragged_k = any(tag in cfg for tag in ("dW2", "dW1", "d-weight"))
-            if n.startswith(("stride_", "s_i")) or n in ("N", "P") or (n == "K" and not ragged_k):
-                marked.add(n)
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in marked}
-
-
-def _gemm_kernels(quick: bool):
-    fn = gemm.fused_gemm_kernel.fn  # the JIT function under the autotuner
-    for dtype in ("fp16",) if quick else ("fp16", "bf16"):
-        for mode, flags in _GEMM_MODES.items():
-            for bm, bn, bk, warps, stages in gemm.CONFIGS[:2] if quick else gemm.CONFIGS:
-                constexprs = {**_GEMM_DEFAULTS, **flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
-                fp32_ptrs = ("C",) if mode.startswith("lnmlp bwd d_ln") else ()
-                cfg = f"{dtype} {mode} {bm}x{bn}x{bk} w{warps} s{stages}"
-                yield "fused_gemm", fn, dtype, constexprs, warps, cfg, fp32_ptrs, stages
-    for dim in (384, 768) if quick else (384, 768, 1024):
-        block_d = triton.next_power_of_2(dim)
-        warps = 4 if block_d <= 2048 else 8
-        rows = lnk._stats_rows(block_d)
-        yield (
-            "ln_stats",
-            lnk._ln_stats_kernel,
-            "fp16",
-            dict(BLOCK_D=block_d, ROWS=rows),
-            warps,
-            f"fp16 D={dim} rows={rows} w{warps}",
-            (),
-            3,
-        )
-        yield (
-            "ln_bwd",
-            lnk._ln_bwd_kernel,
-            "fp16",
-            dict(HAS_LNW=True, HAS_RES=True, BLOCK_D=block_d),
-            warps,
-            f"fp16 D={dim} w{warps}",
-            (),
-            3,
-        )
-
-
-def _kernels(quick: bool = False):
-    """(name, fn, dtype, constexprs, num_warps, configuration, extra fp32 pointers, stages) for
-    every kernel configuration the launchers and autotuners can choose: attention for head
-    dims 32..128 with and without a prior; the fused GEMM in every autotune configuration and
-    fusion mode; the LayerNorm row kernels."""
-    yield from _gemm_kernels(quick)
-    yield from _attention_kernels(quick)
-
-
-def _attention_kernels(quick: bool):
-    """Every autotune configuration of the three flash kernels, and the deterministic
-    d-omega kernel's fixed one: (name, fn, dtype, constexprs, warps, cfg, fp32 ptrs, stages)."""
-    kernels = (
-        ("sp_attn_fwd", spk._sp_attn_fwd_kernel, "fwd"),
-        ("sp_attn_bwd_dkdv", spk._sp_attn_bwd_dkdv_kernel, "dkdv"),
-        ("sp_attn_bwd_dq", spk._sp_attn_bwd_dq_kernel, "dq"),
-    )
-    for dtype in ("fp16",) if quick else ("fp16", "bf16"):
-        for head_dim in (64,) if quick else (32, 64, 80, 96, 128):
-            block_d = spk._block_sizes(head_dim, True)[2]
-            for has_prior in (True, False):
-                for name, fn, kind in kernels:
-                    for bm, bn, warps, stages in spk.attention_configs(kind, head_dim, has_prior):
-                        ce = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, HAS_PRIOR=has_prior)
-                        cfg = f"{dtype} Dh={head_dim} {bm}x{bn} w{warps} s{stages} prior={int(has_prior)}"
-                        if kind == "dq":
-                            ce["ATOMIC_DOMEGA"] = has_prior
-                            cfg += f" atomic={int(has_prior)}"
-                        yield name, fn, dtype, ce, warps, cfg, (), stages
-            bi, dwarps = spk._domega_config(head_dim)
-            yield (
-                "sp_attn_bwd_domega",
-                spk._sp_attn_bwd_domega_kernel,
-                dtype,
-                dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_I=bi),
-                dwarps,
-                f"{dtype} Dh={head_dim} I={bi} w{dwarps}",
-                (),
-                3,
-            )
+def _mode(launch: L.Launch) -> str:
+    """A short name for the fused GEMM's fusion mode, or the kernel's flags."""
+    kw = launch.kwargs
+    if launch.name == "fused_gemm_kernel":
+        flags = [f"A{kw['A_MODE']}", f"B{kw['B_MODE']}", f"C{kw['C_MODE']}"]
+        flags += [f for f in ("EPI_GELU", "EPI_DGELU", "HAS_RES", "STORE_PRE") if kw.get(f)]
+        return " ".join(flags)
+    if "HAS_PRIOR" in kw:
+        return f"Dh={kw['HEAD_DIM']} prior={int(kw['HAS_PRIOR'])}"
+    return f"D<={kw.get('BLOCK_D')}"
 
 
 def _resources(cubin: bytes) -> tuple[int, int]:
@@ -203,49 +110,97 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return int(reg.group(1)) if reg else -1, int(stack.group(1)) if stack else -1
 
 
+def _mma_kind(ptx: str) -> str:
+    if "tcgen05.mma" in ptx:
+        return "tcgen05"
+    if "wgmma" in ptx:
+        return "wgmma"
+    return "mma.sync" if "mma.sync" in ptx else "none"
+
+
+def build(job):
+    """Compile one launch for one architecture; returns the report row's measurements."""
+    arch, launch = job
+    try:
+        compiled = L.compile_launch(launch, arch)
+    except Exception as exc:  # OutOfResources and any other compile error
+        return {"error": str(exc).splitlines()[0][:80]}
+    ptx = compiled.asm["ptx"]
+    reg, stack = _resources(compiled.asm["cubin"])
+    return {
+        "reg": reg,
+        "stack": stack,
+        "shared": compiled.metadata.shared,
+        "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+        "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+        "mma": _mma_kind(ptx),
+        "tf32": ".tf32" in ptx,
+    }
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--arch", nargs="+", type=int, default=[80, 90])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", nargs="+", type=int, default=[80, 90], choices=sorted(L.SMEM_LIMIT))
+    ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--markdown", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="fp16, head dim 64 only (the CI check)")
+    ap.add_argument("--kernel", default="", help="only kernels whose name matches this regular expression")
     args = ap.parse_args()
-    rows, failed = [], False
+    torch.backends.cuda.matmul.fp32_precision = "ieee"  # torch's default: no TF32 for fp32 matmuls
+    jobs, rows = [], []
     for arch in args.arch:
-        target = GPUTarget("cuda", arch, 32)
-        for name, fn, dtype, constexprs, warps, cfg, fp32_ptrs, stages in _kernels(args.quick):
-            sig = _signature(fn, dtype, constexprs, fp32_ptrs)
-            attrs = _divisibility(fn, sig, cfg)
-            try:
-                compiled = triton.compile(
-                    ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
-                    target=target,
-                    options={"num_warps": warps, "num_stages": stages},
-                )
-            except Exception as exc:
-                rows.append([f"sm_{arch}", name, cfg, "ERROR", "", "", str(exc).splitlines()[0][:60]])
-                failed = True
-                continue
-            reg, stack = _resources(compiled.asm["cubin"])
-            ptx = compiled.asm["ptx"]
-            mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
-            shared = compiled.metadata.shared
-            rows.append([f"sm_{arch}", name, cfg, str(reg), str(stack), str(shared), mma])
-            if stack > 0:
-                failed = True
-    cols = ["arch", "kernel", "configuration", "REG", "STACK (spill)", "shared B", "tensor cores"]
+        seen = set()
+        for dt in args.dtype:
+            for model, launch in model_launches(DTYPES[dt], L.SMEM_LIMIT[arch]):
+                if not re.search(args.kernel, launch.name):
+                    continue
+                opts, sig, constexprs, attrs = L.specialise(launch, arch)
+                key = (launch.name, repr(sorted(sig.items())), repr(constexprs), repr(attrs), repr(opts))
+                if key in seen:
+                    continue
+                seen.add(key)
+                jobs.append((arch, launch))
+                rows.append([f"sm_{arch}", dt, launch.name.strip("_"), _mode(launch), launch.config(), model])
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(build, jobs, chunksize=4))
+    failed = []
+    table = []
+    for (arch, _), row, res in zip(jobs, rows, results, strict=True):
+        if "error" in res:
+            table.append([*row, "ERROR", "", "", "", "", res["error"]])
+            failed.append(f"{' '.join(row)}: {res['error']}")
+            continue
+        limit = L.SMEM_LIMIT[arch]
+        problems = []
+        if res["stack"] > 0:
+            problems.append(f"spill {res['stack']} B")
+        if res["shared"] > limit:
+            problems.append(f"shared {res['shared']} > {limit}")
+        if res["tf32"] and row[1] == "fp32":
+            problems.append("TF32 in an fp32 path with TF32 off")
+        if problems:
+            failed.append(f"{' '.join(row)}: {', '.join(problems)}")
+        stages = f"{res['cp_async']} cp.async" + (f", {res['tma']} TMA" if res["tma"] else "")
+        table.append(
+            [*row, str(res["reg"]), str(res["stack"]), str(res["shared"]), stages, res["mma"], "; ".join(problems)]
+        )
+    cols = ["arch", "dtype", "kernel", "mode", "config", "first model", "REG", "spill B", "shared B", "pipelining"]
+    cols += ["tensor cores", "problem"]
     if args.markdown:
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
-        for r in rows:
+        for r in table:
             print("| " + " | ".join(r) + " |")
     else:
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(cols)]
         print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-        for r in rows:
+        for r in table:
             print("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)))
+    for f in failed:
+        print("FAIL", f, file=sys.stderr)
     print(
-        f"triton {triton.__version__}; {len(rows)} kernel builds; "
-        f"{'FAILED: compile error or spill' if failed else 'no compile error, no spill'}",
+        f"triton {triton.__version__}; {len(table)} kernel builds; "
+        + (f"FAILED: {len(failed)} (compile error, spill, shared memory or TF32)" if failed else "no problem"),
         file=sys.stderr,
     )
     return 1 if failed else 0

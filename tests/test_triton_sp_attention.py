@@ -14,17 +14,12 @@ import textwrap
 import pytest
 from conftest import run_under_triton_interpreter
 
+from vitkern import testing
+
 pytest.importorskip("triton")
 
-CASES = [
-    # B, H, grid, num_prefix, Dh, omega, dtype
-    (1, 1, (14, 14), 1, 64, True, "float32"),  # N = 197 with a class token, batch 1
-    (2, 2, (3, 5), 0, 32, True, "float16"),  # non-square grid, N below one block
-    (1, 2, (5, 3), 5, 80, True, "float32"),  # head dim 80, class + 4 register tokens
-    (1, 1, (4, 5), 1, 96, True, "float16"),
-    (1, 1, (3, 3), 1, 128, True, "float32"),
-    (2, 1, (4, 4), 0, 64, False, "float32"),  # omega=None
-]
+# B, H, grid, num_prefix, Dh, omega, dtype: the cases of vitkern/testing.py (shared with `vitkern selftest`).
+CASES = [(*c["shape"], c["dtype"]) for c in testing.OP_CASES if c["op"] == "sp_attention"]
 
 SCRIPT = textwrap.dedent(
     """

@@ -1,4 +1,5 @@
-"""``vitkern`` command line: ``vitkern bench`` (the main job) and ``vitkern info``."""
+"""``vitkern`` command line: ``vitkern bench`` (the main job), ``vitkern info`` and
+``vitkern selftest`` (vitkern/selftest.py)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no compile: a smoke run in seconds")
     b.add_argument("--out", default="bench_out", help="output folder for results.json and the plots")
     sub.add_parser("info", help="print the backends available here and why others are not")
+    from vitkern.selftest import add_arguments as _selftest_arguments
+
+    _selftest_arguments(
+        sub.add_parser("selftest", help="every op forward and backward against the reference on this device")
+    )
     return p
 
 
@@ -370,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "selftest":
+        from vitkern.selftest import run
+
+        return run(args)
     return _info()
 
 

@@ -16,7 +16,15 @@ Epilogue              + bias[n]; store the pre-activation; GELU (erf or tanh) or
                       scatter back into image layout (C_MODE 1, the patch embedding's d-image).
 
 fp32 accumulation for every input dtype. fp32 inputs use tf32 tensor cores only
-when ``torch.backends.cuda.matmul.allow_tf32`` allows it, like torch's own matmul.
+when torch's matmul precision setting allows it, like torch's own matmul
+(:func:`tf32_allowed`, which reads the current ``fp32_precision`` API and falls
+back to the legacy ``allow_tf32`` flag).
+
+Row, column and image offsets are formed in 64 bits: Triton types an integer
+argument below 2**31 as i32, and ``row * stride`` overflows 32 bits well inside
+real batch sizes (ViT-L/16 at 1024 px: the MLP GEMM from batch 128). Launches run
+under the operands' CUDA device (so on its current stream), and the shared-memory
+prune reads that device's limit.
 
 Autotuning: the configurations below, keyed on the problem size and the fusion
 mode, pruned to those whose tiles are not larger than the problem and whose
@@ -25,6 +33,7 @@ pipelined operand tiles fit the device's shared memory; the interpreter keeps on
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -48,9 +57,41 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _smem_limit() -> int:
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32 tensor cores. The ``fp32_precision``
+    API (``torch.backends.cuda.matmul``, then the global ``torch.backends``) decides
+    when set ("tf32" or "ieee"); otherwise the legacy ``allow_tf32`` flag, which
+    raises once the new API has been used, so it is read only as the fallback."""
+    matmul = torch.backends.cuda.matmul
+    for prec in (getattr(matmul, "fp32_precision", "none"), getattr(torch.backends, "fp32_precision", "none")):
+        if prec == "tf32":
+            return True
+        if prec == "ieee":
+            return False
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
+def device_guard(t: torch.Tensor):
+    """Context in which a Triton launch for ``t`` runs on ``t``'s CUDA device (Triton
+    launches on the current device and its current stream); nothing for CPU tensors."""
+    return cuda_device_guard(t.device)
+
+
+def cuda_device_guard(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def smem_limit(device: torch.device | None = None) -> int:
+    """Opt-in shared memory per block (bytes) of ``device`` (a CUDA device; sm_80's
+    163 KiB when there is none, e.g. under the interpreter)."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
         return int(getattr(props, "shared_memory_per_block_optin", _SMEM_DEFAULT))
     return _SMEM_DEFAULT
 
@@ -62,8 +103,9 @@ def config_fits(bm: int, bn: int, bk: int, stages: int, elem_bytes: int, smem: i
 
 def _prune(configs, named_args, **kwargs):
     M, N = named_args["M"], named_args["N"]
-    elem = named_args["A"].element_size() if hasattr(named_args["A"], "element_size") else 2
-    smem = _smem_limit()
+    a = named_args["A"]
+    elem = a.element_size() if hasattr(a, "element_size") else 2
+    smem = smem_limit(a.device) if hasattr(a, "device") else _SMEM_DEFAULT
     # Tiles larger than the (power-of-two rounded) problem only add masked work.
     cap_m = max(32, triton.next_power_of_2(M))
     cap_n = max(32, triton.next_power_of_2(N))
@@ -71,6 +113,8 @@ def _prune(configs, named_args, **kwargs):
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if bm > cap_m or bn > cap_n or not config_fits(bm, bn, bk, c.num_stages, elem, smem):
+            continue
+        if elem == 4 and bm == 128:  # fp32 operands: 128-row tiles spill (5-6 KB in dW1/dW2, sm_80)
             continue
         kept.append(c)
     if not kept:
@@ -162,7 +206,7 @@ def _mac_block(
     k_ok = offs_k < K
     # ---- A tile (BLOCK_M, BLOCK_K)
     if A_MODE == 2:
-        _, a_col = _patch_offsets(0, offs_k, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
+        _, a_col = _patch_offsets(0, offs_k.to(tl.int64), NP, gw, P, s_ib, s_ic, s_ih, s_iw)
         a_src = A + a_row[:, None] + a_col[None, :]
     else:
         a_src = a_ptrs
@@ -187,7 +231,7 @@ def _mac_block(
         a = xhat.to(A.dtype.element_ty)
     # ---- B tile (BLOCK_K, BLOCK_N)
     if B_MODE == 2:
-        b_row, _ = _patch_offsets(offs_k, 0, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
+        b_row, _ = _patch_offsets(offs_k.to(tl.int64), 0, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
         b_src = B + b_row[:, None] + b_col[None, :]
     else:
         b_src = b_ptrs
@@ -287,8 +331,8 @@ def fused_gemm_kernel(
     n_ok = offs_n < N
     # Operand rows/columns past the edge wrap around (loads stay in bounds without a mask;
     # the epilogue's store mask drops those results), so the K loop masks only K.
-    rm = offs_m % M
-    rn = offs_n % N
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
     offs_kb = tl.arange(0, BLOCK_K)
     # Per-mode row/column values; placeholders (unused) in the other modes.
     a_mean = tl.zeros([BLOCK_M], tl.float32)
@@ -385,6 +429,8 @@ def fused_gemm_kernel(
 
     # ---- epilogue
     c_mask = m_ok[:, None] & n_ok[None, :]
+    offs_m = offs_m.to(tl.int64)
+    offs_n = offs_n.to(tl.int64)
     if HAS_BIAS:
         acc = acc + tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if STORE_PRE:
@@ -450,46 +496,47 @@ def fused_gemm(
     ``patch`` = (tokens per image, grid width, P, image strides (b, c, h, w))."""
     dummy = out
     NP, gw, P, img_strides = patch if patch is not None else (1, 1, 1, (0, 0, 0, 0))
-    allow_tf32 = out.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting()
+    allow_tf32 = out.dtype == torch.float32 and tf32_allowed() and not _interpreting()
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    fused_gemm_kernel[grid](
-        a,
-        b,
-        out,
-        bias if bias is not None else dummy,
-        res if res is not None else dummy,
-        pre if pre is not None else dummy,
-        mean if mean is not None else dummy,
-        rstd if rstd is not None else dummy,
-        ln_weight if ln_weight is not None else dummy,
-        ln_bias if ln_bias is not None else dummy,
-        M,
-        N,
-        K,
-        *a_strides,
-        *b_strides,
-        *c_strides,
-        *_strides(res),
-        *_strides(pre),
-        res_rows,
-        NP,
-        gw,
-        P,
-        *img_strides,
-        A_MODE=a_mode,
-        B_MODE=b_mode,
-        C_MODE=c_mode,
-        HAS_LNW=ln_weight is not None,
-        HAS_LNB=ln_bias is not None,
-        HAS_BIAS=bias is not None,
-        HAS_RES=res is not None,
-        ACT=act,
-        STORE_PRE=store_pre,
-        EPI_GELU=epi_gelu,
-        EPI_DGELU=epi_dgelu,
-        ALLOW_TF32=allow_tf32,
-    )
+    with device_guard(out):
+        fused_gemm_kernel[grid](
+            a,
+            b,
+            out,
+            bias if bias is not None else dummy,
+            res if res is not None else dummy,
+            pre if pre is not None else dummy,
+            mean if mean is not None else dummy,
+            rstd if rstd is not None else dummy,
+            ln_weight if ln_weight is not None else dummy,
+            ln_bias if ln_bias is not None else dummy,
+            M,
+            N,
+            K,
+            *a_strides,
+            *b_strides,
+            *c_strides,
+            *_strides(res),
+            *_strides(pre),
+            res_rows,
+            NP,
+            gw,
+            P,
+            *img_strides,
+            A_MODE=a_mode,
+            B_MODE=b_mode,
+            C_MODE=c_mode,
+            HAS_LNW=ln_weight is not None,
+            HAS_LNB=ln_bias is not None,
+            HAS_BIAS=bias is not None,
+            HAS_RES=res is not None,
+            ACT=act,
+            STORE_PRE=store_pre,
+            EPI_GELU=epi_gelu,
+            EPI_DGELU=epi_dgelu,
+            ALLOW_TF32=allow_tf32,
+        )
     return out

@@ -24,14 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.triton_kernels.gemm import fused_gemm
+from vitkern.triton_kernels.gemm import device_guard, fused_gemm
 
 MAX_DIM = 16384
 
 
 @triton.jit
 def _ln_stats_kernel(X, Mean, Rstd, M, D, stride_xm, eps, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     r_ok = rows < M
     mask = r_ok[:, None] & (cols < D)[None, :]
@@ -65,7 +65,7 @@ def _ln_bwd_kernel(
 ):
     """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = d_ln * w, per row, plus dout
     for the residual; this program's partial sums of d_ln * xhat and d_ln (fp32)."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: M * D can pass 2**31
     cols = tl.arange(0, BLOCK_D)
     c_ok = cols < D
     if HAS_LNW:
@@ -74,7 +74,7 @@ def _ln_bwd_kernel(
     acc_db = tl.zeros([BLOCK_D], tl.float32)
     row0 = pid * rows_per_prog
     row1 = tl.minimum(row0 + rows_per_prog, M)
-    for row in range(row0, row1):
+    for row in range(row0, row1):  # int64 bounds, so an int64 row
         dln = tl.load(DLN + row * D + cols, mask=c_ok, other=0.0)
         x = tl.load(X + row * stride_xm + cols, mask=c_ok, other=0.0).to(tl.float32)
         mean = tl.load(Mean + row)
@@ -103,9 +103,10 @@ def ln_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     rstd = torch.empty_like(mean)
     block_d = triton.next_power_of_2(D)
     rows = _stats_rows(block_d)
-    _ln_stats_kernel[(triton.cdiv(M, rows),)](
-        x, mean, rstd, M, D, x.stride(0), eps, BLOCK_D=block_d, ROWS=rows, num_warps=4 if block_d <= 2048 else 8
-    )
+    with device_guard(x):
+        _ln_stats_kernel[(triton.cdiv(M, rows),)](
+            x, mean, rstd, M, D, x.stride(0), eps, BLOCK_D=block_d, ROWS=rows, num_warps=4 if block_d <= 2048 else 8
+        )
     return mean, rstd
 
 
@@ -224,26 +225,27 @@ def layernorm_mlp_bwd(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean,
     dx = torch.empty((M, D), device=dev, dtype=dt)
     dw_part = torch.empty((progs, D), device=dev, dtype=torch.float32)
     db_part = torch.empty_like(dw_part)
-    _ln_bwd_kernel[(progs,)](
-        dln,
-        x,
-        mean,
-        rstd,
-        ln_weight if ln_weight is not None else dln,
-        dout,
-        dx,
-        dw_part,
-        db_part,
-        M,
-        D,
-        x.stride(0),
-        dout.stride(0),
-        rows_per_prog,
-        HAS_LNW=ln_weight is not None,
-        HAS_RES=residual,
-        BLOCK_D=block_d,
-        num_warps=4 if block_d <= 2048 else 8,
-    )
+    with device_guard(x):
+        _ln_bwd_kernel[(progs,)](
+            dln,
+            x,
+            mean,
+            rstd,
+            ln_weight if ln_weight is not None else dln,
+            dout,
+            dx,
+            dw_part,
+            db_part,
+            M,
+            D,
+            x.stride(0),
+            dout.stride(0),
+            rows_per_prog,
+            HAS_LNW=ln_weight is not None,
+            HAS_RES=residual,
+            BLOCK_D=block_d,
+            num_warps=4 if block_d <= 2048 else 8,
+        )
     dlnw = dw_part.sum(0).to(ln_weight.dtype) if ln_weight is not None else None
     dlnb = db_part.sum(0).to(ln_bias.dtype) if ln_bias is not None else None
     db1 = dpre.float().sum(0).to(dt)

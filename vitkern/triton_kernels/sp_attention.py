@@ -7,10 +7,25 @@ log-sum-exp is saved, never the probabilities. No N x N tensor exists.
 
 Backward (FlashAttention-2 layout): delta = rowsum(dO * O); one kernel per key
 block accumulates dK and dV over query blocks, one per query block accumulates
-dQ over key blocks (and, by default, d-omega with atomics). In deterministic
-mode d-omega comes from its own kernel instead: one program per table cell
-sums, in a fixed order, every (query, key) pair at that offset - no atomics,
-bit-identical across runs.
+dQ over key blocks. d-omega comes from its own kernel, without atomics: one
+program per (head, row offset dy, batch chunk) walks the pairs of patch rows
+(query row r, key row r + dy), recomputes their (gw x gw) score tile with the
+tensor cores and accumulates ds * logit into a register tile; the tile's
+diagonals (kx - qx = dx) are summed once at the end into a partial table that
+torch sums over the batch chunks. Fixed summation order: bit-identical across
+runs, and no atomic per score element (the previous kernel issued one per
+(query, key) pair).
+
+Launch rules that matter on a real GPU:
+- one-dimensional grid (query blocks fastest, then batch*head), so B*H is not
+  bound by grid axis y's 65,535 limit and the query blocks of one head still
+  run next to each other (K/V reuse in L2);
+- batch/head offsets are formed in 64 bits (``.to(tl.int64)`` before the
+  stride multiply): Triton types an integer argument below 2**31 as i32;
+- fp32 inputs use TF32 tensor cores only when torch's matmul setting allows it
+  (:func:`vitkern.triton_kernels.gemm.tf32_allowed`), otherwise IEEE fp32 dots;
+- each launch runs under the inputs' CUDA device (and so its current stream);
+- the autotuner only sees configurations whose shared memory fits the device.
 """
 
 from __future__ import annotations
@@ -18,6 +33,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from vitkern.triton_kernels.gemm import device_guard, smem_limit, tf32_allowed
 
 
 @triton.jit
@@ -37,6 +54,25 @@ def _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_oh, TW):
     idx = q_base[:, None] + k_base[None, :]
     valid = q_ok[:, None] & k_ok[None, :]
     return tl.load(Omega + h * stride_oh + idx, mask=valid, other=1.0).to(tl.float32), idx, valid
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; ``IEEE``: full fp32 products (no TF32) for
+    fp32 operands when torch's matmul precision setting forbids TF32."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _program_ids(N, BLOCK: tl.constexpr):
+    """(block index along the sequence, batch*head index as int64) of this program in
+    the one-dimensional grid of :func:`attention_grid` (sequence blocks fastest)."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(N, BLOCK)
+    return pid % num_blocks, (pid // num_blocks).to(tl.int64)
 
 
 @triton.jit
@@ -75,20 +111,23 @@ def _sp_attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_PRIOR: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     # q stays in registers for the whole key loop.
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
         mask=(offs_m < N)[:, None] & d_ok[None, :],
         other=0.0,
     )
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -97,11 +136,11 @@ def _sp_attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE) * scale
         if HAS_PRIOR:
             prior, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
             s = s * prior
@@ -112,16 +151,16 @@ def _sp_attn_fwd_kernel(
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
     acc = acc / l_i[:, None]
     m_ok = offs_m < N
     tl.store(
-        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+        Out + b * stride_ob + h * stride_oh + rows_m[:, None] * stride_on + offs_d[None, :] * stride_od,
         acc.to(Out.dtype.element_ty),
         mask=m_ok[:, None] & d_ok[None, :],
     )
@@ -167,26 +206,31 @@ def _sp_attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_PRIOR: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _program_ids(N, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_n = offs_n.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     n_ok = offs_n < N
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(
-        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        K + b * stride_kb + h * stride_kh + rows_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
         mask=kv_mask,
         other=0.0,
     )
     v = tl.load(
-        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        V + b * stride_vb + h * stride_vh + rows_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
         mask=kv_mask,
         other=0.0,
     )
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = Lse + pid_bh * N
+    delta_base = Delta + pid_bh * N
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     TW = 2 * gw - 1
@@ -194,30 +238,30 @@ def _sp_attn_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
         q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+            q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
             mask=m_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
         do = tl.load(
-            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+            do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
             mask=m_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        lse = tl.load(Lse + pid_bh * N + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(Delta + pid_bh * N + offs_m, mask=m_ok, other=0.0)
-        logit = tl.dot(q, tl.trans(k)) * scale
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        logit = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE) * scale
         if HAS_PRIOR:
             prior, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
         else:
             prior = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
         p = tl.exp(logit * prior - lse[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
+        dv = _dot(tl.trans(p.to(do.dtype)), do, dv, IEEE)
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         ds = p * (dp - delta[:, None])  # gradient of the post-prior logit
         dlogit = ds * prior * scale  # chain through the prior and the scale
-        dk += tl.dot(tl.trans(dlogit.to(q.dtype)), q)
-    out_off = pid_bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        dk = _dot(tl.trans(dlogit.to(q.dtype)), q, dk, IEEE)
+    out_off = pid_bh * N * HEAD_DIM + rows_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -231,8 +275,7 @@ def _sp_attn_bwd_dq_kernel(
     DO,
     Lse,
     Delta,
-    DQ,
-    DOmega,  # dq: contiguous (B, H, N, Dh); domega: fp32 (H, 2gh-1, 2gw-1)
+    DQ,  # dq: contiguous (B, H, N, Dh)
     stride_qb,
     stride_qh,
     stride_qn,
@@ -261,59 +304,58 @@ def _sp_attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_PRIOR: tl.constexpr,
-    ATOMIC_DOMEGA: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < N
     q_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
         mask=q_mask,
         other=0.0,
     )
     do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+        DO + b * stride_dob + h * stride_doh + rows_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
         mask=q_mask,
         other=0.0,
     )
     lse = tl.load(Lse + pid_bh * N + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(Delta + pid_bh * N + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     TW = 2 * gw - 1
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
         v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        logit = tl.dot(q, tl.trans(k)) * scale
+        logit = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE) * scale
         if HAS_PRIOR:
-            prior, idx, valid = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
+            prior, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
         else:
             prior = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
         p = tl.exp(logit * prior - lse[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         ds = p * (dp - delta[:, None])
-        if HAS_PRIOR:
-            if ATOMIC_DOMEGA:
-                tl.atomic_add(DOmega + h * (2 * gh - 1) * TW + idx, ds * logit, mask=valid)
-        dq += tl.dot((ds * prior * scale).to(k.dtype), k)
+        dq = _dot((ds * prior * scale).to(k.dtype), k, dq, IEEE)
     tl.store(
-        DQ + pid_bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        DQ + pid_bh * N * HEAD_DIM + rows_m[:, None] * HEAD_DIM + offs_d[None, :],
         dq.to(DQ.dtype.element_ty),
         mask=q_mask,
     )
@@ -328,7 +370,7 @@ def _sp_attn_bwd_domega_kernel(
     DO,
     Lse,
     Delta,
-    DOmega,  # one program per table cell (h, dy, dx); fixed summation order
+    Part,  # fp32 (H, 2gh-1, chunks, 2gw-1): this program's row of partial sums
     stride_qb,
     stride_qh,
     stride_qn,
@@ -353,63 +395,61 @@ def _sp_attn_bwd_domega_kernel(
     gw,
     num_prefix,
     scale,
+    batch_per_prog,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    cell = tl.program_id(0)
+    """One program per (head, row offset dy, chunk of batch_per_prog images). For each
+    image and each query patch row r whose key row r + dy exists, the (gw x gw) tile
+    of ds * logit between the two rows is recomputed (two tensor-core dots) and added
+    into ``acc``; ``acc[qx, kx]`` then holds the sum over every pair at offset
+    (dy, kx - qx), so the 2gw-1 diagonals of ``acc`` are the table entries."""
+    pid = tl.program_id(0)
+    chunks = tl.num_programs(0) // (H * (2 * gh - 1))
+    chunk = (pid % chunks).to(tl.int64)
+    hy = pid // chunks  # h * (2gh - 1) + (dy + gh - 1)
     TW = 2 * gw - 1
     TH = 2 * gh - 1
-    h = cell // (TH * TW)
-    dy = (cell // TW) % TH - (gh - 1)
-    dx = cell % TW - (gw - 1)
+    h = (hy // TH).to(tl.int64)
+    dy = hy % TH - (gh - 1)
     r0 = tl.maximum(0, -dy)
     r1 = tl.minimum(gh, gh - dy)
-    c0 = tl.maximum(0, -dx)
-    c1 = tl.minimum(gw, gw - dx)
-    width = c1 - c0
-    count = (r1 - r0) * width
-    omega = tl.load(Omega + h * stride_omh + (dy + gh - 1) * TW + (dx + gw - 1)).to(tl.float32)
+    offs_x = tl.arange(0, BLOCK_W)
+    x_ok = offs_x < gw
+    pair_ok = x_ok[:, None] & x_ok[None, :]
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    acc = tl.zeros([BLOCK_I], tl.float32)
-    for b in range(0, B):
-        bh = b * H + h
-        for t0 in range(0, count, BLOCK_I):
-            t = t0 + tl.arange(0, BLOCK_I)
-            ok = t < count
-            r = r0 + t // tl.maximum(width, 1)
-            c = c0 + t % tl.maximum(width, 1)
-            i = num_prefix + r * gw + c
-            j = i + dy * gw + dx
-            mask = ok[:, None] & d_ok[None, :]
-            q = tl.load(
-                Q + b * stride_qb + h * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=mask,
-                other=0.0,
-            ).to(tl.float32)
-            k = tl.load(
-                K + b * stride_kb + h * stride_kh + j[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=mask,
-                other=0.0,
-            ).to(tl.float32)
-            v = tl.load(
-                V + b * stride_vb + h * stride_vh + j[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=mask,
-                other=0.0,
-            ).to(tl.float32)
-            do = tl.load(
-                DO + b * stride_dob + h * stride_doh + i[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                mask=mask,
-                other=0.0,
-            ).to(tl.float32)
-            lse = tl.load(Lse + bh * N + i, mask=ok, other=0.0)
-            delta = tl.load(Delta + bh * N + i, mask=ok, other=0.0)
-            logit = tl.sum(q * k, 1) * scale
-            p = tl.exp(logit * omega - lse)
-            ds = p * (tl.sum(do * v, 1) - delta)
-            acc += tl.where(ok, ds * logit, 0.0)
-    tl.store(DOmega + cell, tl.sum(acc, 0))
+    row_mask = x_ok[:, None] & d_ok[None, :]
+    diag = offs_x[None, :] - offs_x[:, None] + (gw - 1)  # kx - qx + gw - 1, in [0, 2gw-2]
+    omega = tl.load(Omega + h * stride_omh + (dy + gh - 1) * TW + diag, mask=pair_ok, other=1.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_W, BLOCK_W], tl.float32)
+    b0 = chunk * batch_per_prog
+    b1 = tl.minimum(b0 + batch_per_prog, B)
+    for bi in range(0, b1 - b0):
+        b64 = b0 + bi
+        bh = b64 * H + h
+        q_base = Q + b64 * stride_qb + h * stride_qh
+        k_base = K + b64 * stride_kb + h * stride_kh
+        v_base = V + b64 * stride_vb + h * stride_vh
+        do_base = DO + b64 * stride_dob + h * stride_doh
+        for r in range(r0, r1):
+            i = num_prefix + r * gw + offs_x  # query tokens of patch row r
+            j = i + dy * gw  # key tokens of patch row r + dy
+            q = tl.load(q_base + i[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
+            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=row_mask, other=0.0)
+            v = tl.load(v_base + j[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=row_mask, other=0.0)
+            do = tl.load(do_base + i[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
+            lse = tl.load(Lse + bh * N + i, mask=x_ok, other=0.0)
+            delta = tl.load(Delta + bh * N + i, mask=x_ok, other=0.0)
+            logit = _dot(q, tl.trans(k), tl.zeros([BLOCK_W, BLOCK_W], tl.float32), IEEE) * scale
+            p = tl.exp(logit * omega - lse[:, None])
+            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_W, BLOCK_W], tl.float32), IEEE)
+            acc += tl.where(pair_ok, p * (dp - delta[:, None]) * logit, 0.0)
+    out = Part + (hy * chunks + chunk) * TW
+    for t in range(0, TW):
+        tl.store(out + t, tl.sum(tl.sum(tl.where(diag == t, acc, 0.0), 1), 0))
 
 
 def _block_sizes(head_dim: int, has_prior: bool) -> tuple[int, int, int, int]:
@@ -431,37 +471,76 @@ def _dkdv_block_m(head_dim: int, has_prior: bool) -> int:
     return 32 if block_d == 64 and not has_prior else block_m
 
 
-def _domega_config(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_I, num_warps) of the deterministic d-omega kernel (four fp32 tiles of
-    BLOCK_I x BLOCK_D live at once); from the same register sweep, spill-free on
-    sm_80 and sm_90 in fp16 and bf16."""
-    if head_dim <= 32:
-        return 64, 4
-    if head_dim <= 64:
-        return 32, 4
-    return (32, 8) if head_dim < 128 else (8, 4)
+def domega_config(gw: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_W, num_warps) of the d-omega kernel: the patch-row tile (at least 16, the
+    smallest tensor-core dot) and its warps."""
+    block_w = max(16, triton.next_power_of_2(gw))
+    return block_w, 4 if block_w * max(16, triton.next_power_of_2(head_dim)) <= 32 * 128 else 8
+
+
+def domega_batch_per_program(B: int, H: int, gh: int) -> int:
+    """Images per d-omega program: enough programs (about 2048) to fill a GPU, each
+    walking whole images (B = 256, ViT-B: 324 cells x 7 chunks of 37 images)."""
+    chunks = max(1, 2048 // (H * (2 * gh - 1)))
+    return triton.cdiv(B, min(B, chunks))
+
+
+def attention_grid(B: int, H: int, N: int, block: int) -> tuple[int]:
+    """Launch grid of the three flash kernels: one axis (limit 2**31 - 1) holding
+    cdiv(N, block) sequence blocks for each of the B*H heads."""
+    programs = triton.cdiv(N, block) * B * H
+    if programs > 2**31 - 1:
+        raise ValueError(f"sp_attention: B*H*cdiv(N, {block}) = {programs} programs exceed the CUDA grid limit")
+    return (programs,)
 
 
 # ----------------------------------------------------------------------------- autotuning
 # The tile (BLOCK_M, BLOCK_N, warps) per head-dim class and prior comes from the register
 # sweep above; the autotuner chooses the software-pipelining depth on the device, keyed on
-# the sequence length, head dim, prior and dtype. Every configuration it can pick is compiled
-# for sm_80 and sm_90 by scripts/gpu_build_report.py (no spill). The first is the default
-# (and the interpreter's only one).
+# the sequence length, head dim, prior, dtype and dot precision. Smaller fallback tiles follow:
+# at run time every configuration whose shared memory (an upper bound, smem_bound) exceeds
+# the device's opt-in limit is pruned, so the large tiles of fp16 on sm_80/sm_90 give way
+# to the fallbacks on sm_86/89/120 (99 KiB) and in fp32. Every configuration is compiled for
+# each architecture by scripts/gpu_build_report.py (no spill, shared memory within the bound).
+# The first surviving one is the interpreter's only one.
 ATTN_STAGES = (3, 2)
 _BLOCK_D_CLASSES = (16, 32, 64, 128)
 # (kernel, BLOCK_D, prior, stages) left out of the space: the build report showed a spill
 # (dK/dV at Dh 80-128 without a prior, 2 stages: 8 B of STACK on sm_90, REG 255).
 _EXCLUDED = {("dkdv", 128, False, 2)}
+# Fallback tiles (BLOCK_M, BLOCK_N, warps, stages), tried after the register-sweep tile.
+_FALLBACKS = ((32, 32, 4, 2), (16, 32, 4, 2))
 
 
 def attention_configs(kind: str, head_dim: int, has_prior: bool) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick for kernel ``kind``
-    ("fwd", "dkdv" or "dq") at this head dim, with or without a prior."""
+    ("fwd", "dkdv" or "dq") at this head dim, with or without a prior, before the
+    shared-memory prune: the register-sweep tile at each pipelining depth, then the
+    smaller fallback tiles."""
     bm, bn, block_d, warps = _block_sizes(head_dim, has_prior)
     if kind == "dkdv":
         bm = _dkdv_block_m(head_dim, has_prior)
-    return [(bm, bn, warps, st) for st in ATTN_STAGES if (kind, block_d, has_prior, st) not in _EXCLUDED]
+    out = [(bm, bn, warps, st) for st in ATTN_STAGES if (kind, block_d, has_prior, st) not in _EXCLUDED]
+    return out + [c for c in _FALLBACKS if c[0] * c[1] < bm * bn]
+
+
+def smem_bound(kind: str, bm: int, bn: int, block_d: int, stages: int, elem_bytes: int) -> int:
+    """Upper bound (bytes) of the shared memory Triton 3.x allocates for one attention
+    kernel configuration. Fitted to the compiled kernels (sm_80, fp32, every tile of
+    attention_configs): the streamed operand tiles plus a (BLOCK_M x BLOCK_N) fp32 score
+    buffer for each extra pipelining stage, the resident tiles and one score buffer; with
+    a 6 % + 1 KiB margin. Checked against compiled kernels by tests/test_gpu_readiness.py,
+    and every selectable build against the architecture's limit by
+    scripts/gpu_build_report.py."""
+    if kind == "fwd":  # K and V streamed, Q resident
+        streamed, resident = 2 * bn * block_d, bm * block_d
+    elif kind == "dkdv":  # Q and dO streamed (+ lse, delta), K and V resident
+        streamed, resident = 2 * bm * block_d, 2 * bn * block_d
+    else:  # dq: K and V streamed, Q and dO resident
+        streamed, resident = 2 * bn * block_d, 2 * bm * block_d
+    score = bm * bn * 4
+    fitted = (stages - 1) * (streamed * elem_bytes + score + 512) + resident * elem_bytes + score
+    return fitted + fitted // 16 + 1024
 
 
 def _interpreting() -> bool:
@@ -470,7 +549,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _autotuned(kernel, kind: str, extra_key: tuple[str, ...] = (), reset_to_zero=None):
+def select_configs(kind: str, head_dim: int, has_prior: bool, elem_bytes: int, smem_limit: int):
+    """The configurations the autotuner may run on a device with ``smem_limit`` bytes of
+    shared memory per block: the register-sweep tiles within the limit; if none is, the
+    fallback tiles within it; if none of those either, the smallest fallback."""
+    block_d = _block_sizes(head_dim, has_prior)[2]
+    every = attention_configs(kind, head_dim, has_prior)
+    fits = [c for c in every if smem_bound(kind, c[0], c[1], block_d, c[3], elem_bytes) <= smem_limit]
+    primary = [c for c in fits if c not in _FALLBACKS]
+    return primary or fits[:1] or every[-1:]
+
+
+def _autotuned(kernel, kind: str):
     every = {cfg for bd in _BLOCK_D_CLASSES for prior in (True, False) for cfg in attention_configs(kind, bd, prior)}
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
@@ -478,24 +568,31 @@ def _autotuned(kernel, kind: str, extra_key: tuple[str, ...] = (), reset_to_zero
     ]
 
     def prune(configs, named_args, **kwargs):
-        allowed = attention_configs(kind, kwargs["HEAD_DIM"], kwargs["HAS_PRIOR"])
+        q = named_args["Q"]
+        allowed = select_configs(kind, kwargs["HEAD_DIM"], kwargs["HAS_PRIOR"], q.element_size(), smem_limit(q.device))
         by_key = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
         kept = [by_key[a] for a in allowed]
         return kept[:1] if _interpreting() else kept
 
     return triton.autotune(
         configs=configs,
-        key=["N", "HEAD_DIM", "HAS_PRIOR", *extra_key],
+        key=["N", "HEAD_DIM", "HAS_PRIOR", "IEEE"],
         prune_configs_by={"early_config_prune": prune},
-        reset_to_zero=reset_to_zero,
     )(kernel)
 
 
 _sp_attn_fwd = _autotuned(_sp_attn_fwd_kernel, "fwd")
 _sp_attn_bwd_dkdv = _autotuned(_sp_attn_bwd_dkdv_kernel, "dkdv")
-# d-omega is accumulated with atomics: zeroed before each benchmarked configuration and again
-# before the real launch (triton's reset_to_zero).
-_sp_attn_bwd_dq = _autotuned(_sp_attn_bwd_dq_kernel, "dq", ("ATOMIC_DOMEGA",), reset_to_zero=["DOmega"])
+_sp_attn_bwd_dq = _autotuned(_sp_attn_bwd_dq_kernel, "dq")
+
+
+def _ieee(q: torch.Tensor) -> bool:
+    """fp32 dots without TF32: fp32 inputs while torch's matmul setting forbids TF32."""
+    return q.dtype == torch.float32 and not tf32_allowed()
+
+
+def _launch_grid(B: int, H: int, N: int, key: str):
+    return lambda meta: attention_grid(B, H, N, meta[key])
 
 
 def sp_attention_fwd(q, k, v, omega, grid, num_prefix, scale):
@@ -506,33 +603,37 @@ def sp_attention_fwd(q, k, v, omega, grid, num_prefix, scale):
     out = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     om = omega.contiguous() if omega is not None else q  # dummy pointer when there is no prior
-    _sp_attn_fwd[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q,
-        k,
-        v,
-        om,
-        out,
-        lse,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        om.stride(0) if omega is not None else 0,
-        H,
-        N,
-        gh,
-        gw,
-        num_prefix,
-        scale,
-        HEAD_DIM=Dh,
-        BLOCK_D=BLOCK_D,
-        HAS_PRIOR=omega is not None,
-    )
+    with device_guard(q):
+        _sp_attn_fwd[_launch_grid(B, H, N, "BLOCK_M")](
+            q,
+            k,
+            v,
+            om,
+            out,
+            lse,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *out.stride(),
+            om.stride(0) if omega is not None else 0,
+            H,
+            N,
+            gh,
+            gw,
+            num_prefix,
+            scale,
+            HEAD_DIM=Dh,
+            BLOCK_D=BLOCK_D,
+            HAS_PRIOR=omega is not None,
+            IEEE=_ieee(q),
+        )
     return out, lse
 
 
-def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, deterministic: bool):
-    """Returns (dq, dk, dv, domega or None)."""
+def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, deterministic: bool = True):
+    """Returns (dq, dk, dv, domega or None). d-omega never uses atomics, so the result is
+    bit-identical across runs whatever ``deterministic`` says (kept for the callers)."""
+    del deterministic
     B, H, N, Dh = q.shape
     gh, gw = grid if grid is not None else (1, 1)
     BLOCK_D = _block_sizes(Dh, omega is not None)[2]
@@ -542,69 +643,39 @@ def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, de
     dv = torch.empty_like(dq)
     has_prior = omega is not None
     om = omega.contiguous() if has_prior else q
-    domega = torch.zeros((H, 2 * gh - 1, 2 * gw - 1), device=q.device, dtype=torch.float32) if has_prior else None
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), om.stride(0) if has_prior else 0)
-    common = dict(HEAD_DIM=Dh, BLOCK_D=BLOCK_D, HAS_PRIOR=has_prior)
-    _sp_attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
-        q,
-        k,
-        v,
-        om,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        *strides,
-        H,
-        N,
-        gh,
-        gw,
-        num_prefix,
-        scale,
-        **common,
-    )
-    _sp_attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q,
-        k,
-        v,
-        om,
-        dout,
-        lse,
-        delta,
-        dq,
-        domega if has_prior else dq,
-        *strides,
-        H,
-        N,
-        gh,
-        gw,
-        num_prefix,
-        scale,
-        ATOMIC_DOMEGA=has_prior and not deterministic,
-        **common,
-    )
-    if has_prior and deterministic:
-        _sp_attn_bwd_domega_kernel[(H * (2 * gh - 1) * (2 * gw - 1),)](
-            q,
-            k,
-            v,
-            om,
-            dout,
-            lse,
-            delta,
-            domega,
-            *strides,
-            B,
-            H,
-            N,
-            gh,
-            gw,
-            num_prefix,
-            scale,
-            HEAD_DIM=Dh,
-            BLOCK_D=BLOCK_D,
-            BLOCK_I=_domega_config(Dh)[0],
-            num_warps=_domega_config(Dh)[1],
+    common = dict(HEAD_DIM=Dh, BLOCK_D=BLOCK_D, HAS_PRIOR=has_prior, IEEE=_ieee(q))
+    sizes = (H, N, gh, gw, num_prefix, scale)
+    domega = None
+    with device_guard(q):
+        _sp_attn_bwd_dkdv[_launch_grid(B, H, N, "BLOCK_N")](
+            q, k, v, om, dout, lse, delta, dk, dv, *strides, *sizes, **common
         )
-    return dq, dk, dv, (domega.to(omega.dtype) if has_prior else None)
+        _sp_attn_bwd_dq[_launch_grid(B, H, N, "BLOCK_M")](q, k, v, om, dout, lse, delta, dq, *strides, *sizes, **common)
+        if has_prior:
+            TH, TW = 2 * gh - 1, 2 * gw - 1
+            per_prog = domega_batch_per_program(B, H, gh)
+            chunks = triton.cdiv(B, per_prog)
+            part = torch.empty((H, TH, chunks, TW), device=q.device, dtype=torch.float32)
+            block_w, warps = domega_config(gw, Dh)
+            _sp_attn_bwd_domega_kernel[(H * TH * chunks,)](
+                q,
+                k,
+                v,
+                om,
+                dout,
+                lse,
+                delta,
+                part,
+                *strides,
+                B,
+                *sizes,
+                per_prog,
+                HEAD_DIM=Dh,
+                BLOCK_D=BLOCK_D,
+                BLOCK_W=block_w,
+                IEEE=_ieee(q),
+                num_warps=warps,
+            )
+            domega = part.sum(2).to(omega.dtype)
+    return dq, dk, dv, domega

@@ -1,0 +1,282 @@
+"""Defects only a GPU would show, caught on the CPU (GitHub issue #13).
+
+Nothing here launches a kernel: the Triton launchers run on CPU tensors with their
+launches recorded (vitkern.triton_kernels.launches.capture), and each recorded launch is
+compiled ahead of time for a CUDA architecture with the specialisation Triton's runtime
+would derive from the same arguments; CUDA device state is mocked where it matters.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from vitkern.triton_kernels import gemm  # noqa: E402
+from vitkern.triton_kernels import launches as L  # noqa: E402
+from vitkern.triton_kernels import layernorm_mlp as lnk  # noqa: E402
+from vitkern.triton_kernels import patch_embed as pek  # noqa: E402
+from vitkern.triton_kernels import sp_attention as spk  # noqa: E402
+
+
+def _attn_inputs(B=2, H=2, grid=(14, 14), prefix=1, Dh=64, dtype=torch.float16, prior=True):
+    N = prefix + grid[0] * grid[1]
+    qkv = torch.empty(B, N, 3, H, Dh, dtype=dtype)  # q, k, v as the model passes them: views of qkv
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    om = torch.empty(H, 2 * grid[0] - 1, 2 * grid[1] - 1, dtype=dtype) if prior else None
+    return q, k, v, om, (grid if prior else None), (prefix if prior else 0)
+
+
+def attention_launches(smem_limit=None, **kw):
+    q, k, v, om, grid, prefix = _attn_inputs(**kw)
+    fwd = L.capture(spk.sp_attention_fwd, q, k, v, om, grid, prefix, 0.125, smem_limit=smem_limit)
+    lse = torch.empty(q.shape[:3])
+    bwd = L.capture(spk.sp_attention_bwd, q, q, k, v, om, q, lse, grid, prefix, 0.125, smem_limit=smem_limit)
+    return fwd + bwd
+
+
+def mlp_patch_launches(dtype=torch.float16):
+    M, D, Hd = 394, 64, 256
+    x = torch.empty(M, D, dtype=dtype)
+    lw, lb, w1, b1, w2, b2 = (torch.empty(s, dtype=dtype) for s in ((D,), (D,), (Hd, D), (Hd,), (D, Hd), (D,)))
+    out = L.capture(lnk.layernorm_mlp_fwd, x, lw, lb, w1, b1, w2, b2, 1e-6, 1, True, True)
+    mean, rstd, pre = torch.empty(M), torch.empty(M), torch.empty(M, Hd, dtype=dtype)
+    out += L.capture(lnk.layernorm_mlp_bwd, x, x, lw, lb, w1, w2, mean, rstd, pre, 1, True)
+    img, w, bias, pos = (torch.empty(s, dtype=dtype) for s in ((2, 3, 32, 32), (D, 3, 16, 16), (D,), (1, 4, D)))
+    out += L.capture(pek.patch_embed_fwd, img, w, bias, pos)
+    out += L.capture(pek.patch_embed_bwd, torch.empty(2, 4, D, dtype=dtype), img, w, True, True)
+    return out
+
+
+# ---------------------------------------------------------------- 1. 64-bit offsets
+_LINE = re.compile(r"^\s*(%[\w]+)(?::\d+)? = ([\w.]+) (.*)$")
+
+
+def narrow_index_products(ttir: str, loop_sources: bool) -> list[str]:
+    """i32 multiplies of a program-id-derived index (and, with ``loop_sources``, a loop
+    index) by a kernel argument (a stride or size), in Triton IR: such a product is a
+    memory offset that wraps at 2**31 (Triton types integer arguments below 2**31 as i32)."""
+    tainted, constant, args = set(), set(), set()
+    bad = []
+    for line in ttir.splitlines():
+        if "tt.func" in line:
+            args |= set(re.findall(r"(%arg\d+)", line))
+        if loop_sources and (m := re.search(r"scf\.for (%\w+) =", line)):
+            tainted.add(m.group(1))
+        m = _LINE.match(line)
+        if not m:
+            continue
+        res, op, rest = m.groups()
+        rest = rest.split(" loc(")[0]
+        operands = re.findall(r"%[\w]+", rest.split(" : ")[0])
+        if op == "arith.constant":
+            constant.add(res)
+            continue
+        if op == "tt.get_program_id" or any(o in tainted for o in operands):
+            tainted.add(res)
+        if op in ("tt.splat", "tt.broadcast", "tt.expand_dims") and operands and operands[0] in args:
+            args.add(res)  # a kernel argument, spread over a tile
+        if op == "arith.muli" and re.search(r"\bi32>?$", rest.strip()) and len(operands) == 2:
+            a, b = operands
+            for x, y in ((a, b), (b, a)):
+                if x in tainted and y in args and y not in constant:
+                    bad.append(line.strip())
+    return bad
+
+
+def test_offsets_are_64_bit_for_every_kernel():
+    launches = attention_launches() + mlp_patch_launches()
+    seen = set()
+    checked = []
+    for launch in launches:
+        key = (launch.name, repr(L.specialise(launch, 80)[1:3]))
+        if launch.name in {n for n, _ in seen} and launch.name != "fused_gemm_kernel":
+            continue  # one configuration per kernel is enough: the tile does not change the index types
+        if key in seen:
+            continue
+        seen.add(key)
+        ttir = L.compile_launch(launch, 80).asm["ttir"]
+        loops = not launch.name.startswith("_sp_attn")  # attention loops stay inside one (batch, head)
+        bad = narrow_index_products(ttir, loops)
+        assert not bad, f"{launch.name} {launch.config()}: 32-bit index x stride products:\n" + "\n".join(bad[:5])
+        checked.append(launch.name)
+    assert {"_sp_attn_fwd_kernel", "_sp_attn_bwd_dkdv_kernel", "_sp_attn_bwd_dq_kernel"} <= set(checked)
+    assert {"_sp_attn_bwd_domega_kernel", "fused_gemm_kernel", "_ln_stats_kernel", "_ln_bwd_kernel"} <= set(checked)
+
+
+def test_narrow_index_check_flags_a_32_bit_batch_offset():
+    """The checker itself: the pre-fix forward's pattern (batch index from the program id
+    times a stride argument, in i32) is reported; the same product after a cast is not."""
+    ttir = """
+  tt.func public @k(%arg0: !tt.ptr<f16>, %arg1: i32, %arg2: i32) {
+    %0 = tt.get_program_id y : i32 loc(#loc1)
+    %1 = arith.divsi %0, %arg2 : i32 loc(#loc2)
+    %2 = arith.muli %1, %arg1 : i32 loc(#loc3)
+    %3 = arith.extsi %1 : i32 to i64 loc(#loc4)
+    %4 = arith.extsi %arg1 : i32 to i64 loc(#loc5)
+    %5 = arith.muli %3, %4 : i64 loc(#loc6)
+"""
+    assert narrow_index_products(ttir, False) == ["%2 = arith.muli %1, %arg1 : i32 loc(#loc3)"]
+
+
+# ---------------------------------------------------------------- 2. shared memory
+def _family(arch: int) -> int:
+    """Architectures whose Triton code generation is the same (8.x: mma.sync, cp.async)."""
+    return 80 if arch in (80, 86, 89) else arch
+
+
+@pytest.mark.parametrize("arch", sorted(L.SMEM_LIMIT))
+def test_selected_attention_configs_fit_shared_memory(arch):
+    """For each architecture's shared-memory limit, the largest configuration the runtime
+    prune lets the autotuner try (it tries the others, smaller, too) compiles within the
+    limit, in fp32 (the worst case: 4-byte tiles, IEEE dots) at head dim 128, with and
+    without a prior; and every prune leaves at least one configuration."""
+    limit = L.SMEM_LIMIT[arch]
+    for prior in (True, False):
+        launches = attention_launches(smem_limit=limit, Dh=128, dtype=torch.float32, prior=prior, B=1, H=1)
+        by_kernel = {}
+        for launch in launches:
+            by_kernel.setdefault(launch.name, launch)  # the first kept is the largest
+        assert {"_sp_attn_fwd_kernel", "_sp_attn_bwd_dkdv_kernel", "_sp_attn_bwd_dq_kernel"} <= set(by_kernel)
+        for launch in by_kernel.values():
+            shared = L.compile_launch(launch, _family(arch)).metadata.shared
+            assert shared <= limit, f"sm_{arch} {launch.name} {launch.config()} prior={prior}: {shared} B > {limit} B"
+
+
+def test_smem_bound_covers_compiled_kernels():
+    """smem_bound (what the prune compares with the device's limit) is an upper bound of
+    what Triton allocates, for the register-sweep tiles in fp16 and fp32 (sm_80 and sm_90)."""
+    for arch in (80, 90):
+        for dtype in (torch.float16, torch.float32):
+            for launch in attention_launches(smem_limit=10**9, Dh=64, dtype=dtype, B=1, H=1):
+                if launch.name == "_sp_attn_bwd_domega_kernel" or launch.kwargs["num_stages"] != 3:
+                    continue
+                kind = {"_sp_attn_fwd_kernel": "fwd", "_sp_attn_bwd_dkdv_kernel": "dkdv"}.get(launch.name, "dq")
+                kw = launch.kwargs
+                bound = spk.smem_bound(kind, kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_D"], 3, dtype.itemsize)
+                shared = L.compile_launch(launch, arch).metadata.shared
+                assert shared <= bound, f"sm_{arch} {launch.name} {launch.config()} {dtype}: {shared} > {bound}"
+
+
+def test_prune_reads_the_tensors_device(monkeypatch):
+    """smem_limit asks for the properties of the tensor's device, not the current one."""
+    asked = []
+
+    class Props:
+        shared_memory_per_block_optin = 101376
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: asked.append(d) or Props())
+    assert gemm.smem_limit(torch.device("cuda", 1)) == 101376
+    assert asked == [1]
+    assert gemm.smem_limit(torch.device("cpu")) == gemm._SMEM_DEFAULT
+
+
+# ---------------------------------------------------------------- 3. TF32 in fp32 attention
+def test_fp32_attention_dots_are_ieee_unless_torch_allows_tf32():
+    """With torch's default (no TF32 for fp32 matmuls) every fp32 attention kernel is built
+    without TF32 tensor-core instructions; with TF32 allowed the launches ask for it."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        seen = set()
+        for launch in attention_launches(Dh=64, dtype=torch.float32, B=1, H=1):
+            assert launch.kwargs["IEEE"] is True
+            if launch.name in seen:
+                continue
+            seen.add(launch.name)
+            ptx = L.compile_launch(launch, 80).asm["ptx"]
+            assert "tf32" not in ptx, f"{launch.name}: TF32 instruction in an fp32 kernel with TF32 off"
+        assert len(seen) == 4
+        matmul.fp32_precision = "tf32"
+        assert all(launch.kwargs["IEEE"] is False for launch in attention_launches(Dh=64, dtype=torch.float32))
+        # fp16 never asks for IEEE dots (the flag is about fp32 products only).
+        assert all(launch.kwargs["IEEE"] is False for launch in attention_launches(Dh=64, dtype=torch.float16))
+    finally:
+        matmul.fp32_precision = before
+
+
+# ---------------------------------------------------------------- 4. TF32 read through the new API
+@pytest.mark.parametrize("setting", ["tf32", "ieee"])
+def test_gemm_reads_tf32_through_the_new_api(setting):
+    """After ``torch.backends.cuda.matmul.fp32_precision = ...`` (where the legacy
+    ``allow_tf32`` raises) the fp32 GEMM launch neither raises nor ignores the setting."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = setting
+        a, b, out = torch.empty(64, 32), torch.empty(32, 48), torch.empty(64, 48)
+        (launch, *_) = L.capture(gemm.fused_gemm, a, b, out, 64, 48, 32, a_strides=(32, 1), b_strides=(48, 1))
+        assert launch.kwargs["ALLOW_TF32"] is (setting == "tf32")
+        assert gemm.tf32_allowed() is (setting == "tf32")
+    finally:
+        matmul.fp32_precision = before
+
+
+# ---------------------------------------------------------------- 5. device guard
+def test_launches_run_under_the_tensors_device(monkeypatch):
+    """Every launcher enters the device guard of its tensors before launching, and the guard
+    of a cuda:1 tensor selects device 1 while the current device is 0."""
+    events = []
+
+    class Guard:
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            events.append(("enter", self.index))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.index))
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with gemm.cuda_device_guard(torch.device("cuda", 1)):
+        pass
+    assert events == [("enter", 1), ("exit", 1)]
+
+    # The launchers: every launch happens inside exactly one guard, entered for a tensor.
+    events.clear()
+    guarded = []
+
+    def guard(t):
+        guarded.append(isinstance(t, torch.Tensor))
+        return Guard(torch.device("cuda", 1))
+
+    for mod in (gemm, lnk, spk):
+        monkeypatch.setattr(mod, "device_guard", guard)
+    init = L.Launch.__init__
+
+    def record(self, *a, **kw):
+        init(self, *a, **kw)
+        events.append(("launch", sum({"enter": 1, "exit": -1}.get(e[0], 0) for e in events)))
+
+    monkeypatch.setattr(L.Launch, "__init__", record)
+    n = len(attention_launches(B=1, H=1)) + len(mlp_patch_launches())
+    launched = [depth for kind, depth in events if kind == "launch"]
+    assert len(launched) == n and n > 0
+    assert all(depth == 1 for depth in launched), "a launch outside the device guard"
+    assert guarded and all(guarded)
+
+
+# ---------------------------------------------------------------- 6. grid limits
+def test_attention_grid_within_cuda_limits_for_large_batch_times_heads():
+    """B*H = 70,000 (ViT-B inference at batch 5,834): the launch grid the launchers compute
+    (through attention_grid) stays within CUDA's limits on every axis."""
+    B, H, N = 5834, 12, 197
+    assert B * H > 65535
+    for block in (16, 32, 64):
+        grid = spk.attention_grid(B, H, N, block)
+        assert all(g <= lim for g, lim in zip(grid, L.CUDA_GRID_LIMITS, strict=False)), grid
+        assert grid[0] == -(-N // block) * B * H
+    # The captured launches use that function: their grid for a small case matches it.
+    for launch in attention_launches(B=3, H=2):
+        if launch.name != "_sp_attn_bwd_domega_kernel":
+            block = launch.kwargs["BLOCK_N" if "dkdv" in launch.name else "BLOCK_M"]
+            assert launch.grid == spk.attention_grid(3, 2, 197, block)
+            assert len(launch.grid) == 1
