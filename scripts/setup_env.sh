@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project's virtual environment, installs the pinned
-# torch and the test/bench tools, then builds the vitkern wheel with its
-# compiled extension (vitkern._C: C++, plus CUDA when nvcc is present) and
-# installs that wheel. Sourced by scripts/test.sh and scripts/bench.sh.
+# torch and the build/test/bench tools (the `dev` extra of pyproject.toml, the
+# one list of dependencies), then builds the vitkern wheel with its compiled
+# extension (vitkern._C, C++) and installs that wheel. Sourced by scripts/test.sh
+# and scripts/bench.sh.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,15 +24,11 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] 
   log "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION (a few minutes the first time)"
   "$PY" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
-log "installing build and test dependencies"
-"$PY" -m pip install -q -r "$ROOT/requirements-dev.txt"
-
-# CUDA toolkit for the CUDA half of the extension (compiles here, runs on GPUs).
-if [ -z "${CUDA_HOME:-}" ] && [ -z "${VITKERN_SKIP_CUDA_BUILD:-}" ]; then
-  for d in /usr/local/cuda /usr/local/cuda-*; do
-    if [ -x "$d/bin/nvcc" ] && [ -f "$d/include/cuda_runtime.h" ]; then export CUDA_HOME="$d"; break; fi
-  done
-fi
+log "installing build and test dependencies (pyproject.toml extra: dev)"
+# The extras are read from pyproject.toml (not `pip install .[dev]`, which would build
+# vitkern in an isolated environment against another torch).
+"$PY" "$ROOT/scripts/extras.py" dev > "$VENV/vitkern-dev-requirements.txt"
+"$PY" -m pip install -q -r "$VENV/vitkern-dev-requirements.txt"
 
 log "building the vitkern wheel (ninja, MAX_JOBS=${MAX_JOBS:-2}; incremental after the first build)"
 start=$(date +%s)
@@ -48,6 +45,3 @@ PYEOF
 "$PY" -m pip install -q --force-reinstall --no-deps "$ROOT"/dist/vitkern-*.whl
 
 export VITKERN_PY="$PY" VITKERN_VENV_BIN="$VENV/bin"
-if [ -n "${CUDA_HOME:-}" ] && [ -z "${VITKERN_SKIP_CUDA_BUILD:-}" ]; then
-  export VITKERN_EXPECT_CUDA_BUILD=1
-fi
