@@ -309,7 +309,7 @@ def layernorm_mlp(
         eps: LayerNorm epsilon (timm uses 1e-6).
         approximate: "none" (exact erf GELU) or "tanh".
         residual: add ``x`` to the output (default True).
-        backend: "auto", "reference", "triton", "cpu" or "cuda".
+        backend: "auto", "reference", "triton" or "cpu".
 
     Returns:
         Same shape and dtype as ``x``.

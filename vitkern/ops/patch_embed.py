@@ -138,7 +138,7 @@ def patch_embed(
         weight: (embed_dim, channels, P, P), Conv2d layout.
         bias: (embed_dim,) or None.
         pos_embed: (N, embed_dim) or (1, N, embed_dim) with N = gh*gw, or None.
-        backend: "auto", "reference", "triton", "cpu" or "cuda".
+        backend: "auto", "reference", "triton" or "cpu".
 
     Returns:
         (batch, N, embed_dim), patches in row-major order (n = row*gw + col).

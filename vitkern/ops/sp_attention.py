@@ -254,7 +254,7 @@ def sp_attention(
         grid: (gh, gw) patch grid; inferred from ``omega`` when omitted.
         num_prefix_tokens: leading class/register tokens (prior factor 1).
         scale: logit scale, head_dim**-0.5 by default.
-        backend: "auto", "reference", "triton", "cpu" or "cuda".
+        backend: "auto", "reference", "triton" or "cpu".
 
     Returns:
         (batch, heads, seqlen, head_dim) in q's dtype.
