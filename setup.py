@@ -1,21 +1,27 @@
-"""Build of vitkern._C, the compiled extension (C++ always, CUDA when possible).
+"""Build of vitkern._C, the compiled extension: the C++ kernels of the ``cpu`` backend.
+
+CUDA tensors run on the Triton kernels (or the reference path); there is no CUDA C++
+code, so a build needs a C++17 compiler and torch, never nvcc.
 
 Environment switches (read at build time):
 
-* ``VITKERN_SKIP_CUDA_BUILD=1``  build the C++ part only, even if nvcc is present.
-* ``VITKERN_FORCE_CUDA=1``       fail instead of silently skipping CUDA when nvcc or a
-                                  CUDA build of torch is missing.
-* ``VITKERN_CUDA_ARCHS="80;90"`` SM architectures for the CUDA kernels (default 80 and 90).
-* ``CUDA_HOME``                  the toolkit; otherwise the newest ``/usr/local/cuda-*``.
-* ``MAX_JOBS``                   ninja's job cap; by default min(cores, RAM GiB / 4).
-* ``VITKERN_EXTRA_CFLAGS``       extra flags for both compilers (the sanitizer build uses it).
+* ``VITKERN_GENERIC_SIMD=1``  compile without the x86 AVX-512/AVX2 paths (portable scalar
+                               loops only: what an aarch64 build gets; tested in CI).
+* ``VITKERN_DEBUG=1``         keep debug info (``-g -O1``); release builds use ``-O3 -g0``
+                               and a stripped link (the extension is ~1/30 the size).
+* ``VITKERN_LOCAL_VERSION=0``  do not append ``+torch<major>.<minor>`` to the version of a
+                               wheel (it is appended by default: the wheel only loads with
+                               the torch minor release it was built against).
+* ``MAX_JOBS``                ninja's job cap; by default min(cores, RAM GiB / 4).
+* ``VITKERN_EXTRA_CFLAGS``    extra compiler and linker flags (the sanitizer build uses it).
+
+The build writes ``vitkern/_build_info.py`` (torch version, flags) next to the extension;
+``vitkern._ext`` reads it to explain a torch mismatch instead of failing obscurely.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,41 +29,15 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc" / "vitkern"
+BASE_VERSION = "0.1.0"
 
 
 def _log(msg: str) -> None:
     print(f"[vitkern setup] {msg}", file=sys.stderr)
 
 
-def _find_cuda_home() -> str | None:
-    """A CUDA toolkit root: has bin/nvcc and include/cuda_runtime.h."""
-
-    def ok(home: str | Path | None) -> bool:
-        return bool(home) and Path(home, "bin", "nvcc").exists() and Path(home, "include", "cuda_runtime.h").exists()
-
-    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if env:
-        return env if ok(env) else None
-    candidates = ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
-    nvcc = shutil.which("nvcc")
-    if nvcc:  # may be a wrapper script: only trust it if it sits inside a toolkit
-        candidates.insert(0, str(Path(nvcc).resolve().parent.parent))
-    return next((c for c in candidates if ok(c)), None)
-
-
-def _pip_cuda_include_dirs() -> list[str]:
-    try:
-        import nvidia  # the namespace package of the nvidia-* wheels that torch depends on
-    except ImportError:
-        return []
-    dirs = []
-    for root in getattr(nvidia, "__path__", []):
-        dirs += sorted(str(p) for p in Path(root).glob("*/include") if p.is_dir())
-    return dirs
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+def _flag(name: str, default: str = "0") -> bool:
+    return os.environ.get(name, default).lower() in ("1", "true", "yes", "on")
 
 
 def _default_max_jobs() -> None:
@@ -71,62 +51,88 @@ def _default_max_jobs() -> None:
     os.environ["MAX_JOBS"] = str(max(1, min(cores, int(mem_gib // 4))))
 
 
+def _torch_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _building_sdist() -> bool:
+    return "sdist" in sys.argv
+
+
+def _build_info(torch) -> dict:
+    return {
+        "torch_version": torch.__version__,
+        "torch_minor": _torch_minor(torch.__version__),
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "generic_simd": _flag("VITKERN_GENERIC_SIMD"),
+        "debug": _flag("VITKERN_DEBUG"),
+    }
+
+
 def _extensions():
-    # The CUDA toolkit must be known before torch.utils.cpp_extension is imported:
-    # it resolves CUDA_HOME once, at import time.
-    want_cuda = not _flag("VITKERN_SKIP_CUDA_BUILD")
-    cuda_home = _find_cuda_home() if want_cuda else None
-    if cuda_home:
-        os.environ["CUDA_HOME"] = cuda_home
-    archs = [a.strip() for a in os.environ.get("VITKERN_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(f"{a[:-1]}.{a[-1]}" for a in archs))
     _default_max_jobs()
-
     import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    use_cuda = bool(want_cuda and cuda_home and torch.version.cuda)
-    if want_cuda and not use_cuda:
-        why = "no nvcc found" if not cuda_home else f"torch {torch.__version__} is not a CUDA build"
-        if _flag("VITKERN_FORCE_CUDA"):
-            raise RuntimeError(f"VITKERN_FORCE_CUDA=1 but {why}")
-        _log(f"building C++ only ({why}); set CUDA_HOME to build the CUDA kernels")
-
-    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
+    info = _build_info(torch)
     extra = os.environ.get("VITKERN_EXTRA_CFLAGS", "").split()
     # -fopenmp: at::parallel_for is header code built on `#pragma omp parallel`;
     # without it the CPU kernels would silently run on one thread.
     omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-fvisibility=hidden", *omp, *extra]
-    include_dirs = [str(CSRC)]
-    if use_cuda:
-        # The torch wheels' CUDA math libraries (cuBLAS, cuSPARSE, ...) ship their
-        # headers in site-packages/nvidia/*/include; a bare toolkit may lack them.
-        include_dirs += _pip_cuda_include_dirs()
-        sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
-        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-        nvcc += [f"-Xcompiler={f}" for f in omp]
-        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-        _log(f"building C++ + CUDA with {cuda_home}, archs {archs}, MAX_JOBS={os.environ['MAX_JOBS']}")
-        ext = CUDAExtension(
-            "vitkern._C",
-            sources,
-            include_dirs=include_dirs,
-            define_macros=[("VITKERN_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=[*omp, *extra],
-        )
+    if info["debug"]:
+        opt, link = ["-O1", "-g"], []
     else:
-        ext = CppExtension(
-            "vitkern._C",
-            sources,
-            include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=[*omp, *extra],
-        )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+        # Release: no DWARF (it was 28 of the 30 MB of _C), symbols stripped at link time.
+        opt, link = ["-O3", "-g0"], (["-Wl,--strip-all"] if sys.platform.startswith("linux") else [])
+    macros = [("VITKERN_GENERIC_SIMD", None)] if info["generic_simd"] else []
+    cxx = [*opt, "-fvisibility=hidden", *omp, *extra]
+    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
+    ext = CppExtension(
+        "vitkern._C",
+        sources,
+        include_dirs=[str(CSRC)],
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=[*omp, *link, *extra],
+    )
+    _log(
+        f"building vitkern._C against torch {info['torch_version']} "
+        f"({'generic' if info['generic_simd'] else 'x86 SIMD'} paths, {'debug' if info['debug'] else 'release'}, "
+        f"MAX_JOBS={os.environ['MAX_JOBS']})"
+    )
+
+    class build_ext(BuildExtension.with_options(use_ninja=True)):  # noqa: N801 (setuptools command name)
+        """Also writes vitkern/_build_info.py next to the extension."""
+
+        def run(self):
+            super().run()
+            text = (
+                f'"""Written by setup.py when vitkern._C was built; read by vitkern._ext."""\n\nBUILD_INFO = {info!r}\n'
+            )
+            targets = [ROOT / "vitkern"] if self.inplace else [Path(self.build_lib) / "vitkern"]
+            for d in targets:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "_build_info.py").write_text(text)
+
+    return [ext], {"build_ext": build_ext}, info
 
 
-ext_modules, cmdclass = _extensions()
+ext_modules, cmdclass, build_info = _extensions()
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if _building_sdist():
+    # The sdist builds against whatever torch is installed where it is built.
+    version, torch_requirement = BASE_VERSION, "torch>=2.5"
+else:
+    # A wheel's _C is bound to the torch minor release it was compiled against (it
+    # uses libtorch's C++ ABI, which changes between minor releases).
+    local = _flag("VITKERN_LOCAL_VERSION", "1")
+    version = f"{BASE_VERSION}+torch{build_info['torch_minor']}" if local else BASE_VERSION
+    torch_requirement = f"torch=={build_info['torch_minor']}.*"
+
+setup(
+    version=version,
+    install_requires=[torch_requirement, "numpy", "triton>=3.0; platform_system == 'Linux'"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

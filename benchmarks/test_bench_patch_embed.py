@@ -9,7 +9,7 @@ from vitkern.bench_suites import bench_device, bench_dtypes, cached_case, patch_
 FULL = os.environ.get("VITKERN_BENCH_FULL", "0") == "1"
 DEVICE = bench_device()
 DTYPES = bench_dtypes(FULL)
-PROVIDERS = ["vitkern[cpu]", "vitkern[triton]", "vitkern[cuda]", "eager (Conv2d)", "torch.compile(eager)", "GEMM alone"]
+PROVIDERS = ["vitkern[cpu]", "vitkern[triton]", "eager (Conv2d)", "torch.compile(eager)", "GEMM alone"]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

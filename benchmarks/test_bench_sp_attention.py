@@ -15,7 +15,6 @@ BATCHES = [1, 8] if FULL else [8]
 PROVIDERS = [
     "vitkern[cpu]",
     "vitkern[triton]",
-    "vitkern[cuda]",
     "eager",
     "public SP-ViT code",
     "torch.compile(eager)",

@@ -24,7 +24,7 @@ rm -f "$WORK"/vitkern/_C*.so
 start=$(date +%s)
 (
   cd "$WORK"
-  VITKERN_SKIP_CUDA_BUILD=1 MAX_JOBS="${MAX_JOBS:-2}" \
+  VITKERN_DEBUG=1 MAX_JOBS="${MAX_JOBS:-2}" \
     VITKERN_EXTRA_CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -O1 -g" \
     "$PY" setup.py -q build_ext --inplace --build-temp "$WORK/build" > "$WORK/build.log" 2>&1 \
     || { tail -50 "$WORK/build.log"; exit 1; }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project's virtual environment, installs the pinned
-# torch and the test/bench tools, then builds the vitkern wheel with its
-# compiled extension (vitkern._C: C++, plus CUDA when nvcc is present) and
-# installs that wheel. Sourced by scripts/test.sh and scripts/bench.sh.
+# torch and the build/test/bench tools (the `dev` extra of pyproject.toml, the
+# one list of dependencies), then builds the vitkern wheel with its compiled
+# extension (vitkern._C, C++) and installs that wheel. Sourced by scripts/test.sh
+# and scripts/bench.sh.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,20 +24,23 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] 
   log "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION (a few minutes the first time)"
   "$PY" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
-log "installing build and test dependencies"
-"$PY" -m pip install -q -r "$ROOT/requirements-dev.txt"
+log "installing build and test dependencies (pyproject.toml extra: dev)"
+# The extras are read from pyproject.toml (not `pip install .[dev]`, which would build
+# vitkern in an isolated environment against another torch).
+"$PY" "$ROOT/scripts/extras.py" dev > "$VENV/vitkern-dev-requirements.txt"
+"$PY" -m pip install -q -r "$VENV/vitkern-dev-requirements.txt"
 
-# CUDA toolkit for the CUDA half of the extension (compiles here, runs on GPUs).
-if [ -z "${CUDA_HOME:-}" ] && [ -z "${VITKERN_SKIP_CUDA_BUILD:-}" ]; then
-  for d in /usr/local/cuda /usr/local/cuda-*; do
-    if [ -x "$d/bin/nvcc" ] && [ -f "$d/include/cuda_runtime.h" ]; then export CUDA_HOME="$d"; break; fi
-  done
-fi
-
-log "building the vitkern wheel (ninja, MAX_JOBS=${MAX_JOBS:-2}; incremental after the first build)"
 start=$(date +%s)
 rm -rf "$ROOT/dist"
-( cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip wheel . --no-build-isolation --no-deps -q -w "$ROOT/dist" )
+if [ "${CI:-}" = "true" ] || [ "${VITKERN_RELEASE_WHEEL:-0}" = "1" ]; then
+  # CI: the release route (scripts/build_wheels.sh: sdist from the committed tree, wheel
+  # built from the sdist, auditwheel-repaired), so the tests run against what is published.
+  log "building the release wheel (scripts/build_wheels.sh, MAX_JOBS=${MAX_JOBS:-2})"
+  VITKERN_PY="$PY" bash "$ROOT/scripts/build_wheels.sh" "$ROOT/dist"
+else
+  log "building the vitkern wheel (ninja, MAX_JOBS=${MAX_JOBS:-2}; incremental after the first build)"
+  ( cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip wheel . --no-build-isolation --no-deps -q -w "$ROOT/dist" )
+fi
 log "wheel built in $(( $(date +%s) - start )) s: $(ls "$ROOT"/dist/*.whl)"
 "$PY" - "$ROOT"/dist/vitkern-*.whl <<'PYEOF'
 import sys, zipfile
@@ -48,6 +52,3 @@ PYEOF
 "$PY" -m pip install -q --force-reinstall --no-deps "$ROOT"/dist/vitkern-*.whl
 
 export VITKERN_PY="$PY" VITKERN_VENV_BIN="$VENV/bin"
-if [ -n "${CUDA_HOME:-}" ] && [ -z "${VITKERN_SKIP_CUDA_BUILD:-}" ]; then
-  export VITKERN_EXPECT_CUDA_BUILD=1
-fi

@@ -34,7 +34,7 @@ def test_auto_records_choice_and_skipped_reasons():
 
 def test_explicit_argument_wins_over_context_and_env(monkeypatch):
     monkeypatch.setenv("VITKERN_BACKEND", "triton")
-    with vitkern.use_backend("cuda"):
+    with vitkern.use_backend("cpu"):
         sp_attention(*_qkv(), backend="reference")
     assert vitkern.last_backend("sp_attention") == "reference"
 
@@ -58,9 +58,17 @@ def test_unknown_backend_names_the_argument():
         pass
 
 
-def test_explicit_backend_that_cannot_run_raises():
-    # CPU tensors on the cuda backend can never run, whatever was built.
-    with pytest.raises(vitkern.BackendError, match="backend='cuda' cannot run"):
+def test_explicit_backend_that_cannot_run_raises(monkeypatch):
+    # CPU tensors on the triton backend without the interpreter can never run.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(vitkern.BackendError, match="backend='triton' cannot run"):
+        sp_attention(*_qkv(), backend="triton")
+
+
+def test_cuda_backend_name_is_gone():
+    # The CUDA C++ backend was removed (CUDA tensors run on triton or reference).
+    assert "cuda" not in vitkern.available_backends()
+    with pytest.raises(ValueError, match="backend must be one of"):
         sp_attention(*_qkv(), backend="cuda")
 
 

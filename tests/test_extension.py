@@ -27,12 +27,96 @@ def test_extension_loaded_when_required():
     assert "site-packages" in vitkern.__file__, vitkern.__file__
 
 
+def _elf_section_names(path: str) -> set[str]:
+    """Section names of a 64-bit little-endian ELF file (enough for the extension)."""
+    import struct
+
+    data = open(path, "rb").read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "not a 64-bit little-endian ELF"
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def header(i):  # (name offset, file offset of the section)
+        base = shoff + i * shentsize
+        return struct.unpack_from("<I", data, base)[0], struct.unpack_from("<Q", data, base + 0x18)[0]
+
+    strtab = header(shstrndx)[1]
+    names = set()
+    for i in range(shnum):
+        off = strtab + header(i)[0]
+        names.add(data[off : data.index(b"\0", off)].decode())
+    return names
+
+
 @needs_ext
-def test_extension_reports_cuda_build():
-    ext = load_extension()
-    assert isinstance(ext.with_cuda(), bool)
-    if os.environ.get("VITKERN_EXPECT_CUDA_BUILD") == "1":
-        assert ext.with_cuda(), "the CUDA sources were expected in this build"
+def test_extension_build_record_matches_installed_torch():
+    from vitkern._ext import build_info
+
+    info = build_info()
+    assert info is not None, "vitkern/_build_info.py is written by setup.py next to _C"
+    assert info["torch_minor"] == ".".join(torch.__version__.split(".")[:2])
+    paths = load_extension().simd_paths()
+    assert ("scalar only" in paths) == bool(info["generic_simd"]), (paths, info)
+
+
+@needs_ext
+def test_release_extension_is_stripped_and_small():
+    from vitkern._ext import build_info
+
+    if build_info()["debug"]:
+        pytest.skip("a VITKERN_DEBUG=1 build keeps its debug info on purpose")
+    path = load_extension().__file__
+    if not path.endswith(".so"):
+        pytest.skip(f"not an ELF extension: {path}")
+    sections = _elf_section_names(path)
+    assert ".text" in sections
+    assert not {s for s in sections if s.startswith(".debug")}, sorted(sections)
+    assert os.path.getsize(path) < 4 * 2**20, f"{path}: {os.path.getsize(path) / 2**20:.1f} MB"
+
+
+_FAKE_BUILD = (
+    "import sys, types, warnings\n"
+    "fake = types.ModuleType('vitkern._build_info')\n"
+    "fake.BUILD_INFO = dict(torch_version='2.99.0', torch_minor='2.99', cxx11_abi=True, python='3.11',\n"
+    "                       generic_simd=False, debug=False)\n"
+    "sys.modules['vitkern._build_info'] = fake\n"
+    "with warnings.catch_warnings(record=True) as w:\n"
+    "    warnings.simplefilter('always')\n"
+    "    import torch, vitkern\n"
+    "    r = vitkern.available_backends()\n"
+    "msgs = [str(x.message) for x in w if 'vitkern._C' in str(x.message)]\n"
+)
+
+
+def test_torch_mismatch_names_both_versions_and_the_cost(tmp_path):
+    """_C built for another torch minor release: not imported, one warning says why and what it costs."""
+    code = _FAKE_BUILD + (
+        "assert len(msgs) == 1, msgs\n"
+        "m = msgs[0]\n"
+        "assert 'built for torch 2.99.0' in m and f'torch {torch.__version__} is installed' in m, m\n"
+        "assert 'torch==2.99.*' in m and 'slower' in m, m\n"
+        "assert 'vitkern._C' not in sys.modules, 'a mismatched _C must not be imported'\n"
+        "assert r['cpu'] and 'built for torch 2.99.0' in r['cpu'], r\n"
+        "print('ok')\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("VITKERN_IGNORE_TORCH_VERSION", "VITKERN_DISABLE_EXTENSION")
+    }
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+@needs_ext
+def test_torch_mismatch_override_tries_to_load(tmp_path):
+    code = _FAKE_BUILD + "assert not msgs, msgs\nassert r['cpu'] is None, r\nprint('ok')\n"
+    env = {**os.environ, "VITKERN_IGNORE_TORCH_VERSION": "1"}
+    env.pop("VITKERN_DISABLE_EXTENSION", None)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
 
 @needs_ext

@@ -4,7 +4,7 @@ Precedence, highest first: an explicit ``backend=`` argument other than
 ``"auto"``; the innermost :func:`use_backend` context; the ``VITKERN_BACKEND``
 environment variable (read at call time); ``"auto"``.
 
-``"auto"`` tries, in order, ``triton`` → ``cuda`` → ``reference`` for CUDA
+``"auto"`` tries, in order, ``triton`` → ``reference`` for CUDA
 tensors and ``cpu`` → ``reference`` for CPU tensors, taking the first backend
 that is available and supports the inputs. An explicitly requested backend
 that cannot run the inputs raises :class:`BackendError`; ``auto`` never falls
@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vitkern._ext import extension_error, extension_has_cuda, load_extension
+from vitkern._ext import extension_error, load_extension
 
-BACKENDS: tuple[str, ...] = ("reference", "triton", "cpu", "cuda")
+BACKENDS: tuple[str, ...] = ("reference", "triton", "cpu")
 _VALID = ("auto", *BACKENDS)
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
 
 _context: contextvars.ContextVar[str | None] = contextvars.ContextVar("vitkern_backend", default=None)
 _local = threading.local()
@@ -126,11 +126,6 @@ def backend_status(name: str) -> str | None:
         return _triton_status()
     if load_extension() is None:
         return f"vitkern._C is not available ({extension_error()})"
-    if name == "cuda":
-        if not extension_has_cuda():
-            return "vitkern._C was built without CUDA kernels"
-        if not torch.cuda.is_available():
-            return "no CUDA device"
     return None
 
 
@@ -148,11 +143,7 @@ def _why_not(op: str, backend: str, device: torch.device, args: tuple, kwargs: d
         return status
     if backend == "cpu" and device.type != "cpu":
         return f"inputs are on {device}, the cpu backend needs CPU tensors"
-    if (
-        backend in ("cuda", "triton")
-        and device.type != "cuda"
-        and not (backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1")
-    ):
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return f"inputs are on {device}, the {backend} backend needs CUDA tensors"
     if impl.supports is not None:
         return impl.supports(*args, **kwargs)

@@ -45,7 +45,7 @@ class Case:
 
 def vitkern_backends(op: str, device: torch.device, *args) -> list[str]:
     """vitkern backends (other than reference) that can run ``op`` on these inputs here."""
-    return [b for b in ("cpu", "cuda", "triton") if _backend._why_not(op, b, device, args, {}) is None]
+    return [b for b in ("cpu", "triton") if _backend._why_not(op, b, device, args, {}) is None]
 
 
 def _runner(fn: Callable[[], torch.Tensor], backward: bool, leaves: list[torch.Tensor]) -> Callable[[], object]:

@@ -362,13 +362,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _info() -> int:
     import vitkern
-    from vitkern._ext import load_extension
+    from vitkern._ext import build_info_line, load_extension
 
     for name, reason in vitkern.available_backends().items():
         print(f"{name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
     ext = load_extension()
     if ext is not None:
-        print(f"vitkern._C: CUDA kernels built: {ext.with_cuda()}; CPU BLAS: {ext.blas_backend()}")
+        print(f"vitkern._C: {ext.__file__}; CPU BLAS: {ext.blas_backend()}; SIMD paths: {ext.simd_paths()}")
+        print(f"vitkern._C build: {build_info_line()}")
     return 0
 
 

@@ -6,32 +6,19 @@
 #include "checks.h"
 #include "layernorm_mlp.h"
 #include "patch_embed.h"
+#include "simd.h"
 #include "sp_attention.h"
 #include "spatial_prior.h"
 
 namespace {
 
-bool with_cuda() {
-#ifdef VITKERN_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
 at::Tensor spatial_prior_forward(const at::Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix) {
-#ifdef VITKERN_WITH_CUDA
-  if (omega.is_cuda()) return vitkern::spatial_prior_forward_cuda(omega, gh, gw, num_prefix);
-#endif
-  TORCH_CHECK(omega.device().is_cpu(), "vitkern._C was built without CUDA; omega is on ", omega.device());
+  TORCH_CHECK(omega.device().is_cpu(), "vitkern._C has CPU kernels only; omega is on ", omega.device());
   return vitkern::spatial_prior_forward_cpu(omega, gh, gw, num_prefix);
 }
 
 at::Tensor spatial_prior_backward(const at::Tensor& grad, int64_t gh, int64_t gw, int64_t num_prefix) {
-#ifdef VITKERN_WITH_CUDA
-  if (grad.is_cuda()) return vitkern::spatial_prior_backward_cuda(grad, gh, gw, num_prefix);
-#endif
-  TORCH_CHECK(grad.device().is_cpu(), "vitkern._C was built without CUDA; grad is on ", grad.device());
+  TORCH_CHECK(grad.device().is_cpu(), "vitkern._C has CPU kernels only; grad is on ", grad.device());
   return vitkern::spatial_prior_backward_cpu(grad, gh, gw, num_prefix);
 }
 
@@ -42,8 +29,8 @@ void check_shape(const at::Tensor& x, const std::string& name, std::vector<int64
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "vitkern compiled kernels (C++ always, CUDA when built with nvcc)";
-  m.def("with_cuda", &with_cuda, "True if this build contains the CUDA kernels");
+  m.doc() = "vitkern compiled CPU kernels (C++)";
+  m.def("simd_paths", &vitkern::simd::compiled_paths, "the x86 SIMD code paths compiled into this build");
   m.def("blas_backend", &vitkern::blas_backend, "how the CPU kernels reach BLAS");
   m.def("check_shape", &check_shape, "Raise RuntimeError unless x has the expected shape (-1 = any)",
         py::arg("x"), py::arg("name"), py::arg("expected"));

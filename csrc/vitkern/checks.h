@@ -1,4 +1,4 @@
-// Input-checking helpers shared by every vitkern C++/CUDA entry point.
+// Input-checking helpers shared by every vitkern C++ entry point.
 // Python launchers validate first and raise clear TypeError/ValueError; these
 // TORCH_CHECKs are the last line of defence so that a bad call from C++ (or a
 // launcher bug) raises a RuntimeError instead of reading out of bounds.
@@ -13,8 +13,6 @@
   TORCH_CHECK((x).device() == (dev), #x " must be on ", (dev), ", got ", (x).device())
 
 #define VK_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
-
-#define VK_CHECK_CUDA(x) TORCH_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
 
 #define VK_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
 

@@ -10,20 +10,32 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__x86_64__)
+// VITKERN_GENERIC_SIMD (build switch VITKERN_GENERIC_SIMD=1) compiles none of the
+// x86 intrinsics or target clones: only the portable scalar loops below, which is
+// what a non-x86 (e.g. aarch64) build gets anyway. The tests run against it in CI.
+#if defined(__x86_64__) && !defined(VITKERN_GENERIC_SIMD)
+#define VK_X86_SIMD 1
+#else
+#define VK_X86_SIMD 0
+#endif
+
+#if VK_X86_SIMD
 #include <immintrin.h>
 #endif
 
 // Plain row loops (LayerNorm, residual init, column sums) are compiled for AVX-512,
 // AVX2 and baseline x86-64 and picked at load time (GCC/Clang function multiversioning);
 // the extension itself is built for baseline x86-64, where they would be 4-wide SSE.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(VITKERN_NO_TARGET_CLONES)
+#if VK_X86_SIMD && defined(__GNUC__) && !defined(VITKERN_NO_TARGET_CLONES)
 #define VK_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define VK_TARGET_CLONES
 #endif
 
 namespace vitkern::simd {
+
+// The SIMD code paths compiled into this build (reported by `vitkern info`).
+inline const char* compiled_paths() { return VK_X86_SIMD ? "avx512f, avx2+fma, scalar (picked at run time)" : "scalar only (generic build)"; }
 
 inline float row_max_scalar(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
@@ -40,7 +52,7 @@ inline float exp_sub_sum_scalar(float* x, int64_t n, float shift) {
   return s;
 }
 
-#if defined(__x86_64__)
+#if VK_X86_SIMD
 __attribute__((target("avx2,fma"))) inline float row_max_avx2(const float* x, int64_t n) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 nan_seen = _mm256_setzero_ps();
@@ -198,7 +210,7 @@ inline bool has_avx512() { return false; }
 #endif
 
 inline float row_max(const float* x, int64_t n) {
-#if defined(__x86_64__)
+#if VK_X86_SIMD
   if (has_avx512()) return row_max_avx512(x, n);
   if (has_avx2()) return row_max_avx2(x, n);
 #endif
@@ -207,7 +219,7 @@ inline float row_max(const float* x, int64_t n) {
 
 // x[i] = exp(x[i] - shift) in place; returns the sum of the new x.
 inline float exp_sub_sum(float* x, int64_t n, float shift) {
-#if defined(__x86_64__)
+#if VK_X86_SIMD
   if (has_avx512()) return exp_sub_sum_avx512(x, n, shift);
   if (has_avx2()) return exp_sub_sum_avx2(x, n, shift);
 #endif
@@ -220,14 +232,14 @@ inline void scale(float* x, int64_t n, float k) {
 }
 
 inline void mul_scaled(float* d, const float* f, int64_t n, float k) {
-#if defined(__x86_64__)
+#if VK_X86_SIMD
   if (has_avx512()) return mul_scaled_avx512(d, f, n, k);
 #endif
   for (int64_t t = 0; t < n; ++t) d[t] *= k * f[t];
 }
 
 inline void fma_acc(float* d, const float* a, const float* b, int64_t n) {
-#if defined(__x86_64__)
+#if VK_X86_SIMD
   if (has_avx512()) return fma_acc_avx512(d, a, b, n);
 #endif
   for (int64_t t = 0; t < n; ++t) d[t] += a[t] * b[t];
@@ -255,7 +267,7 @@ inline float gelu_grad_scalar(float a, bool tanh_approx) {
   return 0.5f * (1.f + std::erf(a * kInvSqrt2)) + a * kInvSqrt2Pi * std::exp(-0.5f * a * a);
 }
 
-#if defined(__x86_64__)
+#if VK_X86_SIMD
 __attribute__((target("avx512f"))) inline __m512 erf_avx512(__m512 x) {
   const __m512 ax = _mm512_abs_ps(x);
   const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
@@ -302,7 +314,7 @@ __attribute__((target("avx512f"))) inline void bias_gelu_avx512(float* a, const 
 }
 #endif
 
-#if defined(__x86_64__)
+#if VK_X86_SIMD
 // g[i] = gelu(a[i]) (if g) and d[i] *= gelu'(a[i]) (if d).
 __attribute__((target("avx512f"))) inline void gelu_fwd_bwd_avx512(const float* a, float* g, float* d, int64_t n,
                                                                      bool tanh_approx) {
@@ -341,7 +353,7 @@ __attribute__((target("avx512f"))) inline void gelu_fwd_bwd_avx512(const float* 
 
 // g[i] = gelu(a[i]) when g is not null; d[i] *= gelu'(a[i]) when d is not null.
 inline void gelu_fwd_bwd(const float* a, float* g, float* d, int64_t n, bool tanh_approx) {
-#if defined(__x86_64__)
+#if VK_X86_SIMD
   if (has_avx512()) return gelu_fwd_bwd_avx512(a, g, d, n, tanh_approx);
 #endif
   for (int64_t i = 0; i < n; ++i) {
@@ -353,7 +365,7 @@ inline void gelu_fwd_bwd(const float* a, float* g, float* d, int64_t n, bool tan
 // a[i] = gelu(a[i] + bias[i]) in place over one row of n; the pre-activation
 // a + bias is stored to `pre` when it is not null (for the backward).
 inline void bias_gelu(float* a, const float* bias, int64_t n, bool tanh_approx, float* pre) {
-#if defined(__x86_64__)
+#if VK_X86_SIMD
   if (has_avx512()) return bias_gelu_avx512(a, bias, n, tanh_approx, pre);
 #endif
   for (int64_t i = 0; i < n; ++i) {

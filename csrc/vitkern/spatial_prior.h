@@ -8,7 +8,7 @@
 
 namespace vitkern {
 
-// Relative-offset index helpers shared by the CPU and CUDA kernels.
+// Relative-offset index helpers of the CPU kernels.
 // Token t >= num_prefix sits at row (t - P) / gw, col (t - P) % gw.
 struct GridIndex {
   int64_t gh, gw, num_prefix;
@@ -17,11 +17,6 @@ struct GridIndex {
 
 at::Tensor spatial_prior_forward_cpu(const at::Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix);
 at::Tensor spatial_prior_backward_cpu(const at::Tensor& grad, int64_t gh, int64_t gw, int64_t num_prefix);
-
-#ifdef VITKERN_WITH_CUDA
-at::Tensor spatial_prior_forward_cuda(const at::Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix);
-at::Tensor spatial_prior_backward_cuda(const at::Tensor& grad, int64_t gh, int64_t gw, int64_t num_prefix);
-#endif
 
 // Shared argument validation (device-agnostic).
 void check_spatial_prior_args(const at::Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix);

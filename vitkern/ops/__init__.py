@@ -1,5 +1,5 @@
 """vitkern's fused operations. Each takes ``backend=`` ("auto", "reference",
-"triton", "cpu", "cuda"); the ``*_reference`` functions are the plain-PyTorch
+"triton", "cpu"); the ``*_reference`` functions are the plain-PyTorch
 truth every kernel is tested against."""
 
 from vitkern.ops.layernorm_mlp import layernorm_mlp, layernorm_mlp_reference

@@ -351,7 +351,7 @@ def layernorm_mlp(
         eps: LayerNorm epsilon (timm uses 1e-6).
         approximate: "none" (exact erf GELU) or "tanh".
         residual: add ``x`` to the output (default True).
-        backend: "auto", "reference", "triton", "cpu" or "cuda".
+        backend: "auto", "reference", "triton" or "cpu".
 
     Under ``torch.autocast`` (for x's device) x and every parameter are cast to the
     autocast dtype (float64 excepted) and the op runs with autocast off, forward and

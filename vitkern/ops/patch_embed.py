@@ -143,7 +143,7 @@ def patch_embed(
         weight: (embed_dim, channels, P, P), Conv2d layout.
         bias: (embed_dim,) or None.
         pos_embed: (N, embed_dim) or (1, N, embed_dim) with N = gh*gw, or None.
-        backend: "auto", "reference", "triton", "cpu" or "cuda".
+        backend: "auto", "reference", "triton" or "cpu".
 
     Under ``torch.autocast`` (for the images' device) every input is cast to the autocast
     dtype (float64 excepted) and the op runs with autocast off, forward and backward.

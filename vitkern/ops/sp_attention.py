@@ -265,7 +265,7 @@ def sp_attention(
         grid: (gh, gw) patch grid; inferred from ``omega`` when omitted.
         num_prefix_tokens: leading class/register tokens (prior factor 1).
         scale: logit scale, head_dim**-0.5 by default.
-        backend: "auto", "reference", "triton", "cpu" or "cuda".
+        backend: "auto", "reference", "triton" or "cpu".
 
     Under ``torch.autocast`` (for q's device) q, k and v are cast to the autocast dtype
     (float64 excepted), a float16/bfloat16 omega to float32, and the op runs with autocast off.

@@ -97,7 +97,7 @@ def spatial_prior_reference(omega: torch.Tensor, grid: tuple[int, int], num_pref
 
 
 class _SpatialPriorCompiled(torch.autograd.Function):
-    """Dense prior from vitkern._C (C++ on CPU tensors, CUDA on CUDA tensors)."""
+    """Dense prior from vitkern._C (C++, CPU tensors; CUDA tensors take the reference gather)."""
 
     @staticmethod
     def forward(ctx, omega: torch.Tensor, gh: int, gw: int, num_prefix: int) -> torch.Tensor:
@@ -116,7 +116,6 @@ def _compiled(omega: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int
 
 _backend.register_impl("spatial_prior", "reference", spatial_prior_reference)
 _backend.register_impl("spatial_prior", "cpu", _compiled)
-_backend.register_impl("spatial_prior", "cuda", _compiled)
 
 
 def spatial_prior_matrix(
@@ -132,7 +131,7 @@ def spatial_prior_matrix(
         omega: (H, 2*gh-1, 2*gw-1) table of multiplicative factors.
         grid: (gh, gw); inferred from ``omega``'s shape when omitted.
         num_prefix_tokens: leading class/register tokens, which get factor 1.
-        backend: "auto", "reference", "cpu" or "cuda".
+        backend: "auto", "reference" or "cpu" (CUDA tensors: "reference").
 
     Returns:
         (H, N, N) with N = num_prefix_tokens + gh*gw; differentiable in ``omega``.
