@@ -48,13 +48,17 @@ def _entrypoint(name: str):
         from timm.models import build_model_with_cfg
 
         out_indices = kwargs.pop("out_indices", 3)
-        return build_model_with_cfg(
+        # timm's factory passes the placement through (DistillationTeacher does); the model
+        # is built on the CPU in float32 and moved, after any pretrained weights are loaded.
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        model = build_model_with_cfg(
             ViT,
             variant,
             pretrained,
             feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
             **model_kwargs(name, **kwargs),
         )
+        return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
 
     create.__name__ = create.__qualname__ = variant
     create.__module__ = __name__
