@@ -13,8 +13,9 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-import vitkern  # noqa: E402
 from conftest import assert_close_rel  # noqa: E402
+
+import vitkern  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
