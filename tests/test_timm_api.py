@@ -79,6 +79,9 @@ def test_pretrained_cfg_and_data_config_match_timm_vit():
     assert dc["mean"] == (0.5, 0.5, 0.5) and dc["crop_pct"] == 0.9 and dc["interpolation"] == "bicubic"
     assert repr(create_transform(**dc)) == repr(create_transform(**resolve_data_config({}, model=theirs)))
     assert resolve_data_config({}, model=vitkern.ViT(**TINY))["input_size"] == (3, 32, 32)
+    # Converted timm weights keep their preprocessing; named models carry their name.
+    assert vitkern.ViT.from_timm(theirs).pretrained_cfg == theirs.pretrained_cfg
+    assert vitkern.create_model("vit_tiny_patch16_224", **TINY).pretrained_cfg["architecture"] == "vit_tiny_patch16_224"
 
 
 # ----------------------------------------------------------------------------- grad checkpointing

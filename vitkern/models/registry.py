@@ -45,7 +45,9 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> ViT:
         raise ValueError(
             "vitkern downloads no weights; use vitkern.ViT.from_timm(timm.create_model(..., pretrained=True))"
         )
-    return ViT(**model_kwargs(name, **kwargs))
+    model = ViT(**model_kwargs(name, **kwargs))
+    model.pretrained_cfg["architecture"] = name
+    return model
 
 
 def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:

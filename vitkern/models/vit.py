@@ -345,6 +345,8 @@ class ViT(nn.Module):
         ref = next(model.parameters())
         ours.to(device=ref.device, dtype=ref.dtype)
         ours.load_state_dict(model.state_dict(), strict=True)
+        if isinstance(getattr(model, "pretrained_cfg", None), dict):  # the weights' preprocessing
+            ours.pretrained_cfg = dict(model.pretrained_cfg)
         return ours.train(model.training)
 
     # ------------------------------------------------------------------ timm's model API
