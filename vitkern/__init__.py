@@ -4,7 +4,8 @@
   ``layernorm_mlp``, each with a plain-PyTorch reference and selectable backends.
 * ``vitkern.ViT``: a drop-in for timm's VisionTransformer, with an SP-ViT mode.
 * Interop: ``patch_timm`` (timm model in place), ``from_hf_vit`` / ``to_hf_vit``
-  (Hugging Face transformers ViT weights), ``save_model`` / ``load_model`` (safetensors).
+  (Hugging Face transformers ViT weights), ``save_model`` / ``load_model`` (safetensors),
+  ``register_timm_models`` (``timm.create_model("vitkern_<name>")``).
 * Backend control: ``use_backend``, ``VITKERN_BACKEND``, ``available_backends``,
   ``last_backend``, ``backend_report``.
 """
@@ -23,6 +24,15 @@ from vitkern.models import ViT, create_model, list_models
 
 __version__ = "0.1.0"
 
+
+def register_timm_models() -> list[str]:
+    """Register every vitkern model in timm's registry as ``vitkern_<name>`` (idempotent;
+    imports timm, which ``import vitkern`` alone does not). Returns the timm names."""
+    from vitkern.models.timm_registry import register_timm_models as _register
+
+    return _register()
+
+
 __all__ = [
     "BACKENDS",
     "BackendError",
@@ -33,6 +43,7 @@ __all__ = [
     "from_hf_vit",
     "load_model",
     "patch_timm",
+    "register_timm_models",
     "save_model",
     "to_hf_vit",
     "last_backend",

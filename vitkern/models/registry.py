@@ -45,4 +45,16 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> ViT:
         raise ValueError(
             "vitkern downloads no weights; use vitkern.ViT.from_timm(timm.create_model(..., pretrained=True))"
         )
-    return ViT(**{**model_config(name), **kwargs})
+    model = ViT(**model_kwargs(name, **kwargs))
+    model.pretrained_cfg["architecture"] = name
+    return model
+
+
+def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """The constructor arguments of a named configuration with ``overrides`` applied; an
+    SP-ViT whose ``depth`` is overridden keeps the rule K = depth - 2 unless ``sp_layers``
+    is given too."""
+    cfg = model_config(name)
+    if cfg.get("spatial_prior") and "depth" in overrides and "sp_layers" not in overrides:
+        cfg["sp_layers"] = max(int(overrides["depth"]) - 2, 0)
+    return {**cfg, **overrides}

@@ -9,11 +9,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vitkern.models.layers import Block
 from vitkern.ops import patch_embed
 
-__all__ = ["ViT", "PatchEmbed", "resample_pos_embed"]
+__all__ = ["ViT", "PatchEmbed", "feature_take_indices", "resample_pos_embed", "vit_pretrained_cfg"]
+
+# Inception-style normalisation, as timm's ViT configurations use.
+VIT_MEAN = (0.5, 0.5, 0.5)
+VIT_STD = (0.5, 0.5, 0.5)
 
 
 def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
@@ -33,6 +38,63 @@ def resample_pos_embed(
     grid_part = F.interpolate(grid_part, size=tuple(new_grid), mode="bicubic", antialias=True)
     grid_part = grid_part.permute(0, 2, 3, 1).reshape(1, -1, dim).to(dtype)
     return torch.cat([prefix, grid_part], dim=1) if num_prefix_tokens else grid_part
+
+
+def vit_pretrained_cfg(
+    num_classes: int = 1000,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    fixed_input_size: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The preprocessing/head description timm keeps on a model as ``pretrained_cfg``,
+    with the values of timm's ViT configurations (mean = std = 0.5, crop 0.9, bicubic).
+
+    timm's ``resolve_data_config`` (used by its train/validate/benchmark scripts) reads
+    it to build the evaluation transform; ``classifier`` and ``first_conv`` name the
+    layers timm drops or adapts when loading weights for another class or channel count.
+    """
+    return {
+        "url": "",
+        "hf_hub_id": None,
+        "file": None,
+        "architecture": None,
+        "tag": None,
+        "num_classes": num_classes,
+        "input_size": tuple(int(v) for v in input_size),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "crop_mode": "center",
+        "interpolation": "bicubic",
+        "fixed_input_size": fixed_input_size,
+        "mean": VIT_MEAN,
+        "std": VIT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **overrides,
+    }
+
+
+def feature_take_indices(num_features: int, indices: int | list[int] | tuple[int, ...] | None = None):
+    """Absolute block indices to take (as timm's ``feature_take_indices``): ``None`` all,
+    an int ``n`` the last n, a sequence the given indices (negative from the end).
+    Returns ``(take_indices, max_index)``."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"indices: last-n ({indices}) is out of range (1 to {num_features})")
+        take = [num_features - indices + i for i in range(indices)]
+    else:
+        take = []
+        for i in indices:
+            idx = num_features + int(i) if int(i) < 0 else int(i)
+            if not 0 <= idx < num_features:
+                raise ValueError(f"indices: feature index {i} is out of range (0 to {num_features - 1})")
+            take.append(idx)
+        if not take:
+            raise ValueError("indices must name at least one block")
+    return take, max(take)
 
 
 class PatchEmbed(nn.Module):
@@ -69,6 +131,47 @@ class PatchEmbed(nn.Module):
         if H % P or W % P:
             raise ValueError(f"image size {(H, W)} is not divisible by the patch size {P}")
         return H // P, W // P
+
+    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def set_input_size(
+        self, img_size: int | tuple[int, int] | None = None, patch_size: int | tuple[int, int] | None = None
+    ) -> None:
+        """New image and/or patch size (timm's PatchEmbed.set_input_size): a new patch size
+        resamples the projection kernel as timm does (needs timm installed)."""
+        if patch_size is not None and _pair(patch_size) != self.patch_size:
+            new_patch = _pair(patch_size)
+            if new_patch[0] != new_patch[1]:
+                raise ValueError(f"patch_size must be square, got {new_patch}")
+            try:
+                from timm.layers import resample_patch_embed
+            except ImportError as e:  # pragma: no cover - timm is a test dependency
+                raise ImportError("changing the patch size resamples the kernel with timm; pip install timm") from e
+            old = self.proj
+            with torch.no_grad():
+                new = nn.Conv2d(
+                    old.in_channels,
+                    old.out_channels,
+                    kernel_size=new_patch,
+                    stride=new_patch,
+                    bias=old.bias is not None,
+                    device=old.weight.device,
+                    dtype=old.weight.dtype,
+                )
+                new.weight.copy_(resample_patch_embed(old.weight, list(new_patch)))
+                new.weight.requires_grad_(old.weight.requires_grad)
+                if old.bias is not None:
+                    new.bias.copy_(old.bias)
+                    new.bias.requires_grad_(old.bias.requires_grad)
+            self.proj = new.train(old.training)
+            self.patch_size = new_patch
+        self.img_size = _pair(img_size) if img_size is not None else self.img_size
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, images: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         return patch_embed(images, self.proj.weight, self.proj.bias, pos_embed)
@@ -199,7 +302,24 @@ class ViT(nn.Module):
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        reduction = self.patch_embed.feat_ratio()
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self.grad_checkpointing = False
+        # timm's model metadata (preprocessing, classifier name); timm.create_model replaces it
+        # with the registered configuration of the model name.
+        self.pretrained_cfg: dict[str, Any] = vit_pretrained_cfg(
+            num_classes=num_classes, input_size=(in_chans, *img_size), fixed_input_size=not dynamic_img_size
+        )
         self.init_weights()
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of ``pretrained_cfg`` (the same dict)."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
 
     # ------------------------------------------------------------------ init / interop
     @torch.no_grad()
@@ -225,10 +345,81 @@ class ViT(nn.Module):
         ref = next(model.parameters())
         ours.to(device=ref.device, dtype=ref.dtype)
         ours.load_state_dict(model.state_dict(), strict=True)
+        if isinstance(getattr(model, "pretrained_cfg", None), dict):  # the weights' preprocessing
+            ours.pretrained_cfg = dict(model.pretrained_cfg)
         return ours.train(model.training)
 
+    # ------------------------------------------------------------------ timm's model API
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "reg_token"}
+        """Parameters timm's optimizer factory keeps out of weight decay: the embeddings and
+        tokens (as for timm's ViT) and the relation MLPs' biases ``b1``/``b2`` (biases, though
+        stored per head as 2-D/1-D tensors)."""
+        names = {"pos_embed", "cls_token", "reg_token", "dist_token"}
+        for i, blk in enumerate(self.blocks):
+            if blk.attn.spatial_relation is not None:
+                names |= {f"blocks.{i}.attn.spatial_relation.b1", f"blocks.{i}.attn.spatial_relation.b2"}
+        return names
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for timm's layer-wise learning-rate decay (``layer_decay``): the
+        embeddings, one group per block (an SP block's relation MLP belongs to its block), then
+        the final norm and head — the same groups as timm's VisionTransformer."""
+        return dict(
+            stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of storing them
+        (timm's ``--grad-checkpointing``); gradients are unchanged."""
+        self.grad_checkpointing = bool(enable)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new (freshly initialised) head for ``num_classes`` (0: no head, features out);
+        optionally a new pooling ('', 'avg', 'avgmax', 'max', 'token')."""
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if global_pool is not None:
+            if global_pool not in ("", "avg", "avgmax", "max", "token"):
+                raise ValueError(f"global_pool must be one of '', 'avg', 'avgmax', 'max', 'token', got {global_pool!r}")
+            if global_pool == "token" and not self.has_class_token:
+                raise ValueError("global_pool='token' needs class_token=True")
+            self.global_pool = global_pool
+            # The norm placement was chosen from the pooling at construction; keep it.
+            self.config.update(global_pool=global_pool, fc_norm=not isinstance(self.fc_norm, nn.Identity))
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+        ref = self.cls_token if self.cls_token is not None else self.pos_embed
+        if num_classes > 0:
+            head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+            self.head = head.train(self.training)
+        else:
+            self.head = nn.Identity()
+
+    def set_input_size(
+        self, img_size: int | tuple[int, int] | None = None, patch_size: int | tuple[int, int] | None = None
+    ) -> None:
+        """Change the model's image size (and optionally patch size) in place, as timm's
+        ``set_input_size``: the position embedding is resampled (bicubic) to the new grid."""
+        prev_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        new_grid = self.patch_embed.grid_size
+        if new_grid != prev_grid:
+            n_pre = 0 if self.no_embed_class else self.num_prefix_tokens
+            with torch.no_grad():
+                pos = resample_pos_embed(self.pos_embed.data, new_grid, prev_grid, n_pre)
+            self.pos_embed = nn.Parameter(pos, requires_grad=self.pos_embed.requires_grad)
+        reduction = self.patch_embed.feat_ratio()
+        for info in self.feature_info:
+            info["reduction"] = reduction
+        self.config.update(img_size=self.patch_embed.img_size, patch_size=self.patch_embed.patch_size)
+        if hasattr(self, "_traits"):  # timm.create_model's record of the current input size
+            self._traits = {**self._traits, "img_size": self.patch_embed.img_size}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         """A checkpoint's position embedding for another image size (another patch grid) is
@@ -277,7 +468,13 @@ class ViT(nn.Module):
             return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, prefix)
         return self.pos_embed
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int], int]:
+        """Patch embedding (+ position embedding, + prefix tokens unless inserted late).
+
+        Returns ``(tokens, late_prefix, grid, num_prefix)``: ``late_prefix`` is the
+        (B, num_prefix_tokens, D) class/register tokens an SP-ViT inserts after its SP
+        blocks (None otherwise), ``num_prefix`` the prefix tokens ``tokens`` holds now.
+        """
         grid = self.patch_embed.grid_for(x)
         B = x.shape[0]
         pos = self._pos_embed_for(grid)
@@ -287,32 +484,156 @@ class ViT(nn.Module):
         prefix = self._prefix_tokens(B)
         if n_pre:
             prefix = [t + pos[:, i : i + t.shape[1]] for t, i in zip(prefix, _offsets(prefix), strict=True)]
-        late = self.spatial_prior
-        if prefix and not late:
+        late_prefix = torch.cat(prefix, dim=1) if prefix and self.spatial_prior else None
+        if prefix and not self.spatial_prior:
             x = torch.cat([*prefix, x], dim=1)
         x = self.norm_pre(self.pos_drop(x))
-        num_prefix = 0 if late else self.num_prefix_tokens
-        for i, blk in enumerate(self.blocks):
-            if late and i == self.sp_layers:
-                x = torch.cat([*prefix, x], dim=1) if prefix else x
-                num_prefix = self.num_prefix_tokens
-            x = blk(x, grid, num_prefix)
-        if late and self.sp_layers == len(self.blocks) and prefix:
-            x = torch.cat([*prefix, x], dim=1)
+        return x, late_prefix, grid, 0 if self.spatial_prior else self.num_prefix_tokens
+
+    def _insert_late_prefix(
+        self, i: int, x: torch.Tensor, late_prefix: torch.Tensor | None, num_prefix: int
+    ) -> tuple[torch.Tensor, int]:
+        """SP-ViT: before block ``i == sp_layers`` (or after the last block when every block is
+        an SP block) the class/register tokens join the sequence."""
+        if late_prefix is not None and num_prefix == 0 and i >= self.sp_layers:
+            return torch.cat([late_prefix, x], dim=1), self.num_prefix_tokens
+        return x, num_prefix
+
+    def _run_block(self, i: int, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
+        blk = self.blocks[i]
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(blk, x, grid, num_prefix, use_reentrant=False)
+        return blk(x, grid, num_prefix)
+
+    def _final_features(self, x: torch.Tensor, late_prefix: torch.Tensor | None, num_prefix: int) -> torch.Tensor:
+        x, _ = self._insert_late_prefix(len(self.blocks), x, late_prefix, num_prefix)
         return self.norm(x)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, late_prefix, grid, num_prefix = self._embed(x)
+        for i in range(len(self.blocks)):
+            x, num_prefix = self._insert_late_prefix(i, x, late_prefix, num_prefix)
+            x = self._run_block(i, x, grid, num_prefix)
+        return self._final_features(x, late_prefix, num_prefix)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Any:
+        """Final features and the outputs of selected blocks (timm's dense-prediction API,
+        same arguments and results as timm's VisionTransformer).
+
+        ``indices``: None all blocks, an int n the last n, a sequence the given blocks.
+        Each intermediate is the block's patch tokens, as (B, D, gh, gw) for
+        ``output_fmt='NCHW'`` or (B, gh*gw, D) for 'NLC'; with ``return_prefix_tokens`` each
+        is a pair (patch tokens, prefix tokens (B, num_prefix_tokens, D)).
+
+        SP-ViT: an SP block (index < sp_layers) runs on the patch tokens alone, its
+        intermediate is those patch tokens; as its prefix tokens this returns the class/register
+        tokens that join the sequence after the SP blocks (the learned tokens, not yet
+        processed by any block). ``norm=True`` applies the final norm to every token.
+        """
+        if attn_mask is not None or is_causal:
+            raise ValueError("vitkern.ViT supports no attention mask (attn_mask=None, is_causal=False)")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x, late_prefix, grid, num_prefix = self._embed(x)
+        last = max_index + 1 if stop_early else len(self.blocks)
+        intermediates: list[torch.Tensor] = []
+        prefix_tokens: list[torch.Tensor] = []
+        for i in range(last):
+            x, num_prefix = self._insert_late_prefix(i, x, late_prefix, num_prefix)
+            x = self._run_block(i, x, grid, num_prefix)
+            if i in take_indices:
+                pre, patches = x[:, :num_prefix], x[:, num_prefix:]
+                if num_prefix == 0 and late_prefix is not None:
+                    pre = late_prefix
+                intermediates.append(self.norm(patches) if norm else patches)
+                prefix_tokens.append(self.norm(pre) if norm else pre)
+
+        if output_fmt == "NCHW":
+            H, W = grid
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        has_prefix = self.num_prefix_tokens > 0
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": intermediates}
+            if has_prefix and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self._final_features(x, late_prefix, num_prefix)
+            return result
+        if has_prefix and return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self._final_features(x, late_prefix, num_prefix), intermediates
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: int | list[int] | tuple[int, ...] = 1,
+        reshape: bool = False,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ) -> list[Any]:
+        """DINO-style access to block outputs (timm's ``get_intermediate_layers``)."""
+        return self.forward_intermediates(
+            x,
+            n,
+            return_prefix_tokens=return_prefix_tokens,
+            norm=norm,
+            output_fmt="NCHW" if reshape else "NLC",
+            intermediates_only=True,
+            attn_mask=attn_mask,
+        )
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last one ``indices`` needs (and optionally the final norm
+        and the head), as timm does for backbones; returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        self.feature_info = self.feature_info[: max_index + 1]
+        self.sp_layers = min(self.sp_layers, len(self.blocks))
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        norm_kept, fc_kept = not isinstance(self.norm, nn.Identity), not isinstance(self.fc_norm, nn.Identity)
+        self.config.update(depth=len(self.blocks), final_norm=norm_kept or fc_kept, fc_norm=fc_kept)
+        if self.spatial_prior:
+            self.config["sp_layers"] = self.sp_layers
+        return take_indices
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "token":
+            return x[:, 0]
+        if not pool_type:
+            return x
+        x = x[:, self.num_prefix_tokens :]
+        if pool_type == "avg":
+            return x.mean(dim=1)
+        if pool_type == "max":
+            return x.amax(dim=1)
+        return 0.5 * (x.amax(dim=1) + x.mean(dim=1))  # avgmax
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "token":
-            x = x[:, 0]
-        elif self.global_pool:
-            x = x[:, self.num_prefix_tokens :]
-            if self.global_pool == "avg":
-                x = x.mean(dim=1)
-            elif self.global_pool == "max":
-                x = x.amax(dim=1)
-            else:  # avgmax
-                x = 0.5 * (x.amax(dim=1) + x.mean(dim=1))
-        x = self.head_drop(self.fc_norm(x))
+        x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
