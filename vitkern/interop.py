@@ -8,93 +8,61 @@ from typing import Any
 import torch.nn as nn
 
 
-def vit_kwargs_from_timm(model: nn.Module) -> dict[str, Any]:
-    """vitkern.ViT constructor arguments that reproduce a timm VisionTransformer.
-
-    Raises ValueError for timm features vitkern does not implement (qk_norm,
-    attention pooling, non-GELU activations, ...), rather than converting wrongly.
-    """
-    required = ("patch_embed", "blocks", "cls_token", "pos_embed", "global_pool")
-    missing = [a for a in required if not hasattr(model, a)]
-    if missing:
-        raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__} (missing {missing})")
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(f"global_pool={model.global_pool!r} (attention pooling) is not supported by vitkern.ViT")
-    if model.pos_embed is None:
-        raise ValueError("timm models without a learned position embedding are not supported")
-    blk0 = model.blocks[0]
-    attn, mlp = blk0.attn, blk0.mlp
-    for name in ("q_norm", "k_norm", "norm"):
-        if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity):
-            raise ValueError(f"timm attention with {name} (qk_norm / scale_attn_norm) is not supported")
-    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(mlp, "fc1"):
-        raise ValueError(f"timm MLP {type(mlp).__name__} is not supported (GELU Mlp only)")
-    act = getattr(mlp, "act", None)
-    if not isinstance(act, nn.GELU) or act.approximate != "none":
-        raise ValueError(f"only exact GELU MLPs are supported, got {act!r}")
-    norm = blk0.norm1
-    if not isinstance(norm, nn.LayerNorm) or norm.eps != 1e-6:
-        raise ValueError(f"only LayerNorm(eps=1e-6) is supported, got {norm!r}")
-    pe = model.patch_embed
-    embed_dim = model.embed_dim
-    ls = getattr(blk0, "ls1", nn.Identity())
-    init_values = float(ls.gamma.detach().abs().mean()) or 1e-5 if hasattr(ls, "gamma") else None
-    if getattr(pe, "dynamic_img_pad", False):
-        raise ValueError("dynamic_img_pad=True is not supported")
-    return dict(
-        img_size=tuple(pe.img_size),
-        patch_size=tuple(pe.patch_size),
-        in_chans=pe.proj.in_channels,
-        num_classes=model.num_classes,
-        global_pool=model.global_pool,
-        embed_dim=embed_dim,
-        depth=len(model.blocks),
-        num_heads=attn.num_heads,
-        mlp_ratio=mlp.fc1.out_features / embed_dim,
-        qkv_bias=attn.qkv.bias is not None,
-        proj_bias=attn.proj.bias is not None,
-        init_values=init_values,
-        class_token=model.cls_token is not None,
-        no_embed_class=model.no_embed_class,
-        reg_tokens=getattr(model, "num_reg_tokens", 0),
-        pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
-        fc_norm=not isinstance(model.fc_norm, nn.Identity),
-        dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
-        drop_rate=float(getattr(model.head_drop, "p", 0.0)),
-    )
-
-
 # ----------------------------------------------------------------------------- patch_timm
 def patch_timm(model: nn.Module) -> nn.Module:
     """Convert a constructed timm ``VisionTransformer`` in place to vitkern's fused ops
     (like Liger-Kernel's ``apply_*`` functions) and return it.
 
-    Every supported ``Block`` runs attention through :func:`vitkern.ops.sp_attention`
-    (plain attention, omega=None) and its LayerNorm + MLP (+ residual) through
-    :func:`vitkern.ops.layernorm_mlp`; the patch embedding runs through
-    :func:`vitkern.ops.patch_embed`. Parameters, state_dict keys, the optimizer's view of
-    the model and timm's own ``forward_features`` are unchanged; the backend follows
-    ``vitkern.use_backend`` / ``VITKERN_BACKEND`` as for vitkern.ViT. Raises ValueError
-    (and changes nothing) if a block uses a feature the fused ops do not implement.
+    Every timm ``Attention`` runs through :func:`vitkern.ops.sp_attention` (plain attention,
+    omega=None; qk_norm, scale_attn_norm and the attention gate stay timm's modules around
+    it); every LayerNorm + GELU MLP (any eps, exact or tanh GELU) runs through
+    :func:`vitkern.ops.layernorm_mlp`; a plain patch embedding runs through
+    :func:`vitkern.ops.patch_embed`. Other parts (gated or non-GELU MLPs, RmsNorm,
+    hybrid stems, attention-pool heads) keep timm's own forward; their names are listed in
+    ``model.vitkern_unfused``. Parameters, state_dict keys, the optimizer's view of the
+    model and timm's own ``forward_features`` are unchanged; the backend follows
+    ``vitkern.use_backend`` / ``VITKERN_BACKEND`` as for vitkern.ViT.
+
+    Raises :class:`vitkern.zoo.TimmConversionError` (a ValueError), changing nothing, if
+    the model uses a feature that cannot be reproduced exactly (see vitkern.zoo).
     """
     import types
 
-    vit_kwargs_from_timm(model)  # validates the architecture; raises before any change
+    from vitkern.zoo import _fusable_mlp, _fusable_patch_embed, _timm_classes, check_timm_model
+
+    check_timm_model(model)  # validates the whole model; raises before any change
+    T = _timm_classes()
+    unfused = []
     pe = model.patch_embed
-    if not getattr(pe, "flatten", False) or not isinstance(pe.norm, nn.Identity):
-        raise ValueError("patch_timm needs a flattening PatchEmbed without a norm layer")
+    if _fusable_patch_embed(pe, T) and getattr(pe, "flatten", False):
+        pe.forward = types.MethodType(_patched_patch_embed_forward, pe)
+    else:
+        unfused.append("patch_embed")
     for i, blk in enumerate(model.blocks):
-        if not all(hasattr(blk, a) for a in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2")):
-            raise ValueError(f"block {i} ({type(blk).__name__}) is not a timm pre-norm Block")
-        if getattr(blk.attn, "gate", None) is not None or getattr(blk.attn.attn_drop, "p", 0.0) > 0:
-            raise ValueError(f"block {i}: gated attention / attention dropout are not supported")
-        if getattr(blk.mlp.drop1, "p", 0.0) > 0 or getattr(blk.mlp.drop2, "p", 0.0) > 0:
-            raise ValueError(f"block {i}: MLP dropout is not supported by the fused MLP")
-    pe.forward = types.MethodType(_patched_patch_embed_forward, pe)
-    for blk in model.blocks:
-        blk.forward = types.MethodType(_patched_block_forward, blk)
+        for m in blk.modules():
+            if type(m) is T["Attention"]:
+                m.forward = types.MethodType(_patched_attention_forward, m)
+        if type(blk) is T["Block"]:
+            approx = _fusable_mlp(blk.norm2, blk.mlp, T)
+            if approx is not None:
+                blk.vitkern_gelu = approx
+                blk.forward = types.MethodType(_patched_block_forward, blk)
+            else:
+                unfused.append(f"blocks.{i}.mlp")
+        elif type(blk) is T["ParallelThingsBlock"]:
+            for j, ffn in enumerate(blk.ffns):
+                approx = _fusable_mlp(ffn.norm, ffn.mlp, T)
+                if approx is not None:
+                    ffn.vitkern_gelu = approx
+                    ffn.forward = types.MethodType(_patched_ffn_forward, ffn)
+                else:
+                    unfused.append(f"blocks.{i}.ffns.{j}")
+        else:  # ResPostBlock: the norm follows the MLP
+            unfused.append(f"blocks.{i}.mlp")
+    if model.attn_pool is not None:
+        unfused.append("attn_pool")
     model.vitkern_patched = True
+    model.vitkern_unfused = unfused
     return model
 
 
@@ -104,25 +72,40 @@ def _patched_patch_embed_forward(self, x):
     return patch_embed(x, self.proj.weight, self.proj.bias)
 
 
-def _patched_block_forward(self, x, attn_mask=None, is_causal=False):
-    from vitkern.ops import layernorm_mlp, sp_attention
+def _patched_attention_forward(self, x, attn_mask=None, is_causal=False):
+    from vitkern.ops import sp_attention
 
-    if attn_mask is not None or is_causal:
-        raise ValueError("patched timm blocks do not support attn_mask / is_causal")
-    attn = self.attn
+    if attn_mask is not None or is_causal:  # masks: timm's own attention
+        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
     B, N, _ = x.shape
-    h = self.norm1(x)
-    qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    o = sp_attention(q, k, v, None, scale=attn.scale)
-    o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(B, N, attn.attn_dim)))
-    x = x + self.drop_path1(self.ls1(o))
-    n2, mlp = self.norm2, self.mlp
+    q, k = self.q_norm(q), self.k_norm(k)
+    o = sp_attention(q, k, v, None, scale=self.scale)
+    o = self.norm(o.transpose(1, 2).reshape(B, N, self.attn_dim))
+    if gate is not None:
+        o = o * gate
+    return self.proj_drop(self.proj(o))
+
+
+def _fused_mlp(n2, mlp, x, approximate, residual):
+    from vitkern.ops import layernorm_mlp
+
     args = (n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    return layernorm_mlp(x, *args, eps=n2.eps, approximate=approximate, residual=residual)
+
+
+def _patched_block_forward(self, x, attn_mask=None, is_causal=False):
+    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
     dp_active = self.training and getattr(self.drop_path2, "drop_prob", 0.0) > 0
     if isinstance(self.ls2, nn.Identity) and not dp_active:
-        return layernorm_mlp(x, *args, eps=n2.eps)
-    return x + self.drop_path2(self.ls2(layernorm_mlp(x, *args, eps=n2.eps, residual=False)))
+        return _fused_mlp(self.norm2, self.mlp, x, self.vitkern_gelu, True)
+    return x + self.drop_path2(self.ls2(_fused_mlp(self.norm2, self.mlp, x, self.vitkern_gelu, False)))
+
+
+def _patched_ffn_forward(self, x):
+    return self.drop_path(self.ls(_fused_mlp(self.norm, self.mlp, x, self.vitkern_gelu, False)))
 
 
 # ----------------------------------------------------------------------------- Hugging Face ViT

@@ -218,14 +218,9 @@ class ViT(nn.Module):
     @classmethod
     def from_timm(cls, model: nn.Module, **overrides: Any) -> ViT:
         """An equivalent vitkern.ViT with ``model``'s weights (a timm VisionTransformer)."""
-        from vitkern.interop import vit_kwargs_from_timm
+        from vitkern.zoo import vit_from_timm
 
-        kwargs = {**vit_kwargs_from_timm(model), **overrides}
-        ours = cls(**kwargs)
-        ref = next(model.parameters())
-        ours.to(device=ref.device, dtype=ref.dtype)
-        ours.load_state_dict(model.state_dict(), strict=True)
-        return ours.train(model.training)
+        return vit_from_timm(cls, model, **overrides)  # raises TimmConversionError (a ValueError)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "reg_token"}
