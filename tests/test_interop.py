@@ -5,6 +5,7 @@ safetensors checkpoints, position-embedding resampling on load."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -49,14 +50,108 @@ def test_patch_timm_keeps_logits_and_gradients(kw, gen):
         assert_close_rel(p.grad, ref_params[n].grad, 1e-5, f"grad {n}")
 
 
-def test_patch_timm_rejects_unsupported_models_unchanged():
+def _small_timm(**kw):
     from timm.models.vision_transformer import VisionTransformer
 
-    m = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, qk_norm=True)
-    forward_before = m.blocks[0].forward
-    with pytest.raises(ValueError, match="qk_norm"):
+    torch.manual_seed(0)
+    base = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    return VisionTransformer(**{**base, **kw})
+
+
+def test_patch_timm_rejects_unsupported_models_unchanged():
+    from vitkern.zoo import TimmConversionError
+
+    m = _small_timm(attn_layer="diff")
+    forwards = [vars(mod).get("forward") for mod in m.modules()]
+    with pytest.raises(ValueError, match=r"VisionTransformer.*differential attention \(DiffAttention\)") as info:
         vitkern.patch_timm(m)
-    assert m.blocks[0].forward == forward_before and not hasattr(m, "vitkern_patched")
+    assert isinstance(info.value, TimmConversionError)
+    assert [vars(mod).get("forward") for mod in m.modules()] == forwards and not hasattr(m, "vitkern_patched")
+    with pytest.raises(TimmConversionError, match="differential attention"):
+        vitkern.ViT.from_timm(m)
+
+
+def test_timm_validation_covers_every_block_before_any_change():
+    """A refused feature in the last block only: nothing of the earlier blocks is patched."""
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    m = _small_timm(depth=3)
+    m.blocks[2] = ParallelScalingBlock(32, 2, qkv_bias=True)
+    with pytest.raises(ValueError, match=r"block 2 \(ParallelScalingBlock\)"):
+        vitkern.patch_timm(m)
+    assert not any("forward" in vars(mod) for mod in m.modules())
+
+
+def test_timm_subclass_with_own_forward_is_refused():
+    from timm.models.deit import VisionTransformerDistilled
+
+    m = VisionTransformerDistilled(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="VisionTransformerDistilled"):
+        vitkern.ViT.from_timm(m)
+
+
+def _timm_variants():
+    from timm.layers import HybridEmbed, RmsNorm, SwiGLU
+    from timm.models.vision_transformer import ParallelThingsBlock, ResPostBlock
+
+    return {
+        "qk_norm": dict(qk_norm=True),
+        "scale_norms": dict(scale_attn_norm=True, scale_mlp_norm=True),
+        "eps_1e-5_tanh_gelu": dict(norm_layer=partial(torch.nn.LayerNorm, eps=1e-5), act_layer="gelu_tanh"),
+        "quick_gelu_pre_norm": dict(act_layer="quick_gelu", pre_norm=True),
+        "swiglu_rmsnorm": dict(mlp_layer=SwiGLU, norm_layer=RmsNorm, act_layer="silu", global_pool="avg"),
+        "no_pos_embed_registers": dict(pos_embed="none", reg_tokens=2, no_embed_class=True, init_values=0.1),
+        "map_head": dict(global_pool="map", class_token=False),
+        "map_head_with_prefix": dict(global_pool="map", pool_include_prefix=True, reg_tokens=1),
+        "avg_pool_include_prefix": dict(global_pool="avg", pool_include_prefix=True),
+        "post_norm": dict(block_fn=ResPostBlock, init_values=0.5),
+        "parallel_things": dict(block_fn=ParallelThingsBlock, init_values=0.1),
+        "dynamic_img_size": dict(dynamic_img_size=True),
+        "hybrid_stem": dict(
+            embed_layer=partial(
+                HybridEmbed,
+                backbone=torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 4, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()),
+            ),
+            patch_size=1,
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "qk_norm",
+        "scale_norms",
+        "eps_1e-5_tanh_gelu",
+        "quick_gelu_pre_norm",
+        "swiglu_rmsnorm",
+        "no_pos_embed_registers",
+        "map_head",
+        "map_head_with_prefix",
+        "avg_pool_include_prefix",
+        "post_norm",
+        "parallel_things",
+        "dynamic_img_size",
+        "hybrid_stem",
+    ],
+)
+def test_timm_feature_converts_exactly(variant):
+    """from_timm and patch_timm of each timm feature: logits and every gradient within 1e-5."""
+    from vitkern import zoo
+
+    model = _perturbed(_small_timm(**_timm_variants()[variant])).eval()
+    rec = zoo.check_zoo_model(variant, model=model)
+    assert rec["outcome"] == "exact", rec.get("detail") or rec.get("reason")
+
+
+def test_timm_gated_attention_converts_exactly():
+    from vitkern import zoo
+
+    model = _small_timm()
+    for blk in model.blocks:  # timm's gated attention (an elementwise sigmoid output gate)
+        blk.attn.gate = torch.nn.Linear(32, 32)
+    rec = zoo.check_zoo_model("gated", model=_perturbed(model).eval())
+    assert rec["outcome"] == "exact", rec.get("detail") or rec.get("reason")
 
 
 transformers = pytest.importorskip("transformers")

@@ -408,31 +408,35 @@ def _model_module(name: str) -> str:
     return _registry._model_to_module.get(name, "")
 
 
-def build_small_timm(name: str, seed: int = 0) -> nn.Module:
-    """``name`` at test size: depth 1, embed_dim 64 with 4 heads, 5 classes, a 2x2 (hybrid
-    stems: 64 px) patch grid, every parameter perturbed (so LayerScale, zero-initialised
-    biases and norms all matter), in eval mode."""
+def build_small_timm(name: str, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """``name`` at test size: depth 1, embed_dim 64 (96 or 128 where the MLP needs it) with
+    4 heads, 5 classes, a 2x2 patch grid (hybrid CNN stems: 32 px images), every parameter
+    perturbed (so LayerScale, zero-initialised biases and norms all matter), in eval mode.
+    ``device="meta"``: the structure only (no weights, fast)."""
     import timm
 
     hybrid = _model_module(name) == "vision_transformer_hybrid"
-    tries = [dict(embed_dim=64, num_heads=4), {}]
+    tries = [dict(embed_dim=d, num_heads=4) for d in (64, 96, 128)] + [{}]
     err: Exception | None = None
     for extra in tries:
         try:
             torch.manual_seed(seed)
             kw = dict(pretrained=False, depth=1, num_classes=5, **extra)
             if hybrid:
-                kw["img_size"] = 64
+                kw["img_size"] = 32
             else:
                 with torch.device("meta"):
                     probe = timm.create_model(name, pretrained=False, depth=1, num_classes=5, **extra)
                 kw["img_size"] = 2 * int(probe.patch_embed.patch_size[0])
-            model = timm.create_model(name, **kw)
+            with torch.device(device):
+                model = timm.create_model(name, **kw)
             break
         except Exception as e:  # noqa: BLE001 - a constructor rejecting the small overrides
             err = e
     else:
         raise RuntimeError(f"timm could not build {name} at test size: {err}")
+    if device == "meta":  # structure only
+        return model.eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -444,58 +448,65 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
 
 
-def _compare(ours: nn.Module, ref: nn.Module, x: torch.Tensor, tol: float) -> str | None:
-    """None if logits and every gradient agree within ``tol`` (relative), else what differs."""
-    out_ref = ref(x)
-    out = ours(x)
+def _logits_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def _compare(ours: nn.Module, ref: tuple, x: torch.Tensor, tol: float) -> str | None:
+    """None if logits and every gradient agree with ``ref`` (timm's logits and gradients)
+    within ``tol`` (relative), else what differs."""
+    out_ref, grads_ref = ref
+    out, grads = _logits_and_grads(ours, x)
     if out.shape != out_ref.shape:
         return f"logits shape {tuple(out.shape)} vs timm {tuple(out_ref.shape)}"
-    err = _rel(out.detach(), out_ref.detach())
+    err = _rel(out, out_ref)
     if not err <= tol:
         return f"logits {err:.2e} relative off timm"
-    out_ref.logsumexp(-1).sum().backward()
-    out.logsumexp(-1).sum().backward()
-    ref_params = dict(ref.named_parameters())
-    for n, p in ours.named_parameters():
-        r = ref_params.get(n)
-        if r is None:
-            return f"parameter {n} has no timm counterpart"
-        if (p.grad is None) != (r.grad is None):
+    if set(grads) != set(grads_ref):
+        return f"parameters differ from timm's: {sorted(set(grads) ^ set(grads_ref))[:4]}"
+    for n, g in grads.items():
+        r = grads_ref[n]
+        if (g is None) != (r is None):
             return f"gradient of {n}: present in one model only"
-        if p.grad is not None and not _rel(p.grad, r.grad) <= tol:
-            return f"gradient of {n} {_rel(p.grad, r.grad):.2e} relative off timm"
+        if g is not None and not _rel(g, r) <= tol:
+            return f"gradient of {n} {_rel(g, r):.2e} relative off timm"
     return None
 
 
-def check_zoo_model(name: str, tol: float = 1e-5) -> dict[str, Any]:
-    """Build ``name`` small (:func:`build_small_timm`) and run both conversions against timm
-    (fp32 logits and every parameter gradient). ``outcome`` is "exact" (both conversions
-    agree within ``tol``), "refused" (both raise TimmConversionError and patch_timm changed
-    nothing), "wrong" (converted, but off timm) or "unclear" (any other exception, or the
-    two conversions disagree about refusing)."""
+def check_zoo_model(name: str, tol: float = 1e-5, model: nn.Module | None = None) -> dict[str, Any]:
+    """Build ``name`` small (:func:`build_small_timm`, or take ``model``) and run both
+    conversions against timm (fp32 logits and every parameter gradient). ``outcome`` is
+    "exact" (both conversions agree within ``tol``), "refused" (both raise
+    TimmConversionError and patch_timm changed nothing), "wrong" (converted, but off timm)
+    or "unclear" (any other exception, or the two conversions disagree about refusing)."""
     import traceback
 
     from vitkern.interop import patch_timm
     from vitkern.models import ViT
 
     rec: dict[str, Any] = dict(name=name)
-    ref = build_small_timm(name)
+    ref = build_small_timm(name) if model is None else model
     rec["class"] = type(ref).__name__
     hw = ref.patch_embed.img_size
     x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(1))
     outcomes = {}
     try:
+        expected = _logits_and_grads(ref, x)
         try:
             ours = ViT.from_timm(ref)
-            outcomes["from_timm"] = _compare(ours, ref, x, tol) or "exact"
+            outcomes["from_timm"] = _compare(ours, expected, x, tol) or "exact"
         except TimmConversionError as e:
             outcomes["from_timm"] = "refused"
             rec["reason"] = str(e)
-        ref.zero_grad(set_to_none=True)
         patched = copy.deepcopy(ref)
         try:
             patch_timm(patched)
-            outcomes["patch_timm"] = _compare(patched, ref, x, tol) or "exact"
+            outcomes["patch_timm"] = _compare(patched, expected, x, tol) or "exact"
             rec["unfused"] = patched.vitkern_unfused
         except TimmConversionError as e:
             touched = hasattr(patched, "vitkern_patched") or any("forward" in vars(m) for m in patched.modules())
