@@ -290,3 +290,28 @@ def test_from_hugging_face_transformers4_key_layout(gen):
     x = randn(2, 3, 32, 32, gen=gen)
     with torch.no_grad():
         assert_close_rel(ours(x), hf(pixel_values=x).logits, 1e-5, "logits from a transformers-4 layout")
+
+
+def test_from_timm_eps_and_tanh_gelu_are_constructor_options(tmp_path, gen):
+    """LayerNorm eps 1e-5 and tanh GELU (CLIP/SigLIP-style) need no copied timm module: the
+    converted model is rebuilt from its constructor arguments (save_model / load_model)."""
+    ref = _perturbed(_small_timm(norm_layer=partial(torch.nn.LayerNorm, eps=1e-5), act_layer="gelu_tanh")).eval()
+    ours = vitkern.ViT.from_timm(ref)
+    assert "timm_modules" not in ours.config and ours.config["act_layer"] == "gelu_tanh"
+    assert ours.config["norm_eps"] == 1e-5
+    vitkern.save_model(ours, str(tmp_path / "m.safetensors"))
+    loaded = vitkern.load_model(str(tmp_path / "m.safetensors")).eval()
+    x = randn(2, 3, 32, 32, gen=gen)
+    with torch.no_grad():
+        assert_close_rel(loaded(x), ref(x), 1e-5, "reloaded tanh-GELU model")
+    with pytest.raises(ValueError, match="act_layer"):
+        vitkern.ViT(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, act_layer="quick_gelu")
+
+
+def test_from_timm_with_copied_modules_is_marked(tmp_path):
+    ref = _small_timm(global_pool="map")
+    ours = vitkern.ViT.from_timm(ref)
+    assert any("AttentionPoolLatent" in p for p in ours.config["timm_modules"])
+    vitkern.save_model(ours, str(tmp_path / "m.safetensors"))
+    with pytest.raises(TypeError, match="timm_modules"):
+        vitkern.load_model(str(tmp_path / "m.safetensors"))

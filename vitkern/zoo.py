@@ -205,7 +205,7 @@ def _mlp(norm: nn.Module, mlp: nn.Module, dim: int, T: dict) -> tuple[nn.Module,
     return _norm(norm, T), Mlp(dim, mlp.fc1.out_features, bias=mlp.fc1.bias is not None, approximate=approx)
 
 
-def _is_plain_block(blk: nn.Module, norm_eps: float, T: dict) -> bool:
+def _is_plain_block(blk: nn.Module, norm_eps: float, approximate: str, T: dict) -> bool:
     """Whether vitkern's default Block (what the ViT constructor builds) reproduces ``blk``."""
     if type(blk) is not T["Block"]:
         return False
@@ -217,7 +217,7 @@ def _is_plain_block(blk: nn.Module, norm_eps: float, T: dict) -> bool:
         return False
     if blk.norm1.weight is None or blk.norm1.bias is None or blk.norm2.weight is None or blk.norm2.bias is None:
         return False
-    if _fusable_mlp(blk.norm2, blk.mlp, T) != "none":
+    if _fusable_mlp(blk.norm2, blk.mlp, T) != approximate:
         return False
     return (blk.mlp.fc1.bias is not None) == (a.proj.bias is not None)
 
@@ -274,6 +274,13 @@ def _first_norm_eps(model: nn.Module, T: dict) -> float:
     return 1e-6
 
 
+def _first_gelu(model: nn.Module, T: dict) -> str:
+    for blk in model.blocks:
+        if hasattr(blk, "norm2") and hasattr(blk, "mlp"):
+            return _fusable_mlp(blk.norm2, blk.mlp, T) or "none"
+    return "none"
+
+
 class _TimmPoolMixin:
     """timm's pooling (attention-pool heads, pool_include_prefix) for a converted vitkern.ViT."""
 
@@ -308,6 +315,7 @@ def vit_from_timm(cls: type, model: nn.Module, **overrides: Any) -> nn.Module:
     dim = model.embed_dim
     fused_pe = _fusable_patch_embed(pe, T)
     norm_eps = _first_norm_eps(model, T)
+    approximate = _first_gelu(model, T)
     blk0 = model.blocks[0] if len(model.blocks) else None
     fc1 = getattr(getattr(blk0, "mlp", None), "fc1", None)
     mlp_hidden = fc1.out_features if fc1 is not None else 4 * dim
@@ -337,6 +345,7 @@ def vit_from_timm(cls: type, model: nn.Module, **overrides: Any) -> nn.Module:
         drop_rate=_dropout_p(model.head_drop),
         pos_drop_rate=_dropout_p(model.pos_drop),
         norm_eps=norm_eps,
+        act_layer="gelu_tanh" if approximate == "tanh" else None,
     )
     kwargs.update(overrides)
     timm_parts = []  # what the plain constructor does not reproduce
@@ -372,7 +381,7 @@ def vit_from_timm(cls: type, model: nn.Module, **overrides: Any) -> nn.Module:
                 timm_parts.append(f"{name}: {type(m).__name__}")
     blocks = []
     for blk in model.blocks:
-        if _is_plain_block(blk, norm_eps, T) and "init_values" not in overrides:
+        if _is_plain_block(blk, norm_eps, approximate, T) and "init_values" not in overrides:
             blocks.append(None)
         else:
             blocks.append(_convert_block(blk, dim, T))

@@ -166,6 +166,7 @@ class Block(nn.Module):
         spatial_prior: bool = False,
         sp_hidden: int = 32,
         norm_eps: float = 1e-6,
+        mlp_approximate: str = "none",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -173,7 +174,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=proj_bias)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=proj_bias, approximate=mlp_approximate)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
