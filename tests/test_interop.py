@@ -315,3 +315,67 @@ def test_from_timm_with_copied_modules_is_marked(tmp_path):
     vitkern.save_model(ours, str(tmp_path / "m.safetensors"))
     with pytest.raises(TypeError, match="timm_modules"):
         vitkern.load_model(str(tmp_path / "m.safetensors"))
+
+
+def _hf_small(kind: str, **kw):
+    torch.manual_seed(0)
+    base = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16, num_channels=3
+    )
+    if kind == "dinov2":
+        cfg = transformers.Dinov2Config(mlp_ratio=2, layerscale_value=0.5, **base, **kw)
+        return _perturbed(transformers.Dinov2Model(cfg)).eval()
+    Config = transformers.DeiTConfig if kind.startswith("deit") else transformers.ViTConfig
+    cfg = Config(intermediate_size=64, num_labels=kw.pop("num_labels", 3), **base, **kw)
+    cls = {
+        "deit": transformers.DeiTForImageClassification,
+        "deit_model": transformers.DeiTModel,
+        "vit": transformers.ViTForImageClassification,
+    }[kind]
+    return _perturbed(cls(cfg)).eval()
+
+
+@pytest.mark.parametrize(
+    "kind, kw",
+    [
+        ("deit", {}),
+        ("deit_model", {}),
+        ("dinov2", {}),
+        ("vit", dict(hidden_act="gelu_pytorch_tanh")),
+        ("vit", dict(hidden_act="gelu_new")),
+        ("vit", dict(hidden_act="gelu_python")),
+        ("vit", dict(num_labels=0)),
+    ],
+)
+def test_from_hugging_face_families_and_round_trip(kind, kw, gen):
+    """DeiT, DINOv2 and ViT's GELU variants / num_labels=0 convert exactly (logits or
+    last_hidden_state within 1e-5) and to_hf_vit gives back the same class and weights."""
+    hf = _hf_small(kind, **kw)
+    ours = vitkern.from_hf_vit(hf).eval()
+    x = randn(2, 3, 32, 32, gen=gen)
+    with torch.no_grad():
+        out = hf(pixel_values=x)
+        if hasattr(out, "logits"):  # num_labels=0: the class token's features, as ours(x)
+            assert_close_rel(ours(x), out.logits, 1e-5, f"{kind} logits")
+        else:
+            assert_close_rel(ours.forward_features(x), out.last_hidden_state, 1e-5, f"{kind} last_hidden_state")
+        back = vitkern.to_hf_vit(ours).eval()
+        assert type(back).__name__ in (type(hf).__name__, "ViTModel"), type(back).__name__
+        again = vitkern.from_hf_vit(back)
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_hugging_face_unsupported_models_are_refused_clearly():
+    cfg = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16)
+    teacher = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(intermediate_size=64, **cfg))
+    with pytest.raises(ValueError, match="DeiTForImageClassificationWithTeacher"):
+        vitkern.from_hf_vit(teacher)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(intermediate_size=64, **cfg))
+    with pytest.raises(TypeError, match="CLIPVisionModel"):
+        vitkern.from_hf_vit(clip)
+    relu = transformers.ViTModel(transformers.ViTConfig(intermediate_size=64, hidden_act="relu", **cfg))
+    with pytest.raises(ValueError, match="hidden_act='relu'"):
+        vitkern.from_hf_vit(relu)
+    with pytest.raises(ValueError, match="timm modules"):
+        vitkern.to_hf_vit(vitkern.ViT.from_timm(_small_timm(qk_norm=True)))

@@ -109,9 +109,10 @@ def _patched_ffn_forward(self, x):
 
 
 # ----------------------------------------------------------------------------- Hugging Face ViT
-# Per-layer module names of the two Hugging Face ViT layouts: transformers < 5
+# Per-layer module names of the Hugging Face layouts: ViT/DeiT in transformers < 5
 # (``encoder.layer.i.attention.attention.query``, as in hub checkpoints) and >= 5
-# (``layers.i.attention.q_proj``).
+# (``layers.i.attention.q_proj``); DINOv2 (``encoder.layer.i``, norm1/norm2, LayerScale
+# ``layer_scale1.lambda1``) in both.
 _HF_LAYOUTS = {
     "v4": dict(
         layer="encoder.layer.{i}.",
@@ -121,6 +122,8 @@ _HF_LAYOUTS = {
         o="attention.output.dense",
         fc1="intermediate.dense",
         fc2="output.dense",
+        norm1="layernorm_before",
+        norm2="layernorm_after",
     ),
     "v5": dict(
         layer="layers.{i}.",
@@ -130,14 +133,60 @@ _HF_LAYOUTS = {
         o="attention.o_proj",
         fc1="mlp.fc1",
         fc2="mlp.fc2",
+        norm1="layernorm_before",
+        norm2="layernorm_after",
+    ),
+    "dinov2_v4": dict(
+        layer="encoder.layer.{i}.",
+        q="attention.attention.query",
+        k="attention.attention.key",
+        v="attention.attention.value",
+        o="attention.output.dense",
+        fc1="mlp.fc1",
+        fc2="mlp.fc2",
+        norm1="norm1",
+        norm2="norm2",
+        ls1="layer_scale1.lambda1",
+        ls2="layer_scale2.lambda1",
+    ),
+    "dinov2_v5": dict(
+        layer="encoder.layer.{i}.",
+        q="attention.q_proj",
+        k="attention.k_proj",
+        v="attention.v_proj",
+        o="attention.o_proj",
+        fc1="mlp.fc1",
+        fc2="mlp.fc2",
+        norm1="norm1",
+        norm2="norm2",
+        ls1="layer_scale1.lambda1",
+        ls2="layer_scale2.lambda1",
     ),
 }
+
+# Hugging Face classes that convert: (state_dict prefix of the backbone, has a classifier, family).
+_HF_CLASSES = {
+    "ViTModel": ("", False, "vit"),
+    "ViTForImageClassification": ("vit.", True, "vit"),
+    "DeiTModel": ("", False, "deit"),
+    "DeiTForImageClassification": ("deit.", True, "deit"),
+    "Dinov2Model": ("", False, "dinov2"),
+}
+_HF_REFUSED = {
+    "DeiTForImageClassificationWithTeacher": "its logits average a class-token and a distillation-token head",
+    "Dinov2ForImageClassification": "its head reads the class token concatenated with the mean patch token",
+    "Dinov2WithRegistersModel": "its register tokens carry no position embedding while the class token does",
+}
+
+# hidden_act values that are the GELUs the fused MLP implements.
+_HF_ACTS = {"gelu": None, "gelu_python": None, "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 def _hf_layout(keys, prefix: str) -> dict[str, str]:
     for layout in _HF_LAYOUTS.values():
         if prefix + layout["layer"].format(i=0) + layout["q"] + ".weight" in keys:
-            return layout
+            if prefix + layout["layer"].format(i=0) + layout["norm1"] + ".weight" in keys:
+                return layout
     raise ValueError("unrecognised Hugging Face ViT state_dict layout")
 
 
@@ -154,38 +203,55 @@ def _hf_keys(depth: int, prefix: str, layout: dict[str, str]) -> list[tuple[str,
     for i in range(depth):
         hf, vk = prefix + layout["layer"].format(i=i), f"blocks.{i}."
         for a, b in (
-            ("norm1", "layernorm_before"),
-            ("norm2", "layernorm_after"),
+            ("norm1", layout["norm1"]),
+            ("norm2", layout["norm2"]),
             ("attn.proj", layout["o"]),
             ("mlp.fc1", layout["fc1"]),
             ("mlp.fc2", layout["fc2"]),
         ):
             pairs += [(f"{vk}{a}.weight", f"{hf}{b}.weight"), (f"{vk}{a}.bias", f"{hf}{b}.bias")]
+        if "ls1" in layout:
+            pairs += [(f"{vk}ls1.gamma", hf + layout["ls1"]), (f"{vk}ls2.gamma", hf + layout["ls2"])]
     return pairs
 
 
-def _hf_prefix(hf_model: nn.Module) -> tuple[str, bool]:
-    """("vit." and True for ViTForImageClassification, "" and False for ViTModel)."""
+def _hf_prefix(hf_model: nn.Module) -> tuple[str, bool, str]:
+    """(state_dict prefix, has a classifier, family) of a supported Hugging Face model."""
     cls = type(hf_model).__name__
-    if cls == "ViTForImageClassification":
-        return "vit.", True
-    if cls == "ViTModel":
-        return "", False
-    raise TypeError(f"expected a transformers ViTModel or ViTForImageClassification, got {cls}")
+    if cls in _HF_CLASSES:
+        return _HF_CLASSES[cls]
+    if cls in _HF_REFUSED:
+        raise ValueError(f"cannot convert Hugging Face {cls}: {_HF_REFUSED[cls]}")
+    raise TypeError(
+        f"expected a transformers {', '.join(_HF_CLASSES)}, got {cls} (other families, e.g. CLIP/SigLIP vision "
+        "towers, BEiT/Data2Vec, ViTMAE, I-JEPA, are not converted)"
+    )
 
 
 def from_hf_vit(hf_model: nn.Module, **overrides: Any):
-    """A vitkern.ViT with the weights of a Hugging Face ``ViTModel`` (``num_classes=0``:
-    ``forward_features`` equals ``last_hidden_state``) or ``ViTForImageClassification``
-    (logits equal). The HF pooler, if any, is not part of vitkern.ViT and is dropped."""
+    """A vitkern.ViT with the weights of a Hugging Face ViT, DeiT or DINOv2 model:
+    ``ViTModel`` / ``DeiTModel`` / ``Dinov2Model`` (``num_classes=0``: ``forward_features``
+    equals ``last_hidden_state``) or ``ViTForImageClassification`` /
+    ``DeiTForImageClassification`` (logits equal). DeiT's distillation token becomes a
+    register token (``reg_tokens=1``, after the class token, with its position slot);
+    DINOv2's LayerScale becomes ``init_values``. The HF pooler, if any, is dropped.
+    ``hidden_act`` may be gelu / gelu_python (exact) or gelu_pytorch_tanh / gelu_new (tanh).
+    Other classes raise a TypeError or ValueError naming the class and the reason."""
     import torch
 
     from vitkern.models import ViT
 
-    prefix, has_head = _hf_prefix(hf_model)
+    prefix, has_head, family = _hf_prefix(hf_model)
     cfg = hf_model.config
-    if cfg.hidden_act not in ("gelu",):
-        raise ValueError(f"only exact GELU is supported, got hidden_act={cfg.hidden_act!r}")
+    act = getattr(cfg, "hidden_act", "gelu")
+    if act not in _HF_ACTS:
+        raise ValueError(f"hidden_act={act!r} is not supported (one of {sorted(_HF_ACTS)}: exact or tanh GELU)")
+    if family == "dinov2" and getattr(cfg, "use_swiglu_ffn", False):
+        raise ValueError("Dinov2 with use_swiglu_ffn=True is not supported by from_hf_vit (GELU MLP only)")
+    src = hf_model.state_dict()
+    has_head = has_head and "classifier.weight" in src  # num_labels=0: an Identity classifier
+    mlp_hidden = getattr(cfg, "intermediate_size", None) or int(cfg.hidden_size * cfg.mlp_ratio)
+    layout = _hf_layout(src, prefix)
     kwargs = dict(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -194,16 +260,19 @@ def from_hf_vit(hf_model: nn.Module, **overrides: Any):
         embed_dim=cfg.hidden_size,
         depth=cfg.num_hidden_layers,
         num_heads=cfg.num_attention_heads,
-        mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
+        mlp_ratio=mlp_hidden / cfg.hidden_size,
         qkv_bias=cfg.qkv_bias,
         norm_eps=cfg.layer_norm_eps,
         global_pool="token",
+        act_layer=_HF_ACTS[act],
+        reg_tokens=1 if family == "deit" else 0,
+        init_values=float(getattr(cfg, "layerscale_value", 1.0)) if "ls1" in layout else None,
         **overrides,
     )
     model = ViT(**kwargs)
-    src = hf_model.state_dict()
-    layout = _hf_layout(src, prefix)
     sd = {vk: src[hf] for vk, hf in _hf_keys(cfg.num_hidden_layers, prefix, layout)}
+    if family == "deit":
+        sd["reg_token"] = src[f"{prefix}embeddings.distillation_token"]
     for i in range(cfg.num_hidden_layers):
         base = prefix + layout["layer"].format(i=i)
         names = [base + layout[n] for n in "qkv"]
@@ -219,48 +288,74 @@ def from_hf_vit(hf_model: nn.Module, **overrides: Any):
 
 
 def to_hf_vit(model: nn.Module, with_head: bool | None = None):
-    """A Hugging Face ``ViTForImageClassification`` (or ``ViTModel`` when the vitkern model
-    has no head / ``with_head=False``) with ``model``'s weights. Only architectures HF ViT
-    can express convert: class token, learned position embedding with a class slot, token
-    pooling, no register tokens, LayerScale, SP-SA or pre-norm."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+    """A Hugging Face model with ``model``'s weights: ``ViTForImageClassification`` (or
+    ``ViTModel`` when the vitkern model has no head / ``with_head=False``); with one register
+    token (the layout :func:`from_hf_vit` gives DeiT) ``DeiTForImageClassification`` /
+    ``DeiTModel``; with LayerScale and no head ``Dinov2Model``. Only architectures these
+    can express convert: class token, learned position embedding with prefix slots, token
+    pooling, no SP-SA, pre-norm, fc_norm or copied timm modules; anything else raises
+    ValueError."""
+    import transformers
 
     c = model.config
+    has_head = model.num_classes > 0 if with_head is None else with_head
     bad = []
-    if not c["class_token"] or c["reg_tokens"] or model.no_embed_class:
-        bad.append("prefix tokens other than one class token with a position slot")
-    if c["init_values"] or c["pre_norm"] or model.spatial_prior or c["fc_norm"]:
-        bad.append("LayerScale / pre_norm / fc_norm / spatial prior")
+    family = "deit" if c["reg_tokens"] == 1 else "dinov2" if c["init_values"] else "vit"
+    if not c["class_token"] or c["reg_tokens"] > 1 or model.no_embed_class:
+        bad.append("prefix tokens other than a class token (and a DeiT distillation token) with position slots")
+    if family == "deit" and c["init_values"]:
+        bad.append("LayerScale with a distillation token")
+    if family == "dinov2" and has_head:
+        bad.append("LayerScale with a classification head (Dinov2Model has no linear head)")
+    if c["pre_norm"] or model.spatial_prior or c["fc_norm"]:
+        bad.append("pre_norm / fc_norm / spatial prior")
     if c["global_pool"] != "token" or not c["qkv_bias"] or not c["proj_bias"]:
         bad.append("non-token pooling or bias-free projections")
+    if c.get("timm_modules"):
+        bad.append(f"timm modules kept by from_timm ({', '.join(c['timm_modules'])})")
     img, patch = c["img_size"], c["patch_size"]
     img = img if isinstance(img, int) else img[0] if img[0] == img[1] else None
     patch = patch if isinstance(patch, int) else patch[0]
     if img is None:
         bad.append("non-square image size")
     if bad:
-        raise ValueError(f"cannot express this vitkern.ViT as a Hugging Face ViT: {', '.join(bad)}")
-    has_head = model.num_classes > 0 if with_head is None else with_head
-    cfg = ViTConfig(
+        raise ValueError(f"cannot express this vitkern.ViT as a Hugging Face ViT/DeiT/DINOv2: {', '.join(bad)}")
+    hidden = model.blocks[0].mlp.fc1.out_features
+    common = dict(
         hidden_size=c["embed_dim"],
         num_hidden_layers=c["depth"],
         num_attention_heads=c["num_heads"],
-        intermediate_size=model.blocks[0].mlp.fc1.out_features,
-        hidden_act="gelu",
+        hidden_act="gelu_pytorch_tanh" if c.get("act_layer") == "gelu_tanh" else "gelu",
         layer_norm_eps=c["norm_eps"],
         image_size=img,
         patch_size=patch,
         num_channels=c["in_chans"],
         qkv_bias=True,
-        num_labels=max(model.num_classes, 1),
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    hf = ViTForImageClassification(cfg) if has_head else ViTModel(cfg, add_pooling_layer=False)
-    prefix = "vit." if has_head else ""
+    if family == "dinov2":
+        ratio = hidden / c["embed_dim"]
+        if ratio != int(ratio):
+            raise ValueError(f"cannot express MLP ratio {ratio} as a Hugging Face Dinov2Config (integer mlp_ratio)")
+        cfg = transformers.Dinov2Config(mlp_ratio=int(ratio), layerscale_value=c["init_values"], **common)
+        hf, prefix = transformers.Dinov2Model(cfg), ""
+    else:
+        Config, Model, Head, head_prefix = (
+            (transformers.DeiTConfig, transformers.DeiTModel, transformers.DeiTForImageClassification, "deit.")
+            if family == "deit"
+            else (transformers.ViTConfig, transformers.ViTModel, transformers.ViTForImageClassification, "vit.")
+        )
+        cfg = Config(intermediate_size=hidden, num_labels=max(model.num_classes, 1), **common)
+        hf = Head(cfg) if has_head else Model(cfg, add_pooling_layer=False)
+        prefix = head_prefix if has_head else ""
     src = model.state_dict()
     layout = _hf_layout(hf.state_dict(), prefix)
     sd = {hf_key: src[vk] for vk, hf_key in _hf_keys(c["depth"], prefix, layout)}
+    if family == "deit":
+        sd[f"{prefix}embeddings.distillation_token"] = src["reg_token"]
+    if family == "dinov2":
+        sd["embeddings.mask_token"] = hf.embeddings.mask_token.detach().zero_()  # used only for masked inputs
     D = c["embed_dim"]
     for i in range(c["depth"]):
         base = prefix + layout["layer"].format(i=i)
