@@ -5,6 +5,7 @@ safetensors checkpoints, position-embedding resampling on load."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -49,14 +50,108 @@ def test_patch_timm_keeps_logits_and_gradients(kw, gen):
         assert_close_rel(p.grad, ref_params[n].grad, 1e-5, f"grad {n}")
 
 
-def test_patch_timm_rejects_unsupported_models_unchanged():
+def _small_timm(**kw):
     from timm.models.vision_transformer import VisionTransformer
 
-    m = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, qk_norm=True)
-    forward_before = m.blocks[0].forward
-    with pytest.raises(ValueError, match="qk_norm"):
+    torch.manual_seed(0)
+    base = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    return VisionTransformer(**{**base, **kw})
+
+
+def test_patch_timm_rejects_unsupported_models_unchanged():
+    from vitkern.zoo import TimmConversionError
+
+    m = _small_timm(attn_layer="diff")
+    forwards = [vars(mod).get("forward") for mod in m.modules()]
+    with pytest.raises(ValueError, match=r"VisionTransformer.*differential attention \(DiffAttention\)") as info:
         vitkern.patch_timm(m)
-    assert m.blocks[0].forward == forward_before and not hasattr(m, "vitkern_patched")
+    assert isinstance(info.value, TimmConversionError)
+    assert [vars(mod).get("forward") for mod in m.modules()] == forwards and not hasattr(m, "vitkern_patched")
+    with pytest.raises(TimmConversionError, match="differential attention"):
+        vitkern.ViT.from_timm(m)
+
+
+def test_timm_validation_covers_every_block_before_any_change():
+    """A refused feature in the last block only: nothing of the earlier blocks is patched."""
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    m = _small_timm(depth=3)
+    m.blocks[2] = ParallelScalingBlock(32, 2, qkv_bias=True)
+    with pytest.raises(ValueError, match=r"block 2 \(ParallelScalingBlock\)"):
+        vitkern.patch_timm(m)
+    assert not any("forward" in vars(mod) for mod in m.modules())
+
+
+def test_timm_subclass_with_own_forward_is_refused():
+    from timm.models.deit import VisionTransformerDistilled
+
+    m = VisionTransformerDistilled(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="VisionTransformerDistilled"):
+        vitkern.ViT.from_timm(m)
+
+
+def _timm_variants():
+    from timm.layers import HybridEmbed, RmsNorm, SwiGLU
+    from timm.models.vision_transformer import ParallelThingsBlock, ResPostBlock
+
+    return {
+        "qk_norm": dict(qk_norm=True),
+        "scale_norms": dict(scale_attn_norm=True, scale_mlp_norm=True),
+        "eps_1e-5_tanh_gelu": dict(norm_layer=partial(torch.nn.LayerNorm, eps=1e-5), act_layer="gelu_tanh"),
+        "quick_gelu_pre_norm": dict(act_layer="quick_gelu", pre_norm=True),
+        "swiglu_rmsnorm": dict(mlp_layer=SwiGLU, norm_layer=RmsNorm, act_layer="silu", global_pool="avg"),
+        "no_pos_embed_registers": dict(pos_embed="none", reg_tokens=2, no_embed_class=True, init_values=0.1),
+        "map_head": dict(global_pool="map", class_token=False),
+        "map_head_with_prefix": dict(global_pool="map", pool_include_prefix=True, reg_tokens=1),
+        "avg_pool_include_prefix": dict(global_pool="avg", pool_include_prefix=True),
+        "post_norm": dict(block_fn=ResPostBlock, init_values=0.5),
+        "parallel_things": dict(block_fn=ParallelThingsBlock, init_values=0.1),
+        "dynamic_img_size": dict(dynamic_img_size=True),
+        "hybrid_stem": dict(
+            embed_layer=partial(
+                HybridEmbed,
+                backbone=torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 4, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()),
+            ),
+            patch_size=1,
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "qk_norm",
+        "scale_norms",
+        "eps_1e-5_tanh_gelu",
+        "quick_gelu_pre_norm",
+        "swiglu_rmsnorm",
+        "no_pos_embed_registers",
+        "map_head",
+        "map_head_with_prefix",
+        "avg_pool_include_prefix",
+        "post_norm",
+        "parallel_things",
+        "dynamic_img_size",
+        "hybrid_stem",
+    ],
+)
+def test_timm_feature_converts_exactly(variant):
+    """from_timm and patch_timm of each timm feature: logits and every gradient within 1e-5."""
+    from vitkern import zoo
+
+    model = _perturbed(_small_timm(**_timm_variants()[variant])).eval()
+    rec = zoo.check_zoo_model(variant, model=model)
+    assert rec["outcome"] == "exact", rec.get("detail") or rec.get("reason")
+
+
+def test_timm_gated_attention_converts_exactly():
+    from vitkern import zoo
+
+    model = _small_timm()
+    for blk in model.blocks:  # timm's gated attention (an elementwise sigmoid output gate)
+        blk.attn.gate = torch.nn.Linear(32, 32)
+    rec = zoo.check_zoo_model("gated", model=_perturbed(model).eval())
+    assert rec["outcome"] == "exact", rec.get("detail") or rec.get("reason")
 
 
 transformers = pytest.importorskip("transformers")
@@ -195,3 +290,92 @@ def test_from_hugging_face_transformers4_key_layout(gen):
     x = randn(2, 3, 32, 32, gen=gen)
     with torch.no_grad():
         assert_close_rel(ours(x), hf(pixel_values=x).logits, 1e-5, "logits from a transformers-4 layout")
+
+
+def test_from_timm_eps_and_tanh_gelu_are_constructor_options(tmp_path, gen):
+    """LayerNorm eps 1e-5 and tanh GELU (CLIP/SigLIP-style) need no copied timm module: the
+    converted model is rebuilt from its constructor arguments (save_model / load_model)."""
+    ref = _perturbed(_small_timm(norm_layer=partial(torch.nn.LayerNorm, eps=1e-5), act_layer="gelu_tanh")).eval()
+    ours = vitkern.ViT.from_timm(ref)
+    assert "timm_modules" not in ours.config and ours.config["act_layer"] == "gelu_tanh"
+    assert ours.config["norm_eps"] == 1e-5
+    vitkern.save_model(ours, str(tmp_path / "m.safetensors"))
+    loaded = vitkern.load_model(str(tmp_path / "m.safetensors")).eval()
+    x = randn(2, 3, 32, 32, gen=gen)
+    with torch.no_grad():
+        assert_close_rel(loaded(x), ref(x), 1e-5, "reloaded tanh-GELU model")
+    with pytest.raises(ValueError, match="act_layer"):
+        vitkern.ViT(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, act_layer="quick_gelu")
+
+
+def test_from_timm_with_copied_modules_is_marked(tmp_path):
+    ref = _small_timm(global_pool="map")
+    ours = vitkern.ViT.from_timm(ref)
+    assert any("AttentionPoolLatent" in p for p in ours.config["timm_modules"])
+    vitkern.save_model(ours, str(tmp_path / "m.safetensors"))
+    with pytest.raises(TypeError, match="timm_modules"):
+        vitkern.load_model(str(tmp_path / "m.safetensors"))
+
+
+def _hf_small(kind: str, **kw):
+    torch.manual_seed(0)
+    base = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16, num_channels=3
+    )
+    if kind == "dinov2":
+        cfg = transformers.Dinov2Config(mlp_ratio=2, layerscale_value=0.5, **base, **kw)
+        return _perturbed(transformers.Dinov2Model(cfg)).eval()
+    Config = transformers.DeiTConfig if kind.startswith("deit") else transformers.ViTConfig
+    cfg = Config(intermediate_size=64, num_labels=kw.pop("num_labels", 3), **base, **kw)
+    cls = {
+        "deit": transformers.DeiTForImageClassification,
+        "deit_model": transformers.DeiTModel,
+        "vit": transformers.ViTForImageClassification,
+    }[kind]
+    return _perturbed(cls(cfg)).eval()
+
+
+@pytest.mark.parametrize(
+    "kind, kw",
+    [
+        ("deit", {}),
+        ("deit_model", {}),
+        ("dinov2", {}),
+        ("vit", dict(hidden_act="gelu_pytorch_tanh")),
+        ("vit", dict(hidden_act="gelu_new")),
+        ("vit", dict(hidden_act="gelu_python")),
+        ("vit", dict(num_labels=0)),
+    ],
+)
+def test_from_hugging_face_families_and_round_trip(kind, kw, gen):
+    """DeiT, DINOv2 and ViT's GELU variants / num_labels=0 convert exactly (logits or
+    last_hidden_state within 1e-5) and to_hf_vit gives back the same class and weights."""
+    hf = _hf_small(kind, **kw)
+    ours = vitkern.from_hf_vit(hf).eval()
+    x = randn(2, 3, 32, 32, gen=gen)
+    with torch.no_grad():
+        out = hf(pixel_values=x)
+        if hasattr(out, "logits"):  # num_labels=0: the class token's features, as ours(x)
+            assert_close_rel(ours(x), out.logits, 1e-5, f"{kind} logits")
+        else:
+            assert_close_rel(ours.forward_features(x), out.last_hidden_state, 1e-5, f"{kind} last_hidden_state")
+        back = vitkern.to_hf_vit(ours).eval()
+        assert type(back).__name__ in (type(hf).__name__, "ViTModel"), type(back).__name__
+        again = vitkern.from_hf_vit(back)
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_hugging_face_unsupported_models_are_refused_clearly():
+    cfg = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16)
+    teacher = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(intermediate_size=64, **cfg))
+    with pytest.raises(ValueError, match="DeiTForImageClassificationWithTeacher"):
+        vitkern.from_hf_vit(teacher)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(intermediate_size=64, **cfg))
+    with pytest.raises(TypeError, match="CLIPVisionModel"):
+        vitkern.from_hf_vit(clip)
+    relu = transformers.ViTModel(transformers.ViTConfig(intermediate_size=64, hidden_act="relu", **cfg))
+    with pytest.raises(ValueError, match="hidden_act='relu'"):
+        vitkern.from_hf_vit(relu)
+    with pytest.raises(ValueError, match="timm modules"):
+        vitkern.to_hf_vit(vitkern.ViT.from_timm(_small_timm(qk_norm=True)))

@@ -79,8 +79,8 @@ def test_from_timm_vit_small_patch16_224():
 
 
 def test_from_timm_rejects_unsupported_features():
-    ref = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, qk_norm=True, **SMALL)
-    with pytest.raises(ValueError, match="q_norm"):
+    ref = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, attn_layer="diff", **SMALL)
+    with pytest.raises(ValueError, match="differential attention"):
         ViT.from_timm(ref)
 
 

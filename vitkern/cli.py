@@ -42,7 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile / FlexAttention baselines")
     b.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no compile: a smoke run in seconds")
     b.add_argument("--out", default="bench_out", help="output folder for results.json and the plots")
-    sub.add_parser("info", help="print the backends available here and why others are not")
+    i = sub.add_parser("info", help="print the backends available here and why others are not")
+    i.add_argument(
+        "--timm-zoo",
+        action="store_true",
+        help="convert every timm VisionTransformer architecture (test size) with ViT.from_timm and patch_timm, "
+        "compare logits and gradients with timm, print the coverage",
+    )
+    i.add_argument("--verbose", action="store_true", help="with --timm-zoo: one line per architecture")
     from vitkern.selftest import add_arguments as _selftest_arguments
 
     _selftest_arguments(
@@ -381,7 +388,22 @@ def main(argv: list[str] | None = None) -> int:
         from vitkern.selftest import run
 
         return run(args)
+    if getattr(args, "timm_zoo", False):
+        return _timm_zoo(args.verbose)
     return _info()
+
+
+def _timm_zoo(verbose: bool) -> int:
+    """Coverage of timm's ViT zoo; exit status 1 on any wrong or unclear conversion."""
+    from vitkern.zoo import summarize_zoo, timm_zoo_report
+
+    def progress(r: dict) -> None:
+        if verbose:
+            print(f"{r['outcome']:8s} {r['name']:48s} {r.get('detail') or r.get('reason', '')}", flush=True)
+
+    records = timm_zoo_report(progress=progress)
+    print(summarize_zoo(records))
+    return 1 if any(r["outcome"] in ("wrong", "unclear") for r in records) else 0
 
 
 if __name__ == "__main__":

@@ -8,93 +8,61 @@ from typing import Any
 import torch.nn as nn
 
 
-def vit_kwargs_from_timm(model: nn.Module) -> dict[str, Any]:
-    """vitkern.ViT constructor arguments that reproduce a timm VisionTransformer.
-
-    Raises ValueError for timm features vitkern does not implement (qk_norm,
-    attention pooling, non-GELU activations, ...), rather than converting wrongly.
-    """
-    required = ("patch_embed", "blocks", "cls_token", "pos_embed", "global_pool")
-    missing = [a for a in required if not hasattr(model, a)]
-    if missing:
-        raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__} (missing {missing})")
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(f"global_pool={model.global_pool!r} (attention pooling) is not supported by vitkern.ViT")
-    if model.pos_embed is None:
-        raise ValueError("timm models without a learned position embedding are not supported")
-    blk0 = model.blocks[0]
-    attn, mlp = blk0.attn, blk0.mlp
-    for name in ("q_norm", "k_norm", "norm"):
-        if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity):
-            raise ValueError(f"timm attention with {name} (qk_norm / scale_attn_norm) is not supported")
-    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(mlp, "fc1"):
-        raise ValueError(f"timm MLP {type(mlp).__name__} is not supported (GELU Mlp only)")
-    act = getattr(mlp, "act", None)
-    if not isinstance(act, nn.GELU) or act.approximate != "none":
-        raise ValueError(f"only exact GELU MLPs are supported, got {act!r}")
-    norm = blk0.norm1
-    if not isinstance(norm, nn.LayerNorm) or norm.eps != 1e-6:
-        raise ValueError(f"only LayerNorm(eps=1e-6) is supported, got {norm!r}")
-    pe = model.patch_embed
-    embed_dim = model.embed_dim
-    ls = getattr(blk0, "ls1", nn.Identity())
-    init_values = float(ls.gamma.detach().abs().mean()) or 1e-5 if hasattr(ls, "gamma") else None
-    if getattr(pe, "dynamic_img_pad", False):
-        raise ValueError("dynamic_img_pad=True is not supported")
-    return dict(
-        img_size=tuple(pe.img_size),
-        patch_size=tuple(pe.patch_size),
-        in_chans=pe.proj.in_channels,
-        num_classes=model.num_classes,
-        global_pool=model.global_pool,
-        embed_dim=embed_dim,
-        depth=len(model.blocks),
-        num_heads=attn.num_heads,
-        mlp_ratio=mlp.fc1.out_features / embed_dim,
-        qkv_bias=attn.qkv.bias is not None,
-        proj_bias=attn.proj.bias is not None,
-        init_values=init_values,
-        class_token=model.cls_token is not None,
-        no_embed_class=model.no_embed_class,
-        reg_tokens=getattr(model, "num_reg_tokens", 0),
-        pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
-        fc_norm=not isinstance(model.fc_norm, nn.Identity),
-        dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
-        drop_rate=float(getattr(model.head_drop, "p", 0.0)),
-    )
-
-
 # ----------------------------------------------------------------------------- patch_timm
 def patch_timm(model: nn.Module) -> nn.Module:
     """Convert a constructed timm ``VisionTransformer`` in place to vitkern's fused ops
     (like Liger-Kernel's ``apply_*`` functions) and return it.
 
-    Every supported ``Block`` runs attention through :func:`vitkern.ops.sp_attention`
-    (plain attention, omega=None) and its LayerNorm + MLP (+ residual) through
-    :func:`vitkern.ops.layernorm_mlp`; the patch embedding runs through
-    :func:`vitkern.ops.patch_embed`. Parameters, state_dict keys, the optimizer's view of
-    the model and timm's own ``forward_features`` are unchanged; the backend follows
-    ``vitkern.use_backend`` / ``VITKERN_BACKEND`` as for vitkern.ViT. Raises ValueError
-    (and changes nothing) if a block uses a feature the fused ops do not implement.
+    Every timm ``Attention`` runs through :func:`vitkern.ops.sp_attention` (plain attention,
+    omega=None; qk_norm, scale_attn_norm and the attention gate stay timm's modules around
+    it); every LayerNorm + GELU MLP (any eps, exact or tanh GELU) runs through
+    :func:`vitkern.ops.layernorm_mlp`; a plain patch embedding runs through
+    :func:`vitkern.ops.patch_embed`. Other parts (gated or non-GELU MLPs, RmsNorm,
+    hybrid stems, attention-pool heads) keep timm's own forward; their names are listed in
+    ``model.vitkern_unfused``. Parameters, state_dict keys, the optimizer's view of the
+    model and timm's own ``forward_features`` are unchanged; the backend follows
+    ``vitkern.use_backend`` / ``VITKERN_BACKEND`` as for vitkern.ViT.
+
+    Raises :class:`vitkern.zoo.TimmConversionError` (a ValueError), changing nothing, if
+    the model uses a feature that cannot be reproduced exactly (see vitkern.zoo).
     """
     import types
 
-    vit_kwargs_from_timm(model)  # validates the architecture; raises before any change
+    from vitkern.zoo import _fusable_mlp, _fusable_patch_embed, _timm_classes, check_timm_model
+
+    check_timm_model(model)  # validates the whole model; raises before any change
+    T = _timm_classes()
+    unfused = []
     pe = model.patch_embed
-    if not getattr(pe, "flatten", False) or not isinstance(pe.norm, nn.Identity):
-        raise ValueError("patch_timm needs a flattening PatchEmbed without a norm layer")
+    if _fusable_patch_embed(pe, T) and getattr(pe, "flatten", False):
+        pe.forward = types.MethodType(_patched_patch_embed_forward, pe)
+    else:
+        unfused.append("patch_embed")
     for i, blk in enumerate(model.blocks):
-        if not all(hasattr(blk, a) for a in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2")):
-            raise ValueError(f"block {i} ({type(blk).__name__}) is not a timm pre-norm Block")
-        if getattr(blk.attn, "gate", None) is not None or getattr(blk.attn.attn_drop, "p", 0.0) > 0:
-            raise ValueError(f"block {i}: gated attention / attention dropout are not supported")
-        if getattr(blk.mlp.drop1, "p", 0.0) > 0 or getattr(blk.mlp.drop2, "p", 0.0) > 0:
-            raise ValueError(f"block {i}: MLP dropout is not supported by the fused MLP")
-    pe.forward = types.MethodType(_patched_patch_embed_forward, pe)
-    for blk in model.blocks:
-        blk.forward = types.MethodType(_patched_block_forward, blk)
+        for m in blk.modules():
+            if type(m) is T["Attention"]:
+                m.forward = types.MethodType(_patched_attention_forward, m)
+        if type(blk) is T["Block"]:
+            approx = _fusable_mlp(blk.norm2, blk.mlp, T)
+            if approx is not None:
+                blk.vitkern_gelu = approx
+                blk.forward = types.MethodType(_patched_block_forward, blk)
+            else:
+                unfused.append(f"blocks.{i}.mlp")
+        elif type(blk) is T["ParallelThingsBlock"]:
+            for j, ffn in enumerate(blk.ffns):
+                approx = _fusable_mlp(ffn.norm, ffn.mlp, T)
+                if approx is not None:
+                    ffn.vitkern_gelu = approx
+                    ffn.forward = types.MethodType(_patched_ffn_forward, ffn)
+                else:
+                    unfused.append(f"blocks.{i}.ffns.{j}")
+        else:  # ResPostBlock: the norm follows the MLP
+            unfused.append(f"blocks.{i}.mlp")
+    if model.attn_pool is not None:
+        unfused.append("attn_pool")
     model.vitkern_patched = True
+    model.vitkern_unfused = unfused
     return model
 
 
@@ -104,31 +72,47 @@ def _patched_patch_embed_forward(self, x):
     return patch_embed(x, self.proj.weight, self.proj.bias)
 
 
-def _patched_block_forward(self, x, attn_mask=None, is_causal=False):
-    from vitkern.ops import layernorm_mlp, sp_attention
+def _patched_attention_forward(self, x, attn_mask=None, is_causal=False):
+    from vitkern.ops import sp_attention
 
-    if attn_mask is not None or is_causal:
-        raise ValueError("patched timm blocks do not support attn_mask / is_causal")
-    attn = self.attn
+    if attn_mask is not None or is_causal:  # masks: timm's own attention
+        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
     B, N, _ = x.shape
-    h = self.norm1(x)
-    qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    o = sp_attention(q, k, v, None, scale=attn.scale)
-    o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(B, N, attn.attn_dim)))
-    x = x + self.drop_path1(self.ls1(o))
-    n2, mlp = self.norm2, self.mlp
+    q, k = self.q_norm(q), self.k_norm(k)
+    o = sp_attention(q, k, v, None, scale=self.scale)
+    o = self.norm(o.transpose(1, 2).reshape(B, N, self.attn_dim))
+    if gate is not None:
+        o = o * gate
+    return self.proj_drop(self.proj(o))
+
+
+def _fused_mlp(n2, mlp, x, approximate, residual):
+    from vitkern.ops import layernorm_mlp
+
     args = (n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    return layernorm_mlp(x, *args, eps=n2.eps, approximate=approximate, residual=residual)
+
+
+def _patched_block_forward(self, x, attn_mask=None, is_causal=False):
+    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
     dp_active = self.training and getattr(self.drop_path2, "drop_prob", 0.0) > 0
     if isinstance(self.ls2, nn.Identity) and not dp_active:
-        return layernorm_mlp(x, *args, eps=n2.eps)
-    return x + self.drop_path2(self.ls2(layernorm_mlp(x, *args, eps=n2.eps, residual=False)))
+        return _fused_mlp(self.norm2, self.mlp, x, self.vitkern_gelu, True)
+    return x + self.drop_path2(self.ls2(_fused_mlp(self.norm2, self.mlp, x, self.vitkern_gelu, False)))
+
+
+def _patched_ffn_forward(self, x):
+    return self.drop_path(self.ls(_fused_mlp(self.norm, self.mlp, x, self.vitkern_gelu, False)))
 
 
 # ----------------------------------------------------------------------------- Hugging Face ViT
-# Per-layer module names of the two Hugging Face ViT layouts: transformers < 5
+# Per-layer module names of the Hugging Face layouts: ViT/DeiT in transformers < 5
 # (``encoder.layer.i.attention.attention.query``, as in hub checkpoints) and >= 5
-# (``layers.i.attention.q_proj``).
+# (``layers.i.attention.q_proj``); DINOv2 (``encoder.layer.i``, norm1/norm2, LayerScale
+# ``layer_scale1.lambda1``) in both.
 _HF_LAYOUTS = {
     "v4": dict(
         layer="encoder.layer.{i}.",
@@ -138,6 +122,8 @@ _HF_LAYOUTS = {
         o="attention.output.dense",
         fc1="intermediate.dense",
         fc2="output.dense",
+        norm1="layernorm_before",
+        norm2="layernorm_after",
     ),
     "v5": dict(
         layer="layers.{i}.",
@@ -147,14 +133,60 @@ _HF_LAYOUTS = {
         o="attention.o_proj",
         fc1="mlp.fc1",
         fc2="mlp.fc2",
+        norm1="layernorm_before",
+        norm2="layernorm_after",
+    ),
+    "dinov2_v4": dict(
+        layer="encoder.layer.{i}.",
+        q="attention.attention.query",
+        k="attention.attention.key",
+        v="attention.attention.value",
+        o="attention.output.dense",
+        fc1="mlp.fc1",
+        fc2="mlp.fc2",
+        norm1="norm1",
+        norm2="norm2",
+        ls1="layer_scale1.lambda1",
+        ls2="layer_scale2.lambda1",
+    ),
+    "dinov2_v5": dict(
+        layer="encoder.layer.{i}.",
+        q="attention.q_proj",
+        k="attention.k_proj",
+        v="attention.v_proj",
+        o="attention.o_proj",
+        fc1="mlp.fc1",
+        fc2="mlp.fc2",
+        norm1="norm1",
+        norm2="norm2",
+        ls1="layer_scale1.lambda1",
+        ls2="layer_scale2.lambda1",
     ),
 }
+
+# Hugging Face classes that convert: (state_dict prefix of the backbone, has a classifier, family).
+_HF_CLASSES = {
+    "ViTModel": ("", False, "vit"),
+    "ViTForImageClassification": ("vit.", True, "vit"),
+    "DeiTModel": ("", False, "deit"),
+    "DeiTForImageClassification": ("deit.", True, "deit"),
+    "Dinov2Model": ("", False, "dinov2"),
+}
+_HF_REFUSED = {
+    "DeiTForImageClassificationWithTeacher": "its logits average a class-token and a distillation-token head",
+    "Dinov2ForImageClassification": "its head reads the class token concatenated with the mean patch token",
+    "Dinov2WithRegistersModel": "its register tokens carry no position embedding while the class token does",
+}
+
+# hidden_act values that are the GELUs the fused MLP implements.
+_HF_ACTS = {"gelu": None, "gelu_python": None, "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 def _hf_layout(keys, prefix: str) -> dict[str, str]:
     for layout in _HF_LAYOUTS.values():
         if prefix + layout["layer"].format(i=0) + layout["q"] + ".weight" in keys:
-            return layout
+            if prefix + layout["layer"].format(i=0) + layout["norm1"] + ".weight" in keys:
+                return layout
     raise ValueError("unrecognised Hugging Face ViT state_dict layout")
 
 
@@ -171,38 +203,55 @@ def _hf_keys(depth: int, prefix: str, layout: dict[str, str]) -> list[tuple[str,
     for i in range(depth):
         hf, vk = prefix + layout["layer"].format(i=i), f"blocks.{i}."
         for a, b in (
-            ("norm1", "layernorm_before"),
-            ("norm2", "layernorm_after"),
+            ("norm1", layout["norm1"]),
+            ("norm2", layout["norm2"]),
             ("attn.proj", layout["o"]),
             ("mlp.fc1", layout["fc1"]),
             ("mlp.fc2", layout["fc2"]),
         ):
             pairs += [(f"{vk}{a}.weight", f"{hf}{b}.weight"), (f"{vk}{a}.bias", f"{hf}{b}.bias")]
+        if "ls1" in layout:
+            pairs += [(f"{vk}ls1.gamma", hf + layout["ls1"]), (f"{vk}ls2.gamma", hf + layout["ls2"])]
     return pairs
 
 
-def _hf_prefix(hf_model: nn.Module) -> tuple[str, bool]:
-    """("vit." and True for ViTForImageClassification, "" and False for ViTModel)."""
+def _hf_prefix(hf_model: nn.Module) -> tuple[str, bool, str]:
+    """(state_dict prefix, has a classifier, family) of a supported Hugging Face model."""
     cls = type(hf_model).__name__
-    if cls == "ViTForImageClassification":
-        return "vit.", True
-    if cls == "ViTModel":
-        return "", False
-    raise TypeError(f"expected a transformers ViTModel or ViTForImageClassification, got {cls}")
+    if cls in _HF_CLASSES:
+        return _HF_CLASSES[cls]
+    if cls in _HF_REFUSED:
+        raise ValueError(f"cannot convert Hugging Face {cls}: {_HF_REFUSED[cls]}")
+    raise TypeError(
+        f"expected a transformers {', '.join(_HF_CLASSES)}, got {cls} (other families, e.g. CLIP/SigLIP vision "
+        "towers, BEiT/Data2Vec, ViTMAE, I-JEPA, are not converted)"
+    )
 
 
 def from_hf_vit(hf_model: nn.Module, **overrides: Any):
-    """A vitkern.ViT with the weights of a Hugging Face ``ViTModel`` (``num_classes=0``:
-    ``forward_features`` equals ``last_hidden_state``) or ``ViTForImageClassification``
-    (logits equal). The HF pooler, if any, is not part of vitkern.ViT and is dropped."""
+    """A vitkern.ViT with the weights of a Hugging Face ViT, DeiT or DINOv2 model:
+    ``ViTModel`` / ``DeiTModel`` / ``Dinov2Model`` (``num_classes=0``: ``forward_features``
+    equals ``last_hidden_state``) or ``ViTForImageClassification`` /
+    ``DeiTForImageClassification`` (logits equal). DeiT's distillation token becomes a
+    register token (``reg_tokens=1``, after the class token, with its position slot);
+    DINOv2's LayerScale becomes ``init_values``. The HF pooler, if any, is dropped.
+    ``hidden_act`` may be gelu / gelu_python (exact) or gelu_pytorch_tanh / gelu_new (tanh).
+    Other classes raise a TypeError or ValueError naming the class and the reason."""
     import torch
 
     from vitkern.models import ViT
 
-    prefix, has_head = _hf_prefix(hf_model)
+    prefix, has_head, family = _hf_prefix(hf_model)
     cfg = hf_model.config
-    if cfg.hidden_act not in ("gelu",):
-        raise ValueError(f"only exact GELU is supported, got hidden_act={cfg.hidden_act!r}")
+    act = getattr(cfg, "hidden_act", "gelu")
+    if act not in _HF_ACTS:
+        raise ValueError(f"hidden_act={act!r} is not supported (one of {sorted(_HF_ACTS)}: exact or tanh GELU)")
+    if family == "dinov2" and getattr(cfg, "use_swiglu_ffn", False):
+        raise ValueError("Dinov2 with use_swiglu_ffn=True is not supported by from_hf_vit (GELU MLP only)")
+    src = hf_model.state_dict()
+    has_head = has_head and "classifier.weight" in src  # num_labels=0: an Identity classifier
+    mlp_hidden = getattr(cfg, "intermediate_size", None) or int(cfg.hidden_size * cfg.mlp_ratio)
+    layout = _hf_layout(src, prefix)
     kwargs = dict(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -211,16 +260,19 @@ def from_hf_vit(hf_model: nn.Module, **overrides: Any):
         embed_dim=cfg.hidden_size,
         depth=cfg.num_hidden_layers,
         num_heads=cfg.num_attention_heads,
-        mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
+        mlp_ratio=mlp_hidden / cfg.hidden_size,
         qkv_bias=cfg.qkv_bias,
         norm_eps=cfg.layer_norm_eps,
         global_pool="token",
+        act_layer=_HF_ACTS[act],
+        reg_tokens=1 if family == "deit" else 0,
+        init_values=float(getattr(cfg, "layerscale_value", 1.0)) if "ls1" in layout else None,
         **overrides,
     )
     model = ViT(**kwargs)
-    src = hf_model.state_dict()
-    layout = _hf_layout(src, prefix)
     sd = {vk: src[hf] for vk, hf in _hf_keys(cfg.num_hidden_layers, prefix, layout)}
+    if family == "deit":
+        sd["reg_token"] = src[f"{prefix}embeddings.distillation_token"]
     for i in range(cfg.num_hidden_layers):
         base = prefix + layout["layer"].format(i=i)
         names = [base + layout[n] for n in "qkv"]
@@ -236,48 +288,74 @@ def from_hf_vit(hf_model: nn.Module, **overrides: Any):
 
 
 def to_hf_vit(model: nn.Module, with_head: bool | None = None):
-    """A Hugging Face ``ViTForImageClassification`` (or ``ViTModel`` when the vitkern model
-    has no head / ``with_head=False``) with ``model``'s weights. Only architectures HF ViT
-    can express convert: class token, learned position embedding with a class slot, token
-    pooling, no register tokens, LayerScale, SP-SA or pre-norm."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+    """A Hugging Face model with ``model``'s weights: ``ViTForImageClassification`` (or
+    ``ViTModel`` when the vitkern model has no head / ``with_head=False``); with one register
+    token (the layout :func:`from_hf_vit` gives DeiT) ``DeiTForImageClassification`` /
+    ``DeiTModel``; with LayerScale and no head ``Dinov2Model``. Only architectures these
+    can express convert: class token, learned position embedding with prefix slots, token
+    pooling, no SP-SA, pre-norm, fc_norm or copied timm modules; anything else raises
+    ValueError."""
+    import transformers
 
     c = model.config
+    has_head = model.num_classes > 0 if with_head is None else with_head
     bad = []
-    if not c["class_token"] or c["reg_tokens"] or model.no_embed_class:
-        bad.append("prefix tokens other than one class token with a position slot")
-    if c["init_values"] or c["pre_norm"] or model.spatial_prior or c["fc_norm"]:
-        bad.append("LayerScale / pre_norm / fc_norm / spatial prior")
+    family = "deit" if c["reg_tokens"] == 1 else "dinov2" if c["init_values"] else "vit"
+    if not c["class_token"] or c["reg_tokens"] > 1 or model.no_embed_class:
+        bad.append("prefix tokens other than a class token (and a DeiT distillation token) with position slots")
+    if family == "deit" and c["init_values"]:
+        bad.append("LayerScale with a distillation token")
+    if family == "dinov2" and has_head:
+        bad.append("LayerScale with a classification head (Dinov2Model has no linear head)")
+    if c["pre_norm"] or model.spatial_prior or c["fc_norm"]:
+        bad.append("pre_norm / fc_norm / spatial prior")
     if c["global_pool"] != "token" or not c["qkv_bias"] or not c["proj_bias"]:
         bad.append("non-token pooling or bias-free projections")
+    if c.get("timm_modules"):
+        bad.append(f"timm modules kept by from_timm ({', '.join(c['timm_modules'])})")
     img, patch = c["img_size"], c["patch_size"]
     img = img if isinstance(img, int) else img[0] if img[0] == img[1] else None
     patch = patch if isinstance(patch, int) else patch[0]
     if img is None:
         bad.append("non-square image size")
     if bad:
-        raise ValueError(f"cannot express this vitkern.ViT as a Hugging Face ViT: {', '.join(bad)}")
-    has_head = model.num_classes > 0 if with_head is None else with_head
-    cfg = ViTConfig(
+        raise ValueError(f"cannot express this vitkern.ViT as a Hugging Face ViT/DeiT/DINOv2: {', '.join(bad)}")
+    hidden = model.blocks[0].mlp.fc1.out_features
+    common = dict(
         hidden_size=c["embed_dim"],
         num_hidden_layers=c["depth"],
         num_attention_heads=c["num_heads"],
-        intermediate_size=model.blocks[0].mlp.fc1.out_features,
-        hidden_act="gelu",
+        hidden_act="gelu_pytorch_tanh" if c.get("act_layer") == "gelu_tanh" else "gelu",
         layer_norm_eps=c["norm_eps"],
         image_size=img,
         patch_size=patch,
         num_channels=c["in_chans"],
         qkv_bias=True,
-        num_labels=max(model.num_classes, 1),
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    hf = ViTForImageClassification(cfg) if has_head else ViTModel(cfg, add_pooling_layer=False)
-    prefix = "vit." if has_head else ""
+    if family == "dinov2":
+        ratio = hidden / c["embed_dim"]
+        if ratio != int(ratio):
+            raise ValueError(f"cannot express MLP ratio {ratio} as a Hugging Face Dinov2Config (integer mlp_ratio)")
+        cfg = transformers.Dinov2Config(mlp_ratio=int(ratio), layerscale_value=c["init_values"], **common)
+        hf, prefix = transformers.Dinov2Model(cfg), ""
+    else:
+        Config, Model, Head, head_prefix = (
+            (transformers.DeiTConfig, transformers.DeiTModel, transformers.DeiTForImageClassification, "deit.")
+            if family == "deit"
+            else (transformers.ViTConfig, transformers.ViTModel, transformers.ViTForImageClassification, "vit.")
+        )
+        cfg = Config(intermediate_size=hidden, num_labels=max(model.num_classes, 1), **common)
+        hf = Head(cfg) if has_head else Model(cfg, add_pooling_layer=False)
+        prefix = head_prefix if has_head else ""
     src = model.state_dict()
     layout = _hf_layout(hf.state_dict(), prefix)
     sd = {hf_key: src[vk] for vk, hf_key in _hf_keys(c["depth"], prefix, layout)}
+    if family == "deit":
+        sd[f"{prefix}embeddings.distillation_token"] = src["reg_token"]
+    if family == "dinov2":
+        sd["embeddings.mask_token"] = hf.embeddings.mask_token.detach().zero_()  # used only for masked inputs
     D = c["embed_dim"]
     for i in range(c["depth"]):
         base = prefix + layout["layer"].format(i=i)

@@ -113,6 +113,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.spatial_relation = SpatialRelation(num_heads, sp_hidden) if spatial_prior else None
+        # Optional timm attention features (set by ViT.from_timm; None: absent). q_norm/k_norm
+        # normalise each head's q and k before the fused attention (timm's qk_norm), norm
+        # normalises the attention output before proj (scale_attn_norm), gate is the sigmoid
+        # output gate of timm's gated attention. They run as ordinary modules.
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
+        self.norm: nn.Module | None = None
+        self.gate: nn.Module | None = None
 
     def omega(self, grid: tuple[int, int]) -> torch.Tensor | None:
         return None if self.spatial_relation is None else self.spatial_relation(grid)
@@ -120,7 +128,12 @@ class Attention(nn.Module):
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)  # strided (B, H, N, Dh) views, no copy
+        q, k, v = qkv.unbind(0)  # strided (B, H, N, Dh) views, no copy
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
         B, N, C = x.shape
@@ -135,14 +148,20 @@ class Attention(nn.Module):
             num_prefix_tokens=num_prefix_tokens,
             scale=self.scale,
         )
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        out = out.transpose(1, 2).reshape(B, N, C)
+        if self.norm is not None:
+            out = self.norm(out)
+        if self.gate is not None:
+            out = out * self.gate(x).sigmoid()
+        return self.proj(out)
 
 
 class Mlp(nn.Module):
     """Keys ``fc1``, ``fc2``; the computation is fused with the preceding LayerNorm in Block."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+    def __init__(self, dim: int, hidden: int, bias: bool = True, approximate: str = "none") -> None:
         super().__init__()
+        self.approximate = approximate  # GELU: "none" (erf) or "tanh"
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
@@ -163,6 +182,7 @@ class Block(nn.Module):
         spatial_prior: bool = False,
         sp_hidden: int = 32,
         norm_eps: float = 1e-6,
+        mlp_approximate: str = "none",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -170,12 +190,14 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=proj_bias)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=proj_bias, approximate=mlp_approximate)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid, num_prefix_tokens)))
+        if not fusable_mlp(self.norm2, self.mlp):  # an MLP kept unfused by ViT.from_timm
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         plain_residual = isinstance(self.ls2, nn.Identity) and not (
             isinstance(self.drop_path2, DropPath) and self.training
         )
@@ -187,6 +209,102 @@ class Block(nn.Module):
             self.mlp.fc2.weight,
             self.mlp.fc2.bias,
         )
+        approx = self.mlp.approximate
         if plain_residual:  # the residual add is fused into fc2's epilogue
-            return layernorm_mlp(x, *mlp_args, eps=self.norm2.eps)
-        return x + self.drop_path2(self.ls2(layernorm_mlp(x, *mlp_args, eps=self.norm2.eps, residual=False)))
+            return layernorm_mlp(x, *mlp_args, eps=self.norm2.eps, approximate=approx)
+        out = layernorm_mlp(x, *mlp_args, eps=self.norm2.eps, approximate=approx, residual=False)
+        return x + self.drop_path2(self.ls2(out))
+
+
+def fusable_mlp(norm: nn.Module, mlp: nn.Module) -> bool:
+    """Whether ``norm`` then ``mlp`` run as one fused layernorm_mlp: a vitkern Mlp after an
+    nn.LayerNorm (any eps, affine or not). Other MLPs (timm's gated or QuickGELU/SiLU MLPs,
+    kept by ViT.from_timm) run as ordinary modules."""
+    return isinstance(mlp, Mlp) and type(norm) is nn.LayerNorm
+
+
+class ParallelThingsBlock(nn.Module):
+    """timm's ParallelThingsBlock ("three things", parallel branches): ``x + sum_i
+    attns[i](x)``, then ``x + sum_i ffns[i](x)``. Each attention branch is
+    norm / fused attention / ls / drop_path, each MLP branch the fused layernorm_mlp
+    (without its residual) / ls / drop_path; keys as in timm."""
+
+    def __init__(self, attns: list[nn.Module], ffns: list[nn.Module]) -> None:
+        super().__init__()
+        self.num_parallel = len(attns)
+        self.attns = nn.ModuleList(attns)
+        self.ffns = nn.ModuleList(ffns)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+        outs = [a.drop_path(a.ls(a.attn(a.norm(x), grid, num_prefix_tokens))) for a in self.attns]
+        x = x + torch.stack(outs).sum(dim=0)
+        outs = []
+        for f in self.ffns:
+            if fusable_mlp(f.norm, f.mlp):
+                n, m = f.norm, f.mlp
+                args = (n.weight, n.bias, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)
+                h = layernorm_mlp(x, *args, eps=n.eps, approximate=m.approximate, residual=False)
+            else:
+                h = f.mlp(f.norm(x))
+            outs.append(f.drop_path(f.ls(h)))
+        return x + torch.stack(outs).sum(dim=0)
+
+
+class ResPostBlock(nn.Module):
+    """timm's post-norm block: ``x + drop_path1(norm1(attn(x)))``, then
+    ``x + drop_path2(norm2(mlp(x)))``. The attention is fused; the normalisation comes
+    after the MLP, so the MLP and norms run as ordinary modules (keys as in timm)."""
+
+    def __init__(self, attn: Attention, norm1: nn.Module, mlp: nn.Module, norm2: nn.Module) -> None:
+        super().__init__()
+        self.attn, self.norm1, self.drop_path1 = attn, norm1, nn.Identity()
+        self.mlp, self.norm2, self.drop_path2 = mlp, norm2, nn.Identity()
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+        x = x + self.drop_path1(self.norm1(self.attn(x, grid, num_prefix_tokens)))
+        return x + self.drop_path2(self.norm2(self.mlp(x)))
+
+
+class _UnfusedEmbedMixin:
+    """Turns a copy of a timm patch-embedding module (e.g. a hybrid CNN stem) into the
+    patch_embed of vitkern.ViT: ``grid_for(images)`` and ``forward(images, pos_embed)``.
+    Its own forward, attributes and state_dict keys are timm's."""
+
+    def grid_for(self, images: torch.Tensor) -> tuple[int, int]:
+        if images.dim() != 4:
+            raise ValueError(f"images must have shape (batch, channels, height, width), got {tuple(images.shape)}")
+        H, W = images.shape[-2:]
+        if getattr(self, "strict_img_size", True) and (H, W) != tuple(self.img_size):
+            raise ValueError(
+                f"input image size {(H, W)} does not match the model's img_size {tuple(self.img_size)}; "
+                "build the model with dynamic_img_size=True for other sizes"
+            )
+        if (H, W) == tuple(self.img_size):
+            return tuple(self.grid_size)
+        return tuple(self.dynamic_feat_size((H, W)))
+
+    def forward(self, images: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        x = super().forward(images)
+        if x.dim() == 4:  # NHWC (dynamic image size)
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        return x if pos_embed is None else x + pos_embed
+
+
+_UNFUSED_EMBED_CLASSES: dict[type, type] = {}
+
+
+def unfused_patch_embed(embed: nn.Module) -> nn.Module:
+    """A copy of ``embed`` (a timm patch embedding, e.g. HybridEmbed) usable as
+    vitkern.ViT's patch_embed; it runs unfused, in front of the fused trunk."""
+    import copy
+
+    cls = type(embed)
+    sub = _UNFUSED_EMBED_CLASSES.get(cls)
+    if sub is None:
+        sub = type(f"Unfused{cls.__name__}", (_UnfusedEmbedMixin, cls), {"__module__": __name__})
+        _UNFUSED_EMBED_CLASSES[cls] = sub
+    out = copy.deepcopy(embed)
+    out.__class__ = sub
+    if not getattr(out, "flatten", True) and getattr(out, "output_fmt", "NHWC") not in ("NHWC", "NLC"):
+        raise ValueError(f"patch embedding {cls.__name__} must output tokens (flatten or NHWC)")
+    return out

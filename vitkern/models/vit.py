@@ -225,6 +225,7 @@ class ViT(nn.Module):
         sp_layers: int | None = None,
         sp_hidden: int = 32,
         norm_eps: float = 1e-6,
+        act_layer: str | None = None,
         **kwargs: Any,
     ) -> None:
         config = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")}
@@ -251,6 +252,7 @@ class ViT(nn.Module):
             raise ValueError(f"vitkern.ViT does not support {bad} (the fused ops have no dropout inside attention/MLP)")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        approximate = _gelu_approximate(act_layer)
         if spatial_prior:
             sp_layers = max(depth - 2, 0) if sp_layers is None else sp_layers
             if not 0 <= sp_layers <= depth:
@@ -294,6 +296,7 @@ class ViT(nn.Module):
                     spatial_prior=i < sp_layers,
                     sp_hidden=sp_hidden,
                     norm_eps=norm_eps,
+                    mlp_approximate=approximate,
                 )
                 for i in range(depth)
             ]
@@ -338,16 +341,12 @@ class ViT(nn.Module):
     @classmethod
     def from_timm(cls, model: nn.Module, **overrides: Any) -> ViT:
         """An equivalent vitkern.ViT with ``model``'s weights (a timm VisionTransformer)."""
-        from vitkern.interop import vit_kwargs_from_timm
+        from vitkern.zoo import vit_from_timm
 
-        kwargs = {**vit_kwargs_from_timm(model), **overrides}
-        ours = cls(**kwargs)
-        ref = next(model.parameters())
-        ours.to(device=ref.device, dtype=ref.dtype)
-        ours.load_state_dict(model.state_dict(), strict=True)
+        ours = vit_from_timm(cls, model, **overrides)  # raises TimmConversionError (a ValueError)
         if isinstance(getattr(model, "pretrained_cfg", None), dict):  # the weights' preprocessing
             ours.pretrained_cfg = dict(model.pretrained_cfg)
-        return ours.train(model.training)
+        return ours
 
     # ------------------------------------------------------------------ timm's model API
     def no_weight_decay(self) -> set[str]:
@@ -667,6 +666,14 @@ class ViT(nn.Module):
         finally:
             handle.remove()
         return captured["p"]
+
+
+def _gelu_approximate(act_layer: str | None) -> str:
+    """The MLP activation (timm's ``act_layer`` names): exact or tanh GELU."""
+    names = {None: "none", "gelu": "none", "gelu_tanh": "tanh"}
+    if act_layer not in names:
+        raise ValueError(f"act_layer must be one of {sorted(n for n in names if n)} or None, got {act_layer!r}")
+    return names[act_layer]
 
 
 def _offsets(tokens: list[torch.Tensor]) -> list[int]:
