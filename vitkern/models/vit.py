@@ -68,7 +68,9 @@ class PatchEmbed(nn.Module):
         P = self.patch_size[0]
         if H % P or W % P:
             raise ValueError(f"image size {(H, W)} is not divisible by the patch size {P}")
-        return H // P, W // P
+        # int(): under torch.jit.trace (ONNX / OpenVINO export) sizes are tensors; the grid
+        # is a static shape of the exported graph either way.
+        return int(H) // P, int(W) // P
 
     def forward(self, images: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         return patch_embed(images, self.proj.weight, self.proj.bias, pos_embed)
