@@ -36,6 +36,8 @@ class Case:
     baseline: str = "eager"
     failures: dict[str, str] = field(default_factory=dict)
     compile_s: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, object] = field(default_factory=dict)  # e.g. the peers' logits errors
+    threads: int | None = None  # intra-op threads to time it with (None: the process setting)
 
     @property
     def name(self) -> str:
@@ -301,10 +303,16 @@ def model_case(
     backward: bool = False,
     compile: bool = True,
     autocast: torch.dtype | None = None,
+    peers: bool = True,
+    threads: int | None = None,
 ) -> Case:
-    """Whole-model case. With ``autocast`` (e.g. torch.bfloat16) the models keep ``dtype``
-    (fp32) parameters and every provider runs inside ``torch.autocast(device, autocast)``:
-    the mixed-precision row, vitkern vs timm under the same autocast."""
+    """Whole-model case: vitkern vs the model's eager baseline, torch.compile of it, and
+    (inference on the CPU, ``peers=True``) the same weights exported to OpenVINO and
+    ONNX Runtime, each engine's logits checked against PyTorch fp32 first.
+
+    With ``autocast`` (e.g. torch.bfloat16) the models keep ``dtype`` (fp32) parameters and
+    every provider runs inside ``torch.autocast(device, autocast)``: the mixed-precision row,
+    vitkern vs timm under the same autocast (the engines run in their own bf16 mode)."""
     import vitkern
 
     device = torch.device(device)
@@ -313,7 +321,9 @@ def model_case(
     params = dict(name=name, B=batch, img=img)
     if autocast is not None:
         params["autocast"] = str(autocast).removeprefix("torch.")
-    case = Case("model", params, dtype, device, backward, 0.0, baseline="timm eager")
+    if threads:
+        params["threads"] = threads
+    case = Case("model", params, dtype, device, backward, 0.0, baseline="timm eager", threads=threads)
     if name.startswith("sp_vit"):
         ours = vitkern.create_model(name, img_size=img).to(device=device, dtype=dtype)
         with torch.no_grad():
@@ -345,7 +355,31 @@ def model_case(
             case.providers["timm compiled"] = run
         except Exception as exc:
             case.failures["timm compiled"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    if peers and not backward and device.type == "cpu":
+        add_peer_providers(case, ours if name.startswith("sp_vit") else ref, x, autocast or dtype)
     return case
+
+
+def add_peer_providers(case: Case, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """OpenVINO and ONNX Runtime on an fp32 copy of ``model`` (SP-ViT: vitkern's own model on the
+    reference backend, plain PyTorch ops, as a CPU user would export it), in the case's dtype
+    where the engine supports it; a missing or failing engine is recorded in ``case.failures``."""
+    import vitkern
+    from vitkern import peers
+
+    threads = case.threads or torch.get_num_threads()
+    fp32 = copy.deepcopy(model).float().eval()
+    xf = x.float()
+    for label, runner in (("OpenVINO", peers.openvino_runner), ("ONNX Runtime", peers.onnxruntime_runner)):
+        if dtype == torch.bfloat16:
+            label += " bf16"
+        try:
+            with vitkern.use_backend("reference"):
+                run, err = runner(fp32, xf, threads, dtype)
+            case.providers[label] = run
+            case.notes[f"{label} logits rel. err"] = err
+        except Exception as exc:  # optional engines: report, never abort the suite
+            case.failures[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
 
 def _model_runner(
@@ -374,14 +408,38 @@ def _model_runner(
     return step
 
 
-def gemm_peak_gflops(device: torch.device | str = "cpu", dtype=torch.float32, n: int = 1536) -> float:
-    """Measured GEMM throughput (GFLOP/s) of an n^3 product: the device's practical peak."""
+def gemm_routes_gflops(device: torch.device | str = "cpu", dtype=torch.float32, n: int = 1536) -> dict[str, float]:
+    """Measured throughput (GFLOP/s) of an n^3 product through each GEMM route the installed
+    torch offers for ``dtype`` on ``device``, timed interleaved.
+
+    CPU routes: ``torch.mm`` (fp32: MKL ``sgemm`` when torch has MKL; bf16/fp16: oneDNN,
+    which uses AMX or AVX512-BF16 where the CPU has them) and oneDNN's own fp32 matmul
+    through ``mkldnn_linear`` on a prepacked weight. GPU: ``torch.mm`` (cuBLAS)."""
     from vitkern.benchmarking import time_interleaved
 
+    device = torch.device(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_interleaved({"gemm": lambda: a @ b}, device, warmup=2, repeats=5)
-    return 2 * n**3 / (t["gemm"].median * 1e-3) / 1e9
+    routes: dict[str, Callable[[], object]] = {}
+    if device.type == "cpu":
+        blas = "MKL sgemm" if dtype == torch.float32 and torch.backends.mkl.is_available() else "oneDNN"
+        routes[f"torch.mm ({blas})"] = lambda: torch.mm(a, b)
+        if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            try:
+                a_mk, w_mk = a.to_mkldnn(), b.t().contiguous().to_mkldnn()
+                torch._C._nn.mkldnn_linear(a_mk, w_mk, None)
+                routes["oneDNN (mkldnn_linear, packed)"] = lambda: torch._C._nn.mkldnn_linear(a_mk, w_mk, None)
+            except RuntimeError:  # a torch build without the op for this dtype
+                pass
+    else:
+        routes["torch.mm (cuBLAS)"] = lambda: torch.mm(a, b)
+    t = time_interleaved(routes, device, warmup=2, repeats=5)
+    return {name: 2 * n**3 / (t[name].median * 1e-3) / 1e9 for name in routes}
+
+
+def gemm_peak_gflops(device: torch.device | str = "cpu", dtype=torch.float32, n: int = 1536) -> float:
+    """The device's practical GEMM peak for ``dtype``: the fastest route of :func:`gemm_routes_gflops`."""
+    return max(gemm_routes_gflops(device, dtype, n).values())
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark glue

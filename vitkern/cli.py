@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
     b.add_argument("--repeats", type=int, default=None, help="timed repeats per provider (default 7; 3 with --quick)")
+    b.add_argument(
+        "--threads",
+        nargs="+",
+        type=int,
+        default=None,
+        help="intra-op threads for the models suite, one run per value (default: torch's current setting)",
+    )
+    b.add_argument("--no-peers", action="store_true", help="models suite: skip the OpenVINO / ONNX Runtime baselines")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile / FlexAttention baselines")
     b.add_argument("--quick", action="store_true", help="tiny shapes, few repeats, no compile: a smoke run in seconds")
     b.add_argument("--out", default="bench_out", help="output folder for results.json and the plots")
@@ -185,24 +193,32 @@ def _cases(args: argparse.Namespace, device: torch.device):
                     if quick
                     else ["vit_small_patch16_224", "vit_base_patch16_224", "sp_vit_small_patch16_224"]
                 )
-                for batch in batches:
-                    for name in names:
-                        if bwd and not quick and name != "vit_small_patch16_224" and args.models is None:
-                            continue  # training step: vit_small only by default
-                        yield lambda name=name, batch=batch, kw=kw: S.model_case(
-                            name, batch=batch, img=64 if quick else 224, **kw
-                        )
-                        if dtype == torch.float32:  # the mixed-precision row: both models under autocast
-                            amp = torch.float16 if device.type == "cuda" else torch.bfloat16
-                            yield lambda name=name, batch=batch, kw=kw, amp=amp: S.model_case(
-                                name, batch=batch, img=64 if quick else 224, autocast=amp, **kw
-                            )
+                for threads in args.threads or [None]:
+                    for batch in batches:
+                        for name in names:
+                            if bwd and not quick and name != "vit_small_patch16_224" and args.models is None:
+                                continue  # training step: vit_small only by default
+                            mk = dict(batch=batch, img=64 if quick else 224, threads=threads, **kw)
+                            yield lambda name=name, mk=mk: S.model_case(name, peers=not args.no_peers, **mk)
+                            if dtype == torch.float32:  # the mixed-precision row: both models under autocast
+                                amp = torch.float16 if device.type == "cuda" else torch.bfloat16
+                                # the engines' bf16 mode here unless a bf16 row already has them
+                                amp_peers = not (args.no_peers or quick) and "bfloat16" not in args.dtype
+                                yield lambda name=name, mk=mk, amp=amp, ap=amp_peers: S.model_case(
+                                    name, autocast=amp, peers=ap, **mk
+                                )
 
 
 def _run_case(case, repeats: int, peak_gflops: float) -> dict:
     from vitkern.benchmarking import as_dict, ratio_spread, time_interleaved
 
-    timings = time_interleaved(case.providers, case.device, warmup=1 if repeats <= 3 else 2, repeats=repeats)
+    default_threads = torch.get_num_threads()
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    try:
+        timings = time_interleaved(case.providers, case.device, warmup=1 if repeats <= 3 else 2, repeats=repeats)
+    finally:
+        torch.set_num_threads(default_threads)
     base = timings.get(case.baseline)
     floor = timings.get(case.floor) if case.floor else None
     rows = {}
@@ -229,6 +245,7 @@ def _run_case(case, repeats: int, peak_gflops: float) -> dict:
         "providers": rows,
         "failures": case.failures,
         "compile_s": case.compile_s,
+        "notes": case.notes,
     }
 
 
@@ -255,6 +272,8 @@ def _table(results: list[dict]) -> None:
             first = False
         for name, why in r["failures"].items():
             rows.append(["", name, "failed", why[:60], "", "", "", "", ""])
+        for name, val in r.get("notes", {}).items():
+            rows.append(["", name, f"{val:.1e}" if isinstance(val, float) else str(val), "", "", "", "", "", ""])
         for name, secs in r["compile_s"].items():  # compile time, excluded from the timings above
             rows.append(["", f"{name}: compile", f"{secs * 1e3:.0f}", "(first call)", "", "", "", "", ""])
     _print_table(
@@ -328,7 +347,7 @@ def _plots(results: list[dict], out: Path) -> list[str]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from vitkern.bench_suites import gemm_peak_gflops
+    from vitkern.bench_suites import gemm_routes_gflops
     from vitkern.benchmarking import environment
 
     device = torch.device(args.device)
@@ -336,11 +355,18 @@ def _bench(args: argparse.Namespace) -> int:
         raise SystemExit("--device cuda requested but no CUDA device is available")
     env = environment(device)
     start = time.perf_counter()
-    peak = gemm_peak_gflops(device, n=512 if args.quick else 1536)
-    env["gemm_peak_gflops_fp32"] = peak
+    peaks, env["gemm_routes_gflops"] = {}, {}
+    for dname in args.dtype:
+        routes = gemm_routes_gflops(device, _DTYPES[dname], n=512 if args.quick else 1536)
+        env["gemm_routes_gflops"][dname] = routes
+        peaks[_DTYPES[dname]] = max(routes.values())
     print(
-        f"vitkern bench: {env['device_name']} ({device}), torch {env['torch']}, {env['threads']} threads, "
-        f"measured fp32 GEMM peak {peak:.0f} GFLOP/s"
+        f"vitkern bench: {env['device_name']} ({device}), torch {env['torch']}, {env['threads']} threads; "
+        "GEMM floor (GFLOP/s, fastest route per dtype): "
+        + "; ".join(
+            f"{d}: " + ", ".join(f"{r} {g:.0f}" for r, g in routes.items())
+            for d, routes in env["gemm_routes_gflops"].items()
+        )
     )
     repeats = args.repeats or (3 if args.quick else 7)
     builders = list(_cases(args, device))
@@ -349,7 +375,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         for build in builders:
             case = build()
-            results.append(_run_case(case, repeats, peak))
+            results.append(_run_case(case, repeats, peaks[case.dtype]))
             progress.step(case.name)
             del case
     finally:

@@ -130,7 +130,9 @@ class PatchEmbed(nn.Module):
         P = self.patch_size[0]
         if H % P or W % P:
             raise ValueError(f"image size {(H, W)} is not divisible by the patch size {P}")
-        return H // P, W // P
+        # int(): under torch.jit.trace (ONNX / OpenVINO export) sizes are tensors; the grid
+        # is a static shape of the exported graph either way.
+        return int(H) // P, int(W) // P
 
     def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
         return max(self.patch_size) if as_scalar else self.patch_size
