@@ -268,18 +268,14 @@ def test_set_input_size_matches_timm(gen):
 
 
 # ----------------------------------------------------------------------------- registry
-def test_registration_is_explicit_and_covers_every_model():
-    code = (
-        "import sys, vitkern\n"
-        "assert 'timm' not in sys.modules, 'import vitkern imported timm'\n"
-        "names = vitkern.register_timm_models()\n"
-        "import timm\n"
-        "assert names == vitkern.register_timm_models()\n"
-        "assert sorted(timm.list_models('vitkern_*')) == sorted('vitkern_' + n for n in vitkern.list_models())\n"
-        "print('OK')\n"
-    )
+def test_registration_is_explicit_and_covers_every_model(registered):
+    # A fresh process: import vitkern alone neither imports timm nor registers anything.
+    code = "import sys, vitkern\nassert 'timm' not in sys.modules, 'import vitkern imported timm'\nprint('OK')\n"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    assert registered == vitkern.register_timm_models()  # idempotent
+    assert sorted(timm.list_models("vitkern_*")) == sorted(registered)
+    assert sorted(registered) == sorted("vitkern_" + n for n in vitkern.list_models())
 
 
 @pytest.mark.parametrize("name", vitkern.list_models())
