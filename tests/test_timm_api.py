@@ -261,6 +261,13 @@ def test_set_input_size_matches_timm(gen):
     with pytest.raises(ValueError, match="img_size"):
         m(torch.randn(1, 3, 32, 32))
     assert m.config["img_size"] == (48, 64) and m.config["patch_size"] == (16, 16)
+    with pytest.raises(ValueError, match="divisible"):
+        m.set_input_size(50)
+    # dynamic_img_size: intermediates on the input's own grid.
+    t, m = pair(gen, dynamic_img_size=True)
+    x = torch.randn(2, 3, 40, 56, generator=gen)
+    with torch.no_grad():
+        assert_same(m.forward_intermediates(x), t.forward_intermediates(x), "dynamic_img_size 40x56")
     # SP-ViT: the relation MLP works on any grid, only the position embedding is resampled.
     sp = sp_vit()
     sp.set_input_size(48)
