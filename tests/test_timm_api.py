@@ -390,3 +390,17 @@ def test_timm_run_runs_a_script_with_models_registered(tmp_path):
 
     with pytest.raises(SystemExit, match="no such script"):
         timm_run.main([str(tmp_path / "missing.py")])
+
+
+def test_save_and_load_after_reset_classifier_and_set_input_size(tmp_path, gen):
+    pytest.importorskip("safetensors")
+    m = sp_vit()
+    m.reset_classifier(3, "avg")
+    m.set_input_size((48, 64))
+    path = tmp_path / "m.safetensors"
+    vitkern.save_model(m, path)
+    loaded = vitkern.load_model(path).eval()
+    assert (loaded.num_classes, loaded.global_pool, loaded.patch_embed.img_size) == (3, "avg", (48, 64))
+    x = torch.randn(2, 3, 48, 64, generator=gen)
+    with torch.no_grad():
+        assert_close_rel(loaded(x), m(x), 1e-6, "round trip")
