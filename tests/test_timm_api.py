@@ -261,6 +261,13 @@ def test_set_input_size_matches_timm(gen):
     with pytest.raises(ValueError, match="img_size"):
         m(torch.randn(1, 3, 32, 32))
     assert m.config["img_size"] == (48, 64) and m.config["patch_size"] == (16, 16)
+    with pytest.raises(ValueError, match="divisible"):
+        m.set_input_size(50)
+    # dynamic_img_size: intermediates on the input's own grid.
+    t, m = pair(gen, dynamic_img_size=True)
+    x = torch.randn(2, 3, 40, 56, generator=gen)
+    with torch.no_grad():
+        assert_same(m.forward_intermediates(x), t.forward_intermediates(x), "dynamic_img_size 40x56")
     # SP-ViT: the relation MLP works on any grid, only the position embedding is resampled.
     sp = sp_vit()
     sp.set_input_size(48)
@@ -268,18 +275,14 @@ def test_set_input_size_matches_timm(gen):
 
 
 # ----------------------------------------------------------------------------- registry
-def test_registration_is_explicit_and_covers_every_model():
-    code = (
-        "import sys, vitkern\n"
-        "assert 'timm' not in sys.modules, 'import vitkern imported timm'\n"
-        "names = vitkern.register_timm_models()\n"
-        "import timm\n"
-        "assert names == vitkern.register_timm_models()\n"
-        "assert sorted(timm.list_models('vitkern_*')) == sorted('vitkern_' + n for n in vitkern.list_models())\n"
-        "print('OK')\n"
-    )
+def test_registration_is_explicit_and_covers_every_model(registered):
+    # A fresh process: import vitkern alone neither imports timm nor registers anything.
+    code = "import sys, vitkern\nassert 'timm' not in sys.modules, 'import vitkern imported timm'\nprint('OK')\n"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    assert registered == vitkern.register_timm_models()  # idempotent
+    assert sorted(timm.list_models("vitkern_*")) == sorted(registered)
+    assert sorted(registered) == sorted("vitkern_" + n for n in vitkern.list_models())
 
 
 @pytest.mark.parametrize("name", vitkern.list_models())
@@ -387,3 +390,17 @@ def test_timm_run_runs_a_script_with_models_registered(tmp_path):
 
     with pytest.raises(SystemExit, match="no such script"):
         timm_run.main([str(tmp_path / "missing.py")])
+
+
+def test_save_and_load_after_reset_classifier_and_set_input_size(tmp_path, gen):
+    pytest.importorskip("safetensors")
+    m = sp_vit()
+    m.reset_classifier(3, "avg")
+    m.set_input_size((48, 64))
+    path = tmp_path / "m.safetensors"
+    vitkern.save_model(m, path)
+    loaded = vitkern.load_model(path).eval()
+    assert (loaded.num_classes, loaded.global_pool, loaded.patch_embed.img_size) == (3, "avg", (48, 64))
+    x = torch.randn(2, 3, 48, 64, generator=gen)
+    with torch.no_grad():
+        assert_close_rel(loaded(x), m(x), 1e-6, "round trip")

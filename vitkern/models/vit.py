@@ -145,6 +145,13 @@ class PatchEmbed(nn.Module):
     ) -> None:
         """New image and/or patch size (timm's PatchEmbed.set_input_size): a new patch size
         resamples the projection kernel as timm does (needs timm installed)."""
+        new_img = _pair(img_size) if img_size is not None else self.img_size
+        new_p = _pair(patch_size) if patch_size is not None else self.patch_size
+        if min(new_img) <= 0 or min(new_p) <= 0 or new_img[0] % new_p[0] or new_img[1] % new_p[1]:
+            raise ValueError(
+                f"img_size {new_img} must be positive and divisible by the patch size {new_p} "
+                "(set_input_size(img_size=..., patch_size=...))"
+            )
         if patch_size is not None and _pair(patch_size) != self.patch_size:
             new_patch = _pair(patch_size)
             if new_patch[0] != new_patch[1]:
