@@ -128,6 +128,8 @@ def timm_conversion_problems(model: nn.Module) -> list[str]:
         problems.append("dynamic_img_pad=True")
     if not hasattr(pe, "grid_size") or not hasattr(pe, "img_size"):
         problems.append(f"a patch embedding without grid_size/img_size ({type(pe).__name__})")
+    if type(model.head) not in (nn.Linear, nn.Identity):
+        problems.append(f"a classifier head other than a Linear layer ({type(model.head).__name__})")
     if model.attn_pool is None and model.global_pool not in ("", "avg", "avgmax", "max", "token"):
         problems.append(f"global_pool={model.global_pool!r}")
     for i, blk in enumerate(model.blocks):
