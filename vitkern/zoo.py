@@ -16,7 +16,8 @@ naming the feature and the model's class. What converts:
 
 Refused: other block classes (ViT-22B parallel-scaling blocks, differential attention),
 other attention classes, dropout inside attention / patch dropout, dynamic padding,
-VisionTransformer subclasses with their own forward (e.g. distilled DeiT).
+classifier heads other than a Linear layer, VisionTransformer subclasses with their own
+forward (e.g. distilled DeiT).
 """
 
 from __future__ import annotations
