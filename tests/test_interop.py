@@ -379,3 +379,13 @@ def test_hugging_face_unsupported_models_are_refused_clearly():
         vitkern.from_hf_vit(relu)
     with pytest.raises(ValueError, match="timm modules"):
         vitkern.to_hf_vit(vitkern.ViT.from_timm(_small_timm(qk_norm=True)))
+
+
+def test_patch_timm_lists_what_stays_unfused():
+    from timm.layers import SwiGLU
+
+    plain = vitkern.patch_timm(_small_timm())
+    assert plain.vitkern_unfused == []
+    glu = vitkern.patch_timm(_small_timm(mlp_layer=SwiGLU, act_layer="silu", global_pool="map", class_token=False))
+    assert glu.vitkern_unfused == ["blocks.0.mlp", "blocks.1.mlp", "attn_pool"]
+    assert all("forward" in vars(b.attn) for b in glu.blocks)  # the attention is fused all the same

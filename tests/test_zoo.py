@@ -58,7 +58,8 @@ def _signature(model: torch.nn.Module) -> str:
     backbone = getattr(model.patch_embed, "backbone", None)
     text = repr(model)
     if backbone is not None:
-        text = text.replace(repr(model.patch_embed), f"{type(model.patch_embed).__name__}({type(backbone).__name__})")
+        parts = [f"{n}: {m!r}" for n, m in model.named_children() if n != "patch_embed"]
+        text = "\n".join([f"{type(model.patch_embed).__name__}({type(backbone).__name__})", *parts])
     shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters() if not n.startswith("patch_embed.")]
     extra = [model.pos_embed is None, type(model).__name__]
     return hashlib.sha1(repr((text, shapes, attrs, extra)).encode()).hexdigest()
@@ -102,3 +103,16 @@ def test_zoo_coverage_summary():
     exact = sum(r["outcome"] == "exact" for r in core)
     assert exact / len(core) >= 0.9, text
     assert not [r for r in records if r["outcome"] not in ("exact", "refused")], text
+
+
+def test_cli_info_timm_zoo(monkeypatch, capsys):
+    """`vitkern info --timm-zoo` prints the coverage (here over two architectures)."""
+    from vitkern.cli import main
+
+    monkeypatch.setattr(zoo, "timm_zoo_archs", lambda: ["vit_tiny_patch16_224", "vit_base_patch16_xp_224"])
+    assert main(["info", "--timm-zoo", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "timm VisionTransformer architectures: 2" in out
+    assert "logits and gradients): 1 (50%)" in out and "refused clearly: 1" in out
+    assert "wrong: 0" in out and "unclear: 0" in out
+    assert "refused  vit_base_patch16_xp_224" in out and "ParallelScalingBlock" in out

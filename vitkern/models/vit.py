@@ -197,6 +197,7 @@ class ViT(nn.Module):
             position embedding has one entry per patch only.
         sp_layers: number of SP-SA blocks K (default ``depth - 2``, the paper's choice).
         sp_hidden: hidden width of each head's relation MLP (default 32).
+        act_layer: the MLP's GELU, ``"gelu"`` / None (exact, default) or ``"gelu_tanh"``.
     """
 
     def __init__(
