@@ -9,9 +9,10 @@ Environment switches (read at build time):
                                loops only: what an aarch64 build gets; tested in CI).
 * ``VITKERN_DEBUG=1``         keep debug info (``-g -O1``); release builds use ``-O3 -g0``
                                and a stripped link (the extension is ~1/30 the size).
-* ``VITKERN_LOCAL_VERSION=0``  do not append ``+torch<major>.<minor>`` to the version of a
-                               wheel (it is appended by default: the wheel only loads with
-                               the torch minor release it was built against).
+* ``VITKERN_LOCAL_VERSION=1``  append ``+torch<major>.<minor>`` to the version of a wheel
+                               (scripts/build_wheels.sh sets it: a release wheel only loads with
+                               the torch minor release it was built against). Off by default, so
+                               that installing the sdist (version 0.1.0) builds a 0.1.0 wheel.
 * ``MAX_JOBS``                ninja's job cap; by default min(cores, RAM GiB / 4).
 * ``VITKERN_EXTRA_CFLAGS``    extra compiler and linker flags (the sanitizer build uses it).
 
@@ -126,7 +127,7 @@ if _building_sdist():
 else:
     # A wheel's _C is bound to the torch minor release it was compiled against (it
     # uses libtorch's C++ ABI, which changes between minor releases).
-    local = _flag("VITKERN_LOCAL_VERSION", "1")
+    local = _flag("VITKERN_LOCAL_VERSION")
     version = f"{BASE_VERSION}+torch{build_info['torch_minor']}" if local else BASE_VERSION
     torch_requirement = f"torch=={build_info['torch_minor']}.*"
 

@@ -38,7 +38,7 @@ log "wheel, built from the sdist against $("$PY" -c 'import torch; print("torch"
 mkdir -p "$WORK/from_sdist"
 tar -xzf "$SDIST" -C "$WORK/from_sdist"
 wstart=$(date +%s)
-( cd "$WORK"/from_sdist/vitkern-*/ && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip wheel . --no-build-isolation --no-deps -q -w "$WORK/dist" ) \
+( cd "$WORK"/from_sdist/vitkern-*/ && VITKERN_LOCAL_VERSION=1 MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip wheel . --no-build-isolation --no-deps -q -w "$WORK/dist" ) \
   > "$WORK/wheel.log" 2>&1 || { tail -30 "$WORK/wheel.log"; exit 1; }
 build_s=$(( $(date +%s) - wstart ))
 WHEEL="$(ls "$WORK"/dist/vitkern-*.whl)"

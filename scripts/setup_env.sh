@@ -27,6 +27,7 @@ fi
 log "installing build and test dependencies (pyproject.toml extra: dev)"
 # The extras are read from pyproject.toml (not `pip install .[dev]`, which would build
 # vitkern in an isolated environment against another torch).
+"$PY" -c "import tomllib" 2>/dev/null || "$PY" -m pip install -q tomli  # Python 3.10
 "$PY" "$ROOT/scripts/extras.py" dev > "$VENV/vitkern-dev-requirements.txt"
 "$PY" -m pip install -q -r "$VENV/vitkern-dev-requirements.txt"
 
