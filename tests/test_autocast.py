@@ -33,7 +33,9 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Model-level tolerance (relative Frobenius error of logits and of every parameter gradient)
 # against the reference backend under the same autocast: half-precision rounding of the
 # intermediate activations differs between kernels (bf16 eps 7.8e-3, fp16 eps 9.8e-4).
-MODEL_TOL = {torch.bfloat16: 4e-2, torch.float16: 1e-2}
+# Measured worst cases (logits / worst parameter gradient): bf16 cpu 9e-3 / 1.9e-2, fp16 triton
+# 1e-3 / 6e-3 (the SP-ViT relation-MLP gradients, sums over all token pairs, are the worst).
+MODEL_TOL = {torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10)
 
