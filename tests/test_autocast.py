@@ -52,11 +52,12 @@ def _model(kind: str) -> torch.nn.Module:
 
 def _run(model, x, backend, dtype):
     """Logits and parameter gradients, forward and backward inside the autocast region."""
-    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.grad = None
     with vitkern.use_backend(backend), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = model(x)
         out.float().logsumexp(-1).sum().backward()
-    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+    return out.detach(), {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -179,3 +180,20 @@ def test_triton_interpreter_fp16_autocast_train_step():
         assert r["dtype"] == "torch.float16", (kind, r)
         assert r["logits"] < MODEL_TOL[torch.float16], (kind, r)
         assert r["grad"] < MODEL_TOL[torch.float16], (kind, r)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compiled_model_under_autocast(backend, gen):
+    """torch.compile(fullgraph=True) traces the autocast rule (autocast state queries, the
+    autocast-off region around the op) and gives the eager autocast results."""
+    if backend == "cpu" and not HAS_CPU:
+        pytest.skip("vitkern._C not built")
+    torch._dynamo.reset()
+    model = _model("sp_vit")
+    x = randn(2, 3, 32, 32, gen=gen)
+    out, grads = _run(torch.compile(model, fullgraph=True, backend="aot_eager"), x, backend, torch.bfloat16)
+    ref_out, ref_grads = _run(model, x, backend, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert_close_rel(out, ref_out, 1e-2, "compiled logits")
+    for n, g in ref_grads.items():
+        assert_close_rel(grads[n], g, 1e-2, f"compiled grad {n}")
