@@ -162,13 +162,25 @@ _TRITON_SCRIPT = textwrap.dedent(
         ref_out, ref_grads = _run(model, x, "reference", torch.float16)
         res[kind] = {"dtype": str(out.dtype), "logits": rel_err(out, ref_out),
                      "grad": max(rel_err(grads[n], g) for n, g in ref_grads.items())}
+    # fp32 omega with fp16 q/k/v outside autocast, against fp64 of the same inputs
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (randn(2, 3, 17, 16, dtype=torch.float16, gen=g).requires_grad_() for _ in range(3))
+    omega = (1 + 0.3 * randn(3, 7, 7, gen=g)).requires_grad_()
+    out = vitkern.ops.sp_attention(q, k, v, omega, num_prefix_tokens=1, backend="triton")
+    dout = randn(*out.shape, dtype=torch.float16, gen=g)
+    grads = torch.autograd.grad(out, (q, k, v, omega), dout)
+    ins64 = [t.detach().double().requires_grad_() for t in (q, k, v, omega)]
+    ref = vitkern.ops.sp_attention(*ins64, num_prefix_tokens=1, backend="reference")
+    refs = torch.autograd.grad(ref, ins64, dout.double())
+    res["mixed_omega"] = {"dtypes": [str(out.dtype), str(grads[3].dtype)], "out": rel_err(out, ref),
+                          "grad": max(rel_err(a, b) for a, b in zip(grads, refs))}
     print("RESULT " + json.dumps(res))
     """
 )
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-def test_triton_interpreter_fp16_autocast_train_step():
+def test_triton_interpreter_fp16_autocast_train_step_and_mixed_omega():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
         [sys.executable, "-c", _TRITON_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
@@ -176,6 +188,9 @@ def test_triton_interpreter_fp16_autocast_train_step():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     res = json.loads(line[len("RESULT ") :])
+    mixed = res.pop("mixed_omega")
+    assert mixed["dtypes"] == ["torch.float16", "torch.float32"], mixed  # d-omega in omega's dtype
+    assert mixed["out"] < 1e-2 and mixed["grad"] < 1e-2, mixed
     for kind, r in res.items():
         assert r["dtype"] == "torch.float16", (kind, r)
         assert r["logits"] < MODEL_TOL[torch.float16], (kind, r)
