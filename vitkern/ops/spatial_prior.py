@@ -135,6 +135,7 @@ def spatial_prior_matrix(
 
     Returns:
         (H, N, N) with N = num_prefix_tokens + gh*gw; differentiable in ``omega``.
+        A gather, not a product: it keeps omega's dtype, inside ``torch.autocast`` too.
     """
     check_tensor("omega", omega, 3, "(H, 2*gh-1, 2*gw-1)")
     check_int("num_prefix_tokens", num_prefix_tokens, 0)
