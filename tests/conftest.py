@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -58,6 +59,23 @@ def randn(*shape: int, dtype=torch.float32, gen: torch.Generator | None = None, 
     return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).to(dtype)
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a fresh Python that imports the same vitkern as this process: the
+    installed wheel in CI (its parent directory first on PYTHONPATH is harmless), the
+    source tree in a development checkout run with PYTHONPATH=. . Run such processes with
+    ``cwd=SUBPROCESS_CWD``: a cwd at the repository root would put the source tree, which
+    has no compiled ``_C``, in front of the installed package."""
+    import vitkern
+
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(vitkern.__file__)))
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+SUBPROCESS_CWD = tempfile.gettempdir()
+
+
 def run_under_triton_interpreter(script: str, payload: object, cwd, timeout: int = 1200, extra_args=()) -> list:
     """Run ``script`` in a fresh Python with TRITON_INTERPRET=1 (it must be set before
     triton is imported, so never in this process); ``payload`` arrives JSON-encoded in
@@ -66,7 +84,7 @@ def run_under_triton_interpreter(script: str, payload: object, cwd, timeout: int
     import subprocess
     import sys
 
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = subprocess_env(TRITON_INTERPRET="1")
     res = subprocess.run(
         [sys.executable, "-c", script, json.dumps(payload), *extra_args],
         capture_output=True,

@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close_rel, randn
+from conftest import SUBPROCESS_CWD, assert_close_rel, randn, subprocess_env
 
 import vitkern
 from vitkern.ops import layernorm_mlp, patch_embed, sp_attention
 
-ROOT = Path(__file__).resolve().parents[1]
 HAS_CPU = vitkern.available_backends()["cpu"] is None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Model-level tolerance (relative Frobenius error of logits and of every parameter gradient)
@@ -181,9 +178,9 @@ _TRITON_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_triton_interpreter_fp16_autocast_train_step_and_mixed_omega():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = subprocess_env(TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-c", _TRITON_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", _TRITON_SCRIPT], cwd=SUBPROCESS_CWD, env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))

@@ -12,17 +12,14 @@ probed when ``vitkern`` is imported).
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import SUBPROCESS_CWD, subprocess_env
 
 import vitkern
-
-ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = textwrap.dedent(
     """
@@ -92,15 +89,14 @@ def _backends() -> list[str]:
 
 def _run(kind: str, backend: str, compiler: str, dynamic: str) -> None:
     env = {
-        **os.environ,
+        **subprocess_env(),
         "VITKERN_BACKEND": backend,
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
     if backend == "triton":
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, kind, backend, compiler, dynamic],
-        cwd=ROOT,
+        cwd=SUBPROCESS_CWD,
         env=env,
         capture_output=True,
         text=True,

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 timm = pytest.importorskip("timm")
 
-from conftest import assert_close_rel  # noqa: E402
+from conftest import SUBPROCESS_CWD, assert_close_rel, subprocess_env  # noqa: E402
 
 import vitkern  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 TOL = 1e-5
 
@@ -278,7 +276,14 @@ def test_set_input_size_matches_timm(gen):
 def test_registration_is_explicit_and_covers_every_model(registered):
     # A fresh process: import vitkern alone neither imports timm nor registers anything.
     code = "import sys, vitkern\nassert 'timm' not in sys.modules, 'import vitkern imported timm'\nprint('OK')\n"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=SUBPROCESS_CWD,
+        env=subprocess_env(),
+    )
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
     assert registered == vitkern.register_timm_models()  # idempotent
     assert sorted(timm.list_models("vitkern_*")) == sorted(registered)
@@ -383,7 +388,7 @@ def test_timm_run_runs_a_script_with_models_registered(tmp_path):
         "print('RAN', type(m).__module__, __name__, sys.argv[1:])\n"
     )
     cmd = [sys.executable, "-m", "vitkern.timm_run", str(script), "vitkern_vit_tiny_patch16_224"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=SUBPROCESS_CWD, env=subprocess_env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert "RAN vitkern.models.vit __main__ ['vitkern_vit_tiny_patch16_224']" in res.stdout
     from vitkern import timm_run

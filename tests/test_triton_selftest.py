@@ -4,20 +4,25 @@ interpreter must be chosen before triton is imported)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import SUBPROCESS_CWD, subprocess_env
 
 from vitkern import selftest, testing
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
-        [sys.executable, "-m", "vitkern.cli", "selftest", *args], capture_output=True, text=True, env=env, timeout=1800
+        [sys.executable, "-m", "vitkern.cli", "selftest", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+        cwd=SUBPROCESS_CWD,
     )
 
 
