@@ -67,12 +67,15 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _program_ids(N, BLOCK: tl.constexpr):
-    """(block index along the sequence, batch*head index as int64) of this program in
-    the one-dimensional grid of :func:`attention_grid` (sequence blocks fastest)."""
+def _program_ids(N, H, BLOCK: tl.constexpr):
+    """(block index along the sequence, batch, head, batch*head) of this program in the
+    one-dimensional grid of :func:`attention_grid` (sequence blocks fastest). The divisions
+    stay in 32 bits (a 64-bit division is a software routine with a stack frame); batch,
+    head and batch*head come back as int64 for the offset products."""
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(N, BLOCK)
-    return pid % num_blocks, (pid // num_blocks).to(tl.int64)
+    bh = pid // num_blocks
+    return pid % num_blocks, (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh.to(tl.int64)
 
 
 @triton.jit
@@ -113,9 +116,7 @@ def _sp_attn_fwd_kernel(
     HAS_PRIOR: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_m, pid_bh = _program_ids(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, b, h, pid_bh = _program_ids(N, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -208,9 +209,7 @@ def _sp_attn_bwd_dkdv_kernel(
     HAS_PRIOR: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_n, pid_bh = _program_ids(N, BLOCK_N)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_n, b, h, pid_bh = _program_ids(N, H, BLOCK_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_n = offs_n.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -306,9 +305,7 @@ def _sp_attn_bwd_dq_kernel(
     HAS_PRIOR: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_m, pid_bh = _program_ids(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, b, h, pid_bh = _program_ids(N, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
