@@ -504,7 +504,8 @@ ATTN_STAGES = (3, 2)
 _BLOCK_D_CLASSES = (16, 32, 64, 128)
 # (kernel, BLOCK_D, prior, stages) left out of the space: the build report showed a spill
 # (dK/dV at Dh 80-128 without a prior, 2 stages: 8 B of STACK on sm_90, REG 255).
-_EXCLUDED = {("dkdv", 128, False, 2)}
+# Also the forward at Dh <= 32 with a prior, 2 stages: 16 B on sm_86 (fp16).
+_EXCLUDED = {("dkdv", 128, False, 2), ("fwd", 32, True, 2)}
 # Fallback tiles (BLOCK_M, BLOCK_N, warps, stages), tried after the register-sweep tile.
 _FALLBACKS = ((32, 32, 4, 2), (16, 32, 4, 2))
 
@@ -517,6 +518,14 @@ def attention_configs(kind: str, head_dim: int, has_prior: bool) -> list[tuple[i
     bm, bn, block_d, warps = _block_sizes(head_dim, has_prior)
     if kind == "dkdv":
         bm = _dkdv_block_m(head_dim, has_prior)
+    if kind == "dq" and has_prior and block_d == 128:
+        # 32 x 64 / 8 warps left an 8 B stack frame on sm_90 (fp16, Dh 80); 32 x 32 / 4 warps is
+        # clean on sm_80/86/90 in fp16 and bf16 (176 registers, scripts/gpu_build_report.py).
+        bm, bn, warps = 32, 32, 4
+    if kind == "dkdv" and has_prior and block_d == 64:
+        # 32 x 64 / 8 warps spilled 16-24 B on sm_86 (fp16, Dh 64); 32 x 32 / 4 warps is clean on
+        # sm_80/86/90 in fp16 and bf16 (sm_90 then uses mma.sync instead of wgmma).
+        bm, bn, warps = 32, 32, 4
     out = [(bm, bn, warps, st) for st in ATTN_STAGES if (kind, block_d, has_prior, st) not in _EXCLUDED]
     return out + [c for c in _FALLBACKS if c[0] * c[1] < bm * bn]
 
