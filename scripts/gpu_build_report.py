@@ -20,6 +20,7 @@ TF32 instruction in an fp32 path that torch's settings (default: TF32 off) forbi
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import subprocess
@@ -118,9 +119,12 @@ def _mma_kind(ptx: str) -> str:
     return "mma.sync" if "mma.sync" in ptx else "none"
 
 
-def build(job):
+_JOBS: list = []  # (arch, launch): filled before the worker processes fork (launches do not pickle)
+
+
+def build(index: int):
     """Compile one launch for one architecture; returns the report row's measurements."""
-    arch, launch = job
+    arch, launch = _JOBS[index]
     try:
         compiled = L.compile_launch(launch, arch)
     except Exception as exc:  # OutOfResources and any other compile error
@@ -161,8 +165,13 @@ def main() -> int:
                 seen.add(key)
                 jobs.append((arch, launch))
                 rows.append([f"sm_{arch}", dt, launch.name.strip("_"), _mode(launch), launch.config(), model])
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(build, jobs, chunksize=4))
+    _JOBS[:] = jobs
+    if args.jobs > 1:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+            results = list(pool.map(build, range(len(jobs)), chunksize=2))
+    else:
+        results = [build(i) for i in range(len(jobs))]
     failed = []
     table = []
     for (arch, _), row, res in zip(jobs, rows, results, strict=True):

@@ -179,7 +179,8 @@ def test_prune_reads_the_tensors_device(monkeypatch):
 # ---------------------------------------------------------------- 3. TF32 in fp32 attention
 def test_fp32_attention_dots_are_ieee_unless_torch_allows_tf32():
     """With torch's default (no TF32 for fp32 matmuls) every fp32 attention kernel is built
-    without TF32 tensor-core instructions; with TF32 allowed the launches ask for it."""
+    without TF32 tensor-core instructions; with TF32 allowed the launches ask for it. And
+    none of the four kernels (d-omega's included) issues an atomic."""
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
     try:
@@ -192,6 +193,8 @@ def test_fp32_attention_dots_are_ieee_unless_torch_allows_tf32():
             seen.add(launch.name)
             ptx = L.compile_launch(launch, 80).asm["ptx"]
             assert "tf32" not in ptx, f"{launch.name}: TF32 instruction in an fp32 kernel with TF32 off"
+            # d-omega without atomics (issue #13): no kernel of the attention backward has one.
+            assert not re.search(r"^\s*(@%p\d+\s+)?(atom|red)\.", ptx, re.M), f"{launch.name}: atomic in the PTX"
         assert len(seen) == 4
         matmul.fp32_precision = "tf32"
         assert all(launch.kwargs["IEEE"] is False for launch in attention_launches(Dh=64, dtype=torch.float32))

@@ -114,7 +114,11 @@ def _prune(configs, named_args, **kwargs):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if bm > cap_m or bn > cap_n or not config_fits(bm, bn, bk, c.num_stages, elem, smem):
             continue
-        if elem == 4 and bm == 128:  # fp32 operands: 128-row tiles spill (5-6 KB in dW1/dW2, sm_80)
+        if elem == 4 and bm > 32:  # fp32 (IEEE dots on CUDA cores): 64/128-row tiles spill in dW1/dW2 on sm_80
+            continue
+        if kwargs.get("EPI_DGELU") and bm == 128:  # the GELU' epilogue at 128 rows: 8 B spill on sm_80 (REG 255)
+            continue
+        if kwargs.get("C_MODE") == 1 and bm == 128 and c.num_warps == 4:  # image scatter: 16 B spill on sm_90
             continue
         kept.append(c)
     if not kept:
@@ -155,17 +159,21 @@ def _gelu_grad(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _patch_offsets(tok, pix, NP, gw, P, s_ib, s_ic, s_ih, s_iw):
-    """Image offsets of token ``tok`` (b * NP + row * gw + col) and pixel ``pix``
-    ((c * P + py) * P + px): the two separate, so an (M, K) tile costs one add."""
-    b = tok // NP
+def _token_offset(tok, NP, gw, P, s_ib, s_ih, s_iw):
+    """int64 image offset of patch token ``tok`` (i32, b * NP + row * gw + col). Token and
+    pixel offsets are separate, so an (M, K) tile costs one add; the divisions stay in 32
+    bits (a 64-bit division is a long software routine), the products are 64-bit."""
+    b = (tok // NP).to(tl.int64)
     t = tok % NP
-    tok_off = b * s_ib + (t // gw) * P * s_ih + (t % gw) * P * s_iw
+    return b * s_ib + (t // gw).to(tl.int64) * P * s_ih + (t % gw).to(tl.int64) * P * s_iw
+
+
+@triton.jit
+def _pixel_offset(pix, P, s_ic, s_ih, s_iw):
+    """int64 image offset of pixel ``pix`` (i32, (c * P + py) * P + px) within a patch."""
     PP = P * P
-    c = pix // PP
     r = pix % PP
-    pix_off = c * s_ic + (r // P) * s_ih + (r % P) * s_iw
-    return tok_off, pix_off
+    return (pix // PP).to(tl.int64) * s_ic + (r // P).to(tl.int64) * s_ih + (r % P).to(tl.int64) * s_iw
 
 
 @triton.jit
@@ -206,7 +214,7 @@ def _mac_block(
     k_ok = offs_k < K
     # ---- A tile (BLOCK_M, BLOCK_K)
     if A_MODE == 2:
-        _, a_col = _patch_offsets(0, offs_k.to(tl.int64), NP, gw, P, s_ib, s_ic, s_ih, s_iw)
+        a_col = _pixel_offset(offs_k, P, s_ic, s_ih, s_iw)
         a_src = A + a_row[:, None] + a_col[None, :]
     else:
         a_src = a_ptrs
@@ -231,7 +239,7 @@ def _mac_block(
         a = xhat.to(A.dtype.element_ty)
     # ---- B tile (BLOCK_K, BLOCK_N)
     if B_MODE == 2:
-        b_row, _ = _patch_offsets(offs_k.to(tl.int64), 0, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
+        b_row = _token_offset(offs_k, NP, gw, P, s_ib, s_ih, s_iw)
         b_src = B + b_row[:, None] + b_col[None, :]
     else:
         b_src = b_ptrs
@@ -331,8 +339,8 @@ def fused_gemm_kernel(
     n_ok = offs_n < N
     # Operand rows/columns past the edge wrap around (loads stay in bounds without a mask;
     # the epilogue's store mask drops those results), so the K loop masks only K.
-    rm = (offs_m % M).to(tl.int64)
-    rn = (offs_n % N).to(tl.int64)
+    rm = offs_m % M
+    rn = offs_n % N
     offs_kb = tl.arange(0, BLOCK_K)
     # Per-mode row/column values; placeholders (unused) in the other modes.
     a_mean = tl.zeros([BLOCK_M], tl.float32)
@@ -340,8 +348,8 @@ def fused_gemm_kernel(
     if A_MODE == 1:
         a_mean = tl.load(Mean + rm)
         a_rstd = tl.load(Rstd + rm)
-    a_row, _ = _patch_offsets(rm, 0, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
-    a_ptrs = A + rm[:, None] * stride_am + offs_kb[None, :] * stride_ak
+    a_row = _token_offset(rm, NP, gw, P, s_ib, s_ih, s_iw)
+    a_ptrs = A + rm.to(tl.int64)[:, None] * stride_am + offs_kb[None, :] * stride_ak
     b_w = tl.full([BLOCK_N], 1.0, tl.float32)
     b_b = tl.zeros([BLOCK_N], tl.float32)
     if B_MODE == 1:
@@ -349,8 +357,8 @@ def fused_gemm_kernel(
             b_w = tl.load(LnW + rn).to(tl.float32)
         if HAS_LNB:
             b_b = tl.load(LnB + rn).to(tl.float32)
-    _, b_col = _patch_offsets(0, rn, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
-    b_ptrs = B + offs_kb[:, None] * stride_bk + rn[None, :] * stride_bn
+    b_col = _pixel_offset(rn, P, s_ic, s_ih, s_iw)
+    b_ptrs = B + offs_kb[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Full K blocks without a mask (their loads pipeline through shared memory), then
@@ -429,32 +437,33 @@ def fused_gemm_kernel(
 
     # ---- epilogue
     c_mask = m_ok[:, None] & n_ok[None, :]
-    offs_m = offs_m.to(tl.int64)
-    offs_n = offs_n.to(tl.int64)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
     if HAS_BIAS:
         acc = acc + tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if STORE_PRE:
         tl.store(
-            Pre + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+            Pre + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
             acc.to(Pre.dtype.element_ty),
             mask=c_mask,
         )
     if EPI_DGELU:
-        pre = tl.load(Pre + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=c_mask, other=0.0)
+        pre = tl.load(Pre + rows[:, None] * stride_pm + cols[None, :] * stride_pn, mask=c_mask, other=0.0)
         acc = acc * _gelu_grad(pre.to(tl.float32), ACT)
     if EPI_GELU:
         # GELU of the pre-activation as stored in the output dtype (what eager PyTorch computes).
         acc = _gelu(acc.to(C.dtype.element_ty).to(tl.float32), ACT)
     if HAS_RES:
-        r_rows = offs_m % res_rows
-        acc = acc + tl.load(Res + r_rows[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=c_mask, other=0.0).to(
+        r_rows = (offs_m % res_rows).to(tl.int64)
+        acc = acc + tl.load(Res + r_rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=c_mask, other=0.0).to(
             tl.float32
         )
     if C_MODE == 1:
-        c_row, c_col = _patch_offsets(offs_m, offs_n, NP, gw, P, s_ib, s_ic, s_ih, s_iw)
+        c_row = _token_offset(offs_m, NP, gw, P, s_ib, s_ih, s_iw)
+        c_col = _pixel_offset(offs_n, P, s_ic, s_ih, s_iw)
         tl.store(C + c_row[:, None] + c_col[None, :], acc.to(C.dtype.element_ty), mask=c_mask)
     else:
-        tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=c_mask)
+        tl.store(C + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=c_mask)
 
 
 def _strides(t: torch.Tensor | None, transpose: bool = False) -> tuple[int, int]:

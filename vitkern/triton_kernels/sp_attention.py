@@ -67,12 +67,15 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _program_ids(N, BLOCK: tl.constexpr):
-    """(block index along the sequence, batch*head index as int64) of this program in
-    the one-dimensional grid of :func:`attention_grid` (sequence blocks fastest)."""
+def _program_ids(N, H, BLOCK: tl.constexpr):
+    """(block index along the sequence, batch, head, batch*head) of this program in the
+    one-dimensional grid of :func:`attention_grid` (sequence blocks fastest). The divisions
+    stay in 32 bits (a 64-bit division is a software routine with a stack frame); batch,
+    head and batch*head come back as int64 for the offset products."""
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(N, BLOCK)
-    return pid % num_blocks, (pid // num_blocks).to(tl.int64)
+    bh = pid // num_blocks
+    return pid % num_blocks, (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh.to(tl.int64)
 
 
 @triton.jit
@@ -113,9 +116,7 @@ def _sp_attn_fwd_kernel(
     HAS_PRIOR: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_m, pid_bh = _program_ids(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, b, h, pid_bh = _program_ids(N, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -208,9 +209,7 @@ def _sp_attn_bwd_dkdv_kernel(
     HAS_PRIOR: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_n, pid_bh = _program_ids(N, BLOCK_N)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_n, b, h, pid_bh = _program_ids(N, H, BLOCK_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_n = offs_n.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -306,9 +305,7 @@ def _sp_attn_bwd_dq_kernel(
     HAS_PRIOR: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_m, pid_bh = _program_ids(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, b, h, pid_bh = _program_ids(N, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -507,7 +504,8 @@ ATTN_STAGES = (3, 2)
 _BLOCK_D_CLASSES = (16, 32, 64, 128)
 # (kernel, BLOCK_D, prior, stages) left out of the space: the build report showed a spill
 # (dK/dV at Dh 80-128 without a prior, 2 stages: 8 B of STACK on sm_90, REG 255).
-_EXCLUDED = {("dkdv", 128, False, 2)}
+# Also the forward at Dh <= 32 with a prior, 2 stages: 16 B on sm_86 (fp16).
+_EXCLUDED = {("dkdv", 128, False, 2), ("fwd", 32, True, 2)}
 # Fallback tiles (BLOCK_M, BLOCK_N, warps, stages), tried after the register-sweep tile.
 _FALLBACKS = ((32, 32, 4, 2), (16, 32, 4, 2))
 
@@ -520,6 +518,14 @@ def attention_configs(kind: str, head_dim: int, has_prior: bool) -> list[tuple[i
     bm, bn, block_d, warps = _block_sizes(head_dim, has_prior)
     if kind == "dkdv":
         bm = _dkdv_block_m(head_dim, has_prior)
+    if kind == "dq" and has_prior and block_d == 128:
+        # 32 x 64 / 8 warps left an 8 B stack frame on sm_90 (fp16, Dh 80); 32 x 32 / 4 warps is
+        # clean on sm_80/86/90 in fp16 and bf16 (176 registers, scripts/gpu_build_report.py).
+        bm, bn, warps = 32, 32, 4
+    if kind == "dkdv" and has_prior and block_d == 64:
+        # 32 x 64 / 8 warps spilled 16-24 B on sm_86 (fp16, Dh 64); 32 x 32 / 4 warps is clean on
+        # sm_80/86/90 in fp16 and bf16 (sm_90 then uses mma.sync instead of wgmma).
+        bm, bn, warps = 32, 32, 4
     out = [(bm, bn, warps, st) for st in ATTN_STAGES if (kind, block_d, has_prior, st) not in _EXCLUDED]
     return out + [c for c in _FALLBACKS if c[0] * c[1] < bm * bn]
 
