@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -145,7 +146,7 @@ def test_sp_attention_rejects_non_fp32_mixed_omega(gen):
 _TRITON_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch, vitkern
-    sys.path.insert(0, "tests")
+    sys.path.insert(0, sys.argv[1])  # the tests folder
     from test_autocast import _model, _run
     from conftest import rel_err, randn
     assert vitkern.available_backends()["triton"] is None, vitkern.available_backends()
@@ -180,7 +181,12 @@ _TRITON_SCRIPT = textwrap.dedent(
 def test_triton_interpreter_fp16_autocast_train_step_and_mixed_omega():
     env = subprocess_env(TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-c", _TRITON_SCRIPT], cwd=SUBPROCESS_CWD, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", _TRITON_SCRIPT, os.path.dirname(os.path.abspath(__file__))],
+        cwd=SUBPROCESS_CWD,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
