@@ -8,7 +8,7 @@ import tempfile
 import pytest
 import torch
 
-# Per-dtype tolerances of SPEC.md section 5 (relative Frobenius error vs float64).
+# Per-dtype tolerances of docs/DESIGN.md §5 (relative Frobenius error vs float64).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 

@@ -1,4 +1,4 @@
-"""The reference ops against independent float64 formulations (SPEC.md 1)."""
+"""The reference ops against independent float64 formulations (docs/DESIGN.md §1)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vitkern.ops import layernorm_mlp, patch_embed, sp_attention, spatial_prior_
 
 # ----------------------------------------------------------------------------- sp_attention
 def prior_pairwise(omega: torch.Tensor, gh: int, gw: int, num_prefix: int) -> torch.Tensor:
-    """The N x N prior built pair by pair from SPEC.md's definition (no shared code)."""
+    """The N x N prior built pair by pair from the definition in docs/DESIGN.md §1.2 (no shared code)."""
     H = omega.shape[0]
     N = num_prefix + gh * gw
     prior = torch.ones(H, N, N, dtype=omega.dtype)

@@ -1,4 +1,4 @@
-// Fused LayerNorm + GELU-MLP (SPEC.md 1.4), CPU kernels.
+// Fused LayerNorm + GELU-MLP (docs/DESIGN.md §1.4), CPU kernels.
 #pragma once
 
 #include <torch/extension.h>

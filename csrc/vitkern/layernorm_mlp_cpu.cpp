@@ -1,4 +1,4 @@
-// Fused LayerNorm + GELU-MLP on the CPU (SPEC.md 1.4):
+// Fused LayerNorm + GELU-MLP on the CPU (docs/DESIGN.md §1.4):
 //
 //   y = x + fc2(GELU(fc1(LayerNorm(x))))
 //

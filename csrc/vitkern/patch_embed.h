@@ -1,4 +1,4 @@
-// Fused patch embedding (SPEC.md 1.1), CPU kernels.
+// Fused patch embedding (docs/DESIGN.md §1.1), CPU kernels.
 #pragma once
 
 #include <torch/extension.h>

@@ -1,4 +1,4 @@
-// Fused patch embedding on the CPU (SPEC.md 1.1):
+// Fused patch embedding on the CPU (docs/DESIGN.md §1.1):
 //
 //   out[b, n, :] = W . patch(b, n) + bias (+ pos_embed[n])
 //

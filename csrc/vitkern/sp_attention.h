@@ -1,4 +1,4 @@
-// Spatial-prior self-attention (SPEC.md 1.2), flash-style CPU kernels.
+// Spatial-prior self-attention (docs/DESIGN.md §1.2), flash-style CPU kernels.
 #pragma once
 
 #include <torch/extension.h>

@@ -1,5 +1,5 @@
 // Spatial prior matrix: expands the per-head relative-position table Omega
-// (H, 2*gh-1, 2*gw-1) into the dense (H, N, N) prior of SP-SA (SPEC.md 1.2),
+// (H, 2*gh-1, 2*gw-1) into the dense (H, N, N) prior of SP-SA (docs/DESIGN.md §1.2),
 // and the backward that folds a dense gradient back into the table.
 // Prefix tokens (the first `num_prefix` positions) get factor 1.
 #pragma once

@@ -41,7 +41,7 @@ class DropPath(nn.Module):
 
 
 class SpatialRelation(nn.Module):
-    """SP-ViT's spatial relation function, one small MLP per head (SPEC.md 1.3):
+    """SP-ViT's spatial relation function, one small MLP per head (docs/DESIGN.md §1.3):
 
         omega_h(dx, dy) = w2_h . ReLU(W1_h [dx, dy] + b1_h) + b2_h
 

@@ -1,4 +1,4 @@
-"""Named configurations: timm's ViT sizes and the SP-ViT sizes of SPEC.md 2.2."""
+"""Named configurations: timm's ViT sizes and the SP-ViT sizes of docs/DESIGN.md §2.2."""
 
 from __future__ import annotations
 

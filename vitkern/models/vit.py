@@ -1,5 +1,5 @@
 """vitkern.ViT: a drop-in for timm's VisionTransformer running on vitkern's
-fused ops, with an SP-ViT mode (SPEC.md section 2)."""
+fused ops, with an SP-ViT mode (docs/DESIGN.md §2)."""
 
 from __future__ import annotations
 

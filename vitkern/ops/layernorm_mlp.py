@@ -1,4 +1,4 @@
-"""LayerNorm + GELU-MLP, the second half of a pre-norm block (SPEC.md 1.4):
+"""LayerNorm + GELU-MLP, the second half of a pre-norm block (docs/DESIGN.md §1.4):
 
 y = x + fc2(GELU(fc1(LayerNorm(x))))      (residual=True)
 """

@@ -1,5 +1,5 @@
 """Patch embedding: non-overlapping P x P patches, linear projection, bias and
-optional position embedding (SPEC.md 1.1). The weight is stored in Conv2d
+optional position embedding (docs/DESIGN.md §1.1). The weight is stored in Conv2d
 layout (D, C, P, P) so timm's ``patch_embed.proj.weight`` loads unchanged."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Spatial-prior self-attention (SP-SA), SPEC.md section 1.2.
+"""Spatial-prior self-attention (SP-SA), docs/DESIGN.md §1.2.
 
     s_ij  = (q_i . k_j) * scale * omega_h(dx_ij, dy_ij)
     out_i = sum_j softmax_j(s_ij) v_j

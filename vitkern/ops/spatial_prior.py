@@ -2,7 +2,7 @@
 
 ``omega`` has shape (H, 2*gh-1, 2*gw-1) with ``omega[h, dy+gh-1, dx+gw-1]`` the
 factor for a key that sits ``dy`` rows below and ``dx`` columns right of the
-query (SPEC.md 1.2). :func:`spatial_prior_matrix` expands it to the dense
+query (docs/DESIGN.md §1.2). :func:`spatial_prior_matrix` expands it to the dense
 (H, N, N) matrix, N = num_prefix_tokens + gh*gw, with factor 1 for any pair
 that involves a prefix token. The fused attention kernels never build this
 matrix; it exists for the reference path, tests and attention-map inspection.

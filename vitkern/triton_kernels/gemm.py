@@ -1,5 +1,5 @@
 """One fused, autotuned Triton GEMM that the patch-embedding and LayerNorm-MLP
-kernels are built from (SPEC.md 1.1 and 1.4), forward and backward.
+kernels are built from (docs/DESIGN.md §1.1 and 1.4), forward and backward.
 
     C[m, n] = epilogue( sum_k prologue_A(A)[m, k] * prologue_B(B)[k, n] )
 

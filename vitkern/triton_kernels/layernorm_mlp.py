@@ -1,4 +1,4 @@
-"""LayerNorm + GELU-MLP in Triton (SPEC.md 1.4), forward and backward.
+"""LayerNorm + GELU-MLP in Triton (docs/DESIGN.md §1.4), forward and backward.
 
 Forward, three launches:
   1. row statistics (mean, 1/std in fp32) - one read of x;

@@ -1,4 +1,4 @@
-"""Patch embedding in Triton (SPEC.md 1.1), forward and backward.
+"""Patch embedding in Triton (docs/DESIGN.md §1.1), forward and backward.
 
 Forward is one launch of the fused GEMM: the A operand is gathered straight
 from the image (row = patch token, column = (c, py, px) pixel; no im2col

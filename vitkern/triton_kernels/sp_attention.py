@@ -1,4 +1,4 @@
-"""Flash-style spatial-prior attention in Triton (SPEC.md 1.2), forward and backward.
+"""Flash-style spatial-prior attention in Triton (docs/DESIGN.md §1.2), forward and backward.
 
 Forward: one program per (query block, batch*head); keys stream through in
 blocks with an online softmax in fp32; Omega is gathered from the small
