@@ -508,13 +508,31 @@ _BLOCK_D_CLASSES = (16, 32, 64, 128)
 _EXCLUDED = {("dkdv", 128, False, 2), ("fwd", 32, True, 2)}
 # Fallback tiles (BLOCK_M, BLOCK_N, warps, stages), tried after the register-sweep tile.
 _FALLBACKS = ((32, 32, 4, 2), (16, 32, 4, 2))
+# fp32 tiles (BLOCK_M, BLOCK_N, warps, stages) per kernel, every head dim and prior. With
+# IEEE fp32 dots (torch's default) the dots run on CUDA cores, where Triton's FMA layout holds
+# far more registers per output than the tensor-core layouts the tiles above were swept for:
+# those spilled 8 B - 8 KB in fp32 on sm_80/sm_90. These are the largest tiles of a sweep
+# (BLOCK_D 32/64/128, prior on/off, sm_80 and sm_90) with no spill in any case; e.g. the
+# forward at 32 x 32 / 8 warps left 8 B with a prior, dQ at 32 x 32 / 4 warps 24-40 B at
+# Dh 128, dK/dV at 32 x 16 or 16 x 32 192-608 B (benchmarks/NOTES.md, GPU readiness).
+# Two stages only: one stage compiles to more shared memory than smem_bound allows for.
+_FP32_TILES = {
+    "fwd": ((16, 16, 8, 2),),
+    "dkdv": ((16, 16, 8, 2),),
+    "dq": ((16, 32, 4, 2),),
+}
 
 
-def attention_configs(kind: str, head_dim: int, has_prior: bool) -> list[tuple[int, int, int, int]]:
+def attention_configs(
+    kind: str, head_dim: int, has_prior: bool, elem_bytes: int = 2
+) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick for kernel ``kind``
-    ("fwd", "dkdv" or "dq") at this head dim, with or without a prior, before the
-    shared-memory prune: the register-sweep tile at each pipelining depth, then the
-    smaller fallback tiles."""
+    ("fwd", "dkdv" or "dq") at this head dim, with or without a prior, for inputs of
+    ``elem_bytes`` bytes, before the shared-memory prune: in fp16/bf16 the register-sweep
+    tile at each pipelining depth, then the smaller fallback tiles; in fp32 (4 bytes) the
+    fp32 tile set (_FP32_TILES)."""
+    if elem_bytes == 4:
+        return list(_FP32_TILES[kind])
     bm, bn, block_d, warps = _block_sizes(head_dim, has_prior)
     if kind == "dkdv":
         bm = _dkdv_block_m(head_dim, has_prior)
@@ -560,14 +578,20 @@ def select_configs(kind: str, head_dim: int, has_prior: bool, elem_bytes: int, s
     shared memory per block: the register-sweep tiles within the limit; if none is, the
     fallback tiles within it; if none of those either, the smallest fallback."""
     block_d = _block_sizes(head_dim, has_prior)[2]
-    every = attention_configs(kind, head_dim, has_prior)
+    every = attention_configs(kind, head_dim, has_prior, elem_bytes)
     fits = [c for c in every if smem_bound(kind, c[0], c[1], block_d, c[3], elem_bytes) <= smem_limit]
     primary = [c for c in fits if c not in _FALLBACKS]
     return primary or fits[:1] or every[-1:]
 
 
 def _autotuned(kernel, kind: str):
-    every = {cfg for bd in _BLOCK_D_CLASSES for prior in (True, False) for cfg in attention_configs(kind, bd, prior)}
+    every = {
+        cfg
+        for bd in _BLOCK_D_CLASSES
+        for prior in (True, False)
+        for size in (2, 4)
+        for cfg in attention_configs(kind, bd, prior, size)
+    }
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
         for bm, bn, w, st in sorted(every, key=lambda c: (c[0], c[1], c[2], -c[3]))
