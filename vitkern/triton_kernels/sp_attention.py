@@ -508,18 +508,20 @@ _BLOCK_D_CLASSES = (16, 32, 64, 128)
 _EXCLUDED = {("dkdv", 128, False, 2), ("fwd", 32, True, 2)}
 # Fallback tiles (BLOCK_M, BLOCK_N, warps, stages), tried after the register-sweep tile.
 _FALLBACKS = ((32, 32, 4, 2), (16, 32, 4, 2))
-# fp32 tiles (BLOCK_M, BLOCK_N, warps, stages) per kernel, every head dim and prior. With
-# IEEE fp32 dots (torch's default) the dots run on CUDA cores, where Triton's FMA layout holds
+# fp32 tiles (BLOCK_M, BLOCK_N, warps, stages) per kernel, for every head dim and prior. With
+# IEEE fp32 dots (torch's default) the dots run on CUDA cores, where Triton's FMA layout needs
 # far more registers per output than the tensor-core layouts the tiles above were swept for:
-# those spilled 8 B - 8 KB in fp32 on sm_80/sm_90. These are the largest tiles of a sweep
-# (BLOCK_D 32/64/128, prior on/off, sm_80 and sm_90) with no spill in any case; e.g. the
-# forward at 32 x 32 / 8 warps left 8 B with a prior, dQ at 32 x 32 / 4 warps 24-40 B at
-# Dh 128, dK/dV at 32 x 16 or 16 x 32 192-608 B (benchmarks/NOTES.md, GPU readiness).
-# Two stages only: one stage compiles to more shared memory than smem_bound allows for.
+# those spilled 8 B - 8 KB in fp32 on sm_80/sm_90. These are the tiles of an fp32 sweep
+# (Dh 32/48/64/80/96/128, prior on/off, sm_80 and sm_90) with no spill in any model case and
+# at most 8 B elsewhere (dK/dV at Dh 48 with a prior on sm_90); larger ones spilled, e.g. the
+# forward at 32 x 32 / 8 warps 8-24 B with a prior, dQ at 32 x 32 / 4 warps 24-40 B at Dh 128,
+# dK/dV at 32 x 16 or 16 x 32 192-608 B (benchmarks/NOTES.md, GPU readiness (#13)). Two stages
+# only: one stage allocates more shared memory than smem_bound allows for. They are used for
+# fp32 inputs whether or not TF32 is allowed (smaller tiles are valid tensor-core tiles too).
 _FP32_TILES = {
     "fwd": ((16, 16, 8, 2),),
     "dkdv": ((16, 16, 8, 2),),
-    "dq": ((16, 32, 4, 2),),
+    "dq": ((16, 16, 8, 2),),
 }
 
 
