@@ -468,11 +468,13 @@ def _dkdv_block_m(head_dim: int, has_prior: bool) -> int:
     return 32 if block_d == 64 and not has_prior else block_m
 
 
-def domega_config(gw: int, head_dim: int) -> tuple[int, int]:
+def domega_config(gw: int, head_dim: int, elem_bytes: int = 2) -> tuple[int, int]:
     """(BLOCK_W, num_warps) of the d-omega kernel: the patch-row tile (at least 16, the
-    smallest tensor-core dot) and its warps."""
+    smallest tensor-core dot) and its warps. fp32 (IEEE dots on CUDA cores) always takes 8
+    warps: with 4 the ViT-H/14 case (Dh 80) left an 8 B stack frame on sm_90."""
     block_w = max(16, triton.next_power_of_2(gw))
-    return block_w, 4 if block_w * max(16, triton.next_power_of_2(head_dim)) <= 32 * 128 else 8
+    small = block_w * max(16, triton.next_power_of_2(head_dim)) <= 32 * 128
+    return block_w, 4 if small and elem_bytes < 4 else 8
 
 
 def domega_batch_per_program(B: int, H: int, gh: int) -> int:
@@ -689,7 +691,7 @@ def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, de
             per_prog = domega_batch_per_program(B, H, gh)
             chunks = triton.cdiv(B, per_prog)
             part = torch.empty((H, TH, chunks, TW), device=q.device, dtype=torch.float32)
-            block_w, warps = domega_config(gw, Dh)
+            block_w, warps = domega_config(gw, Dh, q.element_size())
             _sp_attn_bwd_domega_kernel[(H * TH * chunks,)](
                 q,
                 k,
