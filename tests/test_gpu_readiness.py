@@ -152,8 +152,9 @@ def test_smem_bound_covers_compiled_kernels():
     set (2 stages), on sm_80 and sm_90."""
     for arch in (80, 90):
         for dtype in (torch.float16, torch.float32):
+            deepest = 2 if dtype == torch.float32 else 3
             for launch in attention_launches(smem_limit=10**9, Dh=64, dtype=dtype, B=1, H=1):
-                if launch.name == "_sp_attn_bwd_domega_kernel" or launch.kwargs["num_stages"] != (2 if dtype == torch.float32 else 3):
+                if launch.name == "_sp_attn_bwd_domega_kernel" or launch.kwargs["num_stages"] != deepest:
                     continue
                 kind = {"_sp_attn_fwd_kernel": "fwd", "_sp_attn_bwd_dkdv_kernel": "dkdv"}.get(launch.name, "dq")
                 kw = launch.kwargs
