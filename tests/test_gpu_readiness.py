@@ -30,11 +30,11 @@ def _attn_inputs(B=2, H=2, grid=(14, 14), prefix=1, Dh=64, dtype=torch.float16, 
     return q, k, v, om, (grid if prior else None), (prefix if prior else 0)
 
 
-def attention_launches(smem_limit=None, **kw):
+def attention_launches(smem_limit=None, arch=None, **kw):
     q, k, v, om, grid, prefix = _attn_inputs(**kw)
-    fwd = L.capture(spk.sp_attention_fwd, q, k, v, om, grid, prefix, 0.125, smem_limit=smem_limit)
+    fwd = L.capture(spk.sp_attention_fwd, q, k, v, om, grid, prefix, 0.125, smem_limit=smem_limit, arch=arch)
     lse = torch.empty(q.shape[:3])
-    bwd = L.capture(spk.sp_attention_bwd, q, q, k, v, om, q, lse, grid, prefix, 0.125, smem_limit=smem_limit)
+    bwd = L.capture(spk.sp_attention_bwd, q, q, k, v, om, q, lse, grid, prefix, 0.125, smem_limit=smem_limit, arch=arch)
     return fwd + bwd
 
 
@@ -286,3 +286,22 @@ def test_attention_grid_within_cuda_limits_for_large_batch_times_heads():
             block = launch.kwargs["BLOCK_N" if "dkdv" in launch.name else "BLOCK_M"]
             assert launch.grid == spk.attention_grid(3, 2, 197, block)
             assert len(launch.grid) == 1
+
+
+def test_attention_prune_drops_per_architecture_spills(monkeypatch):
+    """The attention prune reads the compute capability of the tensor's device and drops the
+    fp16/bf16 tiles that spill only there: the 3-stage forward at Dh 32 with a prior on
+    sm_100, the 2-stage dK/dV at Dh 64 without a prior on sm_120; sm_80 keeps both."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (12, 0) if d == 1 else (8, 0))
+    assert gemm.capability(torch.device("cuda", 1)) == 120
+    assert gemm.capability(torch.device("cuda", 0)) == 80
+    assert gemm.capability(torch.device("cpu")) == 80
+    limit = 101376
+    assert (64, 32, 4, 3) in spk.select_configs("fwd", 32, True, 2, limit, 80)
+    assert (64, 32, 4, 3) not in spk.select_configs("fwd", 32, True, 2, limit, 100)
+    assert (32, 64, 8, 2) in spk.select_configs("dkdv", 64, False, 2, limit, 80)
+    assert spk.select_configs("dkdv", 64, False, 2, limit, 120) == [(32, 64, 8, 3)]
+    fwd = [x for x in attention_launches(Dh=32, arch=100) if x.name == "_sp_attn_fwd_kernel"]
+    assert fwd and all(x.kwargs["num_stages"] != 3 for x in fwd)

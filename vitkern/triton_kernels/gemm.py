@@ -96,6 +96,16 @@ def smem_limit(device: torch.device | None = None) -> int:
     return _SMEM_DEFAULT
 
 
+def capability(device: torch.device | None = None) -> int:
+    """Compute capability of ``device`` as 10 * major + minor (80, sm_80's, when there is no
+    CUDA device, e.g. under the interpreter)."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return 10 * major + minor
+    return 80
+
+
 def config_fits(bm: int, bn: int, bk: int, stages: int, elem_bytes: int, smem: int = _SMEM_DEFAULT) -> bool:
     """The pipelined A and B tiles (stages x (BM x BK + BK x BN)) fit in shared memory."""
     return stages * (bm * bk + bk * bn) * elem_bytes <= smem

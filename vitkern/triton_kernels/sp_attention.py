@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.triton_kernels.gemm import device_guard, smem_limit, tf32_allowed
+from vitkern.triton_kernels.gemm import capability, device_guard, smem_limit, tf32_allowed
 
 
 @triton.jit
@@ -508,6 +508,11 @@ _BLOCK_D_CLASSES = (16, 32, 64, 128)
 # (dK/dV at Dh 80-128 without a prior, 2 stages: 8 B of STACK on sm_90, REG 255).
 # Also the forward at Dh <= 32 with a prior, 2 stages: 16 B on sm_86 (fp16).
 _EXCLUDED = {("dkdv", 128, False, 2), ("fwd", 32, True, 2)}
+# Per compute capability, fp16/bf16 only, the same kind of key: spills that only that
+# architecture's code generation shows (scripts/gpu_build_report.py --arch 100 120 --dtype fp16):
+# sm_100 forward Dh <= 32 with a prior at 3 stages (8 B; tcgen05), sm_120 dK/dV Dh 64 without a
+# prior at 2 stages (56 B). The prune reads the capability of the tensor's device.
+_EXCLUDED_ON = {100: {("fwd", 32, True, 3)}, 120: {("dkdv", 64, False, 2)}}
 # Fallback tiles (BLOCK_M, BLOCK_N, warps, stages), tried after the register-sweep tile.
 _FALLBACKS = ((32, 32, 4, 2), (16, 32, 4, 2))
 # fp32 tiles (BLOCK_M, BLOCK_N, warps, stages) per kernel, for every head dim and prior. With
@@ -577,12 +582,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def select_configs(kind: str, head_dim: int, has_prior: bool, elem_bytes: int, smem_limit: int):
-    """The configurations the autotuner may run on a device with ``smem_limit`` bytes of
-    shared memory per block: the register-sweep tiles within the limit; if none is, the
-    fallback tiles within it; if none of those either, the smallest fallback."""
+def select_configs(kind: str, head_dim: int, has_prior: bool, elem_bytes: int, smem_limit: int, arch: int = 80):
+    """The configurations the autotuner may run on a device of compute capability ``arch``
+    with ``smem_limit`` bytes of shared memory per block: the register-sweep tiles within
+    the limit and not excluded on that architecture; if none is, the fallback tiles within
+    it; if none of those either, the smallest fallback."""
     block_d = _block_sizes(head_dim, has_prior)[2]
     every = attention_configs(kind, head_dim, has_prior, elem_bytes)
+    if elem_bytes < 4:
+        excluded = _EXCLUDED_ON.get(arch, set())
+        every = [c for c in every if (kind, block_d, has_prior, c[3]) not in excluded or c in _FALLBACKS]
     fits = [c for c in every if smem_bound(kind, c[0], c[1], block_d, c[3], elem_bytes) <= smem_limit]
     primary = [c for c in fits if c not in _FALLBACKS]
     return primary or fits[:1] or every[-1:]
@@ -603,7 +612,9 @@ def _autotuned(kernel, kind: str):
 
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
-        allowed = select_configs(kind, kwargs["HEAD_DIM"], kwargs["HAS_PRIOR"], q.element_size(), smem_limit(q.device))
+        allowed = select_configs(
+            kind, kwargs["HEAD_DIM"], kwargs["HAS_PRIOR"], q.element_size(), smem_limit(q.device), capability(q.device)
+        )
         by_key = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
         kept = [by_key[a] for a in allowed]
         return kept[:1] if _interpreting() else kept
