@@ -305,3 +305,19 @@ def test_attention_prune_drops_per_architecture_spills(monkeypatch):
     assert spk.select_configs("dkdv", 64, False, 2, limit, 120) == [(32, 64, 8, 3)]
     fwd = [x for x in attention_launches(Dh=32, arch=100) if x.name == "_sp_attn_fwd_kernel"]
     assert fwd and all(x.kwargs["num_stages"] != 3 for x in fwd)
+
+
+def test_gemm_prune_drops_sm120_spills(monkeypatch):
+    """The fused GEMM's prune drops, on sm_120 only, the tiles that spill there (image-gather
+    B prologue at 64 x 128, image scatter at 128 x 128)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    a = torch.empty(0, dtype=torch.float16)
+
+    def tiles(**modes):
+        kept = gemm._prune(gemm._AUTOTUNE_CONFIGS, {"M": 4096, "N": 4096, "A": a}, **modes)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+
+    assert (64, 128) in tiles(B_MODE=3, C_MODE=0) and (128, 128) in tiles(B_MODE=0, C_MODE=1)
+    monkeypatch.setattr(gemm, "capability", lambda device=None: 120)
+    assert (64, 128) not in tiles(B_MODE=3, C_MODE=0) and (128, 128) not in tiles(B_MODE=0, C_MODE=1)
+    assert (64, 128) in tiles(B_MODE=0, C_MODE=0)

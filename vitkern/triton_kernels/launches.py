@@ -86,9 +86,12 @@ def capture(
             mock.patch.object(sp_attention, "smem_limit", lambda device=None: smem_limit),
         ]
     if arch is not None:
-        from vitkern.triton_kernels import sp_attention
+        from vitkern.triton_kernels import gemm, sp_attention
 
-        patches.append(mock.patch.object(sp_attention, "capability", lambda device=None: arch))
+        patches += [
+            mock.patch.object(gemm, "capability", lambda device=None: arch),
+            mock.patch.object(sp_attention, "capability", lambda device=None: arch),
+        ]
     for p in patches:
         p.start()
     try:
