@@ -470,11 +470,12 @@ def _dkdv_block_m(head_dim: int, has_prior: bool) -> int:
 
 def domega_config(gw: int, head_dim: int, elem_bytes: int = 2) -> tuple[int, int]:
     """(BLOCK_W, num_warps) of the d-omega kernel: the patch-row tile (at least 16, the
-    smallest tensor-core dot) and its warps. fp32 (IEEE dots on CUDA cores) always takes 8
-    warps: with 4 the ViT-H/14 case (Dh 80) left an 8 B stack frame on sm_90."""
+    smallest tensor-core dot) and its warps. fp32 (IEEE dots on CUDA cores) takes 8 warps
+    above 16 x 64: with 4 the ViT-H/14 case (16 x 128, Dh 80) left an 8 B stack frame on
+    sm_90, while 8 warps at 16 x 64 left 8 B on sm_86/sm_89."""
     block_w = max(16, triton.next_power_of_2(gw))
-    small = block_w * max(16, triton.next_power_of_2(head_dim)) <= 32 * 128
-    return block_w, 4 if small and elem_bytes < 4 else 8
+    small = block_w * max(16, triton.next_power_of_2(head_dim)) <= (32 * 128 if elem_bytes < 4 else 16 * 64)
+    return block_w, 4 if small else 8
 
 
 def domega_batch_per_program(B: int, H: int, gh: int) -> int:
