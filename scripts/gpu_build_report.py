@@ -53,9 +53,9 @@ MODELS = [
 ]
 
 
-def model_launches(dtype: torch.dtype, smem_limit: int):
+def model_launches(dtype: torch.dtype, smem_limit: int, arch: int | None = None):
     """(model, kernel launch) for every launch of the model's forward and backward."""
-    lim = {"smem_limit": smem_limit}
+    lim = {"smem_limit": smem_limit, "arch": arch}
     for name, B, img, P, D, H, ratio, prior, mlp in MODELS:
         g = img // P
         N = 1 + g * g
@@ -155,7 +155,7 @@ def main() -> int:
     for arch in args.arch:
         seen = set()
         for dt in args.dtype:
-            for model, launch in model_launches(DTYPES[dt], L.SMEM_LIMIT[arch]):
+            for model, launch in model_launches(DTYPES[dt], L.SMEM_LIMIT[arch], arch):
                 if not re.search(args.kernel, launch.name):
                     continue
                 opts, sig, constexprs, attrs = L.specialise(launch, arch)

@@ -30,11 +30,11 @@ def _attn_inputs(B=2, H=2, grid=(14, 14), prefix=1, Dh=64, dtype=torch.float16, 
     return q, k, v, om, (grid if prior else None), (prefix if prior else 0)
 
 
-def attention_launches(smem_limit=None, **kw):
+def attention_launches(smem_limit=None, arch=None, **kw):
     q, k, v, om, grid, prefix = _attn_inputs(**kw)
-    fwd = L.capture(spk.sp_attention_fwd, q, k, v, om, grid, prefix, 0.125, smem_limit=smem_limit)
+    fwd = L.capture(spk.sp_attention_fwd, q, k, v, om, grid, prefix, 0.125, smem_limit=smem_limit, arch=arch)
     lse = torch.empty(q.shape[:3])
-    bwd = L.capture(spk.sp_attention_bwd, q, q, k, v, om, q, lse, grid, prefix, 0.125, smem_limit=smem_limit)
+    bwd = L.capture(spk.sp_attention_bwd, q, q, k, v, om, q, lse, grid, prefix, 0.125, smem_limit=smem_limit, arch=arch)
     return fwd + bwd
 
 
@@ -148,15 +148,18 @@ def test_selected_attention_configs_fit_shared_memory(arch):
 
 def test_smem_bound_covers_compiled_kernels():
     """smem_bound (what the prune compares with the device's limit) is an upper bound of
-    what Triton allocates, for the register-sweep tiles in fp16 and fp32 (sm_80 and sm_90)."""
+    what Triton allocates, for the register-sweep tiles in fp16 (3 stages) and the fp32 tile
+    set (2 stages), on sm_80 and sm_90."""
     for arch in (80, 90):
         for dtype in (torch.float16, torch.float32):
+            deepest = 2 if dtype == torch.float32 else 3
             for launch in attention_launches(smem_limit=10**9, Dh=64, dtype=dtype, B=1, H=1):
-                if launch.name == "_sp_attn_bwd_domega_kernel" or launch.kwargs["num_stages"] != 3:
+                if launch.name == "_sp_attn_bwd_domega_kernel" or launch.kwargs["num_stages"] != deepest:
                     continue
                 kind = {"_sp_attn_fwd_kernel": "fwd", "_sp_attn_bwd_dkdv_kernel": "dkdv"}.get(launch.name, "dq")
                 kw = launch.kwargs
-                bound = spk.smem_bound(kind, kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_D"], 3, dtype.itemsize)
+                stages = kw["num_stages"]
+                bound = spk.smem_bound(kind, kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_D"], stages, dtype.itemsize)
                 shared = L.compile_launch(launch, arch).metadata.shared
                 assert shared <= bound, f"sm_{arch} {launch.name} {launch.config()} {dtype}: {shared} > {bound}"
 
@@ -283,3 +286,38 @@ def test_attention_grid_within_cuda_limits_for_large_batch_times_heads():
             block = launch.kwargs["BLOCK_N" if "dkdv" in launch.name else "BLOCK_M"]
             assert launch.grid == spk.attention_grid(3, 2, 197, block)
             assert len(launch.grid) == 1
+
+
+def test_attention_prune_drops_per_architecture_spills(monkeypatch):
+    """The attention prune reads the compute capability of the tensor's device and drops the
+    fp16/bf16 tiles that spill only there: the 3-stage forward at Dh 32 with a prior on
+    sm_100, the 2-stage dK/dV at Dh 64 without a prior on sm_120; sm_80 keeps both."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (12, 0) if d == 1 else (8, 0))
+    assert gemm.capability(torch.device("cuda", 1)) == 120
+    assert gemm.capability(torch.device("cuda", 0)) == 80
+    assert gemm.capability(torch.device("cpu")) == 80
+    limit = 101376
+    assert (64, 32, 4, 3) in spk.select_configs("fwd", 32, True, 2, limit, 80)
+    assert (64, 32, 4, 3) not in spk.select_configs("fwd", 32, True, 2, limit, 100)
+    assert (32, 64, 8, 2) in spk.select_configs("dkdv", 64, False, 2, limit, 80)
+    assert spk.select_configs("dkdv", 64, False, 2, limit, 120) == [(32, 64, 8, 3)]
+    fwd = [x for x in attention_launches(Dh=32, arch=100) if x.name == "_sp_attn_fwd_kernel"]
+    assert fwd and all(x.kwargs["num_stages"] != 3 for x in fwd)
+
+
+def test_gemm_prune_drops_sm120_spills(monkeypatch):
+    """The fused GEMM's prune drops, on sm_120 only, the tiles that spill there (image-gather
+    B prologue at 64 x 128, image scatter at 128 x 128)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    a = torch.empty(0, dtype=torch.float16)
+
+    def tiles(**modes):
+        kept = gemm._prune(gemm._AUTOTUNE_CONFIGS, {"M": 4096, "N": 4096, "A": a}, **modes)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+
+    assert (64, 128) in tiles(B_MODE=3, C_MODE=0) and (128, 128) in tiles(B_MODE=0, C_MODE=1)
+    monkeypatch.setattr(gemm, "capability", lambda device=None: 120)
+    assert (64, 128) not in tiles(B_MODE=3, C_MODE=0) and (128, 128) not in tiles(B_MODE=0, C_MODE=1)
+    assert (64, 128) in tiles(B_MODE=0, C_MODE=0)

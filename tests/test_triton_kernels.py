@@ -246,7 +246,7 @@ def test_attention_autotune_space_follows_the_register_sweep(monkeypatch):
                     kept = prune(kernel.configs, {"Q": q}, HEAD_DIM=head_dim, HAS_PRIOR=prior)
                     got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
                     assert got == spk.select_configs(kind, head_dim, prior, dtype.itemsize, gemm._SMEM_DEFAULT)
-                    assert got and set(got) <= set(spk.attention_configs(kind, head_dim, prior))
+                    assert got and set(got) <= set(spk.attention_configs(kind, head_dim, prior, dtype.itemsize))
                     if dtype == torch.float16 and head_dim <= 64:  # sm_80 fits the sweep tile at every depth
                         assert got == spk.attention_configs(kind, head_dim, prior)[: len(got)]
                         assert len({g[:3] for g in got}) == 1

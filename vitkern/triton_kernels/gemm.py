@@ -96,9 +96,28 @@ def smem_limit(device: torch.device | None = None) -> int:
     return _SMEM_DEFAULT
 
 
+def capability(device: torch.device | None = None) -> int:
+    """Compute capability of ``device`` as 10 * major + minor (80, sm_80's, when there is no
+    CUDA device, e.g. under the interpreter)."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return 10 * major + minor
+    return 80
+
+
 def config_fits(bm: int, bn: int, bk: int, stages: int, elem_bytes: int, smem: int = _SMEM_DEFAULT) -> bool:
     """The pipelined A and B tiles (stages x (BM x BK + BK x BN)) fit in shared memory."""
     return stages * (bm * bk + bk * bn) * elem_bytes <= smem
+
+
+def _spills_on_sm120(bm: int, bn: int, stages: int, kwargs) -> bool:
+    """Tiles that spill only in sm_120's code generation (fp16/bf16, the build report): the
+    GELU and image-gather B prologues (B_MODE 2, 3) at 64 x 128 (8 B) and 64 x 64 with 4
+    stages (16 B, bf16), the image scatter (C_MODE 1) at 128 x 128 (40 B)."""
+    if kwargs.get("B_MODE") in (2, 3) and bm == 64 and (bn == 128 or stages == 4):
+        return True
+    return kwargs.get("C_MODE") == 1 and bm == 128 and bn == 128
 
 
 def _prune(configs, named_args, **kwargs):
@@ -106,6 +125,7 @@ def _prune(configs, named_args, **kwargs):
     a = named_args["A"]
     elem = a.element_size() if hasattr(a, "element_size") else 2
     smem = smem_limit(a.device) if hasattr(a, "device") else _SMEM_DEFAULT
+    arch = capability(a.device) if hasattr(a, "device") else 80
     # Tiles larger than the (power-of-two rounded) problem only add masked work.
     cap_m = max(32, triton.next_power_of_2(M))
     cap_n = max(32, triton.next_power_of_2(N))
@@ -119,6 +139,8 @@ def _prune(configs, named_args, **kwargs):
         if kwargs.get("EPI_DGELU") and bm == 128:  # the GELU' epilogue at 128 rows: 8 B spill on sm_80 (REG 255)
             continue
         if kwargs.get("C_MODE") == 1 and bm == 128 and c.num_warps == 4:  # image scatter: 16 B spill on sm_90
+            continue
+        if arch >= 120 and _spills_on_sm120(bm, bn, c.num_stages, kwargs):
             continue
         kept.append(c)
     if not kept:

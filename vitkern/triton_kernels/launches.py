@@ -54,10 +54,13 @@ def _grid(grid, names, args, kwargs) -> tuple[int, ...]:
     return tuple(int(g) for g in grid)
 
 
-def capture(launcher: Callable, *args, smem_limit: int | None = None, **kwargs) -> list[Launch]:
+def capture(
+    launcher: Callable, *args, smem_limit: int | None = None, arch: int | None = None, **kwargs
+) -> list[Launch]:
     """Run ``launcher(*args, **kwargs)`` recording its Triton launches instead of running
     them (outputs stay uninitialised). ``smem_limit``: the shared memory the kernels'
-    prunes see as the device's (default: the launcher's own answer for the tensors)."""
+    prunes see as the device's (default: the launcher's own answer for the tensors);
+    ``arch``: the compute capability they see (default: likewise)."""
     launches: list[Launch] = []
 
     def jit_run(self, *a, grid, warmup=False, **kw):
@@ -81,6 +84,13 @@ def capture(launcher: Callable, *args, smem_limit: int | None = None, **kwargs) 
         patches += [
             mock.patch.object(gemm, "smem_limit", lambda device=None: smem_limit),
             mock.patch.object(sp_attention, "smem_limit", lambda device=None: smem_limit),
+        ]
+    if arch is not None:
+        from vitkern.triton_kernels import gemm, sp_attention
+
+        patches += [
+            mock.patch.object(gemm, "capability", lambda device=None: arch),
+            mock.patch.object(sp_attention, "capability", lambda device=None: arch),
         ]
     for p in patches:
         p.start()

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.triton_kernels.gemm import device_guard, smem_limit, tf32_allowed
+from vitkern.triton_kernels.gemm import capability, device_guard, smem_limit, tf32_allowed
 
 
 @triton.jit
@@ -468,11 +468,14 @@ def _dkdv_block_m(head_dim: int, has_prior: bool) -> int:
     return 32 if block_d == 64 and not has_prior else block_m
 
 
-def domega_config(gw: int, head_dim: int) -> tuple[int, int]:
+def domega_config(gw: int, head_dim: int, elem_bytes: int = 2) -> tuple[int, int]:
     """(BLOCK_W, num_warps) of the d-omega kernel: the patch-row tile (at least 16, the
-    smallest tensor-core dot) and its warps."""
+    smallest tensor-core dot) and its warps. fp32 (IEEE dots on CUDA cores) takes 8 warps
+    above 16 x 64: with 4 the ViT-H/14 case (16 x 128, Dh 80) left an 8 B stack frame on
+    sm_90, while 8 warps at 16 x 64 left 8 B on sm_86/sm_89."""
     block_w = max(16, triton.next_power_of_2(gw))
-    return block_w, 4 if block_w * max(16, triton.next_power_of_2(head_dim)) <= 32 * 128 else 8
+    small = block_w * max(16, triton.next_power_of_2(head_dim)) <= (32 * 128 if elem_bytes < 4 else 16 * 64)
+    return block_w, 4 if small else 8
 
 
 def domega_batch_per_program(B: int, H: int, gh: int) -> int:
@@ -506,15 +509,40 @@ _BLOCK_D_CLASSES = (16, 32, 64, 128)
 # (dK/dV at Dh 80-128 without a prior, 2 stages: 8 B of STACK on sm_90, REG 255).
 # Also the forward at Dh <= 32 with a prior, 2 stages: 16 B on sm_86 (fp16).
 _EXCLUDED = {("dkdv", 128, False, 2), ("fwd", 32, True, 2)}
+# Per compute capability, fp16/bf16 only, the same kind of key: spills that only that
+# architecture's code generation shows (scripts/gpu_build_report.py --arch 100 120 --dtype fp16):
+# sm_100 forward Dh <= 32 with a prior at 3 stages (8 B; tcgen05), sm_120 dK/dV Dh 64 without a
+# prior at 2 stages (56 B). The prune reads the capability of the tensor's device.
+_EXCLUDED_ON = {100: {("fwd", 32, True, 3)}, 120: {("dkdv", 64, False, 2)}}
 # Fallback tiles (BLOCK_M, BLOCK_N, warps, stages), tried after the register-sweep tile.
 _FALLBACKS = ((32, 32, 4, 2), (16, 32, 4, 2))
+# fp32 tiles (BLOCK_M, BLOCK_N, warps, stages) per kernel, for every head dim and prior. With
+# IEEE fp32 dots (torch's default) the dots run on CUDA cores, where Triton's FMA layout needs
+# far more registers per output than the tensor-core layouts the tiles above were swept for:
+# those spilled 8 B - 8 KB in fp32 on sm_80/sm_90. These are the tiles of an fp32 sweep
+# (Dh 32/48/64/80/96/128, prior on/off, sm_80 and sm_90) with no spill in any model case and
+# at most 8 B elsewhere (dK/dV at Dh 48 with a prior on sm_90); larger ones spilled, e.g. the
+# forward at 32 x 32 / 8 warps 8-24 B with a prior, dQ at 32 x 32 / 4 warps 24-40 B at Dh 128,
+# dK/dV at 32 x 16 or 16 x 32 192-608 B (benchmarks/NOTES.md, GPU readiness (#13)). Two stages
+# only: one stage allocates more shared memory than smem_bound allows for. They are used for
+# fp32 inputs whether or not TF32 is allowed (smaller tiles are valid tensor-core tiles too).
+_FP32_TILES = {
+    "fwd": ((16, 16, 8, 2),),
+    "dkdv": ((16, 16, 8, 2),),
+    "dq": ((16, 16, 8, 2),),
+}
 
 
-def attention_configs(kind: str, head_dim: int, has_prior: bool) -> list[tuple[int, int, int, int]]:
+def attention_configs(
+    kind: str, head_dim: int, has_prior: bool, elem_bytes: int = 2
+) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick for kernel ``kind``
-    ("fwd", "dkdv" or "dq") at this head dim, with or without a prior, before the
-    shared-memory prune: the register-sweep tile at each pipelining depth, then the
-    smaller fallback tiles."""
+    ("fwd", "dkdv" or "dq") at this head dim, with or without a prior, for inputs of
+    ``elem_bytes`` bytes, before the shared-memory prune: in fp16/bf16 the register-sweep
+    tile at each pipelining depth, then the smaller fallback tiles; in fp32 (4 bytes) the
+    fp32 tile set (_FP32_TILES)."""
+    if elem_bytes == 4:
+        return list(_FP32_TILES[kind])
     bm, bn, block_d, warps = _block_sizes(head_dim, has_prior)
     if kind == "dkdv":
         bm = _dkdv_block_m(head_dim, has_prior)
@@ -555,19 +583,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def select_configs(kind: str, head_dim: int, has_prior: bool, elem_bytes: int, smem_limit: int):
-    """The configurations the autotuner may run on a device with ``smem_limit`` bytes of
-    shared memory per block: the register-sweep tiles within the limit; if none is, the
-    fallback tiles within it; if none of those either, the smallest fallback."""
+def select_configs(kind: str, head_dim: int, has_prior: bool, elem_bytes: int, smem_limit: int, arch: int = 80):
+    """The configurations the autotuner may run on a device of compute capability ``arch``
+    with ``smem_limit`` bytes of shared memory per block: the register-sweep tiles within
+    the limit and not excluded on that architecture; if none is, the fallback tiles within
+    it; if none of those either, the smallest fallback."""
     block_d = _block_sizes(head_dim, has_prior)[2]
-    every = attention_configs(kind, head_dim, has_prior)
+    every = attention_configs(kind, head_dim, has_prior, elem_bytes)
+    if elem_bytes < 4:
+        excluded = _EXCLUDED_ON.get(arch, set())
+        every = [c for c in every if (kind, block_d, has_prior, c[3]) not in excluded or c in _FALLBACKS]
     fits = [c for c in every if smem_bound(kind, c[0], c[1], block_d, c[3], elem_bytes) <= smem_limit]
     primary = [c for c in fits if c not in _FALLBACKS]
     return primary or fits[:1] or every[-1:]
 
 
 def _autotuned(kernel, kind: str):
-    every = {cfg for bd in _BLOCK_D_CLASSES for prior in (True, False) for cfg in attention_configs(kind, bd, prior)}
+    every = {
+        cfg
+        for bd in _BLOCK_D_CLASSES
+        for prior in (True, False)
+        for size in (2, 4)
+        for cfg in attention_configs(kind, bd, prior, size)
+    }
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
         for bm, bn, w, st in sorted(every, key=lambda c: (c[0], c[1], c[2], -c[3]))
@@ -575,7 +613,9 @@ def _autotuned(kernel, kind: str):
 
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
-        allowed = select_configs(kind, kwargs["HEAD_DIM"], kwargs["HAS_PRIOR"], q.element_size(), smem_limit(q.device))
+        allowed = select_configs(
+            kind, kwargs["HEAD_DIM"], kwargs["HAS_PRIOR"], q.element_size(), smem_limit(q.device), capability(q.device)
+        )
         by_key = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
         kept = [by_key[a] for a in allowed]
         return kept[:1] if _interpreting() else kept
@@ -663,7 +703,7 @@ def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, de
             per_prog = domega_batch_per_program(B, H, gh)
             chunks = triton.cdiv(B, per_prog)
             part = torch.empty((H, TH, chunks, TW), device=q.device, dtype=torch.float32)
-            block_w, warps = domega_config(gw, Dh)
+            block_w, warps = domega_config(gw, Dh, q.element_size())
             _sp_attn_bwd_domega_kernel[(H * TH * chunks,)](
                 q,
                 k,
