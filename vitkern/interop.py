@@ -149,19 +149,11 @@ _HF_LAYOUTS = {
         ls1="layer_scale1.lambda1",
         ls2="layer_scale2.lambda1",
     ),
-    "dinov2_v5": dict(
-        layer="encoder.layer.{i}.",
-        q="attention.q_proj",
-        k="attention.k_proj",
-        v="attention.v_proj",
-        o="attention.o_proj",
-        fc1="mlp.fc1",
-        fc2="mlp.fc2",
-        norm1="norm1",
-        norm2="norm2",
-        ls1="layer_scale1.lambda1",
-        ls2="layer_scale2.lambda1",
-    ),
+}
+# transformers 5 renamed DINOv2's attention projections; the rest of the layout is unchanged.
+_HF_LAYOUTS["dinov2_v5"] = {
+    **_HF_LAYOUTS["dinov2_v4"],
+    **{n: f"attention.{n}_proj" for n in ("q", "k", "v", "o")},
 }
 
 # Hugging Face classes that convert: (state_dict prefix of the backbone, has a classifier, family).
