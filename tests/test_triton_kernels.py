@@ -180,7 +180,8 @@ MODEL_SCRIPT = PRELUDE + textwrap.dedent(
     torch.library.opcheck(_patch_embed_triton, (img, w, b, pos))
     xs = torch.randn(10, 16, generator=g).requires_grad_()
     params = [torch.randn(*s, generator=g).requires_grad_() for s in ((16,), (16,), (32, 16), (32,), (16, 32), (16,))]
-    torch.library.opcheck(_layernorm_mlp_triton, (xs, *params, 1e-6, False, True, True))
+    torch.library.opcheck(_layernorm_mlp_triton, (xs, *params, 1e-6, 1, False, True, True))
+    torch.library.opcheck(_layernorm_mlp_triton, (xs, params[0], None, *params[2:], 1e-5, 3, True, False, True))
     results["opcheck"] = True
     print("RESULTS " + json.dumps(results))
     """

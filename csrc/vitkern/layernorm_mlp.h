@@ -1,4 +1,5 @@
-// Fused LayerNorm + GELU-MLP (docs/DESIGN.md §1.4), CPU kernels.
+// Fused LayerNorm (or RMSNorm, rms) + MLP (docs/DESIGN.md §1.4), CPU kernels. act: the
+// activation code of simd.h (1 GELU, 2 GELU tanh, 3 QuickGELU, 4 SiLU).
 #pragma once
 
 #include <torch/extension.h>
@@ -14,7 +15,7 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x, const c10
                                                   const c10::optional<at::Tensor>& fc1_bias,
                                                   const at::Tensor& fc2_weight,
                                                   const c10::optional<at::Tensor>& fc2_bias, double eps,
-                                                  bool tanh_approx, bool residual, bool save_for_backward);
+                                                  int64_t act, bool rms, bool residual, bool save_for_backward);
 
 // Returns {dx, d ln_weight, d ln_bias, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias}
 // (undefined where the parameter is None).
@@ -24,6 +25,6 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout, const
                                                    const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                    const at::Tensor& pre, const at::Tensor& gelu_out,
-                                                   const at::Tensor& ln_out, bool tanh_approx, bool residual);
+                                                   const at::Tensor& ln_out, int64_t act, bool rms, bool residual);
 
 }  // namespace vitkern
