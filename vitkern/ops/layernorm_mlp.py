@@ -460,7 +460,19 @@ def layernorm_mlp(
         raise ValueError("ln_bias must be None with norm='rmsnorm' (an RMSNorm has no bias)")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    args = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), activation, bool(residual), norm)
+    args = (
+        x,
+        ln_weight,
+        ln_bias,
+        fc1_weight,
+        fc1_bias,
+        fc2_weight,
+        fc2_bias,
+        float(eps),
+        activation,
+        bool(residual),
+        norm,
+    )
     fn = _backend.select("layernorm_mlp", backend, x.device, *args)
     with no_autocast(x.device.type):
         if x.numel() == 0:

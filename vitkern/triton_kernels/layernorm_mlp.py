@@ -32,9 +32,7 @@ MAX_DIM = 16384
 
 
 @triton.jit
-def _ln_stats_kernel(
-    X, Mean, Rstd, M, D, stride_xm, eps, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, RMS: tl.constexpr
-):
+def _ln_stats_kernel(X, Mean, Rstd, M, D, stride_xm, eps, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, RMS: tl.constexpr):
     """Per row: mean and 1/std (LayerNorm), or mean 0 and 1/rms (RMSNorm, RMS=True), fp32."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -118,7 +116,17 @@ def ln_stats(x: torch.Tensor, eps: float, rms: bool = False) -> tuple[torch.Tens
     rows = _stats_rows(block_d)
     with device_guard(x):
         _ln_stats_kernel[(triton.cdiv(M, rows),)](
-            x, mean, rstd, M, D, x.stride(0), eps, BLOCK_D=block_d, ROWS=rows, RMS=rms, num_warps=4 if block_d <= 2048 else 8
+            x,
+            mean,
+            rstd,
+            M,
+            D,
+            x.stride(0),
+            eps,
+            BLOCK_D=block_d,
+            ROWS=rows,
+            RMS=rms,
+            num_warps=4 if block_d <= 2048 else 8,
         )
     return mean, rstd
 
