@@ -19,3 +19,12 @@ PROVIDERS = ["vitkern[cpu]", "vitkern[triton]", "eager", "torch.compile(eager)",
 def test_layernorm_mlp(benchmark, provider, backward, dim, dtype):
     case = cached_case(layernorm_mlp_case, dim, dtype=dtype, device=DEVICE, backward=backward)
     run_provider(benchmark, case, provider, rounds=5 if FULL else 3)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("variant", [("quick_gelu", "layernorm"), ("silu", "rmsnorm")], ids="+".join)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layernorm_mlp_variants(benchmark, provider, variant, dtype):
+    act, norm = variant
+    case = cached_case(layernorm_mlp_case, 768, dtype=dtype, device=DEVICE, activation=act, norm=norm)
+    run_provider(benchmark, case, provider, rounds=5 if FULL else 3)

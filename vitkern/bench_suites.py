@@ -182,7 +182,11 @@ def layernorm_mlp_case(
     device="cpu",
     backward: bool = False,
     compile: bool = True,
+    activation: str = "gelu",
+    norm: str = "layernorm",
 ) -> Case:
+    """One LayerNorm(/RMSNorm) + MLP layer; ``activation`` / ``norm`` pick the op variant
+    (vitkern.ops.layernorm_mlp), e.g. CLIP's QuickGELU or an RMSNorm + SiLU MLP."""
     device = torch.device(device)
     hidden = int(dim * mlp_ratio)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -193,7 +197,7 @@ def layernorm_mlp_case(
     x = rnd(batch, tokens, dim)
     params = [
         rnd(dim, scale=0.1, shift=1.0),
-        rnd(dim, scale=0.1),
+        rnd(dim, scale=0.1) if norm == "layernorm" else None,
         rnd(hidden, dim, scale=0.02),
         rnd(hidden, scale=0.02),
         rnd(dim, hidden, scale=0.02),
@@ -201,13 +205,22 @@ def layernorm_mlp_case(
     ]
     M = batch * tokens
     flops = 4.0 * M * dim * hidden * (3.0 if backward else 1.0)
-    case = Case("layernorm_mlp", dict(D=dim, M=M), dtype, device, backward, flops, floor="GEMMs alone")
-    leaves = [x, *params]
-    for b in vitkern_backends("layernorm_mlp", device, x, *params, 1e-6, "none", True):
-        case.providers[f"vitkern[{b}]"] = _runner(lambda b=b: layernorm_mlp(x, *params, backend=b), backward, leaves)
+    shape = dict(D=dim, M=M)
+    if (activation, norm) != ("gelu", "layernorm"):
+        shape["variant"] = f"{norm}+{activation}"
+    case = Case("layernorm_mlp", shape, dtype, device, backward, flops, floor="GEMMs alone")
+    leaves = [x, *(p for p in params if p is not None)]
+    variant = dict(activation=activation, norm=norm)
+    for b in vitkern_backends("layernorm_mlp", device, x, *params, 1e-6, activation, True, norm):
+        case.providers[f"vitkern[{b}]"] = _runner(
+            lambda b=b: layernorm_mlp(x, *params, backend=b, **variant), backward, leaves
+        )
     from vitkern.ops.layernorm_mlp import layernorm_mlp_reference
 
-    case.providers["eager"] = _runner(lambda: layernorm_mlp_reference(x, *params), backward, leaves)
+    def eager():
+        return layernorm_mlp_reference(x, *params, **variant)
+
+    case.providers["eager"] = _runner(eager, backward, leaves)
     h = torch.randn(M, dim, generator=g).to(device=device, dtype=dtype).requires_grad_(backward)
     a = torch.randn(M, hidden, generator=g).to(device=device, dtype=dtype).requires_grad_(backward)
     w1, w2 = params[2], params[4]
@@ -217,7 +230,7 @@ def layernorm_mlp_case(
 
     case.providers["GEMMs alone"] = _runner(gemms, backward, [h, a, w1, w2])
     if compile:
-        _compiled(case, "torch.compile(eager)", lambda: layernorm_mlp_reference(x, *params), leaves)
+        _compiled(case, "torch.compile(eager)", eager, leaves)
     return case
 
 

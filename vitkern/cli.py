@@ -184,6 +184,16 @@ def _cases(args: argparse.Namespace, device: torch.device):
                         yield lambda dim=dim, batch=batch, kw=kw: S.layernorm_mlp_case(
                             dim, tokens=17 if quick else 197, batch=batch, **kw
                         )
+                    # The op's variants (CLIP's QuickGELU; RMSNorm + SiLU), at ViT-B width.
+                    for act, norm in [("quick_gelu", "layernorm"), ("silu", "rmsnorm")]:
+                        yield lambda batch=batch, kw=kw, act=act, norm=norm: S.layernorm_mlp_case(
+                            64 if quick else 768,
+                            tokens=17 if quick else 197,
+                            batch=batch,
+                            activation=act,
+                            norm=norm,
+                            **kw,
+                        )
                     yield lambda batch=batch, kw=kw: S.patch_embed_case(
                         img=64 if quick else 224, dim=64 if quick else 768, batch=batch, **kw
                     )
