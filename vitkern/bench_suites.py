@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vitkern import _backend
+import vitkern
 from vitkern.ops import layernorm_mlp, patch_embed, sp_attention
 from vitkern.ops.spatial_prior import relative_index
 
@@ -45,9 +45,10 @@ class Case:
         return f"{self.op}[{p},{str(self.dtype).removeprefix('torch.')},{'fwd+bwd' if self.backward else 'fwd'}]"
 
 
-def vitkern_backends(op: str, device: torch.device, *args) -> list[str]:
-    """vitkern backends (other than reference) that can run ``op`` on these inputs here."""
-    return [b for b in ("cpu", "triton") if _backend._why_not(op, b, device, args, {}) is None]
+def vitkern_backends(op: str, *args) -> list[str]:
+    """vitkern's backends other than reference (the eager baseline) that can run ``op`` on
+    these inputs here, in table order."""
+    return [b for b in vitkern.BACKENDS if b != "reference" and vitkern.not_supported_reason(op, b, *args) is None]
 
 
 def _runner(fn: Callable[[], torch.Tensor], backward: bool, leaves: list[torch.Tensor]) -> Callable[[], object]:
@@ -140,7 +141,7 @@ def attention_case(
         floor="SDPA (no prior)",
     )
     leaves = [q, k, v, omega]
-    for b in vitkern_backends("sp_attention", device, q, k, v, omega, (gh, gw), 0, head_dim**-0.5):
+    for b in vitkern_backends("sp_attention", q, k, v, omega, (gh, gw), 0, head_dim**-0.5):
         case.providers[f"vitkern[{b}]"] = _runner(lambda b=b: sp_attention(q, k, v, omega, backend=b), backward, leaves)
 
     def eager():
@@ -203,7 +204,7 @@ def layernorm_mlp_case(
     flops = 4.0 * M * dim * hidden * (3.0 if backward else 1.0)
     case = Case("layernorm_mlp", dict(D=dim, M=M), dtype, device, backward, flops, floor="GEMMs alone")
     leaves = [x, *params]
-    for b in vitkern_backends("layernorm_mlp", device, x, *params, 1e-6, "none", True):
+    for b in vitkern_backends("layernorm_mlp", x, *params, 1e-6, "none", True):
         case.providers[f"vitkern[{b}]"] = _runner(lambda b=b: layernorm_mlp(x, *params, backend=b), backward, leaves)
     from vitkern.ops.layernorm_mlp import layernorm_mlp_reference
 
@@ -253,7 +254,7 @@ def patch_embed_case(
         baseline="eager (Conv2d)",
     )
     leaves = [images, weight, bias, pos]
-    for b in vitkern_backends("patch_embed", device, images, weight, bias, pos):
+    for b in vitkern_backends("patch_embed", images, weight, bias, pos):
         case.providers[f"vitkern[{b}]"] = _runner(
             lambda b=b: patch_embed(images, weight, bias, pos, backend=b), backward, leaves
         )

@@ -395,10 +395,18 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _info() -> int:
     import vitkern
+    from vitkern._backend import ops_of
     from vitkern._ext import build_info_line, load_extension
 
-    for name, reason in vitkern.available_backends().items():
-        print(f"{name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+    for b in vitkern.BACKEND_TABLE:
+        reason = b.status()
+        print(f"{b.name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+        dtypes = ", ".join(str(d).removeprefix("torch.") for d in b.dtypes)
+        devices = ", ".join(b.devices) + (f" (cpu with {b.cpu_env}=1)" if b.cpu_env else "") if b.devices else "any"
+        print(f"{'':10s} devices: {devices}; dtypes: {dtypes}; ops: {', '.join(ops_of(b.name))}")
+        if b.limits:
+            print(f"{'':10s} limits: {b.limits}")
+    print("auto order: " + "; ".join(f"{d} tensors: {' -> '.join(vitkern.auto_order(d))}" for d in ("cpu", "cuda")))
     ext = load_extension()
     if ext is not None:
         print(f"vitkern._C: {ext.__file__}; CPU BLAS: {ext.blas_backend()}; SIMD paths: {ext.simd_paths()}")
