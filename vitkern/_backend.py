@@ -243,7 +243,7 @@ def register_impl(
 
 def ops_of(backend: str) -> list[str]:
     """The ops ``backend`` has an implementation of."""
-    return [op for op, impls in _REGISTRY.items() if backend in impls]
+    return sorted(op for op, impls in _REGISTRY.items() if backend in impls)
 
 
 def backend_status(name: str) -> str | None:
