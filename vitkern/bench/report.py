@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def console():
+    """A rich console (200 columns when not a terminal), or None without rich."""
     try:
         from rich.console import Console
     except ImportError:
@@ -16,6 +17,7 @@ def console():
 
 
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """One table on the console: rich when installed, aligned plain text otherwise."""
     con = console()
     if con is not None:
         from rich.markup import escape
@@ -38,6 +40,8 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 class Progress:
+    """A progress bar on a terminal; one line per finished case in logs."""
+
     def __init__(self, total: int) -> None:
         self._done, self._total = 0, total
         rich_console = console()
@@ -45,9 +49,10 @@ class Progress:
             self._p = None
             return
         try:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
 
-            self._p = Progress(
+            self._p = RichProgress(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
@@ -73,6 +78,7 @@ class Progress:
 
 
 def results_table(results: list[dict]) -> None:
+    """Every provider of every case: times, spreads, ratios, throughput, memory, failures, notes."""
     cols = ["case", "provider", "median ms", "IQR ms", "x baseline", "x floor", "GFLOP/s", "% peak", "peak MB"]
     rows = []
     for r in results:
