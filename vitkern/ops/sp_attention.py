@@ -140,7 +140,8 @@ def _sp_attention_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with no_autocast(q.device.type):
-        return kernels_of(_KERNELS, backend).forward(q, k, v, omega, gh, gw, num_prefix, scale)
+        out, lse = kernels_of(_KERNELS, backend).forward(q, k, v, omega, gh, gw, num_prefix, scale)
+    return out, lse  # a tuple: vitkern._C returns a list, which autograd would not see as two outputs
 
 
 @_sp_attention_op.register_fake
