@@ -32,6 +32,12 @@ OP_CASES = [
     {"op": "layernorm_mlp", "dtype": "float16", "shape": [[2, 15], 80, 240, True, "none", True]},
     {"op": "layernorm_mlp", "dtype": "float32", "shape": [[3], 48, 200, False, "tanh", False]},
     {"op": "layernorm_mlp", "dtype": "float16", "shape": [[1, 7], 128, 160, True, "tanh", True]},
+    # layernorm_mlp gated= (GLU): leading dims, D, hidden (of the gated product), fc1 layout, LN affine,
+    # GELU, residual; hidden not a multiple of the tile, ragged token counts
+    {"op": "layernorm_mlp_gated", "dtype": "float32", "shape": [[1, 197], 32, 72, "gate_last", True, "none", True]},
+    {"op": "layernorm_mlp_gated", "dtype": "float16", "shape": [[2, 15], 48, 40, "gate_first", True, "tanh", False]},
+    {"op": "layernorm_mlp_gated", "dtype": "float32", "shape": [[19], 40, 36, "split", False, "none", True]},
+    {"op": "layernorm_mlp_gated", "dtype": "float16", "shape": [[1, 7], 64, 100, "split", True, "none", True]},
     # sp_attention: B, H, grid, prefix tokens, head dim, omega (q, k, v are views of a fused qkv)
     {"op": "sp_attention", "dtype": "float32", "shape": [1, 1, [14, 14], 1, 64, True]},  # N 197, class token
     {"op": "sp_attention", "dtype": "float16", "shape": [2, 2, [3, 5], 0, 32, True]},  # non-square, N < 1 block
@@ -111,6 +117,45 @@ def build_case(case: dict, g: torch.Generator):
 
         names = ["out", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"]
         return fn, leaves, names + (["dln_weight", "dln_bias"] if affine else [])
+    if op == "layernorm_mlp_gated":
+        from vitkern.ops import layernorm_mlp
+
+        lead, D, Hd, gated, affine, approx, residual = shape
+
+        def r(*s, scale=1.0, shift=0.0):
+            return torch.randn(*s, generator=g, dtype=torch.float64) * scale + shift
+
+        H1 = Hd if gated == "split" else 2 * Hd
+        leaves = [r(*lead, D, scale=2.0, shift=0.5), r(H1, D, scale=D**-0.5), r(H1, scale=0.2)]
+        leaves += [r(D, Hd, scale=Hd**-0.5), r(D, scale=0.2)]
+        names = ["out", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"]
+        if gated == "split":
+            leaves += [r(Hd, D, scale=D**-0.5), r(Hd, scale=0.2)]
+            names += ["dfc1_gate_weight", "dfc1_gate_bias"]
+        if affine:
+            leaves += [r(D, scale=0.2, shift=1.0), r(D, scale=0.2)]
+            names += ["dln_weight", "dln_bias"]
+
+        def fn(x, w1, b1, w2, b2, *rest, backend):
+            gw, gb = rest[:2] if gated == "split" else (None, None)
+            lw, lb = rest[-2:] if affine else (None, None)
+            return layernorm_mlp(
+                x,
+                lw,
+                lb,
+                w1,
+                b1,
+                w2,
+                b2,
+                approximate=approx,
+                residual=residual,
+                backend=backend,
+                gated=gated,
+                fc1_gate_weight=gw,
+                fc1_gate_bias=gb,
+            )
+
+        return fn, leaves, names
     if op == "sp_attention":
         from vitkern.ops import sp_attention
 
