@@ -15,9 +15,10 @@ def patch_timm(model: nn.Module) -> nn.Module:
 
     Every timm ``Attention`` runs through :func:`vitkern.ops.sp_attention` (plain attention,
     omega=None; qk_norm, scale_attn_norm and the attention gate stay timm's modules around
-    it); every LayerNorm + GELU MLP (any eps, exact or tanh GELU) runs through
+    it); every LayerNorm + GELU MLP (any eps, exact or tanh GELU), plain or gated (timm's
+    GluMlp and SwiGLU with an Identity inner norm), runs through
     :func:`vitkern.ops.layernorm_mlp`; a plain patch embedding runs through
-    :func:`vitkern.ops.patch_embed`. Other parts (gated or non-GELU MLPs, RmsNorm,
+    :func:`vitkern.ops.patch_embed`. Other parts (other activations, RmsNorm,
     hybrid stems, attention-pool heads) keep timm's own forward; their names are listed in
     ``model.vitkern_unfused``. Parameters, state_dict keys, the optimizer's view of the
     model and timm's own ``forward_features`` are unchanged; the backend follows
@@ -90,10 +91,9 @@ def _patched_attention_forward(self, x, attn_mask=None, is_causal=False):
 
 
 def _fused_mlp(n2, mlp, x, approximate, residual):
-    from vitkern.ops import layernorm_mlp
+    from vitkern.models.layers import fused_mlp
 
-    args = (n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
-    return layernorm_mlp(x, *args, eps=n2.eps, approximate=approximate, residual=residual)
+    return fused_mlp(n2, mlp, x, approximate, residual)
 
 
 def _patched_block_forward(self, x, attn_mask=None, is_causal=False):

@@ -166,6 +166,62 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
 
+class GluMlp(nn.Module):
+    """timm's ``GluMlp`` keys: ``fc1`` (dim -> 2 * hidden, gate and value rows; the gate's half
+    last or first per ``gate_last``) and ``fc2`` (hidden -> dim). The gated MLP
+    ``fc2(GELU(gate) * value)`` is fused with the preceding LayerNorm (``layernorm_mlp(gated=...)``)."""
+
+    def __init__(
+        self, dim: int, hidden2: int, bias: tuple[bool, bool] = (True, True), gate_last: bool = True, approximate="none"
+    ) -> None:
+        super().__init__()
+        if hidden2 % 2:
+            raise ValueError(f"hidden2 (fc1's outputs: gate and value) must be even, got {hidden2}")
+        self.approximate = approximate
+        self.gate_last = gate_last
+        self.fc1 = nn.Linear(dim, hidden2, bias=bias[0])
+        self.fc2 = nn.Linear(hidden2 // 2, dim, bias=bias[1])
+
+
+class SwiGLU(nn.Module):
+    """timm's ``SwiGLU`` keys: ``fc1_g`` (gate) and ``fc1_x`` (value), dim -> hidden each, and
+    ``fc2``; fused with the preceding LayerNorm like :class:`GluMlp`."""
+
+    def __init__(self, dim: int, hidden: int, bias: tuple[bool, bool] = (True, True), approximate="none") -> None:
+        super().__init__()
+        self.approximate = approximate
+        self.fc1_g = nn.Linear(dim, hidden, bias=bias[0])
+        self.fc1_x = nn.Linear(dim, hidden, bias=bias[0])
+        self.fc2 = nn.Linear(hidden, dim, bias=bias[1])
+
+
+def fused_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, approximate: str, residual: bool) -> torch.Tensor:
+    """``[x +] mlp(norm(x))`` as one :func:`~vitkern.ops.layernorm_mlp`: a plain MLP (``fc1``,
+    ``fc2``), a packed gated one (``fc1`` with ``gate_last``, timm's GluMlp) or a split one
+    (``fc1_g``, ``fc1_x``, timm's SwiGLU); vitkern's modules or timm's, read by attribute."""
+    kw = {}
+    if hasattr(mlp, "fc1_g"):
+        w1, b1 = mlp.fc1_x.weight, mlp.fc1_x.bias
+        kw = dict(gated="split", fc1_gate_weight=mlp.fc1_g.weight, fc1_gate_bias=mlp.fc1_g.bias)
+    else:
+        w1, b1 = mlp.fc1.weight, mlp.fc1.bias
+        if hasattr(mlp, "gate_last"):
+            kw = dict(gated="gate_last" if mlp.gate_last else "gate_first")
+    return layernorm_mlp(
+        x,
+        norm.weight,
+        norm.bias,
+        w1,
+        b1,
+        mlp.fc2.weight,
+        mlp.fc2.bias,
+        eps=norm.eps,
+        approximate=approximate,
+        residual=residual,
+        **kw,
+    )
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then the fused
     x + ls2(fc2(GELU(fc1(norm2(x)))))."""
@@ -201,26 +257,18 @@ class Block(nn.Module):
         plain_residual = isinstance(self.ls2, nn.Identity) and not (
             isinstance(self.drop_path2, DropPath) and self.training
         )
-        mlp_args = (
-            self.norm2.weight,
-            self.norm2.bias,
-            self.mlp.fc1.weight,
-            self.mlp.fc1.bias,
-            self.mlp.fc2.weight,
-            self.mlp.fc2.bias,
-        )
         approx = self.mlp.approximate
         if plain_residual:  # the residual add is fused into fc2's epilogue
-            return layernorm_mlp(x, *mlp_args, eps=self.norm2.eps, approximate=approx)
-        out = layernorm_mlp(x, *mlp_args, eps=self.norm2.eps, approximate=approx, residual=False)
+            return fused_mlp(self.norm2, self.mlp, x, approx, True)
+        out = fused_mlp(self.norm2, self.mlp, x, approx, False)
         return x + self.drop_path2(self.ls2(out))
 
 
 def fusable_mlp(norm: nn.Module, mlp: nn.Module) -> bool:
-    """Whether ``norm`` then ``mlp`` run as one fused layernorm_mlp: a vitkern Mlp after an
-    nn.LayerNorm (any eps, affine or not). Other MLPs (timm's gated or QuickGELU/SiLU MLPs,
-    kept by ViT.from_timm) run as ordinary modules."""
-    return isinstance(mlp, Mlp) and type(norm) is nn.LayerNorm
+    """Whether ``norm`` then ``mlp`` run as one fused layernorm_mlp: a vitkern Mlp, GluMlp or
+    SwiGLU after an nn.LayerNorm (any eps, affine or not). Other MLPs (timm's modules kept by
+    ViT.from_timm) run as ordinary modules."""
+    return isinstance(mlp, (Mlp, GluMlp, SwiGLU)) and type(norm) is nn.LayerNorm
 
 
 class ParallelThingsBlock(nn.Module):
@@ -241,9 +289,7 @@ class ParallelThingsBlock(nn.Module):
         outs = []
         for f in self.ffns:
             if fusable_mlp(f.norm, f.mlp):
-                n, m = f.norm, f.mlp
-                args = (n.weight, n.bias, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)
-                h = layernorm_mlp(x, *args, eps=n.eps, approximate=m.approximate, residual=False)
+                h = fused_mlp(f.norm, f.mlp, x, f.mlp.approximate, False)
             else:
                 h = f.mlp(f.norm(x))
             outs.append(f.drop_path(f.ls(h)))
