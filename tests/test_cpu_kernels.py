@@ -83,6 +83,73 @@ def test_layernorm_mlp_cpu(shape, D, Hd, residual, affine, biases, approximate, 
     _check_op_and_grads(fn, inputs, gen, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "gated,shape,D,Hd,residual,affine,biases,approximate",
+    [
+        ("gate_last", (2, 197), 64, 100, True, True, True, "none"),  # ViT geometry, hidden not a tile multiple
+        ("gate_first", (1, 5), 24, 36, False, True, True, "tanh"),  # batch 1, no residual
+        ("split", (131,), 40, 72, True, False, False, "none"),  # 2-D input, no LN affine, no biases
+        ("split", (3, 7, 11), 48, 60, True, True, True, "tanh"),  # 4-D input
+    ],
+)
+def test_layernorm_mlp_gated_cpu(gated, shape, D, Hd, residual, affine, biases, approximate, dtype, gen, poison_empty):
+    """layernorm_mlp(gated=...) on the cpu kernel: output and every gradient (x, LN affine, the
+    fc1 weight(s) and bias(es), fc2) against float64."""
+
+    def fn(x, lw, lb, w1, b1, w2, b2, gw, gb, backend):
+        return layernorm_mlp(
+            x,
+            lw,
+            lb,
+            w1,
+            b1,
+            w2,
+            b2,
+            approximate=approximate,
+            residual=residual,
+            backend=backend,
+            gated=gated,
+            fc1_gate_weight=gw,
+            fc1_gate_bias=gb,
+        )
+
+    f64 = dict(dtype=torch.float64, gen=gen)
+    H1 = Hd if gated == "split" else 2 * Hd
+    inputs = [
+        randn(*shape, D, **f64),
+        randn(D, **f64) * 0.5 + 1 if affine else None,
+        randn(D, **f64) if affine else None,
+        randn(H1, D, **f64) * 0.2,
+        randn(H1, **f64) if biases else None,
+        randn(D, Hd, **f64) * 0.2,
+        randn(D, **f64) if biases else None,
+        randn(Hd, D, **f64) * 0.2 if gated == "split" else None,
+        randn(Hd, **f64) if gated == "split" and biases else None,
+    ]
+    _check_op_and_grads(fn, inputs, gen, dtype)
+    assert vitkern.last_backend("layernorm_mlp_gated") == "reference"  # the last call was the reference
+
+
+def test_layernorm_mlp_gated_cpu_inference_auto_picks_cpu_and_is_deterministic(gen):
+    x = randn(3, 50, 32, gen=gen)
+    w1, b1, w2 = randn(96, 32, gen=gen) * 0.2, randn(96, gen=gen), randn(32, 48, gen=gen) * 0.2
+    with torch.no_grad():
+        y = layernorm_mlp(x, None, None, w1, b1, w2, None, gated="gate_first")
+    assert vitkern.last_backend("layernorm_mlp_gated") == "cpu"
+    ref = layernorm_mlp(
+        x.double(), None, None, w1.double(), b1.double(), w2.double(), None, gated="gate_first", backend="reference"
+    )
+    assert_close_rel(y, ref, TOL[torch.float32])
+    leaves = [t.requires_grad_() for t in (x, w1, b1, w2)]
+    runs = []
+    for _ in range(2):
+        out = layernorm_mlp(leaves[0], None, None, *leaves[1:], None, gated="gate_first", backend="cpu")
+        runs.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_layernorm_mlp_cpu_inference_saves_nothing_and_auto_picks_cpu(gen):
     x = randn(4, 16, gen=gen)
     w1, w2 = randn(64, 16, gen=gen), randn(16, 64, gen=gen)
