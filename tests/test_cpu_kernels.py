@@ -56,7 +56,10 @@ def test_patch_embed_cpu(B, C, grid, P, D, use_bias, pos, dtype, gen, poison_emp
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize(
+    "activation,norm",
+    [("gelu", "layernorm"), ("gelu_tanh", "layernorm"), ("quick_gelu", "layernorm"), ("silu", "rmsnorm")],
+)
 @pytest.mark.parametrize(
     "shape,D,Hd,residual,affine,biases",
     [
@@ -66,15 +69,17 @@ def test_patch_embed_cpu(B, C, grid, P, D, use_bias, pos, dtype, gen, poison_emp
         ((3, 7, 11), 48, 96, True, True, True),  # 4-D input
     ],
 )
-def test_layernorm_mlp_cpu(shape, D, Hd, residual, affine, biases, approximate, dtype, gen, poison_empty):
+def test_layernorm_mlp_cpu(shape, D, Hd, residual, affine, biases, activation, norm, dtype, gen, poison_empty):
     def fn(x, lw, lb, w1, b1, w2, b2, backend):
-        return layernorm_mlp(x, lw, lb, w1, b1, w2, b2, approximate=approximate, residual=residual, backend=backend)
+        return layernorm_mlp(
+            x, lw, lb, w1, b1, w2, b2, activation=activation, norm=norm, residual=residual, backend=backend
+        )
 
     f64 = dict(dtype=torch.float64, gen=gen)
     inputs = [
         randn(*shape, D, **f64),
         randn(D, **f64) * 0.5 + 1 if affine else None,
-        randn(D, **f64) if affine else None,
+        randn(D, **f64) if affine and norm == "layernorm" else None,
         randn(Hd, D, **f64) * 0.2,
         randn(Hd, **f64) if biases else None,
         randn(D, Hd, **f64) * 0.2,

@@ -130,8 +130,8 @@ GATED_SCRIPT = PRELUDE + textwrap.dedent(
         return torch.randn(*s, generator=g).requires_grad_()
 
     x, lw, lb, w2, b2 = r(10, 16), r(16), r(16), r(16, 24), r(16)
-    packed = (x, lw, lb, r(48, 16), r(48), None, None, w2, b2, 1e-6, 1, False, True, True)
-    split = (x, None, None, r(24, 16), None, r(24, 16), r(24), w2, None, 1e-6, 2, True, False, True)
+    packed = (x, lw, lb, r(48, 16), r(48), None, None, w2, b2, 1e-6, 1, False, False, True, True)
+    split = (x, lw, None, r(24, 16), None, r(24, 16), r(24), w2, None, 1e-5, 4, True, True, False, True)
     torch.library.opcheck(_layernorm_glu_triton, packed)
     torch.library.opcheck(_layernorm_glu_triton, split)
     print("RESULTS " + json.dumps(results))
@@ -219,7 +219,8 @@ MODEL_SCRIPT = PRELUDE + textwrap.dedent(
     torch.library.opcheck(_patch_embed_triton, (img, w, b, pos))
     xs = torch.randn(10, 16, generator=g).requires_grad_()
     params = [torch.randn(*s, generator=g).requires_grad_() for s in ((16,), (16,), (32, 16), (32,), (16, 32), (16,))]
-    torch.library.opcheck(_layernorm_mlp_triton, (xs, *params, 1e-6, False, True, True))
+    torch.library.opcheck(_layernorm_mlp_triton, (xs, *params, 1e-6, 1, False, True, True))
+    torch.library.opcheck(_layernorm_mlp_triton, (xs, params[0], None, *params[2:], 1e-5, 3, True, False, True))
     results["opcheck"] = True
     print("RESULTS " + json.dumps(results))
     """

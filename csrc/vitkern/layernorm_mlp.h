@@ -1,4 +1,5 @@
-// Fused LayerNorm + GELU-MLP (docs/DESIGN.md §1.4), CPU kernels.
+// Fused LayerNorm (or RMSNorm, rms) + MLP (docs/DESIGN.md §1.4), CPU kernels. act: the
+// activation code of simd.h (1 GELU, 2 GELU tanh, 3 QuickGELU, 4 SiLU).
 #pragma once
 
 #include <torch/extension.h>
@@ -14,7 +15,7 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x, const c10
                                                   const c10::optional<at::Tensor>& fc1_bias,
                                                   const at::Tensor& fc2_weight,
                                                   const c10::optional<at::Tensor>& fc2_bias, double eps,
-                                                  bool tanh_approx, bool residual, bool save_for_backward);
+                                                  int64_t act, bool rms, bool residual, bool save_for_backward);
 
 // Returns {dx, d ln_weight, d ln_bias, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias}
 // (undefined where the parameter is None).
@@ -24,11 +25,11 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout, const
                                                    const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                    const at::Tensor& pre, const at::Tensor& gelu_out,
-                                                   const at::Tensor& ln_out, bool tanh_approx, bool residual);
+                                                   const at::Tensor& ln_out, int64_t act, bool rms, bool residual);
 
 // Gated MLP (GLU family): y = x + fc2(act(gate) * value). fc1 is w1a (2H, D) packed (w1b None;
-// gate_first: the gate is rows [0, H)) or w1a = gate, w1b = value (H, D) each. act: 1 GELU,
-// 2 GELU tanh. Returns {out, mean, rstd, and when saving pre-activation (M, 2H), gated
+// gate_first: the gate is rows [0, H)) or w1a = gate, w1b = value (H, D) each. act and rms as
+// above. Returns {out, mean, rstd, and when saving pre-activation (M, 2H), gated
 // activation (M, H), LN output (M, D) (else (0,) each)}.
 std::vector<at::Tensor> layernorm_glu_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& ln_weight,
                                                   const c10::optional<at::Tensor>& ln_bias, const at::Tensor& w1a,
@@ -36,7 +37,7 @@ std::vector<at::Tensor> layernorm_glu_forward_cpu(const at::Tensor& x, const c10
                                                   const c10::optional<at::Tensor>& w1b,
                                                   const c10::optional<at::Tensor>& b1b, const at::Tensor& fc2_weight,
                                                   const c10::optional<at::Tensor>& fc2_bias, double eps, int64_t act,
-                                                  bool gate_first, bool residual, bool save_for_backward);
+                                                  bool rms, bool gate_first, bool residual, bool save_for_backward);
 
 // Returns {dx, d ln_weight, d ln_bias, d w1a, d b1a, d w1b, d b1b, d fc2_weight, d fc2_bias}
 // (undefined where there is no such parameter).
@@ -46,7 +47,7 @@ std::vector<at::Tensor> layernorm_glu_backward_cpu(const at::Tensor& dout, const
                                                    const c10::optional<at::Tensor>& w1b, const at::Tensor& fc2_weight,
                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                    const at::Tensor& pre, const at::Tensor& hidden,
-                                                   const at::Tensor& ln_out, int64_t act, bool gate_first,
+                                                   const at::Tensor& ln_out, int64_t act, bool rms, bool gate_first,
                                                    bool residual);
 
 }  // namespace vitkern

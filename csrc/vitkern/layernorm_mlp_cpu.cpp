@@ -1,7 +1,8 @@
-// Fused LayerNorm + GELU-MLP on the CPU (docs/DESIGN.md §1.4):
+// Fused LayerNorm (or RMSNorm) + MLP on the CPU (docs/DESIGN.md §1.4):
 //
-//   y = x + fc2(GELU(fc1(LayerNorm(x))))
+//   y = x + fc2(act(fc1(LayerNorm(x))))      act: GELU (erf / tanh), QuickGELU or SiLU
 //
+// An RMSNorm runs through the same code with mean 0 (saved as such) and no bias.
 // Forward: each thread takes a tile of rows through LN -> fc1 -> bias+GELU ->
 // fc2 -> bias+residual; the normalised rows live only in the tile buffer, and
 // bias, GELU and residual are applied in the GEMMs' prologue/epilogue passes
@@ -41,14 +42,16 @@ const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<
 at::Tensor opt_f32(const c10::optional<at::Tensor>& t) { return t.has_value() ? f32c(*t) : at::Tensor(); }
 
 // LayerNorm of `rows` rows: mean and 1/std (biased variance, two-pass, fp32) into
-// mean/rstd, normalised and affine rows into h.
+// mean/rstd, normalised and affine rows into h. RMSNorm (rms): mean 0, 1/sqrt(mean(x^2) + eps).
 VK_TARGET_CLONES void ln_rows(const float* x, int64_t rows, int64_t d, float eps, const float* w, const float* b,
-                              float* mean, float* rstd, float* h) {
+                              bool rms, float* mean, float* rstd, float* h) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
     float s = 0.f;
+    if (!rms) {
 #pragma omp simd reduction(+ : s)
-    for (int64_t t = 0; t < d; ++t) s += xr[t];
+      for (int64_t t = 0; t < d; ++t) s += xr[t];
+    }
     const float mu = s / d;
     float v = 0.f;
 #pragma omp simd reduction(+ : v)
@@ -80,8 +83,9 @@ VK_TARGET_CLONES void add_to(float* acc, const float* a, int64_t n) {
 
 // LayerNorm backward of rows [r0, r1): dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)) (+ dy),
 // dxh = dhn * w; d ln_weight += dhn * xhat and d ln_bias += dhn into aw / ab (when given).
+// RMSNorm (rms): no mean was subtracted, so no mean(dxh) term.
 VK_TARGET_CLONES void ln_backward_rows(const float* x, const float* dhn, const float* dy, const float* mean,
-                                       const float* rstd, const float* w, int64_t r0, int64_t r1, int64_t d,
+                                       const float* rstd, const float* w, bool rms, int64_t r0, int64_t r1, int64_t d,
                                        float* xh, float* dx, float* aw, float* ab) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* dh = dhn + r * d;
@@ -95,7 +99,7 @@ VK_TARGET_CLONES void ln_backward_rows(const float* x, const float* dhn, const f
       s1 += dxh;
       s2 += dxh * xh[t];
     }
-    s1 /= d;
+    s1 = rms ? 0.f : s1 / d;
     s2 /= d;
     float* dxr = dx + r * d;
     const float* dyr = dy ? dy + r * d : nullptr;
@@ -125,14 +129,20 @@ void check_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2)
   check_shape(w2, "fc2_weight", {d, w1.size(0)});
 }
 
+void check_act(int64_t act) {
+  TORCH_CHECK(act >= simd::kGelu && act <= simd::kSilu, "act must be an activation code 1..4 (gelu, gelu_tanh, ",
+              "quick_gelu, silu), got ", act);
+}
+
 }  // namespace
 
 std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& lnw_in,
                                                   const c10::optional<at::Tensor>& lnb_in, const at::Tensor& w1_in,
                                                   const c10::optional<at::Tensor>& b1_in, const at::Tensor& w2_in,
-                                                  const c10::optional<at::Tensor>& b2_in, double eps_d, bool tanh_approx,
-                                                  bool residual, bool save_for_backward) {
+                                                  const c10::optional<at::Tensor>& b2_in, double eps_d, int64_t act,
+                                                  bool rms, bool residual, bool save_for_backward) {
   check_args(x_in, w1_in, w2_in);
+  check_act(act);
   const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w1_in.size(0);
   const at::Tensor x = f32c(x_in), w1 = f32c(w1_in), w2 = f32c(w2_in);
   const at::Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in), b1 = opt_f32(b1_in), b2 = opt_f32(b2_in);
@@ -162,11 +172,11 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const 
       float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.get();
       float* hid = save_for_backward ? gsp + r0 * Hd : hid_buf.get();
       // LayerNorm prologue into the tile buffer.
-      ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, mp + r0, rp + r0, hn);
-      // fc1: hid (rows x Hd) = hn . W1^T, then bias + GELU in place (epilogue).
+      ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
+      // fc1: hid (rows x Hd) = hn . W1^T, then bias + activation in place (epilogue).
       sgemm(true, false, Hd, rows, D, 1.f, w1p, D, hn, D, 0.f, hid, Hd);
       for (int64_t r = 0; r < rows; ++r) {
-        simd::bias_gelu(hid + r * Hd, b1p, Hd, tanh_approx, prep ? prep + (r0 + r) * Hd : nullptr);
+        simd::bias_act(hid + r * Hd, b1p, Hd, act, prep ? prep + (r0 + r) * Hd : nullptr);
       }
       // fc2 with bias and residual: out rows start as x + b2, GEMM accumulates (beta = 1).
       float* o = op + r0 * D;
@@ -182,9 +192,10 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
                                                    const c10::optional<at::Tensor>& lnb_in, const at::Tensor& w1_in,
                                                    const at::Tensor& w2_in, const at::Tensor& mean,
                                                    const at::Tensor& rstd, const at::Tensor& pre_in,
-                                                   const at::Tensor& g_in, const at::Tensor& hn_in, bool tanh_approx,
-                                                   bool residual) {
+                                                   const at::Tensor& g_in, const at::Tensor& hn_in, int64_t act,
+                                                   bool rms, bool residual) {
   check_args(x_in, w1_in, w2_in);
+  check_act(act);
   const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w1_in.size(0);
   check_shape(dout_in, "dout", {M, D});
   check_shape(pre_in, "pre", {M, Hd});
@@ -204,7 +215,7 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
   // result does not depend on the thread count or on scheduling (bitwise deterministic).
   const int64_t nblk = (M + kSumRows - 1) / kSumRows;
 
-  // fc2: dW2 = dy^T g, db2 = colsum(dy), d pre = (dy W2) * GELU'(pre).
+  // fc2: dW2 = dy^T g, db2 = colsum(dy), d pre = (dy W2) * act'(pre).
   at::Tensor dw2 = at::mm(dy.t(), g);
   at::Tensor db2 = dy.sum(0);
   at::Tensor da = at::mm(dy, w2);
@@ -218,7 +229,7 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
       std::fill(acc, acc + Hd, 0.f);
       for (int64_t r = r0; r < r1; ++r) {
         float* dar = dap + r * Hd;
-        simd::gelu_fwd_bwd(prep + r * Hd, nullptr, dar, Hd, tanh_approx);
+        simd::act_fwd_bwd(prep + r * Hd, nullptr, dar, Hd, act);
         add_to(acc, dar, Hd);
       }
     }
@@ -244,7 +255,7 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
       float* ab = lnbpp ? lnbpp + blk * D : nullptr;
       if (aw) std::fill(aw, aw + D, 0.f);
       if (ab) std::fill(ab, ab + D, 0.f);
-      ln_backward_rows(xp, dhp, residual ? dyp : nullptr, mp, rp, lnwp, r0, r1, D, xh.data(), dxp, aw, ab);
+      ln_backward_rows(xp, dhp, residual ? dyp : nullptr, mp, rp, lnwp, rms, r0, r1, D, xh.data(), dxp, aw, ab);
     }
   });
   at::Tensor dlnw = want_dlnw ? lnw_part.sum(0) : at::Tensor();
@@ -269,18 +280,18 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
 namespace {
 
 // hid[t] = act(gate[t]) * value[t] over one row of n.
-VK_TARGET_CLONES void gated_row(const float* gate, const float* value, float* hid, int64_t n, bool tanh_approx) {
-  simd::gelu_fwd_bwd(gate, hid, nullptr, n, tanh_approx);
+VK_TARGET_CLONES void gated_row(const float* gate, const float* value, float* hid, int64_t n, int64_t act) {
+  simd::act_fwd_bwd(gate, hid, nullptr, n, act);
 #pragma omp simd
   for (int64_t t = 0; t < n; ++t) hid[t] *= value[t];
 }
 
 // From dh = dy W2 (one row of n): d value = dh act(gate) into dv, d gate = dh value act'(gate) into dg.
 VK_TARGET_CLONES void gated_row_backward(const float* gate, const float* value, const float* dh, float* dv, float* dg,
-                                         int64_t n, bool tanh_approx) {
+                                         int64_t n, int64_t act) {
 #pragma omp simd
   for (int64_t t = 0; t < n; ++t) dg[t] = dh[t] * value[t];
-  simd::gelu_fwd_bwd(gate, dv, dg, n, tanh_approx);
+  simd::act_fwd_bwd(gate, dv, dg, n, act);
 #pragma omp simd
   for (int64_t t = 0; t < n; ++t) dv[t] *= dh[t];
 }
@@ -290,7 +301,7 @@ void check_glu_args(const at::Tensor& x, const at::Tensor& w1a, const c10::optio
   VK_CHECK_CPU(x);
   VK_CHECK_FLOATING(x);
   TORCH_CHECK(x.dim() == 2, "x must be 2-D (rows, dim), got ", shape_str(x.sizes()));
-  TORCH_CHECK(act == 1 || act == 2, "act must be 1 (GELU) or 2 (GELU tanh), got ", act);
+  check_act(act);
   const int64_t d = x.size(1);
   TORCH_CHECK(w2.dim() == 2 && w2.size(0) == d, "fc2_weight must have shape (", d, ", hidden), got ",
               shape_str(w2.sizes()));
@@ -311,11 +322,10 @@ std::vector<at::Tensor> layernorm_glu_forward_cpu(const at::Tensor& x_in, const 
                                                   const c10::optional<at::Tensor>& w1b_in,
                                                   const c10::optional<at::Tensor>& b1b_in, const at::Tensor& w2_in,
                                                   const c10::optional<at::Tensor>& b2_in, double eps_d, int64_t act,
-                                                  bool gate_first, bool residual, bool save_for_backward) {
+                                                  bool rms, bool gate_first, bool residual, bool save_for_backward) {
   check_glu_args(x_in, w1a_in, w1b_in, w2_in, act);
   const bool split = w1b_in.has_value();
   TORCH_CHECK(!split || gate_first, "split fc1 weights are (gate, value): gate_first must be true");
-  const bool tanh_approx = act == 2;
   const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w2_in.size(1), H2 = 2 * Hd;
   const at::Tensor x = f32c(x_in), w1a = f32c(w1a_in), w2 = f32c(w2_in), w1b = opt_f32(w1b_in);
   const at::Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in), b1a = opt_f32(b1a_in), b1b = opt_f32(b1b_in);
@@ -348,7 +358,7 @@ std::vector<at::Tensor> layernorm_glu_forward_cpu(const at::Tensor& x_in, const 
       float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.get();
       float* pt = save_for_backward ? prep + r0 * H2 : pre_buf.get();
       float* hid = save_for_backward ? hsp + r0 * Hd : hid_buf.get();
-      ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, mp + r0, rp + r0, hn);
+      ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
       // fc1 into the (rows x 2H) pre-activation tile: one GEMM, or one per half (ldc 2H).
       if (split) {
         sgemm(true, false, Hd, rows, D, 1.f, w1ap, D, hn, D, 0.f, pt, H2);
@@ -360,7 +370,7 @@ std::vector<at::Tensor> layernorm_glu_forward_cpu(const at::Tensor& x_in, const 
         float* pr = pt + r * H2;
         if (b1ap) add_to(pr, b1ap, split ? Hd : H2);
         if (b1bp) add_to(pr + Hd, b1bp, Hd);
-        gated_row(pr + goff, pr + voff, hid + r * Hd, Hd, tanh_approx);
+        gated_row(pr + goff, pr + voff, hid + r * Hd, Hd, act);
       }
       float* o = op + r0 * D;
       init_rows(o, residual ? xp + r0 * D : nullptr, b2p, rows, D);
@@ -376,10 +386,10 @@ std::vector<at::Tensor> layernorm_glu_backward_cpu(const at::Tensor& dout_in, co
                                                    const c10::optional<at::Tensor>& w1b_in, const at::Tensor& w2_in,
                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                    const at::Tensor& pre_in, const at::Tensor& h_in,
-                                                   const at::Tensor& hn_in, int64_t act, bool gate_first,
+                                                   const at::Tensor& hn_in, int64_t act, bool rms, bool gate_first,
                                                    bool residual) {
   check_glu_args(x_in, w1a_in, w1b_in, w2_in, act);
-  const bool split = w1b_in.has_value(), tanh_approx = act == 2;
+  const bool split = w1b_in.has_value();
   const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w2_in.size(1), H2 = 2 * Hd;
   check_shape(dout_in, "dout", {M, D});
   check_shape(pre_in, "pre", {M, H2});
@@ -414,7 +424,7 @@ std::vector<at::Tensor> layernorm_glu_backward_cpu(const at::Tensor& dout_in, co
       for (int64_t r = r0; r < r1; ++r) {
         const float* pr = prep + r * H2;
         float* dr = dpp + r * H2;
-        gated_row_backward(pr + goff, pr + voff, dhp + r * Hd, dr + voff, dr + goff, Hd, tanh_approx);
+        gated_row_backward(pr + goff, pr + voff, dhp + r * Hd, dr + voff, dr + goff, Hd, act);
         add_to(acc, dr, H2);
       }
     }
@@ -450,7 +460,7 @@ std::vector<at::Tensor> layernorm_glu_backward_cpu(const at::Tensor& dout_in, co
       float* ab = lnbpp ? lnbpp + blk * D : nullptr;
       if (aw) std::fill(aw, aw + D, 0.f);
       if (ab) std::fill(ab, ab + D, 0.f);
-      ln_backward_rows(xp, dhnp, residual ? dyp : nullptr, mp, rp, lnwp, r0, r1, D, xh.data(), dxp, aw, ab);
+      ln_backward_rows(xp, dhnp, residual ? dyp : nullptr, mp, rp, lnwp, rms, r0, r1, D, xh.data(), dxp, aw, ab);
     }
   });
   at::Tensor dlnw = want_dlnw ? lnw_part.sum(0) : at::Tensor();

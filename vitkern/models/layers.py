@@ -157,69 +157,63 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Keys ``fc1``, ``fc2``; the computation is fused with the preceding LayerNorm in Block."""
+    """Keys ``fc1``, ``fc2``; the computation is fused with the preceding norm in Block.
 
-    def __init__(self, dim: int, hidden: int, bias: bool = True, approximate: str = "none") -> None:
+    ``activation``: "gelu" (exact), "gelu_tanh", "quick_gelu" or "silu" (vitkern.ops.layernorm_mlp);
+    ``approximate="tanh"`` is the older spelling of "gelu_tanh"."""
+
+    def __init__(
+        self, dim: int, hidden: int, bias: bool = True, approximate: str = "none", activation: str = "gelu"
+    ) -> None:
         super().__init__()
-        self.approximate = approximate  # GELU: "none" (erf) or "tanh"
+        from vitkern.ops.layernorm_mlp import _resolve_activation
+
+        self.activation = _resolve_activation(activation, approximate)
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
 
 
 class GluMlp(nn.Module):
     """timm's ``GluMlp`` keys: ``fc1`` (dim -> 2 * hidden, gate and value rows; the gate's half
     last or first per ``gate_last``) and ``fc2`` (hidden -> dim). The gated MLP
-    ``fc2(GELU(gate) * value)`` is fused with the preceding LayerNorm (``layernorm_mlp(gated=...)``)."""
+    ``fc2(act(gate) * value)`` is fused with the preceding norm (``layernorm_mlp(gated=...)``);
+    ``activation`` as for :class:`Mlp`."""
 
     def __init__(
-        self, dim: int, hidden2: int, bias: tuple[bool, bool] = (True, True), gate_last: bool = True, approximate="none"
+        self, dim: int, hidden2: int, bias: tuple[bool, bool] = (True, True), gate_last: bool = True, activation="silu"
     ) -> None:
         super().__init__()
+        from vitkern.ops.layernorm_mlp import _resolve_activation
+
         if hidden2 % 2:
             raise ValueError(f"hidden2 (fc1's outputs: gate and value) must be even, got {hidden2}")
-        self.approximate = approximate
+        self.activation = _resolve_activation(activation, "none")
         self.gate_last = gate_last
         self.fc1 = nn.Linear(dim, hidden2, bias=bias[0])
         self.fc2 = nn.Linear(hidden2 // 2, dim, bias=bias[1])
 
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, gate_last={self.gate_last}"
+
 
 class SwiGLU(nn.Module):
     """timm's ``SwiGLU`` keys: ``fc1_g`` (gate) and ``fc1_x`` (value), dim -> hidden each, and
-    ``fc2``; fused with the preceding LayerNorm like :class:`GluMlp`."""
+    ``fc2``; fused with the preceding norm like :class:`GluMlp`."""
 
-    def __init__(self, dim: int, hidden: int, bias: tuple[bool, bool] = (True, True), approximate="none") -> None:
+    def __init__(self, dim: int, hidden: int, bias: tuple[bool, bool] = (True, True), activation="silu") -> None:
         super().__init__()
-        self.approximate = approximate
+        from vitkern.ops.layernorm_mlp import _resolve_activation
+
+        self.activation = _resolve_activation(activation, "none")
         self.fc1_g = nn.Linear(dim, hidden, bias=bias[0])
         self.fc1_x = nn.Linear(dim, hidden, bias=bias[0])
         self.fc2 = nn.Linear(hidden, dim, bias=bias[1])
 
-
-def fused_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, approximate: str, residual: bool) -> torch.Tensor:
-    """``[x +] mlp(norm(x))`` as one :func:`~vitkern.ops.layernorm_mlp`: a plain MLP (``fc1``,
-    ``fc2``), a packed gated one (``fc1`` with ``gate_last``, timm's GluMlp) or a split one
-    (``fc1_g``, ``fc1_x``, timm's SwiGLU); vitkern's modules or timm's, read by attribute."""
-    kw = {}
-    if hasattr(mlp, "fc1_g"):
-        w1, b1 = mlp.fc1_x.weight, mlp.fc1_x.bias
-        kw = dict(gated="split", fc1_gate_weight=mlp.fc1_g.weight, fc1_gate_bias=mlp.fc1_g.bias)
-    else:
-        w1, b1 = mlp.fc1.weight, mlp.fc1.bias
-        if hasattr(mlp, "gate_last"):
-            kw = dict(gated="gate_last" if mlp.gate_last else "gate_first")
-    return layernorm_mlp(
-        x,
-        norm.weight,
-        norm.bias,
-        w1,
-        b1,
-        mlp.fc2.weight,
-        mlp.fc2.bias,
-        eps=norm.eps,
-        approximate=approximate,
-        residual=residual,
-        **kw,
-    )
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
 
 
 class Block(nn.Module):
@@ -239,6 +233,7 @@ class Block(nn.Module):
         sp_hidden: int = 32,
         norm_eps: float = 1e-6,
         mlp_approximate: str = "none",
+        mlp_activation: str = "gelu",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -246,7 +241,9 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=proj_bias, approximate=mlp_approximate)
+        self.mlp = Mlp(
+            dim, int(dim * mlp_ratio), bias=proj_bias, approximate=mlp_approximate, activation=mlp_activation
+        )
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -257,18 +254,55 @@ class Block(nn.Module):
         plain_residual = isinstance(self.ls2, nn.Identity) and not (
             isinstance(self.drop_path2, DropPath) and self.training
         )
-        approx = self.mlp.approximate
         if plain_residual:  # the residual add is fused into fc2's epilogue
-            return fused_mlp(self.norm2, self.mlp, x, approx, True)
-        out = fused_mlp(self.norm2, self.mlp, x, approx, False)
-        return x + self.drop_path2(self.ls2(out))
+            return fused_norm_mlp(self.norm2, self.mlp, x, residual=True)
+        return x + self.drop_path2(self.ls2(fused_norm_mlp(self.norm2, self.mlp, x, residual=False)))
 
 
 def fusable_mlp(norm: nn.Module, mlp: nn.Module) -> bool:
     """Whether ``norm`` then ``mlp`` run as one fused layernorm_mlp: a vitkern Mlp, GluMlp or
-    SwiGLU after an nn.LayerNorm (any eps, affine or not). Other MLPs (timm's modules kept by
-    ViT.from_timm) run as ordinary modules."""
-    return isinstance(mlp, (Mlp, GluMlp, SwiGLU)) and type(norm) is nn.LayerNorm
+    SwiGLU after an nn.LayerNorm or nn.RMSNorm (any eps, affine or not). Other MLPs (timm's
+    modules kept by ViT.from_timm) run as ordinary modules."""
+    return isinstance(mlp, (Mlp, GluMlp, SwiGLU)) and type(norm) in (nn.LayerNorm, nn.RMSNorm)
+
+
+def fused_norm_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, residual: bool) -> torch.Tensor:
+    """``[x +] mlp(norm(x))`` through the fused op (``fusable_mlp(norm, mlp)`` must hold)."""
+    rms = type(norm) is nn.RMSNorm
+    # nn.RMSNorm's eps=None means the input dtype's machine epsilon.
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    return norm_mlp(x, norm, mlp, mlp.activation, "rmsnorm" if rms else "layernorm", eps, residual)
+
+
+def norm_mlp(
+    x: torch.Tensor, norm: nn.Module, mlp: nn.Module, activation: str, norm_kind: str, eps: float, residual: bool
+) -> torch.Tensor:
+    """``[x +] mlp(norm(x))`` as one :func:`~vitkern.ops.layernorm_mlp`, for a plain MLP
+    (``fc1``, ``fc2``), a packed gated one (``fc1`` with ``gate_last``: timm's GluMlp) or a split
+    one (``fc1_g``, ``fc1_x``: timm's SwiGLU), vitkern's modules or timm's (read by attribute);
+    ``norm_kind``: "layernorm" or "rmsnorm" (its weight only)."""
+    kw = {}
+    if hasattr(mlp, "fc1_g"):
+        w1, b1 = mlp.fc1_x.weight, mlp.fc1_x.bias
+        kw = dict(gated="split", fc1_gate_weight=mlp.fc1_g.weight, fc1_gate_bias=mlp.fc1_g.bias)
+    else:
+        w1, b1 = mlp.fc1.weight, mlp.fc1.bias
+        if hasattr(mlp, "gate_last"):
+            kw = dict(gated="gate_last" if mlp.gate_last else "gate_first")
+    return layernorm_mlp(
+        x,
+        norm.weight,
+        None if norm_kind == "rmsnorm" else norm.bias,
+        w1,
+        b1,
+        mlp.fc2.weight,
+        mlp.fc2.bias,
+        eps=eps,
+        activation=activation,
+        norm=norm_kind,
+        residual=residual,
+        **kw,
+    )
 
 
 class ParallelThingsBlock(nn.Module):
@@ -289,7 +323,7 @@ class ParallelThingsBlock(nn.Module):
         outs = []
         for f in self.ffns:
             if fusable_mlp(f.norm, f.mlp):
-                h = fused_mlp(f.norm, f.mlp, x, f.mlp.approximate, False)
+                h = fused_norm_mlp(f.norm, f.mlp, x, residual=False)
             else:
                 h = f.mlp(f.norm(x))
             outs.append(f.drop_path(f.ls(h)))

@@ -1,7 +1,10 @@
-"""LayerNorm + gated MLP (SwiGLU, GeGLU), the ``gated=`` form of
+"""LayerNorm (or RMSNorm) + gated MLP (SwiGLU, GeGLU), the ``gated=`` form of
 :func:`vitkern.ops.layernorm_mlp` (docs/DESIGN.md §1.4):
 
-    y = x + fc2(act(gate) * value),   gate, value = the two fc1 projections of LayerNorm(x)
+    y = x + fc2(act(gate) * value),   gate, value = the two fc1 projections of norm(x)
+
+act is any of layernorm_mlp's activations, passed to the kernels as its code (1 GELU, 2 GELU
+tanh, 3 QuickGELU, 4 SiLU); ``rms``: RMSNorm instead of LayerNorm (no norm bias).
 
 The fc1 weights are taken as timm stores them (no copy per call):
 
@@ -34,13 +37,23 @@ Opt = torch.Tensor | None
 
 
 def _act(code: int, t: torch.Tensor) -> torch.Tensor:
-    """The activation of kernel code ``code`` (1 GELU erf, 2 GELU tanh) in plain PyTorch."""
-    return F.gelu(t, approximate="tanh" if code == 2 else "none")
+    """The activation of kernel code ``code`` in plain PyTorch (as vitkern.ops.layernorm_mlp's)."""
+    if code == 1:
+        return F.gelu(t)
+    if code == 2:
+        return F.gelu(t, approximate="tanh")
+    if code == 3:
+        return t * torch.sigmoid(1.702 * t)
+    return F.silu(t)
 
 
-def glu_reference(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, gate_first, residual):
+def glu_reference(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual):
     """The definition of the gated op on the internal arguments (module docstring)."""
-    h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+    if rms:  # timm's RmsNorm, as layernorm_mlp's reference computes it
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        h = h * ln_weight if ln_weight is not None else h
+    else:
+        h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
     if w1b is None:
         first, second = F.linear(h, w1a, b1a).chunk(2, dim=-1)
         gate, value = (first, second) if gate_first else (second, first)
@@ -74,7 +87,7 @@ def _grads_fake(x, ln_weight, ln_bias, w1a, w1b, fc2_weight):
 
 
 def _grad_tuple(grads, ln_weight, ln_bias, w1b, has_bias):
-    """The autograd return: one entry per op input (14), None where no gradient applies."""
+    """The autograd return: one entry per op input (15), None where no gradient applies."""
     dx, dlnw, dlnb, dw1a, db1a, dw1b, db1b, dw2, db2 = grads
     return (
         dx,
@@ -91,12 +104,13 @@ def _grad_tuple(grads, ln_weight, ln_bias, w1b, has_bias):
         None,
         None,
         None,
+        None,
     )
 
 
 def _setup(ctx, inputs):
-    x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, w2, b2, eps, act, gate_first, residual, save = inputs
-    ctx.flags = (act, gate_first, residual)
+    x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, w2, b2, eps, act, rms, gate_first, residual, save = inputs
+    ctx.flags = (act, rms, gate_first, residual)
     ctx.has_bias = (b1a is not None, b1b is not None, b2 is not None)
     ctx.has_w1b = w1b is not None
     return x, ln_weight, ln_bias, w1a, w1b, w2
@@ -116,6 +130,7 @@ def _layernorm_glu_cpu(
     fc2_bias: Opt,
     eps: float,
     act: int,
+    rms: bool,
     gate_first: bool,
     residual: bool,
     save: bool,
@@ -125,13 +140,27 @@ def _layernorm_glu_cpu(
     with no_autocast("cpu"):
         return tuple(
             load_extension().layernorm_glu_forward(
-                x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, gate_first, residual, save
+                x,
+                ln_weight,
+                ln_bias,
+                w1a,
+                b1a,
+                w1b,
+                b1b,
+                fc2_weight,
+                fc2_bias,
+                eps,
+                act,
+                rms,
+                gate_first,
+                residual,
+                save,
             )
         )
 
 
 @_layernorm_glu_cpu.register_fake
-def _(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, gate_first, residual, save):
+def _(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual, save):
     M, D, Hd = x.shape[0], x.shape[1], fc2_weight.shape[1]
     f32 = dict(dtype=torch.float32)
     saved = [x.new_empty(s if save else (0,), **f32) for s in ((M, 2 * Hd), (M, Hd), (M, D))]
@@ -153,6 +182,7 @@ def _layernorm_glu_cpu_backward(
     hidden: torch.Tensor,
     ln_out: torch.Tensor,
     act: int,
+    rms: bool,
     gate_first: bool,
     residual: bool,
 ) -> list[torch.Tensor]:
@@ -171,6 +201,7 @@ def _layernorm_glu_cpu_backward(
             hidden,
             ln_out,
             act,
+            rms,
             gate_first,
             residual,
         )
@@ -178,7 +209,9 @@ def _layernorm_glu_cpu_backward(
 
 
 @_layernorm_glu_cpu_backward.register_fake
-def _(dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, hidden, ln_out, act, gate_first, residual):
+def _(
+    dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, hidden, ln_out, act, rms, gate_first, residual
+):
     return _grads_fake(x, ln_weight, ln_bias, w1a, w1b, fc2_weight)
 
 
@@ -191,7 +224,7 @@ def _cpu_setup_context(ctx, inputs, output):
 
 def _cpu_backward(ctx, dout, *_grads_of_saved):
     if dout is None:  # the output took no part in the loss
-        return (None,) * 14
+        return (None,) * 15
     x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre, hidden, ln_out = ctx.saved_tensors
     if pre.numel() == 0 and x.numel() != 0:
         raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
@@ -207,14 +240,14 @@ _layernorm_glu_cpu.register_autograd(_cpu_backward, setup_context=_cpu_setup_con
 def _make_impl(op, contiguous_rows: bool = False):
     """Flatten x to (tokens, dim), decide whether the backward's tensors are saved, run ``op``."""
 
-    def impl(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, gate_first, residual):
+    def impl(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if contiguous_rows and x2.stride(-1) != 1:
             x2 = x2.contiguous()
         params = (ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias)
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-        out = op(x2, *params, eps, act, gate_first, residual, save)[0]
+        out = op(x2, *params, eps, act, rms, gate_first, residual, save)[0]
         return out.reshape(shape)
 
     return impl
@@ -239,6 +272,7 @@ def _layernorm_glu_triton(
     fc2_bias: Opt,
     eps: float,
     act: int,
+    rms: bool,
     gate_first: bool,
     residual: bool,
     save: bool,
@@ -248,12 +282,12 @@ def _layernorm_glu_triton(
 
     with no_autocast(x.device.type):
         return layernorm_glu_fwd(
-            x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, gate_first, residual, save
+            x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual, save
         )
 
 
 @_layernorm_glu_triton.register_fake
-def _(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, gate_first, residual, save):
+def _(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual, save):
     M, Hd = x.shape[0], fc2_weight.shape[1]
     stats = x.new_empty((M,), dtype=torch.float32)
     return (
@@ -277,6 +311,7 @@ def _layernorm_glu_triton_backward(
     rstd: torch.Tensor,
     pre: torch.Tensor,
     act: int,
+    rms: bool,
     gate_first: bool,
     residual: bool,
 ) -> list[torch.Tensor]:
@@ -284,13 +319,13 @@ def _layernorm_glu_triton_backward(
 
     with no_autocast(x.device.type):
         grads = layernorm_glu_bwd(
-            dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, act, gate_first, residual
+            dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, act, rms, gate_first, residual
         )
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @_layernorm_glu_triton_backward.register_fake
-def _(dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, act, gate_first, residual):
+def _(dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, act, rms, gate_first, residual):
     return _grads_fake(x, ln_weight, ln_bias, w1a, w1b, fc2_weight)
 
 
@@ -303,7 +338,7 @@ def _triton_setup_context(ctx, inputs, output):
 
 def _triton_backward(ctx, dout, *_grads_of_saved):
     if dout is None:  # the output took no part in the loss
-        return (None,) * 14
+        return (None,) * 15
     x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre = ctx.saved_tensors
     if pre.numel() == 0 and x.numel() != 0:
         raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")

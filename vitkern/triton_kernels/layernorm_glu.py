@@ -1,4 +1,4 @@
-"""LayerNorm + gated MLP (GLU family: SwiGLU, GeGLU) in Triton (docs/DESIGN.md §1.4),
+"""LayerNorm (or RMSNorm: ``rms``) + gated MLP (GLU family: SwiGLU, GeGLU) in Triton (docs/DESIGN.md §1.4),
 forward and backward, on the fused GEMM of gemm.py.
 
 fc1 is one (2H, D) weight (timm's GluMlp; ``gate_first`` says which half is the gate) or
@@ -45,13 +45,13 @@ def _fc1_parts(w1a, b1a, w1b, b1b):
 
 
 def layernorm_glu_fwd(
-    x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, gate_first, residual, save
+    x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual, save
 ):
     """x: (M, D) with unit stride in D. fc1: w1a (2H, D) packed (w1b None), or w1a = gate and
     w1b = value, (H, D) each (gate_first must then be True). Returns (out, mean, rstd, pre or empty)."""
     M, D = x.shape
     Hd = fc2_weight.shape[1]
-    mean, rstd = ln_stats(x, eps)
+    mean, rstd = ln_stats(x, eps, rms)
     pre = torch.empty((M, 2 * Hd), device=x.device, dtype=x.dtype)
     for w, b, col in _fc1_parts(w1a, b1a, w1b, b1b):
         n = w.shape[0]
@@ -95,7 +95,9 @@ def layernorm_glu_fwd(
     return out, mean, rstd, (pre if save else x.new_empty(0))
 
 
-def layernorm_glu_bwd(dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, act, gate_first, residual):
+def layernorm_glu_bwd(
+    dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, act, rms, gate_first, residual
+):
     """Returns (dx, d ln_weight, d ln_bias, d w1a, d b1a, d w1b or None, d b1b or None,
     d fc2_weight, d fc2_bias)."""
     M, D = x.shape
@@ -197,6 +199,7 @@ def layernorm_glu_bwd(dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, r
             HAS_LNW=ln_weight is not None,
             HAS_RES=residual,
             BLOCK_D=block_d,
+            RMS=rms,
             num_warps=4 if block_d <= 2048 else 8,
         )
     dlnw = dw_part.sum(0).to(ln_weight.dtype) if ln_weight is not None else None
