@@ -90,15 +90,18 @@ def test_layernorm_mlp_cpu(shape, D, Hd, residual, affine, biases, activation, n
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "gated,shape,D,Hd,residual,affine,biases,approximate",
+    "gated,shape,D,Hd,residual,affine,biases,activation,norm",
     [
-        ("gate_last", (2, 197), 64, 100, True, True, True, "none"),  # ViT geometry, hidden not a tile multiple
-        ("gate_first", (1, 5), 24, 36, False, True, True, "tanh"),  # batch 1, no residual
-        ("split", (131,), 40, 72, True, False, False, "none"),  # 2-D input, no LN affine, no biases
-        ("split", (3, 7, 11), 48, 60, True, True, True, "tanh"),  # 4-D input
+        ("gate_last", (2, 197), 64, 100, True, True, True, "silu", "layernorm"),  # ViT geometry, ragged hidden
+        ("gate_first", (1, 5), 24, 36, False, True, True, "gelu_tanh", "layernorm"),  # batch 1, no residual
+        ("split", (131,), 40, 72, True, False, False, "gelu", "layernorm"),  # 2-D, no LN affine, no biases
+        ("split", (3, 7, 11), 48, 60, True, True, True, "silu", "rmsnorm"),  # 4-D input, RMSNorm (aimv2)
+        ("gate_last", (2, 9), 32, 40, True, True, True, "quick_gelu", "rmsnorm"),
     ],
 )
-def test_layernorm_mlp_gated_cpu(gated, shape, D, Hd, residual, affine, biases, approximate, dtype, gen, poison_empty):
+def test_layernorm_mlp_gated_cpu(
+    gated, shape, D, Hd, residual, affine, biases, activation, norm, dtype, gen, poison_empty
+):
     """layernorm_mlp(gated=...) on the cpu kernel: output and every gradient (x, LN affine, the
     fc1 weight(s) and bias(es), fc2) against float64."""
 
@@ -111,7 +114,8 @@ def test_layernorm_mlp_gated_cpu(gated, shape, D, Hd, residual, affine, biases, 
             b1,
             w2,
             b2,
-            approximate=approximate,
+            activation=activation,
+            norm=norm,
             residual=residual,
             backend=backend,
             gated=gated,
@@ -124,7 +128,7 @@ def test_layernorm_mlp_gated_cpu(gated, shape, D, Hd, residual, affine, biases, 
     inputs = [
         randn(*shape, D, **f64),
         randn(D, **f64) * 0.5 + 1 if affine else None,
-        randn(D, **f64) if affine else None,
+        randn(D, **f64) if affine and norm == "layernorm" else None,
         randn(H1, D, **f64) * 0.2,
         randn(H1, **f64) if biases else None,
         randn(D, Hd, **f64) * 0.2,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import pytest
 import torch
@@ -285,40 +284,50 @@ def test_layernorm_mlp_gradcheck(gen):
 
 
 # ----------------------------------------------------------------------------- layernorm_mlp gated=
+_TIMM_ACTS = {
+    "gelu": lambda: torch.nn.GELU(),
+    "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh"),
+    "quick_gelu": lambda: pytest.importorskip("timm.layers").QuickGELU(),
+    "silu": lambda: torch.nn.SiLU(),
+}
+
+
 @pytest.mark.parametrize("kind", ["gate_last", "gate_first", "split"])
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("residual", [True, False])
-def test_gated_layernorm_mlp_matches_timm_modules(kind, approximate, residual, gen):
-    """The gated reference is timm's GluMlp (gate first or last) / SwiGLU after a LayerNorm,
-    with the weights exactly as timm stores them."""
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "quick_gelu", "silu"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_gated_layernorm_mlp_matches_timm_modules(kind, activation, norm, gen):
+    """The gated reference is timm's GluMlp (gate first or last) / SwiGLU after timm's
+    LayerNorm / RmsNorm, with the weights exactly as timm stores them."""
     timm_layers = pytest.importorskip("timm.layers")
     D, Hd = 12, 20
-    act = partial(torch.nn.GELU, approximate=approximate)
+    act = _TIMM_ACTS[activation]
     if kind == "split":
         m = timm_layers.SwiGLU(D, Hd, act_layer=act)
     else:
         m = timm_layers.GluMlp(D, 2 * Hd, act_layer=act, gate_last=kind == "gate_last")
-    norm = torch.nn.LayerNorm(D, eps=1e-5)
-    m, norm = m.double(), norm.double()
+    nm = timm_layers.RmsNorm(D, eps=1e-5) if norm == "rmsnorm" else timm_layers.LayerNorm(D, eps=1e-5)
+    m, nm = m.double(), nm.double()
     with torch.no_grad():
-        for p in (*m.parameters(), *norm.parameters()):
-            p.copy_(randn(*p.shape, dtype=torch.float64, gen=gen) * 0.3 + (1.0 if p is norm.weight else 0.0))
+        for p in (*m.parameters(), *nm.parameters()):
+            p.copy_(randn(*p.shape, dtype=torch.float64, gen=gen) * 0.3 + (1.0 if p is nm.weight else 0.0))
     x = randn(2, 7, D, dtype=torch.float64, gen=gen)
-    ref = m(norm(x)) + (x if residual else 0)
+    residual = kind != "gate_first"
+    ref = m(nm(x)) + (x if residual else 0)
     if kind == "split":
         w1, b1, gate = m.fc1_x.weight, m.fc1_x.bias, dict(fc1_gate_weight=m.fc1_g.weight, fc1_gate_bias=m.fc1_g.bias)
     else:
         w1, b1, gate = m.fc1.weight, m.fc1.bias, {}
     out = layernorm_mlp(
         x,
-        norm.weight,
-        norm.bias,
+        nm.weight,
+        getattr(nm, "bias", None),
         w1,
         b1,
         m.fc2.weight,
         m.fc2.bias,
         eps=1e-5,
-        approximate=approximate,
+        activation=activation,
+        norm=norm,
         residual=residual,
         gated=kind,
         backend="reference",
