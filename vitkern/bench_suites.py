@@ -186,7 +186,7 @@ def layernorm_mlp_case(
 ) -> Case:
     """The fused LayerNorm + MLP against eager PyTorch and the bare GEMMs. ``gated="split"``:
     the SwiGLU-style row (two (hidden, dim) fc1 projections, gate and value, with hidden
-    2/3 of ``dim * mlp_ratio`` rounded up to 8, as EVA-02 / DINOv2 size it; GELU gate)."""
+    2/3 of ``dim * mlp_ratio`` rounded up to 8, as EVA-02 / DINOv2 size it; SiLU gate)."""
     device = torch.device(device)
     hidden = int(dim * mlp_ratio)
     if gated is not None:
@@ -236,10 +236,11 @@ def _gated_mlp_case(x, params, gate_w, gate_b, gated, flops, compile) -> Case:
     M, dim = x.shape[0] * x.shape[1], x.shape[-1]
     hidden = gate_w.shape[0]
     flops = flops * 1.5
-    kw = dict(gated=gated, fc1_gate_weight=gate_w, fc1_gate_bias=gate_b)
+    kw = dict(gated=gated, fc1_gate_weight=gate_w, fc1_gate_bias=gate_b, activation="silu")
     case = Case("layernorm_mlp", dict(D=dim, M=M, gated=gated), dtype, device, backward, flops, floor="GEMMs alone")
     leaves = [x, *params, gate_w, gate_b]
-    internal = (x, *params[:4], gate_w, gate_b, *params[4:], 1e-6, 1, True, True)  # the backend checks' arguments
+    # The internal arguments the backends' support checks take (split: gate first, then value).
+    internal = (x, *params[:2], gate_w, gate_b, *params[2:], 1e-6, 4, False, True, True)
     for b in vitkern_backends("layernorm_mlp_gated", device, *internal):
         case.providers[f"vitkern[{b}]"] = _runner(
             lambda b=b: layernorm_mlp(x, *params, backend=b, **kw), backward, leaves

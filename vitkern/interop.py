@@ -15,11 +15,11 @@ def patch_timm(model: nn.Module) -> nn.Module:
 
     Every timm ``Attention`` runs through :func:`vitkern.ops.sp_attention` (plain attention,
     omega=None; qk_norm, scale_attn_norm and the attention gate stay timm's modules around
-    it); every LayerNorm + GELU MLP (any eps, exact or tanh GELU), plain or gated (timm's
-    GluMlp and SwiGLU with an Identity inner norm), runs through
+    it); every LayerNorm / RmsNorm + MLP (any eps; GELU exact or tanh, QuickGELU, SiLU), plain
+    or gated (timm's GluMlp and SwiGLU with an Identity inner norm), runs through
     :func:`vitkern.ops.layernorm_mlp`; a plain patch embedding runs through
-    :func:`vitkern.ops.patch_embed`. Other parts (other activations, RmsNorm,
-    hybrid stems, attention-pool heads) keep timm's own forward; their names are listed in
+    :func:`vitkern.ops.patch_embed`. Other parts (other activations, gated MLPs with an
+    inner norm, hybrid stems, attention-pool heads) keep timm's own forward; their names are listed in
     ``model.vitkern_unfused``. Parameters, state_dict keys, the optimizer's view of the
     model and timm's own ``forward_features`` are unchanged; the backend follows
     ``vitkern.use_backend`` / ``VITKERN_BACKEND`` as for vitkern.ViT.

@@ -6,10 +6,11 @@ vitkern cannot reproduce exactly raises :class:`TimmConversionError` (a ValueErr
 naming the feature and the model's class. What converts:
 
 * the trunk on the fused ops: attention through ``sp_attention`` (with timm's qk_norm,
-  scale_attn_norm and gated attention as ordinary modules around it) and LayerNorm + GELU
-  MLP (any eps, exact or tanh GELU) through ``layernorm_mlp``;
-* as ordinary (unfused) modules copied from timm: other norms (RmsNorm), other MLPs
-  (SwiGLU, GeGLU, QuickGELU, SiLU ...), hybrid CNN stems and other patch embeddings,
+  scale_attn_norm and gated attention as ordinary modules around it) and LayerNorm or
+  RmsNorm + MLP (any eps; exact or tanh GELU, QuickGELU, SiLU) through ``layernorm_mlp``,
+  gated MLPs too (GluMlp / SwiGLUPacked packed, SwiGLU split: ``layernorm_mlp(gated=...)``);
+* as ordinary (unfused) modules copied from timm: other norms, gated MLPs with an inner
+  norm, hybrid CNN stems and other patch embeddings,
   attention-pool heads (``global_pool='map'``), post-norm blocks' norms and MLP;
 * block layouts: pre-norm ``Block``, ``ParallelThingsBlock``, post-norm ``ResPostBlock``;
   models without a position embedding, with registers, without class token.
