@@ -59,11 +59,12 @@ OP_CASES = [
     {"op": "sp_attention", "dtype": "float32", "shape": [2, 1, [4, 4], 0, 64, False]},  # omega=None
 ]
 
-# The cases ``vitkern selftest`` runs per (op, backend, dtype): the first two of each op,
-# and attention without a prior.
+# The cases ``vitkern selftest`` runs per (op, backend, dtype): the first two of each op (one
+# gated MLP), and attention without a prior.
 SELFTEST_CASES = [
     *[c for c in OP_CASES if c["op"] == "patch_embed"][:2],
     *[c for c in OP_CASES if c["op"] == "layernorm_mlp"][:2],
+    *[c for c in OP_CASES if c["op"] == "layernorm_mlp_gated"][:1],
     *[c for c in OP_CASES if c["op"] == "sp_attention"][:2],
     OP_CASES[-1],
 ]
@@ -249,6 +250,7 @@ def check_model_step(spatial_prior: bool, backend: str, dtype: torch.dtype, devi
     name = "SP-ViT step" if spatial_prior else "ViT step"
     v = Verdict(name, backend, str(dtype).replace("torch.", ""), "", float("inf"), MODEL_TOL[dtype])
     device = torch.device(device)
+    before = dict(vitkern.backend_report())
     try:
         torch.manual_seed(seed)
         cfg = dict(img_size=(48, 80), patch_size=16, embed_dim=64, depth=3, num_heads=2, num_classes=5)
@@ -269,7 +271,9 @@ def check_model_step(spatial_prior: bool, backend: str, dtype: torch.dtype, devi
                 with torch.autocast(device.type, dtype=dtype):
                     out = model(x)
             torch.nn.functional.cross_entropy(out.float(), y).backward()
-        used = {op: r.backend for op, r in vitkern.backend_report().items()}
+        # The ops this step dispatched (each call records a new DispatchRecord; ops the model
+        # does not use, e.g. the gated MLP, keep the record of an earlier check).
+        used = {op: r.backend for op, r in vitkern.backend_report().items() if before.get(op) is not r}
         with vitkern.use_backend("reference"):
             ref = ref_model(x.double())
             torch.nn.functional.cross_entropy(ref, y).backward()
