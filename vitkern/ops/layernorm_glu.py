@@ -112,7 +112,6 @@ def _setup(ctx, inputs):
     x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, w2, b2, eps, act, rms, gate_first, residual, save = inputs
     ctx.flags = (act, rms, gate_first, residual)
     ctx.has_bias = (b1a is not None, b1b is not None, b2 is not None)
-    ctx.has_w1b = w1b is not None
     return x, ln_weight, ln_bias, w1a, w1b, w2
 
 
@@ -351,15 +350,9 @@ def _triton_backward(ctx, dout, *_grads_of_saved):
 _layernorm_glu_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
-def _triton_supports(x, *args) -> str | None:
-    from vitkern.ops.layernorm_mlp import _triton_lnmlp_supports
-
-    return _triton_lnmlp_supports(x)
-
-
-_backend.register_impl(
-    "layernorm_mlp_gated", "triton", _make_impl(_layernorm_glu_triton, contiguous_rows=True), _triton_supports
-)
+# Registered for the "triton" backend by vitkern/ops/layernorm_mlp.py, with the plain op's support
+# check (the dimension limit of the LayerNorm kernels, read without an import at dispatch time).
+glu_triton_impl = _make_impl(_layernorm_glu_triton, contiguous_rows=True)
 
 
 # ----------------------------------------------------------------------------- validation + dispatch

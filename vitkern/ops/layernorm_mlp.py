@@ -21,7 +21,7 @@ from vitkern.ops._validate import (
     cpu_gemm_kernel_auto_skip,
     triton_kernel_supports,
 )
-from vitkern.ops.layernorm_glu import gated_args, glu_reference
+from vitkern.ops.layernorm_glu import gated_args, glu_reference, glu_triton_impl
 
 __all__ = ["layernorm_mlp", "layernorm_mlp_reference", "ACTIVATIONS", "NORMS"]
 
@@ -404,6 +404,7 @@ if _backend.backend_status("triton") is None:
 _backend.register_impl(
     "layernorm_mlp", "triton", _make_lnmlp_impl(_layernorm_mlp_triton, contiguous_rows=True), _triton_lnmlp_supports
 )
+_backend.register_impl("layernorm_mlp_gated", "triton", glu_triton_impl, _triton_lnmlp_supports)
 
 
 def layernorm_mlp(
