@@ -33,6 +33,7 @@ import torch
 import triton
 
 from vitkern.triton_kernels import launches as L
+from vitkern.triton_kernels import layernorm_glu as glk
 from vitkern.triton_kernels import layernorm_mlp as lnk
 from vitkern.triton_kernels import patch_embed as pek
 from vitkern.triton_kernels import sp_attention as spk
@@ -76,6 +77,15 @@ def model_launches(dtype: torch.dtype, smem_limit: int, arch: int | None = None)
             out += L.capture(lnk.layernorm_mlp_fwd, x, lw, lb, w1, b1, w2, b2, 1e-6, 1, True, True, **lim)
             mean, rstd, pre = torch.empty(M), torch.empty(M), torch.empty(M, Hd, dtype=dtype)
             out += L.capture(lnk.layernorm_mlp_bwd, x, x, lw, lb, w1, w2, mean, rstd, pre, 1, True, **lim)
+            # The same block as a SwiGLU MLP (split fc1, SiLU; hidden 2/3 of the plain one's).
+            Hg = -(-Hd * 2 // 3 // 8) * 8
+            wg, wv, w2g = (torch.empty(s, dtype=dtype) for s in ((Hg, D), (Hg, D), (D, Hg)))
+            args = (x, lw, lb, wg, None, wv, None, w2g, b2, 1e-6, 4, False, True, True, True)
+            out += L.capture(glk.layernorm_glu_fwd, *args, **lim)
+            pre2 = torch.empty(M, 2 * Hg, dtype=dtype)
+            out += L.capture(
+                glk.layernorm_glu_bwd, x, x, lw, lb, wg, wv, w2g, mean, rstd, pre2, 4, False, True, True, **lim
+            )
             images = torch.empty(B, 3, img, img, dtype=dtype)
             w, bias, pos = torch.empty(D, 3, P, P, dtype=dtype), torch.empty(D, dtype=dtype), torch.empty(1, g * g, D)
             out += L.capture(pek.patch_embed_fwd, images, w, bias, pos.to(dtype), **lim)
@@ -90,7 +100,7 @@ def _mode(launch: L.Launch) -> str:
     kw = launch.kwargs
     if launch.name == "fused_gemm_kernel":
         flags = [f"A{kw['A_MODE']}", f"B{kw['B_MODE']}", f"C{kw['C_MODE']}"]
-        flags += [f for f in ("EPI_GELU", "EPI_DGELU", "HAS_RES", "STORE_PRE") if kw.get(f)]
+        flags += [f for f in ("EPI_GELU", "EPI_DGELU", "EPI_DGLU", "HAS_RES", "STORE_PRE") if kw.get(f)]
         return " ".join(flags)
     if "HAS_PRIOR" in kw:
         return f"Dh={kw['HEAD_DIM']} prior={int(kw['HAS_PRIOR'])}"

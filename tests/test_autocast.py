@@ -91,7 +91,7 @@ def test_model_train_step_under_bf16_autocast(kind, backend, gen):
         assert model.blocks[0].attn.spatial_relation.w2.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("op", ["patch_embed", "layernorm_mlp", "sp_attention"])
+@pytest.mark.parametrize("op", ["patch_embed", "layernorm_mlp", "layernorm_mlp_gated", "sp_attention"])
 def test_ops_run_in_autocast_dtype(op, gen):
     """Inside bf16 autocast each op computes in bf16 (it does not silently run fp32 on the
     fp32 inputs), and its backward works inside the region on every CPU backend."""
@@ -104,6 +104,14 @@ def test_ops_run_in_autocast_dtype(op, gen):
             args += (randn(32, 16, gen=gen, scale=0.2), randn(32, gen=gen), randn(16, 32, gen=gen, scale=0.2))
             args += (randn(16, gen=gen),)
             fn = layernorm_mlp
+        elif op == "layernorm_mlp_gated":  # split fc1 (SwiGLU): the gate projection is cast too
+            args = (randn(2, 5, 16, gen=gen), randn(16, gen=gen), randn(16, gen=gen))
+            args += (randn(24, 16, gen=gen, scale=0.2), randn(24, gen=gen), randn(16, 24, gen=gen, scale=0.2))
+            args += (randn(16, gen=gen), randn(24, 16, gen=gen, scale=0.2), randn(24, gen=gen))
+
+            def fn(x, lw, lb, w1, b1, w2, b2, gw, gb, backend):
+                kw = dict(gated="split", fc1_gate_weight=gw, fc1_gate_bias=gb, activation="silu")
+                return layernorm_mlp(x, lw, lb, w1, b1, w2, b2, backend=backend, **kw)
         else:
             args = tuple(randn(2, 2, 10, 16, gen=gen) for _ in range(3)) + (1 + 0.3 * randn(2, 5, 5, gen=gen),)
             fn = sp_attention

@@ -88,6 +88,105 @@ def test_layernorm_mlp_cpu(shape, D, Hd, residual, affine, biases, activation, n
     _check_op_and_grads(fn, inputs, gen, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "gated,shape,D,Hd,residual,affine,biases,activation,norm",
+    [
+        ("gate_last", (2, 197), 64, 100, True, True, True, "silu", "layernorm"),  # ViT geometry, ragged hidden
+        ("gate_first", (1, 5), 24, 36, False, True, True, "gelu_tanh", "layernorm"),  # batch 1, no residual
+        ("split", (131,), 40, 72, True, False, False, "gelu", "layernorm"),  # 2-D, no LN affine, no biases
+        ("split", (3, 7, 11), 48, 60, True, True, True, "silu", "rmsnorm"),  # 4-D input, RMSNorm (aimv2)
+        ("gate_last", (2, 9), 32, 40, True, True, True, "quick_gelu", "rmsnorm"),
+    ],
+)
+def test_layernorm_mlp_gated_cpu(
+    gated, shape, D, Hd, residual, affine, biases, activation, norm, dtype, gen, poison_empty
+):
+    """layernorm_mlp(gated=...) on the cpu kernel: output and every gradient (x, LN affine, the
+    fc1 weight(s) and bias(es), fc2) against float64."""
+
+    def fn(x, lw, lb, w1, b1, w2, b2, gw, gb, backend):
+        return layernorm_mlp(
+            x,
+            lw,
+            lb,
+            w1,
+            b1,
+            w2,
+            b2,
+            activation=activation,
+            norm=norm,
+            residual=residual,
+            backend=backend,
+            gated=gated,
+            fc1_gate_weight=gw,
+            fc1_gate_bias=gb,
+        )
+
+    f64 = dict(dtype=torch.float64, gen=gen)
+    H1 = Hd if gated == "split" else 2 * Hd
+    inputs = [
+        randn(*shape, D, **f64),
+        randn(D, **f64) * 0.5 + 1 if affine else None,
+        randn(D, **f64) if affine and norm == "layernorm" else None,
+        randn(H1, D, **f64) * 0.2,
+        randn(H1, **f64) if biases else None,
+        randn(D, Hd, **f64) * 0.2,
+        randn(D, **f64) if biases else None,
+        randn(Hd, D, **f64) * 0.2 if gated == "split" else None,
+        randn(Hd, **f64) if gated == "split" and biases else None,
+    ]
+    _check_op_and_grads(fn, inputs, gen, dtype)
+    assert vitkern.last_backend("layernorm_mlp_gated") == "reference"  # the last call was the reference
+
+
+def test_layernorm_mlp_gated_cpu_inference_auto_picks_cpu_and_is_deterministic(gen):
+    x = randn(3, 50, 32, gen=gen)
+    w1, b1, w2 = randn(96, 32, gen=gen) * 0.2, randn(96, gen=gen), randn(32, 48, gen=gen) * 0.2
+    with torch.no_grad():
+        y = layernorm_mlp(x, None, None, w1, b1, w2, None, gated="gate_first")
+    assert vitkern.last_backend("layernorm_mlp_gated") == "cpu"
+    ref = layernorm_mlp(
+        x.double(), None, None, w1.double(), b1.double(), w2.double(), None, gated="gate_first", backend="reference"
+    )
+    assert_close_rel(y, ref, TOL[torch.float32])
+    leaves = [t.requires_grad_() for t in (x, w1, b1, w2)]
+    runs = []
+    for _ in range(2):
+        out = layernorm_mlp(leaves[0], None, None, *leaves[1:], None, gated="gate_first", backend="cpu")
+        runs.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_layernorm_mlp_gated_compiles_fullgraph(gen):
+    """torch.compile(fullgraph=True) traces the gated op on the cpu backend (no graph break in
+    the dispatch), forward and backward, and matches eager."""
+    torch._dynamo.reset()
+    x = randn(2, 9, 16, gen=gen).requires_grad_()
+    params = [randn(16, gen=gen), None, randn(24, 16, gen=gen), randn(24, gen=gen), randn(16, 24, gen=gen), None]
+    gate = randn(24, 16, gen=gen).requires_grad_()
+    params = [p.requires_grad_() if p is not None else None for p in params]
+
+    def f(x, *params, gate):
+        return layernorm_mlp(x, *params, gated="split", fc1_gate_weight=gate, activation="silu", norm="rmsnorm")
+
+    seen = []
+
+    def backend(gm, example_inputs):  # records the captured graph's calls, runs it as traced
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    out = torch.compile(f, fullgraph=True, backend=backend)(x, *params, gate=gate)
+    assert any("vitkern.layernorm_glu_cpu" in t for t in seen), seen
+    leaves = [x, gate, params[0], params[2]]
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    ref = f(x, *params, gate=gate)
+    assert_close_rel(out, ref, TOL[torch.float32])
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), leaves), strict=True):
+        assert_close_rel(g, r, TOL[torch.float32])
+
+
 def test_layernorm_mlp_cpu_inference_saves_nothing_and_auto_picks_cpu(gen):
     x = randn(4, 16, gen=gen)
     w1, w2 = randn(64, 16, gen=gen), randn(16, 64, gen=gen)

@@ -78,6 +78,15 @@ def test_custom_ops_pass_opcheck(gen):
     # RMSNorm (no LN bias) with SiLU, no residual
     rms_params = [params[0], None, *params[2:]]
     torch.library.opcheck(_layernorm_mlp_cpu, (x, *rms_params, 1e-5, 4, True, False, True))
+    from vitkern.ops.layernorm_glu import _layernorm_glu_cpu
+
+    w2 = randn(16, 24, gen=gen).requires_grad_()
+    packed = (x, *params[:2], randn(48, 16, gen=gen).requires_grad_(), randn(48, gen=gen).requires_grad_())
+    torch.library.opcheck(_layernorm_glu_cpu, (*packed, None, None, w2, params[5], 1e-6, 1, False, False, True, True))
+    # split fc1, RMSNorm (weight only), SiLU, no residual
+    gate, value = (randn(24, 16, gen=gen).requires_grad_() for _ in range(2))
+    split = (x, params[0], None, gate, None, value, randn(24, gen=gen).requires_grad_(), w2, None, 1e-5, 4, True)
+    torch.library.opcheck(_layernorm_glu_cpu, (*split, True, False, True))
 
 
 @pytest.mark.slow

@@ -156,6 +156,54 @@ def test_timm_gated_attention_converts_exactly():
     assert rec["outcome"] == "exact", rec.get("detail") or rec.get("reason")
 
 
+def _gated_variants():
+    from timm.layers import GluMlp, RmsNorm, SwiGLU, SwiGLUPacked
+    from timm.models.vision_transformer import ParallelThingsBlock
+
+    return {
+        "glumlp_gate_last_gelu": dict(mlp_layer=GluMlp, act_layer="gelu"),
+        "swiglu_packed_silu_dinov2": dict(mlp_layer=SwiGLUPacked, act_layer="silu", init_values=1e-5, reg_tokens=4),
+        "swiglu_rmsnorm_aimv2": dict(mlp_layer=SwiGLU, norm_layer=RmsNorm, act_layer="silu", proj_bias=False),
+        "swiglu_packed_gate_first_tanh": dict(mlp_layer=SwiGLUPacked, act_layer="gelu_tanh", init_values=0.1),
+        "swiglu_split_gelu_no_bias": dict(mlp_layer=SwiGLU, act_layer="gelu", proj_bias=False, global_pool="avg"),
+        "glumlp_parallel_things": dict(mlp_layer=GluMlp, act_layer="gelu", block_fn=ParallelThingsBlock),
+    }
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "glumlp_gate_last_gelu",
+        "swiglu_packed_silu_dinov2",
+        "swiglu_rmsnorm_aimv2",
+        "swiglu_packed_gate_first_tanh",
+        "swiglu_split_gelu_no_bias",
+        "glumlp_parallel_things",
+    ],
+)
+def test_timm_gated_mlps_convert_exactly_and_fused(variant):
+    """timm's gated MLPs (GluMlp packed, gate first or last; SwiGLU split) run on the fused
+    layernorm_mlp(gated=...) in both conversions: logits and every gradient within 1e-5 of
+    timm, nothing left unfused, the converted blocks hold vitkern's gated modules."""
+    from vitkern import zoo
+    from vitkern.models.layers import GluMlp, SwiGLU, fusable_mlp
+
+    model = _perturbed(_small_timm(**_gated_variants()[variant])).eval()
+    rec = zoo.check_zoo_model(variant, model=model)
+    assert rec["outcome"] == "exact", rec.get("detail") or rec.get("reason")
+    assert rec["unfused"] == []
+    ours = vitkern.ViT.from_timm(model)
+    assert list(ours.state_dict()) == list(model.state_dict())
+    ffns = [(f.norm, f.mlp) for b in ours.blocks for f in getattr(b, "ffns", [])] or [
+        (b.norm2, b.mlp) for b in ours.blocks
+    ]
+    assert all(isinstance(m, (GluMlp, SwiGLU)) and fusable_mlp(n, m) for n, m in ffns)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ours(x)
+    assert vitkern.last_backend("layernorm_mlp_gated") in ("cpu", "reference")
+
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -422,5 +470,8 @@ def test_patch_timm_lists_what_stays_unfused():
     plain = vitkern.patch_timm(_small_timm())
     assert plain.vitkern_unfused == []
     glu = vitkern.patch_timm(_small_timm(mlp_layer=SwiGLU, act_layer="silu", global_pool="map", class_token=False))
-    assert glu.vitkern_unfused == ["blocks.0.mlp", "blocks.1.mlp", "attn_pool"]
+    assert glu.vitkern_unfused == ["attn_pool"]  # the SwiGLU MLPs run on layernorm_mlp(gated="split")
+    # An inner norm inside the gated MLP (scale_mlp_norm) keeps it timm's.
+    scaled = vitkern.patch_timm(_small_timm(mlp_layer=SwiGLU, act_layer="silu", scale_mlp_norm=True))
+    assert scaled.vitkern_unfused == ["blocks.0.mlp", "blocks.1.mlp"]
     assert all("forward" in vars(b.attn) for b in glu.blocks)  # the attention is fused all the same

@@ -281,3 +281,73 @@ def test_layernorm_mlp_gradcheck(gen):
         randn(D, dtype=torch.float64, gen=gen).requires_grad_(),
     ]
     assert torch.autograd.gradcheck(lambda *a: layernorm_mlp(*a, backend="reference"), (x, *params))
+
+
+# ----------------------------------------------------------------------------- layernorm_mlp gated=
+_TIMM_ACTS = {
+    "gelu": lambda: torch.nn.GELU(),
+    "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh"),
+    "quick_gelu": lambda: pytest.importorskip("timm.layers").QuickGELU(),
+    "silu": lambda: torch.nn.SiLU(),
+}
+
+
+@pytest.mark.parametrize("kind", ["gate_last", "gate_first", "split"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "quick_gelu", "silu"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_gated_layernorm_mlp_matches_timm_modules(kind, activation, norm, gen):
+    """The gated reference is timm's GluMlp (gate first or last) / SwiGLU after timm's
+    LayerNorm / RmsNorm, with the weights exactly as timm stores them."""
+    timm_layers = pytest.importorskip("timm.layers")
+    D, Hd = 12, 20
+    act = _TIMM_ACTS[activation]
+    if kind == "split":
+        m = timm_layers.SwiGLU(D, Hd, act_layer=act)
+    else:
+        m = timm_layers.GluMlp(D, 2 * Hd, act_layer=act, gate_last=kind == "gate_last")
+    nm = timm_layers.RmsNorm(D, eps=1e-5) if norm == "rmsnorm" else timm_layers.LayerNorm(D, eps=1e-5)
+    m, nm = m.double(), nm.double()
+    with torch.no_grad():
+        for p in (*m.parameters(), *nm.parameters()):
+            p.copy_(randn(*p.shape, dtype=torch.float64, gen=gen) * 0.3 + (1.0 if p is nm.weight else 0.0))
+    x = randn(2, 7, D, dtype=torch.float64, gen=gen)
+    residual = kind != "gate_first"
+    ref = m(nm(x)) + (x if residual else 0)
+    if kind == "split":
+        w1, b1, gate = m.fc1_x.weight, m.fc1_x.bias, dict(fc1_gate_weight=m.fc1_g.weight, fc1_gate_bias=m.fc1_g.bias)
+    else:
+        w1, b1, gate = m.fc1.weight, m.fc1.bias, {}
+    out = layernorm_mlp(
+        x,
+        nm.weight,
+        getattr(nm, "bias", None),
+        w1,
+        b1,
+        m.fc2.weight,
+        m.fc2.bias,
+        eps=1e-5,
+        activation=activation,
+        norm=norm,
+        residual=residual,
+        gated=kind,
+        backend="reference",
+        **gate,
+    )
+    assert_close_rel(out, ref, 1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gate_last", "split"])
+def test_gated_layernorm_mlp_gradcheck(kind, gen):
+    D, Hd = 5, 6
+
+    def r(*s):
+        return randn(*s, dtype=torch.float64, gen=gen).requires_grad_()
+
+    H1 = Hd if kind == "split" else 2 * Hd
+    leaves = [r(2, 3, D), r(D), r(D), r(H1, D), r(H1), r(D, Hd), r(D)] + ([r(Hd, D), r(Hd)] if kind == "split" else [])
+
+    def fn(x, lw, lb, w1, b1, w2, b2, *g):
+        kw = dict(fc1_gate_weight=g[0], fc1_gate_bias=g[1]) if g else {}
+        return layernorm_mlp(x, lw, lb, w1, b1, w2, b2, gated=kind, backend="reference", **kw)
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves))

@@ -115,6 +115,45 @@ def test_triton_patch_embed_and_layernorm_mlp_under_interpreter(tmp_path):
             assert e < row["tol"], f"{row['case']}: {name} error {e:.2e} >= {row['tol']}"
 
 
+GATED_SCRIPT = PRELUDE + textwrap.dedent(
+    """
+    from vitkern import testing
+    from vitkern.ops.layernorm_glu import _layernorm_glu_triton
+
+    results = []
+    for case in cases:
+        g = torch.Generator().manual_seed(3000 + len(results))
+        fn, leaves, names = testing.build_case(case, g)
+        errs = compare(fn, leaves, getattr(torch, case["dtype"]), g, case["op"])
+        results.append({"case": case, "errors": dict(zip(names, errs)), "tol": TOL[case["dtype"]]})
+    # Schema, fake kernel and autograd registration of the gated custom op: packed and split fc1.
+    g = torch.Generator().manual_seed(8)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).requires_grad_()
+
+    x, lw, lb, w2, b2 = r(10, 16), r(16), r(16), r(16, 24), r(16)
+    packed = (x, lw, lb, r(48, 16), r(48), None, None, w2, b2, 1e-6, 1, False, False, True, True)
+    split = (x, lw, None, r(24, 16), None, r(24, 16), r(24), w2, None, 1e-5, 4, True, True, False, True)
+    torch.library.opcheck(_layernorm_glu_triton, packed)
+    torch.library.opcheck(_layernorm_glu_triton, split)
+    print("RESULTS " + json.dumps(results))
+    """
+)
+GATED_CASES = [c for c in testing.OP_CASES if c["op"] == "layernorm_mlp_gated"]
+
+
+def test_triton_gated_layernorm_mlp_under_interpreter(tmp_path):
+    """layernorm_mlp(gated=...): packed (gate first / last) and split fc1, fp32 and fp16, every
+    gradient against float64; opcheck of the custom op."""
+    rows = run_under_triton_interpreter(GATED_SCRIPT, GATED_CASES, tmp_path)
+    assert len(rows) == len(GATED_CASES) == 4
+    for row in rows:
+        assert len(row["errors"]) >= 6
+        for name, e in row["errors"].items():
+            assert e < row["tol"], f"{row['case']}: {name} error {e:.2e} >= {row['tol']}"
+
+
 MODEL_SCRIPT = PRELUDE + textwrap.dedent(
     """
     import copy

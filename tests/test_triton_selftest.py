@@ -37,12 +37,16 @@ def test_selftest_cli_passes_on_cpu_and_interpreter():
     rows = [
         ln
         for ln in lines[header + 1 :]
-        if ln.split() and ln.split()[0] in ("patch_embed", "layernorm_mlp", "sp_attention", "ViT", "SP-ViT")
+        if ln.split()
+        and ln.split()[0] in ("patch_embed", "layernorm_mlp", "layernorm_mlp_gated", "sp_attention", "ViT", "SP-ViT")
     ]
     for backend in ("cpu", "triton"):
         mine = [r for r in rows if r.split()[1 if not r.startswith(("ViT", "SP-ViT")) else 2] == backend]
         ops = {r.split()[0] for r in mine}
-        assert ops == {"patch_embed", "layernorm_mlp", "sp_attention", "ViT", "SP-ViT"}, (backend, mine)
+        assert ops == {"patch_embed", "layernorm_mlp", "layernorm_mlp_gated", "sp_attention", "ViT", "SP-ViT"}, (
+            backend,
+            mine,
+        )
         assert all(r.rstrip().endswith("PASS") for r in mine)
     assert len(rows) == 2 * (len(testing.SELFTEST_CASES) + 2)
     assert f"{len(rows)}/{len(rows)} passed on cpu" in res.stdout

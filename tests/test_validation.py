@@ -127,6 +127,35 @@ CASES = [
     ("mlp int x", lambda: mlp(x=torch.ones(2, 5, 8, dtype=torch.int32)), TypeError, r"x must be float"),
     ("mlp scalar x", lambda: mlp(x=torch.tensor(1.0)), ValueError, r"x must have shape \(\.\.\., dim\)"),
     ("mlp device", lambda: mlp(fc2=t(8, 32, device="meta")), ValueError, r"fc2_weight is on meta"),
+    # ---- layernorm_mlp gated=
+    ("glu mode", lambda: mlp(gated="gate_middle"), ValueError, r"gated must be None or one of"),
+    (
+        "glu odd fc1",
+        lambda: mlp(fc1=t(31, 8), gated="gate_last"),
+        ValueError,
+        r"fc1_weight must have shape \(2 \* hidden, 8\)",
+    ),
+    ("glu fc2 hidden", lambda: mlp(gated="gate_first"), ValueError, r"fc2_weight must have shape \(8, 16\)"),
+    (
+        "glu packed bias",
+        lambda: mlp(fc2=t(8, 16), b1=t(16), gated="gate_last"),
+        ValueError,
+        r"fc1_bias must have shape \(32,\)",
+    ),
+    ("glu split gate missing", lambda: mlp(gated="split"), TypeError, r"fc1_gate_weight must be a torch.Tensor"),
+    (
+        "glu split gate shape",
+        lambda: mlp(gated="split", fc1_gate_weight=t(16, 8)),
+        ValueError,
+        r"fc1_weight must have shape \(16, 8\) with gated='split'",
+    ),
+    ("glu gate without split", lambda: mlp(fc1_gate_weight=t(32, 8)), ValueError, r"for gated='split' only"),
+    (
+        "glu gate dtype",
+        lambda: mlp(gated="split", fc1_gate_weight=t(32, 8, dtype=torch.float64)),
+        TypeError,
+        r"fc1_gate_weight has dtype",
+    ),
     # ---- model and backend selection
     ("vit image size", lambda: small_vit()(t(1, 3, 48, 32)), ValueError, r"does not match the model's img_size"),
     ("vit not divisible", lambda: small_vit(dynamic_img_size=True)(t(1, 3, 40, 32)), ValueError, r"not divisible"),

@@ -15,10 +15,11 @@ def patch_timm(model: nn.Module) -> nn.Module:
 
     Every timm ``Attention`` runs through :func:`vitkern.ops.sp_attention` (plain attention,
     omega=None; qk_norm, scale_attn_norm and the attention gate stay timm's modules around
-    it); every LayerNorm + GELU MLP (any eps, exact or tanh GELU) runs through
+    it); every LayerNorm / RmsNorm + MLP (any eps; GELU exact or tanh, QuickGELU, SiLU), plain
+    or gated (timm's GluMlp and SwiGLU with an Identity inner norm), runs through
     :func:`vitkern.ops.layernorm_mlp`; a plain patch embedding runs through
-    :func:`vitkern.ops.patch_embed`. Other parts (gated or non-GELU MLPs, RmsNorm,
-    hybrid stems, attention-pool heads) keep timm's own forward; their names are listed in
+    :func:`vitkern.ops.patch_embed`. Other parts (other activations, gated MLPs with an
+    inner norm, hybrid stems, attention-pool heads) keep timm's own forward; their names are listed in
     ``model.vitkern_unfused``. Parameters, state_dict keys, the optimizer's view of the
     model and timm's own ``forward_features`` are unchanged; the backend follows
     ``vitkern.use_backend`` / ``VITKERN_BACKEND`` as for vitkern.ViT.
@@ -90,12 +91,10 @@ def _patched_attention_forward(self, x, attn_mask=None, is_causal=False):
 
 
 def _fused_mlp(n2, mlp, x, activation_norm, residual):
-    from vitkern.ops import layernorm_mlp
+    from vitkern.models.layers import norm_mlp
 
     activation, norm = activation_norm
-    bias = n2.bias if norm == "layernorm" else None
-    args = (n2.weight, bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
-    return layernorm_mlp(x, *args, eps=n2.eps, activation=activation, norm=norm, residual=residual)
+    return norm_mlp(x, n2, mlp, activation, norm, n2.eps, residual)
 
 
 def _patched_block_forward(self, x, attn_mask=None, is_causal=False):

@@ -36,6 +36,20 @@ OP_CASES = [
     {"op": "layernorm_mlp", "dtype": "float32", "shape": [[2, 13], 40, 136, True, "quick_gelu", True]},
     {"op": "layernorm_mlp", "dtype": "float16", "shape": [[1, 9], 64, 176, True, "silu", False, "rmsnorm"]},
     {"op": "layernorm_mlp", "dtype": "float32", "shape": [[5], 24, 96, False, "gelu", True, "rmsnorm"]},
+    # layernorm_mlp gated= (GLU): leading dims, D, hidden (of the gated product), fc1 layout, LN affine,
+    # activation, residual[, norm]; hidden not a multiple of the tile, ragged token counts
+    {"op": "layernorm_mlp_gated", "dtype": "float32", "shape": [[1, 197], 32, 72, "gate_last", True, "silu", True]},
+    {
+        "op": "layernorm_mlp_gated",
+        "dtype": "float16",
+        "shape": [[2, 15], 48, 40, "gate_first", True, "gelu_tanh", False],
+    },
+    {"op": "layernorm_mlp_gated", "dtype": "float32", "shape": [[19], 40, 36, "split", False, "gelu", True]},
+    {
+        "op": "layernorm_mlp_gated",
+        "dtype": "float16",
+        "shape": [[1, 7], 64, 100, "split", True, "silu", True, "rmsnorm"],
+    },
     # sp_attention: B, H, grid, prefix tokens, head dim, omega (q, k, v are views of a fused qkv)
     {"op": "sp_attention", "dtype": "float32", "shape": [1, 1, [14, 14], 1, 64, True]},  # N 197, class token
     {"op": "sp_attention", "dtype": "float16", "shape": [2, 2, [3, 5], 0, 32, True]},  # non-square, N < 1 block
@@ -45,11 +59,12 @@ OP_CASES = [
     {"op": "sp_attention", "dtype": "float32", "shape": [2, 1, [4, 4], 0, 64, False]},  # omega=None
 ]
 
-# The cases ``vitkern selftest`` runs per (op, backend, dtype): the first two of each op,
-# and attention without a prior.
+# The cases ``vitkern selftest`` runs per (op, backend, dtype): the first two of each op (one
+# gated MLP), and attention without a prior.
 SELFTEST_CASES = [
     *[c for c in OP_CASES if c["op"] == "patch_embed"][:2],
     *[c for c in OP_CASES if c["op"] == "layernorm_mlp"][:2],
+    *[c for c in OP_CASES if c["op"] == "layernorm_mlp_gated"][:1],
     *[c for c in OP_CASES if c["op"] == "sp_attention"][:2],
     OP_CASES[-1],
 ]
@@ -119,6 +134,47 @@ def build_case(case: dict, g: torch.Generator):
 
         names = ["out", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"]
         return fn, leaves, names + ["dln_weight", "dln_bias"][: len(ln)]
+    if op == "layernorm_mlp_gated":
+        from vitkern.ops import layernorm_mlp
+
+        lead, D, Hd, gated, affine, activation, residual, *rest = shape
+        norm = rest[0] if rest else "layernorm"
+
+        def r(*s, scale=1.0, shift=0.0):
+            return torch.randn(*s, generator=g, dtype=torch.float64) * scale + shift
+
+        H1 = Hd if gated == "split" else 2 * Hd
+        leaves = [r(*lead, D, scale=2.0, shift=0.5), r(H1, D, scale=D**-0.5), r(H1, scale=0.2)]
+        leaves += [r(D, Hd, scale=Hd**-0.5), r(D, scale=0.2)]
+        names = ["out", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"]
+        if gated == "split":
+            leaves += [r(Hd, D, scale=D**-0.5), r(Hd, scale=0.2)]
+            names += ["dfc1_gate_weight", "dfc1_gate_bias"]
+        n_ln = (2 if norm == "layernorm" else 1) if affine else 0
+        leaves += [r(D, scale=0.2, shift=1.0), r(D, scale=0.2)][:n_ln]
+        names += ["dln_weight", "dln_bias"][:n_ln]
+
+        def fn(x, w1, b1, w2, b2, *rest, backend):
+            gw, gb = rest[:2] if gated == "split" else (None, None)
+            lw, lb = (*rest[2 if gated == "split" else 0 :], None, None)[:2]
+            return layernorm_mlp(
+                x,
+                lw,
+                lb,
+                w1,
+                b1,
+                w2,
+                b2,
+                activation=activation,
+                norm=norm,
+                residual=residual,
+                backend=backend,
+                gated=gated,
+                fc1_gate_weight=gw,
+                fc1_gate_bias=gb,
+            )
+
+        return fn, leaves, names
     if op == "sp_attention":
         from vitkern.ops import sp_attention
 
@@ -194,6 +250,7 @@ def check_model_step(spatial_prior: bool, backend: str, dtype: torch.dtype, devi
     name = "SP-ViT step" if spatial_prior else "ViT step"
     v = Verdict(name, backend, str(dtype).replace("torch.", ""), "", float("inf"), MODEL_TOL[dtype])
     device = torch.device(device)
+    before = dict(vitkern.backend_report())
     try:
         torch.manual_seed(seed)
         cfg = dict(img_size=(48, 80), patch_size=16, embed_dim=64, depth=3, num_heads=2, num_classes=5)
@@ -214,7 +271,9 @@ def check_model_step(spatial_prior: bool, backend: str, dtype: torch.dtype, devi
                 with torch.autocast(device.type, dtype=dtype):
                     out = model(x)
             torch.nn.functional.cross_entropy(out.float(), y).backward()
-        used = {op: r.backend for op, r in vitkern.backend_report().items()}
+        # The ops this step dispatched (each call records a new DispatchRecord; ops the model
+        # does not use, e.g. the gated MLP, keep the record of an earlier check).
+        used = {op: r.backend for op, r in vitkern.backend_report().items() if before.get(op) is not r}
         with vitkern.use_backend("reference"):
             ref = ref_model(x.double())
             torch.nn.functional.cross_entropy(ref, y).backward()

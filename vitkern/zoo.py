@@ -7,9 +7,10 @@ naming the feature and the model's class. What converts:
 
 * the trunk on the fused ops: attention through ``sp_attention`` (with timm's qk_norm,
   scale_attn_norm and gated attention as ordinary modules around it) and LayerNorm or
-  RmsNorm + MLP (any eps; exact or tanh GELU, QuickGELU, SiLU) through ``layernorm_mlp``;
-* as ordinary (unfused) modules copied from timm: other norms, gated MLPs
-  (SwiGLU, GeGLU), hybrid CNN stems and other patch embeddings,
+  RmsNorm + MLP (any eps; exact or tanh GELU, QuickGELU, SiLU) through ``layernorm_mlp``,
+  gated MLPs too (GluMlp / SwiGLUPacked packed, SwiGLU split: ``layernorm_mlp(gated=...)``);
+* as ordinary (unfused) modules copied from timm: other norms, gated MLPs with an inner
+  norm, hybrid CNN stems and other patch embeddings,
   attention-pool heads (``global_pool='map'``), post-norm blocks' norms and MLP;
 * block layouts: pre-norm ``Block``, ``ParallelThingsBlock``, post-norm ``ResPostBlock``;
   models without a position embedding, with registers, without class token.
@@ -47,6 +48,8 @@ def _timm_classes() -> dict[str, type]:
         ParallelThingsBlock=tv.ParallelThingsBlock,
         Attention=tattn.Attention,
         Mlp=tl.Mlp,
+        GluMlp=tl.GluMlp,
+        SwiGLU=tl.SwiGLU,
         PatchEmbed=tl.PatchEmbed,
         LayerScale=tl.LayerScale,
         DropPath=tl.DropPath,
@@ -95,14 +98,21 @@ def _activation_name(act: nn.Module, T: dict) -> str | None:
 
 
 def _fusable_mlp(norm: nn.Module, mlp: nn.Module, T: dict) -> str | None:
-    """The activation name if ``norm`` + ``mlp`` map onto the fused layernorm_mlp, else None."""
-    if type(mlp) is not T["Mlp"] or not (_is_layernorm(norm, T) or _is_rmsnorm(norm, T)):
+    """The activation name if ``norm`` + ``mlp`` map onto the fused layernorm_mlp, else None:
+    timm's Mlp, or its gated GluMlp (packed fc1, chunked on the last dim) and SwiGLU (split fc1),
+    each without an inner norm, after a LayerNorm or RmsNorm."""
+    if type(mlp) not in (T["Mlp"], T["GluMlp"], T["SwiGLU"]) or not (_is_layernorm(norm, T) or _is_rmsnorm(norm, T)):
         return None
     if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
         return None
-    if type(mlp.fc1) is not nn.Linear or type(mlp.fc2) is not nn.Linear:
+    fc1s = (mlp.fc1_g, mlp.fc1_x) if type(mlp) is T["SwiGLU"] else (mlp.fc1,)
+    if any(type(f) is not nn.Linear for f in (*fc1s, mlp.fc2)):
         return None
-    if (mlp.fc1.bias is None) != (mlp.fc2.bias is None):
+    if type(mlp) is T["GluMlp"] and getattr(mlp, "chunk_dim", -1) != -1:
+        return None
+    if type(mlp) is T["SwiGLU"] and (mlp.fc1_g.bias is None) != (mlp.fc1_x.bias is None):
+        return None
+    if type(mlp) is T["Mlp"] and (mlp.fc1.bias is None) != (mlp.fc2.bias is None):
         return None
     if _dropout_p(mlp.drop1) or _dropout_p(mlp.drop2):
         return None
@@ -214,18 +224,26 @@ def _attention(t: nn.Module, dim: int, T: dict) -> nn.Module:
 
 
 def _mlp(norm: nn.Module, mlp: nn.Module, dim: int, T: dict) -> tuple[nn.Module, nn.Module]:
-    """(norm, mlp): a vitkern Mlp (fused with the LayerNorm) when possible, else timm's copy."""
-    from vitkern.models.layers import Mlp
+    """(norm, mlp): a vitkern Mlp / GluMlp / SwiGLU (fused with the LayerNorm) when possible,
+    else timm's copy."""
+    from vitkern.models.layers import GluMlp, Mlp, SwiGLU
 
     act = _fusable_mlp(norm, mlp, T)
     if act is None:
         return _norm(norm, T), copy.deepcopy(mlp)
+    if type(mlp) is T["SwiGLU"]:
+        bias = (mlp.fc1_g.bias is not None, mlp.fc2.bias is not None)
+        return _norm(norm, T), SwiGLU(dim, mlp.fc2.in_features, bias=bias, activation=act)
+    if type(mlp) is T["GluMlp"]:
+        bias = (mlp.fc1.bias is not None, mlp.fc2.bias is not None)
+        ours = GluMlp(dim, mlp.fc1.out_features, bias=bias, gate_last=mlp.gate_last, activation=act)
+        return _norm(norm, T), ours
     return _norm(norm, T), Mlp(dim, mlp.fc1.out_features, bias=mlp.fc1.bias is not None, activation=act)
 
 
 def _is_plain_block(blk: nn.Module, norm_eps: float, activation: str, T: dict) -> bool:
     """Whether vitkern's default Block (what the ViT constructor builds) reproduces ``blk``."""
-    if type(blk) is not T["Block"]:
+    if type(blk) is not T["Block"] or type(blk.mlp) is not T["Mlp"]:
         return False
     a = blk.attn
     extras = [getattr(a, n, None) for n in ("q_norm", "k_norm", "norm")]

@@ -50,6 +50,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ln_weight"), py::arg("ln_bias"), py::arg("fc1_weight"), py::arg("fc2_weight"), py::arg("mean"),
         py::arg("rstd"), py::arg("pre"), py::arg("gelu_out"), py::arg("ln_out"), py::arg("act"), py::arg("rms"),
         py::arg("residual"));
+  m.def("layernorm_glu_forward", &vitkern::layernorm_glu_forward_cpu,
+        "fused LayerNorm + gated MLP forward on CPU -> [out, mean, rstd, pre, hidden, ln_out]", py::arg("x"),
+        py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w1a"), py::arg("b1a"), py::arg("w1b"), py::arg("b1b"),
+        py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("eps"), py::arg("act"), py::arg("rms"), py::arg("gate_first"),
+        py::arg("residual"), py::arg("save_for_backward"));
+  m.def("layernorm_glu_backward", &vitkern::layernorm_glu_backward_cpu,
+        "LayerNorm + gated MLP backward on CPU -> [dx, dlnw, dlnb, dw1a, db1a, dw1b, db1b, dw2, db2]",
+        py::arg("dout"), py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w1a"), py::arg("w1b"),
+        py::arg("fc2_weight"), py::arg("mean"), py::arg("rstd"), py::arg("pre"), py::arg("hidden"), py::arg("ln_out"),
+        py::arg("act"), py::arg("rms"), py::arg("gate_first"), py::arg("residual"));
   m.def("patch_embed_forward", &vitkern::patch_embed_forward_cpu,
         "fused patchify + projection + bias + pos_embed on CPU -> (B, N, D)", py::arg("images"), py::arg("weight"),
         py::arg("bias"), py::arg("pos_embed"));

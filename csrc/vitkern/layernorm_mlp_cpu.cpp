@@ -271,4 +271,211 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
           cast(db2, dt)};
 }
 
+
+// ----------------------------------------------------------------------------- gated MLP (GLU family)
+//   y = x + fc2(act(gate) * value),   [gate | value] or [value | gate] = fc1(LayerNorm(x))
+// fc1 is w1a (2H, D) packed (w1b undefined), or w1a = gate and w1b = value, (H, D) each (then
+// gate_first). The pre-activation of a row is 2H contiguous floats in w1a's (or [w1a; w1b]'s)
+// row order; the gate half starts at column gate_first ? 0 : H.
+namespace {
+
+// hid[t] = act(gate[t]) * value[t] over one row of n.
+VK_TARGET_CLONES void gated_row(const float* gate, const float* value, float* hid, int64_t n, int64_t act) {
+  simd::act_fwd_bwd(gate, hid, nullptr, n, act);
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) hid[t] *= value[t];
+}
+
+// From dh = dy W2 (one row of n): d value = dh act(gate) into dv, d gate = dh value act'(gate) into dg.
+VK_TARGET_CLONES void gated_row_backward(const float* gate, const float* value, const float* dh, float* dv, float* dg,
+                                         int64_t n, int64_t act) {
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) dg[t] = dh[t] * value[t];
+  simd::act_fwd_bwd(gate, dv, dg, n, act);
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) dv[t] *= dh[t];
+}
+
+void check_glu_args(const at::Tensor& x, const at::Tensor& w1a, const c10::optional<at::Tensor>& w1b,
+                    const at::Tensor& w2, int64_t act) {
+  VK_CHECK_CPU(x);
+  VK_CHECK_FLOATING(x);
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D (rows, dim), got ", shape_str(x.sizes()));
+  check_act(act);
+  const int64_t d = x.size(1);
+  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == d, "fc2_weight must have shape (", d, ", hidden), got ",
+              shape_str(w2.sizes()));
+  const int64_t h = w2.size(1);
+  if (w1b.has_value()) {
+    check_shape(w1a, "fc1 gate weight", {h, d});
+    check_shape(*w1b, "fc1 value weight", {h, d});
+  } else {
+    check_shape(w1a, "fc1_weight", {2 * h, d});
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> layernorm_glu_forward_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& lnw_in,
+                                                  const c10::optional<at::Tensor>& lnb_in, const at::Tensor& w1a_in,
+                                                  const c10::optional<at::Tensor>& b1a_in,
+                                                  const c10::optional<at::Tensor>& w1b_in,
+                                                  const c10::optional<at::Tensor>& b1b_in, const at::Tensor& w2_in,
+                                                  const c10::optional<at::Tensor>& b2_in, double eps_d, int64_t act,
+                                                  bool rms, bool gate_first, bool residual, bool save_for_backward) {
+  check_glu_args(x_in, w1a_in, w1b_in, w2_in, act);
+  const bool split = w1b_in.has_value();
+  TORCH_CHECK(!split || gate_first, "split fc1 weights are (gate, value): gate_first must be true");
+  const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w2_in.size(1), H2 = 2 * Hd;
+  const at::Tensor x = f32c(x_in), w1a = f32c(w1a_in), w2 = f32c(w2_in), w1b = opt_f32(w1b_in);
+  const at::Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in), b1a = opt_f32(b1a_in), b1b = opt_f32(b1b_in);
+  const at::Tensor b2 = opt_f32(b2_in);
+  const float eps = static_cast<float>(eps_d);
+  auto f32 = x.options();
+  at::Tensor out = at::empty({M, D}, f32);
+  at::Tensor mean = at::empty({M}, f32), rstd = at::empty({M}, f32);
+  at::Tensor pre = save_for_backward ? at::empty({M, H2}, f32) : at::empty({0}, f32);
+  at::Tensor hsave = save_for_backward ? at::empty({M, Hd}, f32) : at::empty({0}, f32);
+  at::Tensor hnsave = save_for_backward ? at::empty({M, D}, f32) : at::empty({0}, f32);
+  const float *xp = x.data_ptr<float>(), *w1ap = w1a.data_ptr<float>(), *w1bp = ptr_or_null(w1b);
+  const float* w2p = w2.data_ptr<float>();
+  const float *lnwp = ptr_or_null(lnw), *lnbp = ptr_or_null(lnb), *b2p = ptr_or_null(b2);
+  const float *b1ap = ptr_or_null(b1a), *b1bp = ptr_or_null(b1b);
+  float *op = out.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  float* prep = save_for_backward ? pre.data_ptr<float>() : nullptr;
+  float* hsp = save_for_backward ? hsave.data_ptr<float>() : nullptr;
+  float* hnsp = save_for_backward ? hnsave.data_ptr<float>() : nullptr;
+  const int64_t kTileM = tile_rows(M);
+  const int64_t tiles = (M + kTileM - 1) / kTileM;
+  const int64_t goff = gate_first ? 0 : Hd, voff = gate_first ? Hd : 0;
+
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    // As in the plain MLP: with a gradient wanted the tiles are the saved tensors' rows.
+    const int64_t own = save_for_backward ? 0 : kTileM;
+    Scratch hn_buf = scratch(own * D), pre_buf = scratch(own * H2), hid_buf = scratch(own * Hd);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t r0 = tile * kTileM, rows = std::min(kTileM, M - r0);
+      float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.get();
+      float* pt = save_for_backward ? prep + r0 * H2 : pre_buf.get();
+      float* hid = save_for_backward ? hsp + r0 * Hd : hid_buf.get();
+      ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
+      // fc1 into the (rows x 2H) pre-activation tile: one GEMM, or one per half (ldc 2H).
+      if (split) {
+        sgemm(true, false, Hd, rows, D, 1.f, w1ap, D, hn, D, 0.f, pt, H2);
+        sgemm(true, false, Hd, rows, D, 1.f, w1bp, D, hn, D, 0.f, pt + Hd, H2);
+      } else {
+        sgemm(true, false, H2, rows, D, 1.f, w1ap, D, hn, D, 0.f, pt, H2);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* pr = pt + r * H2;
+        if (b1ap) add_to(pr, b1ap, split ? Hd : H2);
+        if (b1bp) add_to(pr + Hd, b1bp, Hd);
+        gated_row(pr + goff, pr + voff, hid + r * Hd, Hd, act);
+      }
+      float* o = op + r0 * D;
+      init_rows(o, residual ? xp + r0 * D : nullptr, b2p, rows, D);
+      sgemm(true, false, D, rows, Hd, 1.f, w2p, Hd, hid, Hd, 1.f, o, D);
+    }
+  });
+  return {x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};
+}
+
+std::vector<at::Tensor> layernorm_glu_backward_cpu(const at::Tensor& dout_in, const at::Tensor& x_in,
+                                                   const c10::optional<at::Tensor>& lnw_in,
+                                                   const c10::optional<at::Tensor>& lnb_in, const at::Tensor& w1a_in,
+                                                   const c10::optional<at::Tensor>& w1b_in, const at::Tensor& w2_in,
+                                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                                   const at::Tensor& pre_in, const at::Tensor& h_in,
+                                                   const at::Tensor& hn_in, int64_t act, bool rms, bool gate_first,
+                                                   bool residual) {
+  check_glu_args(x_in, w1a_in, w1b_in, w2_in, act);
+  const bool split = w1b_in.has_value();
+  const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w2_in.size(1), H2 = 2 * Hd;
+  check_shape(dout_in, "dout", {M, D});
+  check_shape(pre_in, "pre", {M, H2});
+  check_shape(h_in, "hidden", {M, Hd});
+  check_shape(hn_in, "ln_out", {M, D});
+  check_shape(mean, "mean", {M});
+  check_shape(rstd, "rstd", {M});
+  const at::Tensor x = f32c(x_in), dy = f32c(dout_in), w2 = f32c(w2_in), pre = f32c(pre_in);
+  const at::Tensor h = f32c(h_in), hn = f32c(hn_in), lnw = opt_f32(lnw_in);
+  const float* lnwp = ptr_or_null(lnw);
+  const float *xp = x.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  const float* prep = pre.data_ptr<float>();
+  auto f32 = x.options();
+  const int64_t nblk = (M + kSumRows - 1) / kSumRows;
+  const int64_t goff = gate_first ? 0 : Hd, voff = gate_first ? Hd : 0;
+
+  // fc2: dW2 = dy^T h, db2 = colsum(dy), dh = dy W2; then d pre (M, 2H) row by row with the
+  // fc1-bias column sums in fixed row blocks (deterministic, as in the plain MLP).
+  at::Tensor dw2 = at::mm(dy.t(), h);
+  at::Tensor db2 = dy.sum(0);
+  at::Tensor dh = at::mm(dy, w2);
+  at::Tensor dpre = at::empty({M, H2}, f32);
+  const float* dhp = dh.data_ptr<float>();
+  float* dpp = dpre.data_ptr<float>();
+  at::Tensor db1_part = at::empty({nblk, H2}, f32);
+  float* db1p = db1_part.data_ptr<float>();
+  at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
+      float* acc = db1p + blk * H2;
+      std::fill(acc, acc + H2, 0.f);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* pr = prep + r * H2;
+        float* dr = dpp + r * H2;
+        gated_row_backward(pr + goff, pr + voff, dhp + r * Hd, dr + voff, dr + goff, Hd, act);
+        add_to(acc, dr, H2);
+      }
+    }
+  });
+  at::Tensor db1 = db1_part.sum(0);
+  at::Tensor dw1a, dw1b, db1a, db1b, dhn;
+  if (split) {
+    const at::Tensor w1a = f32c(w1a_in), w1b = f32c(*w1b_in);
+    const at::Tensor dg = dpre.narrow(1, 0, Hd), dv = dpre.narrow(1, Hd, Hd);
+    dw1a = at::mm(dg.t(), hn);
+    dw1b = at::mm(dv.t(), hn);
+    dhn = at::mm(dg, w1a).addmm_(dv, w1b);
+    db1a = db1.narrow(0, 0, Hd).clone();
+    db1b = db1.narrow(0, Hd, Hd).clone();
+  } else {
+    dw1a = at::mm(dpre.t(), hn);
+    dhn = at::mm(dpre, f32c(w1a_in));
+    db1a = db1;
+  }
+  const bool want_dlnw = lnw.defined(), want_dlnb = lnb_in.has_value();
+  at::Tensor dx = at::empty({M, D}, f32);
+  at::Tensor lnw_part = at::empty({want_dlnw ? nblk : 0, D}, f32), lnb_part = at::empty({want_dlnb ? nblk : 0, D}, f32);
+  float* lnwpp = want_dlnw ? lnw_part.data_ptr<float>() : nullptr;
+  float* lnbpp = want_dlnb ? lnb_part.data_ptr<float>() : nullptr;
+  const float* dhnp = dhn.data_ptr<float>();
+  const float* dyp = dy.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> xh(D);
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
+      float* aw = lnwpp ? lnwpp + blk * D : nullptr;
+      float* ab = lnbpp ? lnbpp + blk * D : nullptr;
+      if (aw) std::fill(aw, aw + D, 0.f);
+      if (ab) std::fill(ab, ab + D, 0.f);
+      ln_backward_rows(xp, dhnp, residual ? dyp : nullptr, mp, rp, lnwp, rms, r0, r1, D, xh.data(), dxp, aw, ab);
+    }
+  });
+  at::Tensor dlnw = want_dlnw ? lnw_part.sum(0) : at::Tensor();
+  at::Tensor dlnb = want_dlnb ? lnb_part.sum(0) : at::Tensor();
+  const auto dt = x_in.scalar_type();
+  auto cast = [&](const at::Tensor& t, at::ScalarType s) { return t.defined() ? t.to(s) : t; };
+  return {cast(dx, dt),
+          cast(dlnw, lnw_in.has_value() ? lnw_in->scalar_type() : dt),
+          cast(dlnb, lnb_in.has_value() ? lnb_in->scalar_type() : dt),
+          cast(dw1a, w1a_in.scalar_type()),
+          cast(db1a, dt),
+          split ? cast(dw1b, w1b_in->scalar_type()) : at::Tensor(),
+          split ? cast(db1b, dt) : at::Tensor(),
+          cast(dw2, w2_in.scalar_type()),
+          cast(db2, dt)};
+}
+
 }  // namespace vitkern

@@ -167,11 +167,16 @@ def layernorm_mlp_case(
     compile: bool = True,
     activation: str = "gelu",
     norm: str = "layernorm",
+    gated: str | None = None,
 ) -> Case:
     """One LayerNorm(/RMSNorm) + MLP layer; ``activation`` / ``norm`` pick the op variant
-    (vitkern.ops.layernorm_mlp), e.g. CLIP's QuickGELU or an RMSNorm + SiLU MLP."""
+    (vitkern.ops.layernorm_mlp), e.g. CLIP's QuickGELU or an RMSNorm + SiLU MLP. ``gated="split"``:
+    the SwiGLU-style row instead (two (hidden, dim) fc1 projections, gate and value, with hidden
+    2/3 of ``dim * mlp_ratio`` rounded up to 8, as EVA-02 / DINOv2 size it; SiLU gate)."""
     device = torch.device(device)
     hidden = int(dim * mlp_ratio)
+    if gated is not None:
+        hidden = -(-int(hidden * 2 / 3) // 8) * 8
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rnd(*s, scale=1.0, shift=0.0):
@@ -188,6 +193,8 @@ def layernorm_mlp_case(
     ]
     M = batch * tokens
     flops = 4.0 * M * dim * hidden * (3.0 if backward else 1.0)
+    if gated is not None:
+        return _gated_mlp_case(x, params, rnd(hidden, dim, scale=0.02), rnd(hidden, scale=0.02), gated, flops, compile)
     shape = dict(D=dim, M=M)
     if (activation, norm) != ("gelu", "layernorm"):
         shape["variant"] = f"{norm}+{activation}"
@@ -214,6 +221,39 @@ def layernorm_mlp_case(
     case.providers["GEMMs alone"] = _runner(gemms, backward, [h, a, w1, w2])
     if compile:
         add_compiled(case, "torch.compile(eager)", eager, leaves)
+    return case
+
+
+def _gated_mlp_case(x, params, gate_w, gate_b, gated, flops, compile) -> Case:
+    """The gated row of :func:`layernorm_mlp_case`: fc1 is three GEMMs' worth of FLOPs (gate,
+    value, fc2) instead of two."""
+    dtype, device, backward = x.dtype, x.device, x.requires_grad
+    M, dim = x.shape[0] * x.shape[1], x.shape[-1]
+    hidden = gate_w.shape[0]
+    flops = flops * 1.5
+    kw = dict(gated=gated, fc1_gate_weight=gate_w, fc1_gate_bias=gate_b, activation="silu")
+    case = Case("layernorm_mlp", dict(D=dim, M=M, gated=gated), dtype, device, backward, flops, floor="GEMMs alone")
+    leaves = [x, *params, gate_w, gate_b]
+    # The internal arguments the backends' support checks take (split: gate first, then value).
+    internal = (x, *params[:2], gate_w, gate_b, *params[2:], 1e-6, 4, False, True, True)
+    for b in vitkern_backends("layernorm_mlp_gated", *internal):
+        case.providers[f"vitkern[{b}]"] = _runner(
+            lambda b=b: layernorm_mlp(x, *params, backend=b, **kw), backward, leaves
+        )
+    from vitkern.ops.layernorm_mlp import layernorm_mlp_reference
+
+    case.providers["eager"] = _runner(lambda: layernorm_mlp_reference(x, *params, **kw), backward, leaves)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    h = torch.randn(M, dim, generator=g).to(device=device, dtype=dtype).requires_grad_(backward)
+    a = torch.randn(M, hidden, generator=g).to(device=device, dtype=dtype).requires_grad_(backward)
+    w1, w2 = params[2], params[4]
+
+    def gemms():  # the three GEMMs alone on ready inputs (the forward floor)
+        return torch.cat([(h @ gate_w.t()).flatten(), (h @ w1.t()).flatten(), (a @ w2.t()).flatten()])
+
+    case.providers["GEMMs alone"] = _runner(gemms, backward, [h, a, gate_w, w1, w2])
+    if compile:
+        add_compiled(case, "torch.compile(eager)", lambda: layernorm_mlp_reference(x, *params, **kw), leaves)
     return case
 
 

@@ -82,6 +82,10 @@ def suite_cases(args: argparse.Namespace, device: torch.device):
                             norm=norm,
                             **kw,
                         )
+                    for dim in [64] if quick else [384]:  # the gated (SwiGLU-style) row
+                        yield lambda dim=dim, batch=batch, kw=kw: S.layernorm_mlp_case(
+                            dim, tokens=17 if quick else 197, batch=batch, gated="split", **kw
+                        )
                     yield lambda batch=batch, kw=kw: S.patch_embed_case(
                         img=64 if quick else 224, dim=64 if quick else 768, batch=batch, **kw
                     )

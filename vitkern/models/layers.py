@@ -176,6 +176,46 @@ class Mlp(nn.Module):
         return f"activation={self.activation!r}"
 
 
+class GluMlp(nn.Module):
+    """timm's ``GluMlp`` keys: ``fc1`` (dim -> 2 * hidden, gate and value rows; the gate's half
+    last or first per ``gate_last``) and ``fc2`` (hidden -> dim). The gated MLP
+    ``fc2(act(gate) * value)`` is fused with the preceding norm (``layernorm_mlp(gated=...)``);
+    ``activation`` as for :class:`Mlp`."""
+
+    def __init__(
+        self, dim: int, hidden2: int, bias: tuple[bool, bool] = (True, True), gate_last: bool = True, activation="silu"
+    ) -> None:
+        super().__init__()
+        from vitkern.ops.layernorm_mlp import _resolve_activation
+
+        if hidden2 % 2:
+            raise ValueError(f"hidden2 (fc1's outputs: gate and value) must be even, got {hidden2}")
+        self.activation = _resolve_activation(activation, "none")
+        self.gate_last = gate_last
+        self.fc1 = nn.Linear(dim, hidden2, bias=bias[0])
+        self.fc2 = nn.Linear(hidden2 // 2, dim, bias=bias[1])
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, gate_last={self.gate_last}"
+
+
+class SwiGLU(nn.Module):
+    """timm's ``SwiGLU`` keys: ``fc1_g`` (gate) and ``fc1_x`` (value), dim -> hidden each, and
+    ``fc2``; fused with the preceding norm like :class:`GluMlp`."""
+
+    def __init__(self, dim: int, hidden: int, bias: tuple[bool, bool] = (True, True), activation="silu") -> None:
+        super().__init__()
+        from vitkern.ops.layernorm_mlp import _resolve_activation
+
+        self.activation = _resolve_activation(activation, "none")
+        self.fc1_g = nn.Linear(dim, hidden, bias=bias[0])
+        self.fc1_x = nn.Linear(dim, hidden, bias=bias[0])
+        self.fc2 = nn.Linear(hidden, dim, bias=bias[1])
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then the fused
     x + ls2(fc2(GELU(fc1(norm2(x)))))."""
@@ -220,30 +260,48 @@ class Block(nn.Module):
 
 
 def fusable_mlp(norm: nn.Module, mlp: nn.Module) -> bool:
-    """Whether ``norm`` then ``mlp`` run as one fused layernorm_mlp: a vitkern Mlp after an
-    nn.LayerNorm or nn.RMSNorm (any eps, affine or not). Other MLPs (timm's gated MLPs, kept
-    by ViT.from_timm) run as ordinary modules."""
-    return isinstance(mlp, Mlp) and type(norm) in (nn.LayerNorm, nn.RMSNorm)
+    """Whether ``norm`` then ``mlp`` run as one fused layernorm_mlp: a vitkern Mlp, GluMlp or
+    SwiGLU after an nn.LayerNorm or nn.RMSNorm (any eps, affine or not). Other MLPs (timm's
+    modules kept by ViT.from_timm) run as ordinary modules."""
+    return isinstance(mlp, (Mlp, GluMlp, SwiGLU)) and type(norm) in (nn.LayerNorm, nn.RMSNorm)
 
 
-def fused_norm_mlp(norm: nn.Module, mlp: Mlp, x: torch.Tensor, residual: bool) -> torch.Tensor:
+def fused_norm_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, residual: bool) -> torch.Tensor:
     """``[x +] mlp(norm(x))`` through the fused op (``fusable_mlp(norm, mlp)`` must hold)."""
     rms = type(norm) is nn.RMSNorm
     # nn.RMSNorm's eps=None means the input dtype's machine epsilon.
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-    m = mlp
+    return norm_mlp(x, norm, mlp, mlp.activation, "rmsnorm" if rms else "layernorm", eps, residual)
+
+
+def norm_mlp(
+    x: torch.Tensor, norm: nn.Module, mlp: nn.Module, activation: str, norm_kind: str, eps: float, residual: bool
+) -> torch.Tensor:
+    """``[x +] mlp(norm(x))`` as one :func:`~vitkern.ops.layernorm_mlp`, for a plain MLP
+    (``fc1``, ``fc2``), a packed gated one (``fc1`` with ``gate_last``: timm's GluMlp) or a split
+    one (``fc1_g``, ``fc1_x``: timm's SwiGLU), vitkern's modules or timm's (read by attribute);
+    ``norm_kind``: "layernorm" or "rmsnorm" (its weight only)."""
+    kw = {}
+    if hasattr(mlp, "fc1_g"):
+        w1, b1 = mlp.fc1_x.weight, mlp.fc1_x.bias
+        kw = dict(gated="split", fc1_gate_weight=mlp.fc1_g.weight, fc1_gate_bias=mlp.fc1_g.bias)
+    else:
+        w1, b1 = mlp.fc1.weight, mlp.fc1.bias
+        if hasattr(mlp, "gate_last"):
+            kw = dict(gated="gate_last" if mlp.gate_last else "gate_first")
     return layernorm_mlp(
         x,
         norm.weight,
-        None if rms else norm.bias,
-        m.fc1.weight,
-        m.fc1.bias,
-        m.fc2.weight,
-        m.fc2.bias,
+        None if norm_kind == "rmsnorm" else norm.bias,
+        w1,
+        b1,
+        mlp.fc2.weight,
+        mlp.fc2.bias,
         eps=eps,
-        activation=m.activation,
-        norm="rmsnorm" if rms else "layernorm",
+        activation=activation,
+        norm=norm_kind,
         residual=residual,
+        **kw,
     )
 
 

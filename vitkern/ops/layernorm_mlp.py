@@ -1,6 +1,7 @@
 """LayerNorm + MLP, the second half of a pre-norm block (docs/DESIGN.md §1.4):
 
 y = x + fc2(act(fc1(norm(x))))      (residual=True)
+y = x + fc2(act(gate) * value)      (gated=..., the GLU family: vitkern/ops/layernorm_glu.py)
 
 norm: LayerNorm or RMSNorm; act: GELU (exact or tanh), QuickGELU or SiLU.
 """
@@ -20,6 +21,7 @@ from vitkern.ops._validate import (
     cpu_gemm_kernel_auto_skip,
     triton_kernel_supports,
 )
+from vitkern.ops.layernorm_glu import gated_args, glu_reference, glu_triton_impl
 
 __all__ = ["layernorm_mlp", "layernorm_mlp_reference", "ACTIVATIONS", "NORMS"]
 
@@ -58,9 +60,32 @@ def layernorm_mlp_reference(
     residual: bool = True,
     activation: str = "gelu",
     norm: str = "layernorm",
+    gated: str | None = None,
+    fc1_gate_weight: torch.Tensor | None = None,
+    fc1_gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The definition of :func:`layernorm_mlp` in plain PyTorch (same arguments)."""
     activation = _resolve_activation(activation, approximate)
+    if gated is not None:
+        w1a, b1a, w1b, b1b, gate_first, _ = gated_args(
+            x, gated, fc1_weight, fc1_bias, fc1_gate_weight, fc1_gate_bias, fc2_weight
+        )
+        return glu_reference(
+            x,
+            ln_weight,
+            ln_bias,
+            w1a,
+            b1a,
+            w1b,
+            b1b,
+            fc2_weight,
+            fc2_bias,
+            eps,
+            ACTIVATIONS[activation],
+            norm == "rmsnorm",
+            gate_first,
+            residual,
+        )
     if norm == "rmsnorm":
         h = _rms_norm(x, ln_weight, eps)
     else:
@@ -379,6 +404,7 @@ if _backend.backend_status("triton") is None:
 _backend.register_impl(
     "layernorm_mlp", "triton", _make_lnmlp_impl(_layernorm_mlp_triton, contiguous_rows=True), _triton_lnmlp_supports
 )
+_backend.register_impl("layernorm_mlp_gated", "triton", glu_triton_impl, _triton_lnmlp_supports)
 
 
 def layernorm_mlp(
@@ -396,8 +422,12 @@ def layernorm_mlp(
     activation: str = "gelu",
     norm: str = "layernorm",
     backend: str = "auto",
+    gated: str | None = None,
+    fc1_gate_weight: torch.Tensor | None = None,
+    fc1_gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused ``x + fc2(act(fc1(norm(x))))``.
+    """Fused ``x + fc2(act(fc1(norm(x))))``, or with ``gated`` the gated MLP
+    ``x + fc2(act(gate) * value)`` (SwiGLU, GeGLU; gate and value: the two fc1 projections).
 
     Args:
         x: (..., dim).
@@ -411,6 +441,13 @@ def layernorm_mlp(
             CLIP's) or "silu".
         norm: "layernorm" or "rmsnorm" (x * rsqrt(mean(x^2) + eps) * ln_weight, timm's RmsNorm).
         backend: "auto", "reference", "triton" or "cpu".
+        gated: None (plain MLP), or the gated MLP with fc2_weight (dim, hidden) and fc1 as
+            timm stores it: "gate_first" / "gate_last": fc1_weight (2 * hidden, dim) and
+            fc1_bias (2 * hidden,) hold gate and value rows, the gate's half first or last
+            (timm's GluMlp with gate_last False / True); "split": fc1_weight / fc1_bias the
+            value projection (hidden, dim) / (hidden,) and fc1_gate_weight / fc1_gate_bias the
+            gate projection, same shapes (timm's SwiGLU fc1_x and fc1_g).
+        fc1_gate_weight, fc1_gate_bias: the gate projection, with gated="split" only.
 
     Under ``torch.autocast`` (for x's device) x and every parameter are cast to the
     autocast dtype (float64 excepted) and the op runs with autocast off, forward and
@@ -424,11 +461,33 @@ def layernorm_mlp(
         x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = autocast_inputs(
             amp, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias
         )
+        fc1_gate_weight, fc1_gate_bias = autocast_inputs(amp, fc1_gate_weight, fc1_gate_bias)
     check_tensor("x", x, range(1, 9), "(..., dim)")
     D = x.shape[-1]
     check_tensor("fc1_weight", fc1_weight, 2, f"(hidden, {D})")
     Hd = fc1_weight.shape[0]
     check_tensor("fc2_weight", fc2_weight, 2, f"({D}, hidden)")
+    if gated is not None:
+        return _layernorm_mlp_gated(
+            x,
+            ln_weight,
+            ln_bias,
+            fc1_weight,
+            fc1_bias,
+            fc2_weight,
+            fc2_bias,
+            eps,
+            approximate,
+            residual,
+            backend,
+            gated,
+            fc1_gate_weight,
+            fc1_gate_bias,
+            activation,
+            norm,
+        )
+    if fc1_gate_weight is not None or fc1_gate_bias is not None:
+        raise ValueError("fc1_gate_weight / fc1_gate_bias are for gated='split' only, got gated=None")
     check_same(
         "x",
         x,
@@ -477,4 +536,74 @@ def layernorm_mlp(
     with no_autocast(x.device.type):
         if x.numel() == 0:
             return _reference_impl(*args)
+        return fn(*args)
+
+
+def _layernorm_mlp_gated(
+    x,
+    ln_weight,
+    ln_bias,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    eps,
+    approximate,
+    residual,
+    backend,
+    gated,
+    fc1_gate_weight,
+    fc1_gate_bias,
+    activation,
+    norm,
+):
+    """The gated branch of :func:`layernorm_mlp` (x, fc1_weight, fc2_weight already checked)."""
+    D = x.shape[-1]
+    check_same(
+        "x",
+        x,
+        ln_weight=ln_weight,
+        ln_bias=ln_bias,
+        fc1_weight=fc1_weight,
+        fc1_bias=fc1_bias,
+        fc1_gate_weight=fc1_gate_weight,
+        fc1_gate_bias=fc1_gate_bias,
+        fc2_weight=fc2_weight,
+        fc2_bias=fc2_bias,
+    )
+    w1a, b1a, w1b, b1b, gate_first, _ = gated_args(
+        x, gated, fc1_weight, fc1_bias, fc1_gate_weight, fc1_gate_bias, fc2_weight
+    )
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias), ("fc2_bias", fc2_bias)):
+        if t is not None:
+            check_tensor(name, t, 1, f"({D},)")
+            if t.shape[0] != D:
+                raise ValueError(f"{name} must have shape ({D},), got {tuple(t.shape)}")
+    activation = _resolve_activation(activation, approximate)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+    if norm == "rmsnorm" and ln_bias is not None:
+        raise ValueError("ln_bias must be None with norm='rmsnorm' (an RMSNorm has no bias)")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    args = (
+        x,
+        ln_weight,
+        ln_bias,
+        w1a,
+        b1a,
+        w1b,
+        b1b,
+        fc2_weight,
+        fc2_bias,
+        float(eps),
+        ACTIVATIONS[activation],
+        norm == "rmsnorm",
+        gate_first,
+        bool(residual),
+    )
+    fn = _backend.select("layernorm_mlp_gated", backend, x.device, *args)
+    with no_autocast(x.device.type):
+        if x.numel() == 0:
+            return glu_reference(*args)
         return fn(*args)

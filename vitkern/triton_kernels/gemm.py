@@ -12,10 +12,16 @@ A prologue (A_MODE)   0 strided   1 LayerNorm of the row (x - mean[m]) * rstd[m]
                       2 patch gather: row m = patch token, column k = (c, py, px) pixel of the image
 B prologue (B_MODE)   0 strided   1 LayerNorm with statistics per row k, affine per column n
                       2 patch gather with k = token, n = pixel   3 activation of the stored pre-activation
+                      B_GATED (4) gated activation act(gate) * value of a stored (tokens, 2 hidden) pre-activation
+A prologue A_GATED (3) act(gate) * value of the stored pre-activation (gated MLPs): A points at the
+                      value half, the gate half is ``goff`` columns away (negative: gate first)
 Epilogue              + bias[n]; store the pre-activation; the activation (EPI_GELU: GELU erf/tanh,
                       QuickGELU or SiLU by the ACT code, ACT_* below) or, for the backward (EPI_DGELU),
                       multiply by act'(pre); + residual[m % res_rows, n]; store strided or
                       scatter back into image layout (C_MODE 1, the patch embedding's d-image).
+                      EPI_DGLU (gated backward): acc = dh, Pre = the value half of the stored
+                      pre-activation (gate ``goff`` columns away); stores d value = dh * act(gate)
+                      at C and d gate = dh * value * act'(gate) at C + goff columns.
 
 fp32 accumulation for every input dtype. fp32 inputs use tf32 tensor cores only
 when torch's matmul precision setting allows it, like torch's own matmul
@@ -51,6 +57,11 @@ CONFIGS = [
     (64, 64, 32, 4, 4),
     (32, 64, 32, 4, 4),
 ]
+# Gated-MLP prologue modes (constexpr, compared inside the kernels; the Python ints for launches).
+_A_GATED = tl.constexpr(3)
+_B_GATED = tl.constexpr(4)
+A_GATED = 3
+B_GATED = 4
 # Default shared-memory budget for the prune when no device can be queried: sm_80's 163 KiB.
 _SMEM_DEFAULT = 166912
 
@@ -138,7 +149,9 @@ def _prune(configs, named_args, **kwargs):
             continue
         if elem == 4 and bm > 32:  # fp32 (IEEE dots on CUDA cores): 64/128-row tiles spill in dW1/dW2 on sm_80
             continue
-        if kwargs.get("EPI_DGELU") and bm == 128:  # the GELU' epilogue at 128 rows: 8 B spill on sm_80 (REG 255)
+        if (
+            kwargs.get("EPI_DGELU") or kwargs.get("EPI_DGLU")
+        ) and bm == 128:  # the GELU' epilogue at 128 rows: 8 B spill on sm_80 (REG 255)
             continue
         if kwargs.get("C_MODE") == 1 and bm == 128 and c.num_warps == 4:  # image scatter: 16 B spill on sm_90
             continue
@@ -231,6 +244,8 @@ def _mac_block(
     a_rstd,
     b_w,
     b_b,
+    goff_a,
+    goff_b,
     Mean,
     Rstd,
     LnW,
@@ -264,6 +279,14 @@ def _mac_block(
         a = tl.load(a_src, mask=k_ok[None, :], other=0.0)
     else:
         a = tl.load(a_src)
+    if A_MODE == _A_GATED:
+        # act(gate) * value, each rounded to the storage dtype like the eager product.
+        if MASKED:
+            ag = tl.load(a_src + goff_a, mask=k_ok[None, :], other=0.0)
+        else:
+            ag = tl.load(a_src + goff_a)
+        ag = _act(ag.to(tl.float32), ACT).to(A.dtype.element_ty).to(tl.float32)
+        a = (ag * a.to(tl.float32)).to(A.dtype.element_ty)
     if A_MODE == 1:
         if MASKED:
             lw = tl.load(LnW + offs_k, mask=k_ok, other=0.0) if HAS_LNW else None
@@ -302,6 +325,13 @@ def _mac_block(
         b = bhat.to(B.dtype.element_ty)
     if B_MODE == 3:
         b = _act(b.to(tl.float32), ACT).to(B.dtype.element_ty)
+    if B_MODE == _B_GATED:
+        if MASKED:
+            bg = tl.load(b_src + goff_b, mask=k_ok[:, None], other=0.0)
+        else:
+            bg = tl.load(b_src + goff_b)
+        bg = _act(bg.to(tl.float32), ACT).to(B.dtype.element_ty).to(tl.float32)
+        b = (bg * b.to(tl.float32)).to(B.dtype.element_ty)
     b = b.to(a.dtype)
     if ALLOW_TF32:
         acc = tl.dot(a, b, acc)
@@ -312,7 +342,7 @@ def _mac_block(
 
 @triton.autotune(
     configs=_AUTOTUNE_CONFIGS,
-    key=["M", "N", "K", "A_MODE", "B_MODE", "C_MODE", "EPI_GELU", "EPI_DGELU", "HAS_RES"],
+    key=["M", "N", "K", "A_MODE", "B_MODE", "C_MODE", "EPI_GELU", "EPI_DGELU", "EPI_DGLU", "HAS_RES"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -341,6 +371,7 @@ def fused_gemm_kernel(
     stride_pm,
     stride_pn,
     res_rows,
+    goff,
     NP,
     gw,
     P,
@@ -359,6 +390,7 @@ def fused_gemm_kernel(
     STORE_PRE: tl.constexpr,
     EPI_GELU: tl.constexpr,
     EPI_DGELU: tl.constexpr,
+    EPI_DGLU: tl.constexpr,
     ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -401,6 +433,9 @@ def fused_gemm_kernel(
             b_b = tl.load(LnB + rn).to(tl.float32)
     b_col = _pixel_offset(rn, P, s_ic, s_ih, s_iw)
     b_ptrs = B + offs_kb[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
+    # Gated modes: the gate half's element offset from the value half (signed; small, so 32-bit).
+    goff_a = goff * stride_ak
+    goff_b = goff * stride_bn
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Full K blocks without a mask (their loads pipeline through shared memory), then
@@ -419,6 +454,8 @@ def fused_gemm_kernel(
             a_rstd,
             b_w,
             b_b,
+            goff_a,
+            goff_b,
             Mean,
             Rstd,
             LnW,
@@ -455,6 +492,8 @@ def fused_gemm_kernel(
             a_rstd,
             b_w,
             b_b,
+            goff_a,
+            goff_b,
             Mean,
             Rstd,
             LnW,
@@ -492,6 +531,15 @@ def fused_gemm_kernel(
     if EPI_DGELU:
         pre = tl.load(Pre + rows[:, None] * stride_pm + cols[None, :] * stride_pn, mask=c_mask, other=0.0)
         acc = acc * _act_grad(pre.to(tl.float32), ACT)
+    if EPI_DGLU:
+        p_ptrs = Pre + rows[:, None] * stride_pm + cols[None, :] * stride_pn
+        p_goff = goff * stride_pn
+        v = tl.load(p_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        gt = tl.load(p_ptrs + p_goff, mask=c_mask, other=0.0).to(tl.float32)
+        ag = _act(gt, ACT).to(C.dtype.element_ty).to(tl.float32)
+        c_ptrs = C + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+        tl.store(c_ptrs + goff * stride_cn, (acc * v * _act_grad(gt, ACT)).to(C.dtype.element_ty), mask=c_mask)
+        acc = acc * ag
     if EPI_GELU:
         # GELU of the pre-activation as stored in the output dtype (what eager PyTorch computes).
         acc = _act(acc.to(C.dtype.element_ty).to(tl.float32), ACT)
@@ -541,9 +589,12 @@ def fused_gemm(
     act: int = 1,
     epi_gelu: bool = False,
     epi_dgelu: bool = False,
+    epi_dglu: bool = False,
+    goff: int = 0,
     patch: tuple[int, int, int, tuple[int, int, int, int]] | None = None,
 ) -> torch.Tensor:
     """Launch :func:`fused_gemm_kernel`; see the module docstring for the modes.
+    ``goff``: the gated modes' column offset of the gate half from the value half.
     ``patch`` = (tokens per image, grid width, P, image strides (b, c, h, w))."""
     dummy = out
     NP, gw, P, img_strides = patch if patch is not None else (1, 1, 1, (0, 0, 0, 0))
@@ -573,6 +624,7 @@ def fused_gemm(
             *_strides(res),
             *_strides(pre),
             res_rows,
+            goff,
             NP,
             gw,
             P,
@@ -588,6 +640,7 @@ def fused_gemm(
             STORE_PRE=store_pre,
             EPI_GELU=epi_gelu,
             EPI_DGELU=epi_dgelu,
+            EPI_DGLU=epi_dglu,
             ALLOW_TF32=allow_tf32,
         )
     return out
