@@ -1,7 +1,7 @@
 // Fused LayerNorm + GELU-MLP (docs/DESIGN.md §1.4), CPU kernels.
 #pragma once
 
-#include <torch/extension.h>
+#include "stable.h"
 
 #include <vector>
 
@@ -9,21 +9,21 @@ namespace vitkern {
 
 // x: (M, D). Returns {out (M, D) in x's dtype, mean (M), rstd (M), and when saving for
 // backward pre-activation (M, Hd), GELU output (M, Hd), LN output (M, D) (else (0,) each)}.
-std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& ln_weight,
-                                                  const c10::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
-                                                  const c10::optional<at::Tensor>& fc1_bias,
-                                                  const at::Tensor& fc2_weight,
-                                                  const c10::optional<at::Tensor>& fc2_bias, double eps,
+std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x, const OptTensor& ln_weight,
+                                                  const OptTensor& ln_bias, const Tensor& fc1_weight,
+                                                  const OptTensor& fc1_bias,
+                                                  const Tensor& fc2_weight,
+                                                  const OptTensor& fc2_bias, double eps,
                                                   bool tanh_approx, bool residual, bool save_for_backward);
 
 // Returns {dx, d ln_weight, d ln_bias, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias}
 // (undefined where the parameter is None).
-std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout, const at::Tensor& x,
-                                                   const c10::optional<at::Tensor>& ln_weight,
-                                                   const c10::optional<at::Tensor>& ln_bias,
-                                                   const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
-                                                   const at::Tensor& mean, const at::Tensor& rstd,
-                                                   const at::Tensor& pre, const at::Tensor& gelu_out,
-                                                   const at::Tensor& ln_out, bool tanh_approx, bool residual);
+std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout, const Tensor& x,
+                                                   const OptTensor& ln_weight,
+                                                   const OptTensor& ln_bias,
+                                                   const Tensor& fc1_weight, const Tensor& fc2_weight,
+                                                   const Tensor& mean, const Tensor& rstd,
+                                                   const Tensor& pre, const Tensor& gelu_out,
+                                                   const Tensor& ln_out, bool tanh_approx, bool residual);
 
 }  // namespace vitkern
