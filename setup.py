@@ -98,6 +98,8 @@ def _extensions():
     else:
         # Release: no DWARF (it was 28 of the 30 MB of _C), symbols stripped at link time.
         opt, link = ["-O3", "-g0"], (["-Wl,--strip-all"] if sys.platform.startswith("linux") else [])
+    # Keep only the libraries _C uses in DT_NEEDED (libtorch_cpu.so: the C shim and sgemm_).
+    link = [*link, "-Wl,--as-needed"] if sys.platform.startswith("linux") else link
     target = f"0x{TORCH_FLOOR[0]:02x}{TORCH_FLOOR[1]:02x}000000000000"
     macros = [("TORCH_TARGET_VERSION", target)]
     macros += [("VITKERN_GENERIC_SIMD", None)] if info["generic_simd"] else []
