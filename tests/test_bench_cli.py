@@ -50,3 +50,9 @@ def test_vitkern_info():
     cmd = [exe] if exe else [sys.executable, "-m", "vitkern.cli"]
     res = subprocess.run([*cmd, "info"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "reference  available" in res.stdout
+    from vitkern._ext import load_extension
+
+    ext = load_extension()
+    if ext is not None and f"vitkern._C: {ext.__file__}" in res.stdout:  # the same build as this process
+        assert "vitkern._C ABI: LibTorch stable ABI (torch>=" in res.stdout, res.stdout
+        assert "abi3" in res.stdout and "torch.ops.vitkern_C" in res.stdout, res.stdout
