@@ -56,7 +56,10 @@ def test_patch_embed_cpu(B, C, grid, P, D, use_bias, pos, dtype, gen, poison_emp
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize(
+    "activation,norm",
+    [("gelu", "layernorm"), ("gelu_tanh", "layernorm"), ("quick_gelu", "layernorm"), ("silu", "rmsnorm")],
+)
 @pytest.mark.parametrize(
     "shape,D,Hd,residual,affine,biases",
     [
@@ -66,15 +69,17 @@ def test_patch_embed_cpu(B, C, grid, P, D, use_bias, pos, dtype, gen, poison_emp
         ((3, 7, 11), 48, 96, True, True, True),  # 4-D input
     ],
 )
-def test_layernorm_mlp_cpu(shape, D, Hd, residual, affine, biases, approximate, dtype, gen, poison_empty):
+def test_layernorm_mlp_cpu(shape, D, Hd, residual, affine, biases, activation, norm, dtype, gen, poison_empty):
     def fn(x, lw, lb, w1, b1, w2, b2, backend):
-        return layernorm_mlp(x, lw, lb, w1, b1, w2, b2, approximate=approximate, residual=residual, backend=backend)
+        return layernorm_mlp(
+            x, lw, lb, w1, b1, w2, b2, activation=activation, norm=norm, residual=residual, backend=backend
+        )
 
     f64 = dict(dtype=torch.float64, gen=gen)
     inputs = [
         randn(*shape, D, **f64),
         randn(D, **f64) * 0.5 + 1 if affine else None,
-        randn(D, **f64) if affine else None,
+        randn(D, **f64) if affine and norm == "layernorm" else None,
         randn(Hd, D, **f64) * 0.2,
         randn(Hd, **f64) if biases else None,
         randn(D, Hd, **f64) * 0.2,
@@ -99,7 +104,9 @@ def test_saved_outputs_are_not_differentiable_and_get_no_zero_gradients(gen):
     53 ms LN-MLP backward at D 384 before: benchmarks/NOTES.md, third pass)."""
     x = randn(6, 16, gen=gen).requires_grad_()
     w1, w2 = randn(64, 16, gen=gen).requires_grad_(), randn(16, 64, gen=gen).requires_grad_()
-    outs = torch.ops.vitkern.layernorm_mlp_cpu(x, None, None, w1, None, w2, None, 1e-6, False, True, True)
+    outs = torch.ops.vitkern.layernorm_mlp_cpu(
+        x, None, None, w1, None, w2, None, 1e-6, 1, False, True, True
+    )  # act 1 = GELU, rms off
     assert outs[0].requires_grad and not any(t.requires_grad for t in outs[1:])
     q, k, v = (randn(1, 2, 5, 8, gen=gen).requires_grad_() for _ in range(3))
     out, lse = torch.ops.vitkern.sp_attention_cpu(q, k, v, None, 1, 1, 0, 8**-0.5)

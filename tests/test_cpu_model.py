@@ -72,7 +72,10 @@ def test_custom_ops_pass_opcheck(gen):
     torch.library.opcheck(_patch_embed_cpu, (img, w, b, pos))
     x = randn(10, 16, gen=gen).requires_grad_()
     params = [randn(*s, gen=gen).requires_grad_() for s in ((16,), (16,), (32, 16), (32,), (16, 32), (16,))]
-    torch.library.opcheck(_layernorm_mlp_cpu, (x, *params, 1e-6, False, True, True))
+    torch.library.opcheck(_layernorm_mlp_cpu, (x, *params, 1e-6, 1, False, True, True))
+    # RMSNorm (no LN bias) with SiLU, no residual
+    rms_params = [params[0], None, *params[2:]]
+    torch.library.opcheck(_layernorm_mlp_cpu, (x, *rms_params, 1e-5, 4, True, False, True))
 
 
 @pytest.mark.slow

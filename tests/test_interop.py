@@ -100,6 +100,7 @@ def _timm_variants():
         "eps_1e-5_tanh_gelu": dict(norm_layer=partial(torch.nn.LayerNorm, eps=1e-5), act_layer="gelu_tanh"),
         "quick_gelu_pre_norm": dict(act_layer="quick_gelu", pre_norm=True),
         "swiglu_rmsnorm": dict(mlp_layer=SwiGLU, norm_layer=RmsNorm, act_layer="silu", global_pool="avg"),
+        "silu_rmsnorm": dict(norm_layer=partial(RmsNorm, eps=1e-5), act_layer="silu", init_values=0.1),
         "no_pos_embed_registers": dict(pos_embed="none", reg_tokens=2, no_embed_class=True, init_values=0.1),
         "map_head": dict(global_pool="map", class_token=False),
         "map_head_with_prefix": dict(global_pool="map", pool_include_prefix=True, reg_tokens=1),
@@ -125,6 +126,7 @@ def _timm_variants():
         "eps_1e-5_tanh_gelu",
         "quick_gelu_pre_norm",
         "swiglu_rmsnorm",
+        "silu_rmsnorm",
         "no_pos_embed_registers",
         "map_head",
         "map_head_with_prefix",
@@ -305,7 +307,40 @@ def test_from_timm_eps_and_tanh_gelu_are_constructor_options(tmp_path, gen):
     with torch.no_grad():
         assert_close_rel(loaded(x), ref(x), 1e-5, "reloaded tanh-GELU model")
     with pytest.raises(ValueError, match="act_layer"):
-        vitkern.ViT(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, act_layer="quick_gelu")
+        vitkern.ViT(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, act_layer="relu")
+
+
+@pytest.mark.parametrize("act_layer", ["quick_gelu", "silu"])
+def test_quick_gelu_and_silu_models_are_fully_fused_and_rebuildable(act_layer, tmp_path, gen):
+    """CLIP's QuickGELU and SiLU MLPs run on the fused layernorm_mlp (nothing left unfused), and
+    the converted model is rebuilt from its constructor arguments."""
+    from vitkern.models.layers import fusable_mlp
+
+    ref = _perturbed(_small_timm(act_layer=act_layer)).eval()
+    ours = vitkern.ViT.from_timm(ref)
+    assert "timm_modules" not in ours.config and ours.config["act_layer"] == act_layer
+    assert all(fusable_mlp(b.norm2, b.mlp) and b.mlp.activation == act_layer for b in ours.blocks)
+    vitkern.save_model(ours, str(tmp_path / "m.safetensors"))
+    loaded = vitkern.load_model(str(tmp_path / "m.safetensors")).eval()
+    patched = vitkern.patch_timm(copy.deepcopy(ref))
+    assert patched.vitkern_unfused == []
+    x = randn(2, 3, 32, 32, gen=gen)
+    with torch.no_grad():
+        for name, m in (("from_timm", ours), ("reloaded", loaded), ("patch_timm", patched)):
+            assert_close_rel(m(x), ref(x), 1e-5, f"{act_layer} {name}")
+        assert vitkern.last_backend("layernorm_mlp") in ("cpu", "triton")
+
+
+def test_rmsnorm_mlp_blocks_are_fused(gen):
+    """Blocks whose MLP norm is timm's RmsNorm convert onto the fused op (norm="rmsnorm")."""
+    from timm.layers import RmsNorm
+
+    from vitkern.models.layers import fusable_mlp
+
+    ref = _perturbed(_small_timm(norm_layer=RmsNorm, act_layer="silu")).eval()
+    ours = vitkern.ViT.from_timm(ref)
+    assert all(type(b.norm2) is torch.nn.RMSNorm and fusable_mlp(b.norm2, b.mlp) for b in ours.blocks)
+    assert vitkern.patch_timm(copy.deepcopy(ref)).vitkern_unfused == []
 
 
 def test_from_timm_with_copied_modules_is_marked(tmp_path):

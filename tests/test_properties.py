@@ -157,13 +157,14 @@ def test_patch_embed_properties(B, C, P, gh, gw, D, bias, pos, layout, dtype, se
     D=st.sampled_from([8, 24, 64]),
     ratio=st.sampled_from([1, 2, 4]),
     affine=st.booleans(),
-    approximate=st.sampled_from(["none", "tanh"]),
+    activation=st.sampled_from(["gelu", "gelu_tanh", "quick_gelu", "silu"]),
+    norm=st.sampled_from(["layernorm", "rmsnorm"]),
     residual=st.booleans(),
     transposed=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_layernorm_mlp_properties(lead, D, ratio, affine, approximate, residual, transposed, dtype, seed):
+def test_layernorm_mlp_properties(lead, D, ratio, affine, activation, norm, residual, transposed, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     Hd = D * ratio
     x = torch.randn(*lead, D, generator=g).to(dtype)
@@ -180,13 +181,17 @@ def test_layernorm_mlp_properties(lead, D, ratio, affine, approximate, residual,
         (torch.randn(D, generator=g) * 0.1).to(dtype),
     ]
     if affine:
-        leaves += [(1 + 0.2 * torch.randn(D, generator=g)).to(dtype), (0.2 * torch.randn(D, generator=g)).to(dtype)]
+        leaves.append((1 + 0.2 * torch.randn(D, generator=g)).to(dtype))
+        if norm == "layernorm":  # an RMSNorm has no bias
+            leaves.append((0.2 * torch.randn(D, generator=g)).to(dtype))
 
     def fn(x, w1, b1, w2, b2, *ln, backend):
-        lw, lb = ln if affine else (None, None)
-        return layernorm_mlp(x, lw, lb, w1, b1, w2, b2, approximate=approximate, residual=residual, backend=backend)
+        lw, lb = (*ln, None)[:2] if affine else (None, None)
+        return layernorm_mlp(
+            x, lw, lb, w1, b1, w2, b2, activation=activation, norm=norm, residual=residual, backend=backend
+        )
 
-    _check(fn, leaves, dtype, seed, f"layernorm_mlp {lead} D{D} Hd{Hd}")
+    _check(fn, leaves, dtype, seed, f"layernorm_mlp {lead} D{D} Hd{Hd} {activation} {norm}")
 
 
 TRITON_SCRIPT = textwrap.dedent(

@@ -195,13 +195,20 @@ def test_patch_embed_gradcheck(gen):
 
 
 # ----------------------------------------------------------------------------- layernorm_mlp
-def layernorm_mlp_manual(x, lw, lb, w1, b1, w2, b2, eps, approximate, residual):
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    h = (x - mu) / torch.sqrt(var + eps) * lw + lb
+def layernorm_mlp_manual(x, lw, lb, w1, b1, w2, b2, eps, activation, residual, norm="layernorm"):
+    if norm == "rmsnorm":  # x / sqrt(mean(x^2) + eps) * w, no bias
+        h = x / torch.sqrt((x**2).mean(-1, keepdim=True) + eps) * lw
+    else:
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        h = (x - mu) / torch.sqrt(var + eps) * lw + lb
     a = h @ w1.T + b1
-    if approximate == "tanh":
+    if activation in ("tanh", "gelu_tanh"):
         g = 0.5 * a * (1 + torch.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a**3)))
+    elif activation == "quick_gelu":
+        g = a / (1 + torch.exp(-1.702 * a))
+    elif activation == "silu":
+        g = a / (1 + torch.exp(-a))
     else:
         g = 0.5 * a * (1 + torch.erf(a / math.sqrt(2)))
     y = g @ w2.T + b2
@@ -224,6 +231,42 @@ def test_layernorm_mlp_matches_manual(shape, D, Hd, approximate, residual, gen):
     out = layernorm_mlp(x, *params, eps=1e-6, approximate=approximate, residual=residual, backend="reference")
     ref = layernorm_mlp_manual(x, *params, 1e-6, approximate, residual)
     assert_close_rel(out, ref, 1e-12)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "quick_gelu", "silu"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_layernorm_mlp_variants_match_manual_and_timm(activation, norm, gen):
+    """The activation / norm variants against hand-written math (float64) and against timm's
+    own modules (QuickGELU, SiLU, GELUTanh, RmsNorm, Mlp), the definitions users convert from."""
+    D, Hd, eps = 24, 72, 1e-5
+    x = randn(2, 9, D, dtype=torch.float64, gen=gen)
+    lw, lb = randn(D, dtype=torch.float64, gen=gen) + 1, randn(D, dtype=torch.float64, gen=gen)
+    if norm == "rmsnorm":
+        lb = None
+    w1, b1 = randn(Hd, D, dtype=torch.float64, gen=gen) * 0.2, randn(Hd, dtype=torch.float64, gen=gen)
+    w2, b2 = randn(D, Hd, dtype=torch.float64, gen=gen) * 0.2, randn(D, dtype=torch.float64, gen=gen)
+    out = layernorm_mlp(x, lw, lb, w1, b1, w2, b2, eps=eps, activation=activation, norm=norm, backend="reference")
+    ref = layernorm_mlp_manual(x, lw, lb, w1, b1, w2, b2, eps, activation, True, norm)
+    assert_close_rel(out, ref, 1e-12)
+
+    timm_layers = pytest.importorskip("timm.layers")
+    acts = {
+        "gelu": timm_layers.activations.GELU,
+        "gelu_tanh": timm_layers.activations.GELUTanh,
+        "quick_gelu": timm_layers.activations.QuickGELU,
+        "silu": torch.nn.SiLU,
+    }
+    if norm == "rmsnorm":
+        n = timm_layers.RmsNorm(D, eps=eps).double()
+    else:
+        n = timm_layers.LayerNorm(D, eps=eps).double()
+    mlp = timm_layers.Mlp(D, Hd, act_layer=acts[activation]).double()
+    with torch.no_grad():
+        n.weight.copy_(lw)
+        if lb is not None:
+            n.bias.copy_(lb)
+        mlp.fc1.weight.copy_(w1), mlp.fc1.bias.copy_(b1), mlp.fc2.weight.copy_(w2), mlp.fc2.bias.copy_(b2)
+        assert_close_rel(out, x + mlp(n(x)), 1e-12)
 
 
 def test_layernorm_mlp_gradcheck(gen):

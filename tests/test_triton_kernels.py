@@ -80,19 +80,22 @@ OP_SCRIPT = PRELUDE + textwrap.dedent(
 
             names = ["out", "dimages", "dweight"] + (["dbias"] if bias else []) + (["dpos"] if pos else [])
         else:
-            lead, D, Hd, affine, approx, residual = case["shape"]
+            lead, D, Hd, affine, approx, residual, *rest = case["shape"]
+            norm = rest[0] if rest else "layernorm"
+            act = dict(approximate=approx) if approx in ("none", "tanh") else dict(activation=approx)
             x = torch.randn(*lead, D, generator=g) * 2 + 0.5
             lnw, lnb = 1 + 0.2 * torch.randn(D, generator=g), 0.2 * torch.randn(D, generator=g)
             w1, b1 = torch.randn(Hd, D, generator=g) * D**-0.5, 0.2 * torch.randn(Hd, generator=g)
             w2, b2 = torch.randn(D, Hd, generator=g) * Hd**-0.5, 0.2 * torch.randn(D, generator=g)
-            leaves = [x, w1, b1, w2, b2] + ([lnw, lnb] if affine else [])
+            ln = ([lnw, lnb] if norm == "layernorm" else [lnw]) if affine else []
+            leaves = [x, w1, b1, w2, b2] + ln
 
             def fn(x, w1, b1, w2, b2, *ln, backend):
-                lw, lb = ln if affine else (None, None)
-                return layernorm_mlp(x, lw, lb, w1, b1, w2, b2, approximate=approx, residual=residual, backend=backend)
+                lw, lb = (*ln, None, None)[:2]
+                return layernorm_mlp(x, lw, lb, w1, b1, w2, b2, norm=norm, residual=residual, backend=backend, **act)
 
             names = ["out", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"]
-            names += ["dln_weight", "dln_bias"] if affine else []
+            names += ["dln_weight", "dln_bias"][: len(ln)]
         errs = compare(fn, leaves, dtype, g, case["op"])
         results.append({"case": case, "errors": dict(zip(names, errs)), "tol": TOL[case["dtype"]]})
     print("RESULTS " + json.dumps(results))
@@ -180,7 +183,8 @@ MODEL_SCRIPT = PRELUDE + textwrap.dedent(
     torch.library.opcheck(_patch_embed_triton, (img, w, b, pos))
     xs = torch.randn(10, 16, generator=g).requires_grad_()
     params = [torch.randn(*s, generator=g).requires_grad_() for s in ((16,), (16,), (32, 16), (32,), (16, 32), (16,))]
-    torch.library.opcheck(_layernorm_mlp_triton, (xs, *params, 1e-6, False, True, True))
+    torch.library.opcheck(_layernorm_mlp_triton, (xs, *params, 1e-6, 1, False, True, True))
+    torch.library.opcheck(_layernorm_mlp_triton, (xs, params[0], None, *params[2:], 1e-5, 3, True, False, True))
     results["opcheck"] = True
     print("RESULTS " + json.dumps(results))
     """

@@ -28,7 +28,7 @@ def patch_timm(model: nn.Module) -> nn.Module:
     """
     import types
 
-    from vitkern.zoo import _fusable_mlp, _fusable_patch_embed, _timm_classes, check_timm_model
+    from vitkern.zoo import _fusable_mlp, _fusable_patch_embed, _is_rmsnorm, _timm_classes, check_timm_model
 
     check_timm_model(model)  # validates the whole model; raises before any change
     T = _timm_classes()
@@ -43,17 +43,17 @@ def patch_timm(model: nn.Module) -> nn.Module:
             if type(m) is T["Attention"]:
                 m.forward = types.MethodType(_patched_attention_forward, m)
         if type(blk) is T["Block"]:
-            approx = _fusable_mlp(blk.norm2, blk.mlp, T)
-            if approx is not None:
-                blk.vitkern_gelu = approx
+            act = _fusable_mlp(blk.norm2, blk.mlp, T)
+            if act is not None:
+                blk.vitkern_mlp = (act, "rmsnorm" if _is_rmsnorm(blk.norm2, T) else "layernorm")
                 blk.forward = types.MethodType(_patched_block_forward, blk)
             else:
                 unfused.append(f"blocks.{i}.mlp")
         elif type(blk) is T["ParallelThingsBlock"]:
             for j, ffn in enumerate(blk.ffns):
-                approx = _fusable_mlp(ffn.norm, ffn.mlp, T)
-                if approx is not None:
-                    ffn.vitkern_gelu = approx
+                act = _fusable_mlp(ffn.norm, ffn.mlp, T)
+                if act is not None:
+                    ffn.vitkern_mlp = (act, "rmsnorm" if _is_rmsnorm(ffn.norm, T) else "layernorm")
                     ffn.forward = types.MethodType(_patched_ffn_forward, ffn)
                 else:
                     unfused.append(f"blocks.{i}.ffns.{j}")
@@ -89,23 +89,25 @@ def _patched_attention_forward(self, x, attn_mask=None, is_causal=False):
     return self.proj_drop(self.proj(o))
 
 
-def _fused_mlp(n2, mlp, x, approximate, residual):
+def _fused_mlp(n2, mlp, x, activation_norm, residual):
     from vitkern.ops import layernorm_mlp
 
-    args = (n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
-    return layernorm_mlp(x, *args, eps=n2.eps, approximate=approximate, residual=residual)
+    activation, norm = activation_norm
+    bias = n2.bias if norm == "layernorm" else None
+    args = (n2.weight, bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    return layernorm_mlp(x, *args, eps=n2.eps, activation=activation, norm=norm, residual=residual)
 
 
 def _patched_block_forward(self, x, attn_mask=None, is_causal=False):
     x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
     dp_active = self.training and getattr(self.drop_path2, "drop_prob", 0.0) > 0
     if isinstance(self.ls2, nn.Identity) and not dp_active:
-        return _fused_mlp(self.norm2, self.mlp, x, self.vitkern_gelu, True)
-    return x + self.drop_path2(self.ls2(_fused_mlp(self.norm2, self.mlp, x, self.vitkern_gelu, False)))
+        return _fused_mlp(self.norm2, self.mlp, x, self.vitkern_mlp, True)
+    return x + self.drop_path2(self.ls2(_fused_mlp(self.norm2, self.mlp, x, self.vitkern_mlp, False)))
 
 
 def _patched_ffn_forward(self, x):
-    return self.drop_path(self.ls(_fused_mlp(self.norm, self.mlp, x, self.vitkern_gelu, False)))
+    return self.drop_path(self.ls(_fused_mlp(self.norm, self.mlp, x, self.vitkern_mlp, False)))
 
 
 # ----------------------------------------------------------------------------- Hugging Face ViT

@@ -27,11 +27,15 @@ OP_CASES = [
     {"op": "patch_embed", "dtype": "float16", "shape": [2, 2, 3, [5, 3], 24, False, True, "channels_last"]},
     {"op": "patch_embed", "dtype": "float32", "shape": [2, 3, 16, [2, 3], 72, True, False, "contiguous"]},
     {"op": "patch_embed", "dtype": "float16", "shape": [1, 3, 8, [1, 1], 16, True, True, "contiguous"]},
-    # layernorm_mlp: leading dims, D, hidden, LN affine, GELU, residual
+    # layernorm_mlp: leading dims, D, hidden, norm affine, GELU approximate or activation, residual
+    # [, norm]
     {"op": "layernorm_mlp", "dtype": "float32", "shape": [[1, 197], 32, 96, True, "none", True]},
     {"op": "layernorm_mlp", "dtype": "float16", "shape": [[2, 15], 80, 240, True, "none", True]},
     {"op": "layernorm_mlp", "dtype": "float32", "shape": [[3], 48, 200, False, "tanh", False]},
     {"op": "layernorm_mlp", "dtype": "float16", "shape": [[1, 7], 128, 160, True, "tanh", True]},
+    {"op": "layernorm_mlp", "dtype": "float32", "shape": [[2, 13], 40, 136, True, "quick_gelu", True]},
+    {"op": "layernorm_mlp", "dtype": "float16", "shape": [[1, 9], 64, 176, True, "silu", False, "rmsnorm"]},
+    {"op": "layernorm_mlp", "dtype": "float32", "shape": [[5], 24, 96, False, "gelu", True, "rmsnorm"]},
     # sp_attention: B, H, grid, prefix tokens, head dim, omega (q, k, v are views of a fused qkv)
     {"op": "sp_attention", "dtype": "float32", "shape": [1, 1, [14, 14], 1, 64, True]},  # N 197, class token
     {"op": "sp_attention", "dtype": "float16", "shape": [2, 2, [3, 5], 0, 32, True]},  # non-square, N < 1 block
@@ -94,7 +98,10 @@ def build_case(case: dict, g: torch.Generator):
     if op == "layernorm_mlp":
         from vitkern.ops import layernorm_mlp
 
-        lead, D, Hd, affine, approx, residual = shape
+        lead, D, Hd, affine, approx, residual, *rest = shape
+        norm = rest[0] if rest else "layernorm"  # an RMSNorm has no bias
+        # approx: GELU's "none" / "tanh", or an activation name ("quick_gelu", "silu", ...)
+        act = dict(approximate=approx) if approx in ("none", "tanh") else dict(activation=approx)
 
         def r(*s, scale=1.0, shift=0.0):
             return torch.randn(*s, generator=g, dtype=torch.float64) * scale + shift
@@ -103,14 +110,15 @@ def build_case(case: dict, g: torch.Generator):
         lnw, lnb = r(D, scale=0.2, shift=1.0), r(D, scale=0.2)
         w1, b1 = r(Hd, D, scale=D**-0.5), r(Hd, scale=0.2)
         w2, b2 = r(D, Hd, scale=Hd**-0.5), r(D, scale=0.2)
-        leaves = [x, w1, b1, w2, b2] + ([lnw, lnb] if affine else [])
+        ln = ([lnw, lnb] if norm == "layernorm" else [lnw]) if affine else []
+        leaves = [x, w1, b1, w2, b2] + ln
 
         def fn(x, w1, b1, w2, b2, *ln, backend):
-            lw, lb = ln if affine else (None, None)
-            return layernorm_mlp(x, lw, lb, w1, b1, w2, b2, approximate=approx, residual=residual, backend=backend)
+            lw, lb = (*ln, None, None)[:2]
+            return layernorm_mlp(x, lw, lb, w1, b1, w2, b2, norm=norm, residual=residual, backend=backend, **act)
 
         names = ["out", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"]
-        return fn, leaves, names + (["dln_weight", "dln_bias"] if affine else [])
+        return fn, leaves, names + ["dln_weight", "dln_bias"][: len(ln)]
     if op == "sp_attention":
         from vitkern.ops import sp_attention
 

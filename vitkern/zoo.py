@@ -6,10 +6,10 @@ vitkern cannot reproduce exactly raises :class:`TimmConversionError` (a ValueErr
 naming the feature and the model's class. What converts:
 
 * the trunk on the fused ops: attention through ``sp_attention`` (with timm's qk_norm,
-  scale_attn_norm and gated attention as ordinary modules around it) and LayerNorm + GELU
-  MLP (any eps, exact or tanh GELU) through ``layernorm_mlp``;
-* as ordinary (unfused) modules copied from timm: other norms (RmsNorm), other MLPs
-  (SwiGLU, GeGLU, QuickGELU, SiLU ...), hybrid CNN stems and other patch embeddings,
+  scale_attn_norm and gated attention as ordinary modules around it) and LayerNorm or
+  RmsNorm + MLP (any eps; exact or tanh GELU, QuickGELU, SiLU) through ``layernorm_mlp``;
+* as ordinary (unfused) modules copied from timm: other norms, gated MLPs
+  (SwiGLU, GeGLU), hybrid CNN stems and other patch embeddings,
   attention-pool heads (``global_pool='map'``), post-norm blocks' norms and MLP;
 * block layouts: pre-norm ``Block``, ``ParallelThingsBlock``, post-norm ``ResPostBlock``;
   models without a position embedding, with registers, without class token.
@@ -55,6 +55,8 @@ def _timm_classes() -> dict[str, type]:
     from timm.layers import activations as ta
 
     out["GELU"], out["GELUTanh"] = ta.GELU, getattr(ta, "GELUTanh", ta.GELU)
+    out["QuickGELU"], out["Swish"] = getattr(ta, "QuickGELU", None), getattr(ta, "Swish", None)
+    out["RmsNorm"] = getattr(tl, "RmsNorm", None)
     return out
 
 
@@ -68,20 +70,33 @@ def _is_layernorm(norm: nn.Module, T: dict) -> bool:
     return t is nn.LayerNorm or (t is T["LayerNorm"] and not getattr(norm, "_fast_norm", False))
 
 
-def _gelu_approximate(act: nn.Module, T: dict) -> str | None:
-    """ "none"/"tanh" for the GELUs the fused MLP implements, None for other activations."""
+def _is_rmsnorm(norm: nn.Module, T: dict) -> bool:
+    """timm's RmsNorm (without its fast-norm path) or torch's nn.RMSNorm with an eps."""
+    t = type(norm)
+    if t is nn.RMSNorm:
+        return norm.eps is not None
+    return t is T["RmsNorm"] and not getattr(norm, "_fast_norm", False)
+
+
+def _activation_name(act: nn.Module, T: dict) -> str | None:
+    """The name (vitkern.ops.layernorm_mlp's ``activation``) of the activations the fused MLP
+    implements, None for other activations."""
     if type(act) is nn.GELU:
-        return act.approximate if act.approximate in ("none", "tanh") else None
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
     if type(act) is T["GELU"]:
-        return "none"
+        return "gelu"
     if type(act) is T["GELUTanh"] and T["GELUTanh"] is not T["GELU"]:
-        return "tanh"
+        return "gelu_tanh"
+    if type(act) is T["QuickGELU"]:
+        return "quick_gelu"
+    if type(act) in (nn.SiLU, T["Swish"]):
+        return "silu"
     return None
 
 
 def _fusable_mlp(norm: nn.Module, mlp: nn.Module, T: dict) -> str | None:
-    """The GELU approximation if ``norm`` + ``mlp`` map onto the fused layernorm_mlp, else None."""
-    if type(mlp) is not T["Mlp"] or not _is_layernorm(norm, T):
+    """The activation name if ``norm`` + ``mlp`` map onto the fused layernorm_mlp, else None."""
+    if type(mlp) is not T["Mlp"] or not (_is_layernorm(norm, T) or _is_rmsnorm(norm, T)):
         return None
     if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
         return None
@@ -91,7 +106,7 @@ def _fusable_mlp(norm: nn.Module, mlp: nn.Module, T: dict) -> str | None:
         return None
     if _dropout_p(mlp.drop1) or _dropout_p(mlp.drop2):
         return None
-    return _gelu_approximate(mlp.act, T)
+    return _activation_name(mlp.act, T)
 
 
 def _attention_problems(where: str, attn: nn.Module, dim: int, T: dict) -> list[str]:
@@ -158,7 +173,8 @@ def check_timm_model(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- from_timm
 def _norm(norm: nn.Module, T: dict) -> nn.Module:
-    """An nn.LayerNorm for timm's LayerNorms (the fused ops read weight/bias/eps), else a copy."""
+    """An nn.LayerNorm / nn.RMSNorm for timm's LayerNorms / RmsNorms (the fused ops read
+    weight/bias/eps; same state_dict keys), else a copy."""
     if _is_layernorm(norm, T):
         return nn.LayerNorm(
             norm.normalized_shape,
@@ -166,6 +182,8 @@ def _norm(norm: nn.Module, T: dict) -> nn.Module:
             elementwise_affine=norm.elementwise_affine,
             bias=norm.bias is not None,
         )
+    if _is_rmsnorm(norm, T):
+        return nn.RMSNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.weight is not None)
     return copy.deepcopy(norm)
 
 
@@ -199,13 +217,13 @@ def _mlp(norm: nn.Module, mlp: nn.Module, dim: int, T: dict) -> tuple[nn.Module,
     """(norm, mlp): a vitkern Mlp (fused with the LayerNorm) when possible, else timm's copy."""
     from vitkern.models.layers import Mlp
 
-    approx = _fusable_mlp(norm, mlp, T)
-    if approx is None:
+    act = _fusable_mlp(norm, mlp, T)
+    if act is None:
         return _norm(norm, T), copy.deepcopy(mlp)
-    return _norm(norm, T), Mlp(dim, mlp.fc1.out_features, bias=mlp.fc1.bias is not None, approximate=approx)
+    return _norm(norm, T), Mlp(dim, mlp.fc1.out_features, bias=mlp.fc1.bias is not None, activation=act)
 
 
-def _is_plain_block(blk: nn.Module, norm_eps: float, approximate: str, T: dict) -> bool:
+def _is_plain_block(blk: nn.Module, norm_eps: float, activation: str, T: dict) -> bool:
     """Whether vitkern's default Block (what the ViT constructor builds) reproduces ``blk``."""
     if type(blk) is not T["Block"]:
         return False
@@ -217,7 +235,7 @@ def _is_plain_block(blk: nn.Module, norm_eps: float, approximate: str, T: dict) 
         return False
     if blk.norm1.weight is None or blk.norm1.bias is None or blk.norm2.weight is None or blk.norm2.bias is None:
         return False
-    if _fusable_mlp(blk.norm2, blk.mlp, T) != approximate:
+    if not _is_layernorm(blk.norm2, T) or _fusable_mlp(blk.norm2, blk.mlp, T) != activation:
         return False
     return (blk.mlp.fc1.bias is not None) == (a.proj.bias is not None)
 
@@ -274,11 +292,11 @@ def _first_norm_eps(model: nn.Module, T: dict) -> float:
     return 1e-6
 
 
-def _first_gelu(model: nn.Module, T: dict) -> str:
+def _first_activation(model: nn.Module, T: dict) -> str:
     for blk in model.blocks:
         if hasattr(blk, "norm2") and hasattr(blk, "mlp"):
-            return _fusable_mlp(blk.norm2, blk.mlp, T) or "none"
-    return "none"
+            return _fusable_mlp(blk.norm2, blk.mlp, T) or "gelu"
+    return "gelu"
 
 
 class _TimmPoolMixin:
@@ -315,7 +333,7 @@ def vit_from_timm(cls: type, model: nn.Module, **overrides: Any) -> nn.Module:
     dim = model.embed_dim
     fused_pe = _fusable_patch_embed(pe, T)
     norm_eps = _first_norm_eps(model, T)
-    approximate = _first_gelu(model, T)
+    activation = _first_activation(model, T)
     blk0 = model.blocks[0] if len(model.blocks) else None
     fc1 = getattr(getattr(blk0, "mlp", None), "fc1", None)
     mlp_hidden = fc1.out_features if fc1 is not None else 4 * dim
@@ -345,7 +363,7 @@ def vit_from_timm(cls: type, model: nn.Module, **overrides: Any) -> nn.Module:
         drop_rate=_dropout_p(model.head_drop),
         pos_drop_rate=_dropout_p(model.pos_drop),
         norm_eps=norm_eps,
-        act_layer="gelu_tanh" if approximate == "tanh" else None,
+        act_layer=None if activation == "gelu" else activation,
     )
     kwargs.update(overrides)
     timm_parts = []  # what the plain constructor does not reproduce
@@ -381,7 +399,7 @@ def vit_from_timm(cls: type, model: nn.Module, **overrides: Any) -> nn.Module:
                 timm_parts.append(f"{name}: {type(m).__name__}")
     blocks = []
     for blk in model.blocks:
-        if _is_plain_block(blk, norm_eps, approximate, T) and "init_values" not in overrides:
+        if _is_plain_block(blk, norm_eps, activation, T) and "init_values" not in overrides:
             blocks.append(None)
         else:
             blocks.append(_convert_block(blk, dim, T))

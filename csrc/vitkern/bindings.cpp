@@ -36,15 +36,16 @@ STABLE_TORCH_LIBRARY(vitkern_C, m) {
   m.def(
       "sp_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? omega, Tensor out, Tensor lse, "
       "int gh, int gw, int num_prefix, float scale) -> Tensor[]");
-  // fused LayerNorm+GELU-MLP forward -> [out, mean, rstd, pre, gelu_out, ln_out];
+  // fused LayerNorm (rms: RMSNorm) + MLP forward -> [out, mean, rstd, pre, act_out, ln_out];
+  // act: 1 GELU, 2 GELU tanh, 3 QuickGELU, 4 SiLU (simd.h);
   // backward -> [dx, dlnw, dlnb, dw1, db1, dw2, db2] (None where the parameter is None)
   m.def(
       "layernorm_mlp_forward(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, "
-      "Tensor fc2_weight, Tensor? fc2_bias, float eps, bool tanh_approx, bool residual, bool save_for_backward) "
+      "Tensor fc2_weight, Tensor? fc2_bias, float eps, int act, bool rms, bool residual, bool save_for_backward) "
       "-> Tensor[]");
   m.def(
       "layernorm_mlp_backward(Tensor dout, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, "
-      "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, Tensor gelu_out, Tensor ln_out, bool tanh_approx, "
+      "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, Tensor gelu_out, Tensor ln_out, int act, bool rms, "
       "bool residual) -> Tensor[]");
   // fused patchify + projection + bias + pos_embed -> (B, N, D); backward -> [d images, d weight]
   m.def("patch_embed_forward(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed) -> Tensor");

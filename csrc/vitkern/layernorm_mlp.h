@@ -1,4 +1,5 @@
-// Fused LayerNorm + GELU-MLP (docs/DESIGN.md §1.4), CPU kernels.
+// Fused LayerNorm (or RMSNorm, rms) + MLP (docs/DESIGN.md §1.4), CPU kernels. act: the
+// activation code of simd.h (1 GELU, 2 GELU tanh, 3 QuickGELU, 4 SiLU).
 #pragma once
 
 #include "stable.h"
@@ -9,21 +10,17 @@ namespace vitkern {
 
 // x: (M, D). Returns {out (M, D) in x's dtype, mean (M), rstd (M), and when saving for
 // backward pre-activation (M, Hd), GELU output (M, Hd), LN output (M, D) (else (0,) each)}.
-std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x, const OptTensor& ln_weight,
-                                                  const OptTensor& ln_bias, const Tensor& fc1_weight,
-                                                  const OptTensor& fc1_bias,
-                                                  const Tensor& fc2_weight,
-                                                  const OptTensor& fc2_bias, double eps,
-                                                  bool tanh_approx, bool residual, bool save_for_backward);
+std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
+                                              const Tensor& fc1_weight, const OptTensor& fc1_bias,
+                                              const Tensor& fc2_weight, const OptTensor& fc2_bias, double eps,
+                                              int64_t act, bool rms, bool residual, bool save_for_backward);
 
 // Returns {dx, d ln_weight, d ln_bias, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias}
 // (undefined where the parameter is None).
-std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout, const Tensor& x,
-                                                   const OptTensor& ln_weight,
-                                                   const OptTensor& ln_bias,
-                                                   const Tensor& fc1_weight, const Tensor& fc2_weight,
-                                                   const Tensor& mean, const Tensor& rstd,
-                                                   const Tensor& pre, const Tensor& gelu_out,
-                                                   const Tensor& ln_out, bool tanh_approx, bool residual);
+std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout, const Tensor& x, const OptTensor& ln_weight,
+                                               const OptTensor& ln_bias, const Tensor& fc1_weight,
+                                               const Tensor& fc2_weight, const Tensor& mean, const Tensor& rstd,
+                                               const Tensor& pre, const Tensor& gelu_out, const Tensor& ln_out,
+                                               int64_t act, bool rms, bool residual);
 
 }  // namespace vitkern

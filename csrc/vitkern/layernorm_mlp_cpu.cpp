@@ -1,7 +1,8 @@
-// Fused LayerNorm + GELU-MLP on the CPU (docs/DESIGN.md §1.4):
+// Fused LayerNorm (or RMSNorm) + MLP on the CPU (docs/DESIGN.md §1.4):
 //
-//   y = x + fc2(GELU(fc1(LayerNorm(x))))
+//   y = x + fc2(act(fc1(LayerNorm(x))))      act: GELU (erf / tanh), QuickGELU or SiLU
 //
+// An RMSNorm runs through the same code with mean 0 (saved as such) and no bias.
 // Forward: each thread takes a tile of rows through LN -> fc1 -> bias+GELU ->
 // fc2 -> bias+residual; the normalised rows live only in the tile buffer, and
 // bias, GELU and residual are applied in the GEMMs' prologue/epilogue passes
@@ -37,14 +38,16 @@ constexpr int64_t kSumRows = 32;
 const float* ptr_or_null(const Tensor& t) { return f32_ptr_or_null(t); }
 
 // LayerNorm of `rows` rows: mean and 1/std (biased variance, two-pass, fp32) into
-// mean/rstd, normalised and affine rows into h.
+// mean/rstd, normalised and affine rows into h. RMSNorm (rms): mean 0, 1/sqrt(mean(x^2) + eps).
 VK_TARGET_CLONES void ln_rows(const float* x, int64_t rows, int64_t d, float eps, const float* w, const float* b,
-                              float* mean, float* rstd, float* h) {
+                              bool rms, float* mean, float* rstd, float* h) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
     float s = 0.f;
+    if (!rms) {
 #pragma omp simd reduction(+ : s)
-    for (int64_t t = 0; t < d; ++t) s += xr[t];
+      for (int64_t t = 0; t < d; ++t) s += xr[t];
+    }
     const float mu = s / d;
     float v = 0.f;
 #pragma omp simd reduction(+ : v)
@@ -76,8 +79,9 @@ VK_TARGET_CLONES void add_to(float* acc, const float* a, int64_t n) {
 
 // LayerNorm backward of rows [r0, r1): dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)) (+ dy),
 // dxh = dhn * w; d ln_weight += dhn * xhat and d ln_bias += dhn into aw / ab (when given).
+// RMSNorm (rms): no mean was subtracted, so no mean(dxh) term.
 VK_TARGET_CLONES void ln_backward_rows(const float* x, const float* dhn, const float* dy, const float* mean,
-                                       const float* rstd, const float* w, int64_t r0, int64_t r1, int64_t d,
+                                       const float* rstd, const float* w, bool rms, int64_t r0, int64_t r1, int64_t d,
                                        float* xh, float* dx, float* aw, float* ab) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* dh = dhn + r * d;
@@ -91,7 +95,7 @@ VK_TARGET_CLONES void ln_backward_rows(const float* x, const float* dhn, const f
       s1 += dxh;
       s2 += dxh * xh[t];
     }
-    s1 /= d;
+    s1 = rms ? 0.f : s1 / d;
     s2 /= d;
     float* dxr = dx + r * d;
     const float* dyr = dy ? dy + r * d : nullptr;
@@ -120,13 +124,19 @@ void check_args(const Tensor& x, const Tensor& w1, const Tensor& w2) {
   check_shape(w2, "fc2_weight", {d, w1.size(0)});
 }
 
+void check_act(int64_t act) {
+  VK_CHECK(act >= simd::kGelu && act <= simd::kSilu, "act must be an activation code 1..4 (gelu, gelu_tanh, ",
+           "quick_gelu, silu), got ", act);
+}
+
 }  // namespace
 
 std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTensor& lnw_in, const OptTensor& lnb_in,
                                               const Tensor& w1_in, const OptTensor& b1_in, const Tensor& w2_in,
-                                              const OptTensor& b2_in, double eps_d, bool tanh_approx, bool residual,
-                                              bool save_for_backward) {
+                                              const OptTensor& b2_in, double eps_d, int64_t act, bool rms,
+                                              bool residual, bool save_for_backward) {
   check_args(x_in, w1_in, w2_in);
+  check_act(act);
   const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w1_in.size(0);
   const Tensor x = f32c(x_in), w1 = f32c(w1_in), w2 = f32c(w2_in);
   const Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in), b1 = opt_f32(b1_in), b2 = opt_f32(b2_in);
@@ -155,11 +165,11 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
       float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.get();
       float* hid = save_for_backward ? gsp + r0 * Hd : hid_buf.get();
       // LayerNorm prologue into the tile buffer.
-      ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, mp + r0, rp + r0, hn);
-      // fc1: hid (rows x Hd) = hn . W1^T, then bias + GELU in place (epilogue).
+      ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
+      // fc1: hid (rows x Hd) = hn . W1^T, then bias + activation in place (epilogue).
       sgemm(true, false, Hd, rows, D, 1.f, w1p, D, hn, D, 0.f, hid, Hd);
       for (int64_t r = 0; r < rows; ++r) {
-        simd::bias_gelu(hid + r * Hd, b1p, Hd, tanh_approx, prep ? prep + (r0 + r) * Hd : nullptr);
+        simd::bias_act(hid + r * Hd, b1p, Hd, act, prep ? prep + (r0 + r) * Hd : nullptr);
       }
       // fc2 with bias and residual: out rows start as x + b2, GEMM accumulates (beta = 1).
       float* o = op + r0 * D;
@@ -173,9 +183,10 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
 std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout_in, const Tensor& x_in, const OptTensor& lnw_in,
                                                const OptTensor& lnb_in, const Tensor& w1_in, const Tensor& w2_in,
                                                const Tensor& mean_in, const Tensor& rstd_in, const Tensor& pre_in,
-                                               const Tensor& g_in, const Tensor& hn_in, bool tanh_approx,
+                                               const Tensor& g_in, const Tensor& hn_in, int64_t act, bool rms,
                                                bool residual) {
   check_args(x_in, w1_in, w2_in);
+  check_act(act);
   const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w1_in.size(0);
   check_shape(dout_in, "dout", {M, D});
   check_shape(pre_in, "pre", {M, Hd});
@@ -194,7 +205,7 @@ std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout_in, const Tens
   // result does not depend on the thread count or on scheduling (bitwise deterministic).
   const int64_t nblk = (M + kSumRows - 1) / kSumRows;
 
-  // fc2: dW2 = dy^T g, db2 = colsum(dy), d pre = (dy W2) * GELU'(pre).
+  // fc2: dW2 = dy^T g, db2 = colsum(dy), d pre = (dy W2) * act'(pre).
   Tensor dw2 = mm(transposed(dy), g);
   Tensor db2 = sum0(dy);
   Tensor da = mm(dy, w2);
@@ -208,7 +219,7 @@ std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout_in, const Tens
       std::fill(acc, acc + Hd, 0.f);
       for (int64_t r = r0; r < r1; ++r) {
         float* dar = dap + r * Hd;
-        simd::gelu_fwd_bwd(prep + r * Hd, nullptr, dar, Hd, tanh_approx);
+        simd::act_fwd_bwd(prep + r * Hd, nullptr, dar, Hd, act);
         add_to(acc, dar, Hd);
       }
     }
@@ -234,7 +245,7 @@ std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout_in, const Tens
       float* ab = lnbpp ? lnbpp + blk * D : nullptr;
       if (aw) std::fill(aw, aw + D, 0.f);
       if (ab) std::fill(ab, ab + D, 0.f);
-      ln_backward_rows(xp, dhp, residual ? dyp : nullptr, mp, rp, lnwp, r0, r1, D, xh.data(), dxp, aw, ab);
+      ln_backward_rows(xp, dhp, residual ? dyp : nullptr, mp, rp, lnwp, rms, r0, r1, D, xh.data(), dxp, aw, ab);
     }
   });
   Tensor dlnw = want_dlnw ? sum0(lnw_part) : Tensor();

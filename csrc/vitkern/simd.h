@@ -245,24 +245,41 @@ inline void fma_acc(float* d, const float* a, const float* b, int64_t n) {
   for (int64_t t = 0; t < n; ++t) d[t] += a[t] * b[t];
 }
 
-// ----------------------------------------------------------------------------- GELU
-// gelu(a) = a/2 (1 + erf(a/sqrt2)) (exact) or a/2 (1 + tanh(sqrt(2/pi)(a + 0.044715 a^3))).
+// ----------------------------------------------------------------------------- activations
+// The MLP's nonlinearity, by code (the same codes as the Triton kernels' ACT constexpr,
+// vitkern/triton_kernels/gemm.py ACT_*):
+//   kGelu      gelu(a) = a/2 (1 + erf(a/sqrt2))
+//   kGeluTanh  a/2 (1 + tanh(sqrt(2/pi)(a + 0.044715 a^3)))
+//   kQuickGelu a sigmoid(1.702 a)      (CLIP)
+//   kSilu      a sigmoid(a)            (SwiGLU's gate)
 // erf via Abramowitz & Stegun 7.1.26 (|abs err| < 1.5e-7) on the vector paths.
+enum Act : int64_t { kGelu = 1, kGeluTanh = 2, kQuickGelu = 3, kSilu = 4 };
+
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kQuickGeluK = 1.702f;
 
-inline float gelu_scalar(float a, bool tanh_approx) {
-  if (tanh_approx) return 0.5f * a * (1.f + std::tanh(kSqrt2OverPi * (a + 0.044715f * a * a * a)));
+// The sigmoid slope of the sigmoid-gated activations.
+inline float sigmoid_slope(int64_t act) { return act == kQuickGelu ? kQuickGeluK : 1.f; }
+
+inline float act_scalar(float a, int64_t act) {
+  if (act == kGeluTanh) return 0.5f * a * (1.f + std::tanh(kSqrt2OverPi * (a + 0.044715f * a * a * a)));
+  if (act == kQuickGelu || act == kSilu) return a / (1.f + std::exp(-sigmoid_slope(act) * a));
   return 0.5f * a * (1.f + std::erf(a * kInvSqrt2));
 }
 
-// d gelu / d a
-inline float gelu_grad_scalar(float a, bool tanh_approx) {
-  if (tanh_approx) {
+// d act / d a
+inline float act_grad_scalar(float a, int64_t act) {
+  if (act == kGeluTanh) {
     const float u = kSqrt2OverPi * (a + 0.044715f * a * a * a);
     const float t = std::tanh(u);
     return 0.5f * (1.f + t) + 0.5f * a * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * 0.044715f * a * a);
+  }
+  if (act == kQuickGelu || act == kSilu) {
+    const float k = sigmoid_slope(act);
+    const float s = 1.f / (1.f + std::exp(-k * a));
+    return s + k * a * s * (1.f - s);
   }
   return 0.5f * (1.f + std::erf(a * kInvSqrt2)) + a * kInvSqrt2Pi * std::exp(-0.5f * a * a);
 }
@@ -290,88 +307,98 @@ __attribute__((target("avx512f"))) inline __m512 tanh_avx512(__m512 u) {
   return _mm512_sub_ps(_mm512_set1_ps(1.f), _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
 }
 
-__attribute__((target("avx512f"))) inline void bias_gelu_avx512(float* a, const float* bias, int64_t n, bool tanh_approx,
-                                                                  float* pre) {
+// sigmoid(k v) = 1 / (1 + exp(-k v)); exp saturates to 0 / inf, giving 1 / 0.
+__attribute__((target("avx512f"))) inline __m512 sigmoid_avx512(__m512 v, float k) {
+  const __m512 e = exp_avx512(_mm512_mul_ps(_mm512_set1_ps(-k), v));
+  return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+
+// act(v) and, when want_grad, act'(v) of 16 lanes.
+__attribute__((target("avx512f"))) inline __m512 act_avx512(__m512 v, int64_t act, bool want_grad, __m512* grad) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+  if (act == kQuickGelu || act == kSilu) {
+    const float k = sigmoid_slope(act);
+    const __m512 s = sigmoid_avx512(v, k);
+    if (want_grad) {  // s + k v s (1 - s)
+      *grad = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(k), v), s), _mm512_sub_ps(one, s), s);
+    }
+    return _mm512_mul_ps(v, s);
+  }
+  if (act == kGeluTanh) {
+    const __m512 v2 = _mm512_mul_ps(v, v);
+    const __m512 u =
+        _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), _mm512_mul_ps(v2, v), v));
+    const __m512 t = tanh_avx512(u);
+    if (want_grad) {
+      const __m512 du =
+          _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(3.f * 0.044715f), v2, one));
+      *grad = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_fnmadd_ps(t, t, one)), du,
+                              _mm512_mul_ps(half, _mm512_add_ps(one, t)));
+    }
+    return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, t));
+  }
+  const __m512 e = erf_avx512(_mm512_mul_ps(v, _mm512_set1_ps(kInvSqrt2)));
+  if (want_grad) {
+    const __m512 phi = exp_avx512(_mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(v, v)));
+    *grad = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(kInvSqrt2Pi)), phi, _mm512_mul_ps(half, _mm512_add_ps(one, e)));
+  }
+  return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, e));
+}
+
+__attribute__((target("avx512f"))) inline void bias_act_avx512(float* a, const float* bias, int64_t n, int64_t act,
+                                                                 float* pre) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512 v = _mm512_loadu_ps(a + i);
     if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + i));
     if (pre) _mm512_storeu_ps(pre + i, v);
-    __m512 inner;
-    if (tanh_approx) {
-      const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-      inner = tanh_avx512(_mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), v3, v)));
-    } else {
-      inner = erf_avx512(_mm512_mul_ps(v, _mm512_set1_ps(kInvSqrt2)));
-    }
-    _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.f), inner)));
+    _mm512_storeu_ps(a + i, act_avx512(v, act, false, nullptr));
   }
   for (; i < n; ++i) {
     const float v = a[i] + (bias ? bias[i] : 0.f);
     if (pre) pre[i] = v;
-    a[i] = gelu_scalar(v, tanh_approx);
+    a[i] = act_scalar(v, act);
   }
 }
-#endif
 
-#if VK_X86_SIMD
-// g[i] = gelu(a[i]) (if g) and d[i] *= gelu'(a[i]) (if d).
-__attribute__((target("avx512f"))) inline void gelu_fwd_bwd_avx512(const float* a, float* g, float* d, int64_t n,
-                                                                     bool tanh_approx) {
+// g[i] = act(a[i]) (if g) and d[i] *= act'(a[i]) (if d).
+__attribute__((target("avx512f"))) inline void act_fwd_bwd_avx512(const float* a, float* g, float* d, int64_t n,
+                                                                    int64_t act) {
   int64_t i = 0;
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
   for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(a + i);
-    __m512 gv, dv;
-    if (tanh_approx) {
-      const __m512 v2 = _mm512_mul_ps(v, v);
-      const __m512 u =
-          _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), _mm512_mul_ps(v2, v), v));
-      const __m512 t = tanh_avx512(u);
-      gv = _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, t));
-      const __m512 du =
-          _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(3.f * 0.044715f), v2, one));
-      dv = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_fnmadd_ps(t, t, one)), du,
-                           _mm512_mul_ps(half, _mm512_add_ps(one, t)));
-    } else {
-      const __m512 e = erf_avx512(_mm512_mul_ps(v, _mm512_set1_ps(kInvSqrt2)));
-      gv = _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, e));
-      if (d) {
-        const __m512 phi = exp_avx512(_mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(v, v)));
-        dv = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(kInvSqrt2Pi)), phi, _mm512_mul_ps(half, _mm512_add_ps(one, e)));
-      }
-    }
+    __m512 dv = _mm512_setzero_ps();
+    const __m512 gv = act_avx512(_mm512_loadu_ps(a + i), act, d != nullptr, &dv);
     if (g) _mm512_storeu_ps(g + i, gv);
     if (d) _mm512_storeu_ps(d + i, _mm512_mul_ps(_mm512_loadu_ps(d + i), dv));
   }
   for (; i < n; ++i) {
-    if (g) g[i] = gelu_scalar(a[i], tanh_approx);
-    if (d) d[i] *= gelu_grad_scalar(a[i], tanh_approx);
+    if (g) g[i] = act_scalar(a[i], act);
+    if (d) d[i] *= act_grad_scalar(a[i], act);
   }
 }
 #endif
 
-// g[i] = gelu(a[i]) when g is not null; d[i] *= gelu'(a[i]) when d is not null.
-inline void gelu_fwd_bwd(const float* a, float* g, float* d, int64_t n, bool tanh_approx) {
+// g[i] = act(a[i]) when g is not null; d[i] *= act'(a[i]) when d is not null.
+inline void act_fwd_bwd(const float* a, float* g, float* d, int64_t n, int64_t act) {
 #if VK_X86_SIMD
-  if (has_avx512()) return gelu_fwd_bwd_avx512(a, g, d, n, tanh_approx);
+  if (has_avx512()) return act_fwd_bwd_avx512(a, g, d, n, act);
 #endif
   for (int64_t i = 0; i < n; ++i) {
-    if (g) g[i] = gelu_scalar(a[i], tanh_approx);
-    if (d) d[i] *= gelu_grad_scalar(a[i], tanh_approx);
+    if (g) g[i] = act_scalar(a[i], act);
+    if (d) d[i] *= act_grad_scalar(a[i], act);
   }
 }
 
-// a[i] = gelu(a[i] + bias[i]) in place over one row of n; the pre-activation
+// a[i] = act(a[i] + bias[i]) in place over one row of n; the pre-activation
 // a + bias is stored to `pre` when it is not null (for the backward).
-inline void bias_gelu(float* a, const float* bias, int64_t n, bool tanh_approx, float* pre) {
+inline void bias_act(float* a, const float* bias, int64_t n, int64_t act, float* pre) {
 #if VK_X86_SIMD
-  if (has_avx512()) return bias_gelu_avx512(a, bias, n, tanh_approx, pre);
+  if (has_avx512()) return bias_act_avx512(a, bias, n, act, pre);
 #endif
   for (int64_t i = 0; i < n; ++i) {
     const float v = a[i] + (bias ? bias[i] : 0.f);
     if (pre) pre[i] = v;
-    a[i] = gelu_scalar(v, tanh_approx);
+    a[i] = act_scalar(v, act);
   }
 }
 

@@ -157,13 +157,23 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Keys ``fc1``, ``fc2``; the computation is fused with the preceding LayerNorm in Block."""
+    """Keys ``fc1``, ``fc2``; the computation is fused with the preceding norm in Block.
 
-    def __init__(self, dim: int, hidden: int, bias: bool = True, approximate: str = "none") -> None:
+    ``activation``: "gelu" (exact), "gelu_tanh", "quick_gelu" or "silu" (vitkern.ops.layernorm_mlp);
+    ``approximate="tanh"`` is the older spelling of "gelu_tanh"."""
+
+    def __init__(
+        self, dim: int, hidden: int, bias: bool = True, approximate: str = "none", activation: str = "gelu"
+    ) -> None:
         super().__init__()
-        self.approximate = approximate  # GELU: "none" (erf) or "tanh"
+        from vitkern.ops.layernorm_mlp import _resolve_activation
+
+        self.activation = _resolve_activation(activation, approximate)
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
 
 
 class Block(nn.Module):
@@ -183,6 +193,7 @@ class Block(nn.Module):
         sp_hidden: int = 32,
         norm_eps: float = 1e-6,
         mlp_approximate: str = "none",
+        mlp_activation: str = "gelu",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -190,7 +201,9 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=proj_bias, approximate=mlp_approximate)
+        self.mlp = Mlp(
+            dim, int(dim * mlp_ratio), bias=proj_bias, approximate=mlp_approximate, activation=mlp_activation
+        )
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -201,26 +214,37 @@ class Block(nn.Module):
         plain_residual = isinstance(self.ls2, nn.Identity) and not (
             isinstance(self.drop_path2, DropPath) and self.training
         )
-        mlp_args = (
-            self.norm2.weight,
-            self.norm2.bias,
-            self.mlp.fc1.weight,
-            self.mlp.fc1.bias,
-            self.mlp.fc2.weight,
-            self.mlp.fc2.bias,
-        )
-        approx = self.mlp.approximate
         if plain_residual:  # the residual add is fused into fc2's epilogue
-            return layernorm_mlp(x, *mlp_args, eps=self.norm2.eps, approximate=approx)
-        out = layernorm_mlp(x, *mlp_args, eps=self.norm2.eps, approximate=approx, residual=False)
-        return x + self.drop_path2(self.ls2(out))
+            return fused_norm_mlp(self.norm2, self.mlp, x, residual=True)
+        return x + self.drop_path2(self.ls2(fused_norm_mlp(self.norm2, self.mlp, x, residual=False)))
 
 
 def fusable_mlp(norm: nn.Module, mlp: nn.Module) -> bool:
     """Whether ``norm`` then ``mlp`` run as one fused layernorm_mlp: a vitkern Mlp after an
-    nn.LayerNorm (any eps, affine or not). Other MLPs (timm's gated or QuickGELU/SiLU MLPs,
-    kept by ViT.from_timm) run as ordinary modules."""
-    return isinstance(mlp, Mlp) and type(norm) is nn.LayerNorm
+    nn.LayerNorm or nn.RMSNorm (any eps, affine or not). Other MLPs (timm's gated MLPs, kept
+    by ViT.from_timm) run as ordinary modules."""
+    return isinstance(mlp, Mlp) and type(norm) in (nn.LayerNorm, nn.RMSNorm)
+
+
+def fused_norm_mlp(norm: nn.Module, mlp: Mlp, x: torch.Tensor, residual: bool) -> torch.Tensor:
+    """``[x +] mlp(norm(x))`` through the fused op (``fusable_mlp(norm, mlp)`` must hold)."""
+    rms = type(norm) is nn.RMSNorm
+    # nn.RMSNorm's eps=None means the input dtype's machine epsilon.
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    m = mlp
+    return layernorm_mlp(
+        x,
+        norm.weight,
+        None if rms else norm.bias,
+        m.fc1.weight,
+        m.fc1.bias,
+        m.fc2.weight,
+        m.fc2.bias,
+        eps=eps,
+        activation=m.activation,
+        norm="rmsnorm" if rms else "layernorm",
+        residual=residual,
+    )
 
 
 class ParallelThingsBlock(nn.Module):
@@ -241,9 +265,7 @@ class ParallelThingsBlock(nn.Module):
         outs = []
         for f in self.ffns:
             if fusable_mlp(f.norm, f.mlp):
-                n, m = f.norm, f.mlp
-                args = (n.weight, n.bias, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)
-                h = layernorm_mlp(x, *args, eps=n.eps, approximate=m.approximate, residual=False)
+                h = fused_norm_mlp(f.norm, f.mlp, x, residual=False)
             else:
                 h = f.mlp(f.norm(x))
             outs.append(f.drop_path(f.ls(h)))

@@ -197,7 +197,8 @@ class ViT(nn.Module):
             position embedding has one entry per patch only.
         sp_layers: number of SP-SA blocks K (default ``depth - 2``, the paper's choice).
         sp_hidden: hidden width of each head's relation MLP (default 32).
-        act_layer: the MLP's GELU, ``"gelu"`` / None (exact, default) or ``"gelu_tanh"``.
+        act_layer: the MLP's activation, timm's names: ``"gelu"`` / None (exact, default),
+            ``"gelu_tanh"``, ``"quick_gelu"`` or ``"silu"`` (all fused, vitkern.ops.layernorm_mlp).
     """
 
     def __init__(
@@ -262,7 +263,7 @@ class ViT(nn.Module):
             raise ValueError(f"vitkern.ViT does not support {bad} (the fused ops have no dropout inside attention/MLP)")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
-        approximate = _gelu_approximate(act_layer)
+        mlp_activation = _mlp_activation(act_layer)
         if spatial_prior:
             sp_layers = max(depth - 2, 0) if sp_layers is None else sp_layers
             if not 0 <= sp_layers <= depth:
@@ -306,7 +307,7 @@ class ViT(nn.Module):
                     spatial_prior=i < sp_layers,
                     sp_hidden=sp_hidden,
                     norm_eps=norm_eps,
-                    mlp_approximate=approximate,
+                    mlp_activation=mlp_activation,
                 )
                 for i in range(depth)
             ]
@@ -678,9 +679,10 @@ class ViT(nn.Module):
         return captured["p"]
 
 
-def _gelu_approximate(act_layer: str | None) -> str:
-    """The MLP activation (timm's ``act_layer`` names): exact or tanh GELU."""
-    names = {None: "none", "gelu": "none", "gelu_tanh": "tanh"}
+def _mlp_activation(act_layer: str | None) -> str:
+    """The MLP activation from timm's ``act_layer`` names (those the fused MLP implements)."""
+    names = {None: "gelu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "silu": "silu"}
+    names["swish"] = "silu"  # timm: swish is SiLU
     if act_layer not in names:
         raise ValueError(f"act_layer must be one of {sorted(n for n in names if n)} or None, got {act_layer!r}")
     return names[act_layer]

@@ -1,6 +1,8 @@
-"""LayerNorm + GELU-MLP, the second half of a pre-norm block (docs/DESIGN.md §1.4):
+"""LayerNorm + MLP, the second half of a pre-norm block (docs/DESIGN.md §1.4):
 
-y = x + fc2(GELU(fc1(LayerNorm(x))))      (residual=True)
+y = x + fc2(act(fc1(norm(x))))      (residual=True)
+
+norm: LayerNorm or RMSNorm; act: GELU (exact or tanh), QuickGELU or SiLU.
 """
 
 from __future__ import annotations
@@ -19,9 +21,28 @@ from vitkern.ops._validate import (
     triton_kernel_supports,
 )
 
-__all__ = ["layernorm_mlp", "layernorm_mlp_reference"]
+__all__ = ["layernorm_mlp", "layernorm_mlp_reference", "ACTIVATIONS", "NORMS"]
 
 _APPROXIMATE = ("none", "tanh")
+# Activation name -> the kernels' code (vitkern/triton_kernels/gemm.py ACT_*, csrc simd.h Act).
+ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "silu": 4}
+NORMS = ("layernorm", "rmsnorm")
+
+
+def _activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    return F.silu(x)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    # timm's RmsNorm: x * rsqrt(mean(x^2) + eps) * weight, in x's dtype.
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return h * weight if weight is not None else h
 
 
 def layernorm_mlp_reference(
@@ -35,14 +56,40 @@ def layernorm_mlp_reference(
     eps: float = 1e-6,
     approximate: str = "none",
     residual: bool = True,
+    activation: str = "gelu",
+    norm: str = "layernorm",
 ) -> torch.Tensor:
-    h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
-    h = F.gelu(F.linear(h, fc1_weight, fc1_bias), approximate=approximate)
+    """The definition of :func:`layernorm_mlp` in plain PyTorch (same arguments)."""
+    activation = _resolve_activation(activation, approximate)
+    if norm == "rmsnorm":
+        h = _rms_norm(x, ln_weight, eps)
+    else:
+        h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+    h = _activation(activation, F.linear(h, fc1_weight, fc1_bias))
     out = F.linear(h, fc2_weight, fc2_bias)
     return x + out if residual else out
 
 
-_backend.register_impl("layernorm_mlp", "reference", layernorm_mlp_reference)
+def _resolve_activation(activation: str, approximate: str) -> str:
+    """``activation`` with the legacy ``approximate="tanh"`` folded in (GELU only)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if approximate not in _APPROXIMATE:
+        raise ValueError(f"approximate must be one of {_APPROXIMATE}, got {approximate!r}")
+    if approximate == "tanh":
+        if activation not in ("gelu", "gelu_tanh"):
+            raise ValueError(f'approximate="tanh" applies to GELU only, got activation={activation!r}')
+        return "gelu_tanh"
+    return activation
+
+
+def _reference_impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, activation, residual, norm):
+    return layernorm_mlp_reference(
+        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, "none", residual, activation, norm
+    )
+
+
+_backend.register_impl("layernorm_mlp", "reference", _reference_impl)
 
 
 # ----------------------------------------------------------------------------- cpu backend (csrc)
@@ -59,7 +106,8 @@ def _layernorm_mlp_cpu(
     fc2_weight: torch.Tensor,
     fc2_bias: Opt,
     eps: float,
-    tanh_approx: bool,
+    act: int,
+    rms: bool,
     residual: bool,
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,13 +116,13 @@ def _layernorm_mlp_cpu(
     with no_autocast("cpu"):
         return tuple(
             load_extension().layernorm_mlp_forward(
-                x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save
+                x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save
             )
         )
 
 
 @_layernorm_mlp_cpu.register_fake
-def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save):
+def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save):
     M, Hd = x.shape[0], fc1_weight.shape[0]
     f32 = dict(dtype=torch.float32)
     D = x.shape[1]
@@ -95,7 +143,8 @@ def _layernorm_mlp_cpu_backward(
     pre: torch.Tensor,
     gelu_out: torch.Tensor,
     ln_out: torch.Tensor,
-    tanh_approx: bool,
+    act: int,
+    rms: bool,
     residual: bool,
 ) -> list[torch.Tensor]:
     with no_autocast("cpu"):  # the kernel's at::mm calls must not be autocast to bf16
@@ -111,7 +160,8 @@ def _layernorm_mlp_cpu_backward(
             pre,
             gelu_out,
             ln_out,
-            tanh_approx,
+            act,
+            rms,
             residual,
         )
     return [g if g is not None else x.new_empty(0) for g in grads]
@@ -135,7 +185,7 @@ def _lnmlp_grads_fake(x, ln_weight, ln_bias, fc1_weight, fc2_weight):
 
 
 @_layernorm_mlp_cpu_backward.register_fake
-def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out, tanh_approx, residual):
+def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out, act, rms, residual):
     return _lnmlp_grads_fake(x, ln_weight, ln_bias, fc1_weight, fc2_weight)
 
 
@@ -154,21 +204,22 @@ def _lnmlp_grad_tuple(grads, ln_weight, ln_bias, has_bias):
         None,
         None,
         None,
+        None,
     )
 
 
 def _lnmlp_setup_context(ctx, inputs, output):
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save = inputs
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save = inputs
     _, mean, rstd, pre, gelu_out, ln_out = output
     ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out)
     mark_saved_outputs(ctx, output)
-    ctx.flags = (tanh_approx, residual)
+    ctx.flags = (act, rms, residual)
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
 
 
 def _lnmlp_backward(ctx, dout, *_grads_of_saved):
     if dout is None:  # the output took no part in the loss
-        return (None,) * 11
+        return (None,) * 12
     x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out = ctx.saved_tensors
     if pre.numel() == 0 and x.numel() != 0:
         raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
@@ -184,14 +235,14 @@ _layernorm_mlp_cpu.register_autograd(_lnmlp_backward, setup_context=_lnmlp_setup
 def _make_lnmlp_impl(op, contiguous_rows: bool = False):
     """Flatten x to (tokens, dim), decide whether the backward's tensors are saved, run ``op``."""
 
-    def impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual):
+    def impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, activation, residual, norm):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if contiguous_rows and x2.stride(-1) != 1:
             x2 = x2.contiguous()
         params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-        out = op(x2, *params, eps, approximate == "tanh", residual, save)[0]
+        out = op(x2, *params, eps, ACTIVATIONS[activation], norm == "rmsnorm", residual, save)[0]
         return out.reshape(shape)
 
     return impl
@@ -216,7 +267,8 @@ def _layernorm_mlp_triton(
     fc2_weight: torch.Tensor,
     fc2_bias: Opt,
     eps: float,
-    tanh_approx: bool,
+    act: int,
+    rms: bool,
     residual: bool,
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -233,14 +285,15 @@ def _layernorm_mlp_triton(
             fc2_weight,
             fc2_bias,
             eps,
-            2 if tanh_approx else 1,
+            act,
             residual,
             save,
+            rms,
         )
 
 
 @_layernorm_mlp_triton.register_fake
-def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save):
+def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save):
     M, Hd = x.shape[0], fc1_weight.shape[0]
     stats = x.new_empty((M,), dtype=torch.float32)
     return x.new_empty(x.shape), stats, x.new_empty((M,), dtype=torch.float32), x.new_empty((M, Hd) if save else (0,))
@@ -257,35 +310,36 @@ def _layernorm_mlp_triton_backward(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     pre: torch.Tensor,
-    tanh_approx: bool,
+    act: int,
+    rms: bool,
     residual: bool,
 ) -> list[torch.Tensor]:
     from vitkern.triton_kernels.layernorm_mlp import layernorm_mlp_bwd
 
     with no_autocast(x.device.type):
         grads = layernorm_mlp_bwd(
-            dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, 2 if tanh_approx else 1, residual
+            dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, act, residual, rms
         )
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @_layernorm_mlp_triton_backward.register_fake
-def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, tanh_approx, residual):
+def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, act, rms, residual):
     return _lnmlp_grads_fake(x, ln_weight, ln_bias, fc1_weight, fc2_weight)
 
 
 def _lnmlp_triton_setup_context(ctx, inputs, output):
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, tanh_approx, residual, save = inputs
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save = inputs
     _, mean, rstd, pre = output
     ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre)
     mark_saved_outputs(ctx, output)
-    ctx.flags = (tanh_approx, residual)
+    ctx.flags = (act, rms, residual)
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
 
 
 def _lnmlp_triton_backward(ctx, dout, *_grads_of_saved):
     if dout is None:  # the output took no part in the loss
-        return (None,) * 11
+        return (None,) * 12
     x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre = ctx.saved_tensors
     if pre.numel() == 0 and x.numel() != 0:
         raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
@@ -339,18 +393,23 @@ def layernorm_mlp(
     eps: float = 1e-6,
     approximate: str = "none",
     residual: bool = True,
+    activation: str = "gelu",
+    norm: str = "layernorm",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Fused ``x + fc2(GELU(fc1(LayerNorm(x))))``.
+    """Fused ``x + fc2(act(fc1(norm(x))))``.
 
     Args:
         x: (..., dim).
-        ln_weight, ln_bias: (dim,) LayerNorm affine parameters, or None.
+        ln_weight, ln_bias: (dim,) norm affine parameters, or None (an RMSNorm has no bias).
         fc1_weight: (hidden, dim); fc1_bias: (hidden,) or None.
         fc2_weight: (dim, hidden); fc2_bias: (dim,) or None.
-        eps: LayerNorm epsilon (timm uses 1e-6).
-        approximate: "none" (exact erf GELU) or "tanh".
+        eps: the norm's epsilon (timm's ViT uses 1e-6).
+        approximate: "none" or "tanh" (GELU only: the same as ``activation="gelu_tanh"``).
         residual: add ``x`` to the output (default True).
+        activation: "gelu" (exact, erf), "gelu_tanh", "quick_gelu" (x * sigmoid(1.702 x),
+            CLIP's) or "silu".
+        norm: "layernorm" or "rmsnorm" (x * rsqrt(mean(x^2) + eps) * ln_weight, timm's RmsNorm).
         backend: "auto", "reference", "triton" or "cpu".
 
     Under ``torch.autocast`` (for x's device) x and every parameter are cast to the
@@ -394,13 +453,28 @@ def layernorm_mlp(
             check_tensor(name, t, 1, f"({n},)")
             if t.shape[0] != n:
                 raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
-    if approximate not in _APPROXIMATE:
-        raise ValueError(f"approximate must be one of {_APPROXIMATE}, got {approximate!r}")
+    activation = _resolve_activation(activation, approximate)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+    if norm == "rmsnorm" and ln_bias is not None:
+        raise ValueError("ln_bias must be None with norm='rmsnorm' (an RMSNorm has no bias)")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    args = (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), approximate, bool(residual))
+    args = (
+        x,
+        ln_weight,
+        ln_bias,
+        fc1_weight,
+        fc1_bias,
+        fc2_weight,
+        fc2_bias,
+        float(eps),
+        activation,
+        bool(residual),
+        norm,
+    )
     fn = _backend.select("layernorm_mlp", backend, x.device, *args)
     with no_autocast(x.device.type):
         if x.numel() == 0:
-            return layernorm_mlp_reference(*args)
+            return _reference_impl(*args)
         return fn(*args)

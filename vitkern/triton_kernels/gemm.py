@@ -7,12 +7,14 @@ Operands are read through arbitrary strides (so a transposed weight or a
 transposed gradient is a stride swap, never a copy), and each operand can be
 produced on the fly instead of read from memory:
 
-A prologue (A_MODE)   0 strided   1 LayerNorm of the row (x - mean[m]) * rstd[m] * w[k] + b[k)
+A prologue (A_MODE)   0 strided   1 LayerNorm of the row (x - mean[m]) * rstd[m] * w[k] + b[k]
+                        (an RMSNorm is the same prologue with mean 0 and no b)
                       2 patch gather: row m = patch token, column k = (c, py, px) pixel of the image
 B prologue (B_MODE)   0 strided   1 LayerNorm with statistics per row k, affine per column n
-                      2 patch gather with k = token, n = pixel   3 GELU of the stored pre-activation
-Epilogue              + bias[n]; store the pre-activation; GELU (erf or tanh) or, for the backward,
-                      multiply by GELU'(pre); + residual[m % res_rows, n]; store strided or
+                      2 patch gather with k = token, n = pixel   3 activation of the stored pre-activation
+Epilogue              + bias[n]; store the pre-activation; the activation (EPI_GELU: GELU erf/tanh,
+                      QuickGELU or SiLU by the ACT code, ACT_* below) or, for the backward (EPI_DGELU),
+                      multiply by act'(pre); + residual[m % res_rows, n]; store strided or
                       scatter back into image layout (C_MODE 1, the patch embedding's d-image).
 
 fp32 accumulation for every input dtype. fp32 inputs use tf32 tensor cores only
@@ -156,28 +158,46 @@ _AUTOTUNE_CONFIGS = [
 ]
 
 
+# Activation codes (constexpr ACT), shared with the C++ kernels (csrc/vitkern/simd.h, enum Act)
+# and vitkern/ops/layernorm_mlp.py: the MLP's nonlinearity.
+ACT_GELU = 1  # exact GELU, x * Phi(x) (erf)
+ACT_GELU_TANH = 2  # GELU, tanh approximation
+ACT_QUICK_GELU = 3  # x * sigmoid(1.702 x) (CLIP)
+ACT_SILU = 4  # x * sigmoid(x) (SwiGLU's gate)
+
+
 @triton.jit
-def _gelu(x, ACT: tl.constexpr):
-    """GELU of fp32 ``x``: ACT 1 exact (erf), 2 tanh approximation."""
+def _act(x, ACT: tl.constexpr):
+    """The activation ``ACT`` of fp32 ``x`` (see the ACT_* codes above)."""
     if ACT == 1:
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    else:
+    elif ACT == 2:
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
         return 0.5 * x * (1.0 + t)
+    elif ACT == 3:
+        return x * tl.sigmoid(1.702 * x)
+    else:
+        return x * tl.sigmoid(x)
 
 
 @triton.jit
-def _gelu_grad(x, ACT: tl.constexpr):
-    """d GELU / dx of fp32 ``x``."""
+def _act_grad(x, ACT: tl.constexpr):
+    """d act / dx of fp32 ``x``."""
     if ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
         return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
-    else:
+    elif ACT == 2:
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
         du = 0.7978845608028654 * (1.0 + 0.134145 * x * x)
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    elif ACT == 3:
+        s = tl.sigmoid(1.702 * x)
+        return s + 1.702 * x * s * (1.0 - s)
+    else:
+        s = tl.sigmoid(x)
+        return s + x * s * (1.0 - s)
 
 
 @triton.jit
@@ -281,7 +301,7 @@ def _mac_block(
             bhat = tl.where(k_ok[:, None], bhat, 0.0)
         b = bhat.to(B.dtype.element_ty)
     if B_MODE == 3:
-        b = _gelu(b.to(tl.float32), ACT).to(B.dtype.element_ty)
+        b = _act(b.to(tl.float32), ACT).to(B.dtype.element_ty)
     b = b.to(a.dtype)
     if ALLOW_TF32:
         acc = tl.dot(a, b, acc)
@@ -471,10 +491,10 @@ def fused_gemm_kernel(
         )
     if EPI_DGELU:
         pre = tl.load(Pre + rows[:, None] * stride_pm + cols[None, :] * stride_pn, mask=c_mask, other=0.0)
-        acc = acc * _gelu_grad(pre.to(tl.float32), ACT)
+        acc = acc * _act_grad(pre.to(tl.float32), ACT)
     if EPI_GELU:
         # GELU of the pre-activation as stored in the output dtype (what eager PyTorch computes).
-        acc = _gelu(acc.to(C.dtype.element_ty).to(tl.float32), ACT)
+        acc = _act(acc.to(C.dtype.element_ty).to(tl.float32), ACT)
     if HAS_RES:
         r_rows = (offs_m % res_rows).to(tl.int64)
         acc = acc + tl.load(Res + r_rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=c_mask, other=0.0).to(

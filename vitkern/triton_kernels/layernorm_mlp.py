@@ -1,4 +1,6 @@
-"""LayerNorm + GELU-MLP in Triton (docs/DESIGN.md §1.4), forward and backward.
+"""LayerNorm (or RMSNorm) + MLP in Triton (docs/DESIGN.md §1.4), forward and backward.
+
+The activation is GELU (erf or tanh), QuickGELU or SiLU (the ACT_* codes of gemm.py).
 
 Forward, three launches:
   1. row statistics (mean, 1/std in fp32) - one read of x;
@@ -30,15 +32,20 @@ MAX_DIM = 16384
 
 
 @triton.jit
-def _ln_stats_kernel(X, Mean, Rstd, M, D, stride_xm, eps, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+def _ln_stats_kernel(X, Mean, Rstd, M, D, stride_xm, eps, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, RMS: tl.constexpr):
+    """Per row: mean and 1/std (LayerNorm), or mean 0 and 1/rms (RMSNorm, RMS=True), fp32."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     r_ok = rows < M
     mask = r_ok[:, None] & (cols < D)[None, :]
     x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 1) / D
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, 1) / D
+    if RMS:
+        mean = tl.zeros([ROWS], tl.float32)
+        var = tl.sum(x * x, 1) / D
+    else:
+        mean = tl.sum(x, 1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, 1) / D
     tl.store(Mean + rows, mean, mask=r_ok)
     tl.store(Rstd + rows, 1.0 / tl.sqrt(var + eps), mask=r_ok)
 
@@ -62,9 +69,11 @@ def _ln_bwd_kernel(
     HAS_LNW: tl.constexpr,
     HAS_RES: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    RMS: tl.constexpr,
 ):
     """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = d_ln * w, per row, plus dout
-    for the residual; this program's partial sums of d_ln * xhat and d_ln (fp32)."""
+    for the residual; this program's partial sums of d_ln * xhat and d_ln (fp32). An RMSNorm
+    (RMS=True, saved mean 0) has no mean to subtract, so no mean(g) term."""
     pid = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: M * D can pass 2**31
     cols = tl.arange(0, BLOCK_D)
     c_ok = cols < D
@@ -84,8 +93,10 @@ def _ln_bwd_kernel(
         acc_db += dln
         g = dln * w if HAS_LNW else dln
         c1 = tl.sum(g * xhat, 0) / D
-        c2 = tl.sum(g, 0) / D
-        dx = (g - xhat * c1 - c2) * rstd
+        if RMS:
+            dx = (g - xhat * c1) * rstd
+        else:
+            dx = (g - xhat * c1 - tl.sum(g, 0) / D) * rstd
         if HAS_RES:
             dx += tl.load(DOut + row * stride_dom + cols, mask=c_ok, other=0.0).to(tl.float32)
         tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=c_ok)
@@ -97,7 +108,7 @@ def _stats_rows(block_d: int) -> int:
     return max(1, min(16, 2048 // block_d))
 
 
-def ln_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ln_stats(x: torch.Tensor, eps: float, rms: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     M, D = x.shape
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -105,16 +116,29 @@ def ln_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     rows = _stats_rows(block_d)
     with device_guard(x):
         _ln_stats_kernel[(triton.cdiv(M, rows),)](
-            x, mean, rstd, M, D, x.stride(0), eps, BLOCK_D=block_d, ROWS=rows, num_warps=4 if block_d <= 2048 else 8
+            x,
+            mean,
+            rstd,
+            M,
+            D,
+            x.stride(0),
+            eps,
+            BLOCK_D=block_d,
+            ROWS=rows,
+            RMS=rms,
+            num_warps=4 if block_d <= 2048 else 8,
         )
     return mean, rstd
 
 
-def layernorm_mlp_fwd(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, residual, save):
-    """x: (M, D) with unit stride in D. Returns (out, mean, rstd, pre or empty)."""
+def layernorm_mlp_fwd(
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, residual, save, rms=False
+):
+    """x: (M, D) with unit stride in D; act: an ACT_* code of gemm.py; rms: RMSNorm instead of
+    LayerNorm (mean 0 in the saved statistics). Returns (out, mean, rstd, pre or empty)."""
     M, D = x.shape
     Hd = fc1_weight.shape[0]
-    mean, rstd = ln_stats(x, eps)
+    mean, rstd = ln_stats(x, eps, rms)
     h = torch.empty((M, Hd), device=x.device, dtype=x.dtype)
     pre = torch.empty((M, Hd), device=x.device, dtype=x.dtype) if save else x.new_empty(0)
     fused_gemm(
@@ -156,7 +180,7 @@ def layernorm_mlp_fwd(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, f
     return out, mean, rstd, pre
 
 
-def layernorm_mlp_bwd(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, act, residual):
+def layernorm_mlp_bwd(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, act, residual, rms=False):
     """Returns (dx, d ln_weight, d ln_bias, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias)."""
     M, D = x.shape
     Hd = fc1_weight.shape[0]
@@ -244,6 +268,7 @@ def layernorm_mlp_bwd(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean,
             HAS_LNW=ln_weight is not None,
             HAS_RES=residual,
             BLOCK_D=block_d,
+            RMS=rms,
             num_warps=4 if block_d <= 2048 else 8,
         )
     dlnw = dw_part.sum(0).to(ln_weight.dtype) if ln_weight is not None else None
