@@ -60,8 +60,7 @@ inline const char* dtype_name(ScalarType t) { return torch::headeronly::toString
 inline std::string device_str(const Tensor& t) {
   if (t.is_cpu()) return "cpu";
   std::ostringstream os;
-  os << (t.is_cuda() ? "cuda" : "device type ") << (t.is_cuda() ? ":" : "")
-     << static_cast<int>(t.get_device_index());
+  os << (t.is_cuda() ? "cuda:" : "a non-CPU device, index ") << static_cast<int>(t.get_device_index());
   return os.str();
 }
 
@@ -98,7 +97,7 @@ inline Tensor view_of(const Tensor& x, const Sizes& sizes) { return torch::stabl
 inline Tensor permuted(const Tensor& x, const Sizes& dims) { return torch::stable::permute(x, dims); }
 inline Tensor transposed(const Tensor& x) { return torch::stable::transpose(x, 0, 1); }
 
-// Sum over dimension 0 (fixed order inside torch's reduction for these small partial tables).
+// Sum over dimension 0 (aten::sum.dim_IntList, what `.sum(0)` called before).
 inline Tensor sum0(const Tensor& x) {
   const Sizes dim{0};
   return torch::stable::sum(x, torch::headeronly::IntHeaderOnlyArrayRef(dim));
