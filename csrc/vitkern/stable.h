@@ -94,7 +94,14 @@ inline Tensor f32c(const Tensor& x) { return contig(to(x, kFloat)); }
 inline Tensor opt_f32(const OptTensor& x) { return x.has_value() ? f32c(*x) : Tensor(); }
 
 inline Tensor view_of(const Tensor& x, const Sizes& sizes) { return torch::stable::view(x, sizes); }
-inline Tensor permuted(const Tensor& x, const Sizes& dims) { return torch::stable::permute(x, dims); }
+// aten::permute by the dispatcher call: torch::stable::permute exists only in the torch 2.14
+// headers (its runtime floor is 2.10), and the sdist must build against torch 2.10-2.13 too.
+inline Tensor permuted(const Tensor& x, const Sizes& dims) {
+  std::array<StableIValue, 2> stack{torch::stable::detail::from(x),
+                                    torch::stable::detail::from(torch::headeronly::IntHeaderOnlyArrayRef(dims))};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::permute", "", stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
 inline Tensor transposed(const Tensor& x) { return torch::stable::transpose(x, 0, 1); }
 
 // Sum over dimension 0 (aten::sum.dim_IntList, what `.sum(0)` called before).
