@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from vitkern.bench_suites import bench_device, bench_dtypes, cached_case, model_case, run_provider
+from vitkern.bench import model_case
+from vitkern.bench.pytest_glue import bench_device, bench_dtypes, cached_case, run_provider
 
 FULL = os.environ.get("VITKERN_BENCH_FULL", "0") == "1"
 DEVICE = bench_device()

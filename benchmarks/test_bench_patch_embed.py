@@ -4,12 +4,13 @@ import os
 
 import pytest
 
-from vitkern.bench_suites import bench_device, bench_dtypes, cached_case, patch_embed_case, run_provider
+from vitkern.bench import patch_embed_case
+from vitkern.bench.pytest_glue import bench_device, bench_dtypes, cached_case, run_provider, vitkern_providers
 
 FULL = os.environ.get("VITKERN_BENCH_FULL", "0") == "1"
 DEVICE = bench_device()
 DTYPES = bench_dtypes(FULL)
-PROVIDERS = ["vitkern[cpu]", "vitkern[triton]", "eager (Conv2d)", "torch.compile(eager)", "GEMM alone"]
+PROVIDERS = [*vitkern_providers(), "eager (Conv2d)", "torch.compile(eager)", "GEMM alone"]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

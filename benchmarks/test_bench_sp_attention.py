@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from vitkern.bench_suites import attention_case, bench_device, bench_dtypes, cached_case, run_provider
+from vitkern.bench import attention_case
+from vitkern.bench.pytest_glue import bench_device, bench_dtypes, cached_case, run_provider, vitkern_providers
 
 FULL = os.environ.get("VITKERN_BENCH_FULL", "0") == "1"
 DEVICE = bench_device()
@@ -13,8 +14,7 @@ DTYPES = bench_dtypes(FULL)
 GRIDS = [14, 24, 28, 32] if FULL else [14]
 BATCHES = [1, 8] if FULL else [8]
 PROVIDERS = [
-    "vitkern[cpu]",
-    "vitkern[triton]",
+    *vitkern_providers(),
     "eager",
     "public SP-ViT code",
     "torch.compile(eager)",

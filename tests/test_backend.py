@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -76,3 +78,64 @@ def test_model_reports_backends_of_its_ops():
     m = vitkern.ViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
     m(torch.randn(1, 3, 32, 32))
     assert set(vitkern.backend_report()) >= {"patch_embed", "sp_attention", "layernorm_mlp"}
+
+
+# ----------------------------------------------------------------------------- the backend table
+def test_table_declares_every_backend_once():
+    names = [b.name for b in vitkern.BACKEND_TABLE]
+    assert tuple(names) == vitkern.BACKENDS and len(set(names)) == len(names)
+    assert set(vitkern.available_backends()) == set(names)
+    for b in vitkern.BACKEND_TABLE:
+        assert b.dtypes and b.auto and (b.status() is None or b.status())
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            b.name = "other"  # type: ignore[misc]
+
+
+def test_auto_order_is_derived_from_the_table():
+    assert vitkern.auto_order("cpu") == ("cpu", "reference")
+    assert vitkern.auto_order("cuda") == ("triton", "reference")
+    assert vitkern.auto_order("mps") == ("reference",)  # a device no kernel backend names
+    for device in ("cpu", "cuda", "xpu"):
+        expected = sorted(
+            (b for b in vitkern.BACKEND_TABLE if device in b.auto or "*" in b.auto),
+            key=lambda b: b.auto.get(device, b.auto.get("*")),
+        )
+        assert vitkern.auto_order(device) == tuple(b.name for b in expected)
+
+
+def test_not_supported_reason_checks_kernel_availability_device_and_dtype(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = _qkv()
+    args = (q, k, v, None, None, 0, 8**-0.5)
+    assert vitkern.not_supported_reason("sp_attention", "reference", *args) is None
+    triton = vitkern.not_supported_reason("sp_attention", "triton", *args)
+    assert triton == vitkern.available_backends()["triton"] or "needs CUDA tensors" in triton
+    assert "no cpu kernel for nonexistent" in vitkern.not_supported_reason("nonexistent", "cpu", q)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vitkern.not_supported_reason("sp_attention", "fast", *args)
+    if vitkern.available_backends()["cpu"] is None:
+        assert vitkern.not_supported_reason("sp_attention", "cpu", *args) is None
+        args64 = (q.double(), k.double(), v.double(), None, None, 0, 8**-0.5)
+        assert "float64" in vitkern.not_supported_reason("sp_attention", "cpu", *args64)
+        # spatial_prior's cpu kernel widens the row's dtypes: a gather takes float64 too
+        omega = torch.randn(2, 3, 3, dtype=torch.float64)
+        assert vitkern.not_supported_reason("spatial_prior", "cpu", omega, (2, 2), 0) is None
+
+
+def test_usable_backends_follow_the_rows(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    usable = vitkern.usable_backends("cpu")
+    assert usable[0] == "reference" and "triton" not in usable
+    assert ("cpu" in usable) == (vitkern.available_backends()["cpu"] is None)
+
+
+def test_each_op_has_one_forward_and_one_backward_custom_op():
+    """One custom op per computation: the backend is an argument, not part of the op's name."""
+    import vitkern.ops  # noqa: F401  (registers the ops)
+
+    for op in ("sp_attention", "patch_embed", "spatial_prior"):
+        for suffix in ("", "_backward"):
+            schema = str(getattr(torch.ops.vitkern, op + suffix).default._schema)
+            assert schema.endswith("str backend) -> Tensor") or "str backend) -> (" in schema, schema
+        for b in vitkern.BACKENDS:
+            assert not hasattr(torch.ops.vitkern, f"{op}_{b}"), (op, b)

@@ -50,6 +50,10 @@ def test_vitkern_info():
     cmd = [exe] if exe else [sys.executable, "-m", "vitkern.cli"]
     res = subprocess.run([*cmd, "info"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "reference  available" in res.stdout
+    # Derived from vitkern.BACKEND_TABLE: one status line per backend, the auto order per device.
+    for b in __import__("vitkern").BACKENDS:
+        assert f"\n{b:10s} " in "\n" + res.stdout, (b, res.stdout)
+    assert "auto order: cpu tensors: cpu -> reference; cuda tensors: triton -> reference" in res.stdout
     from vitkern._ext import load_extension
 
     ext = load_extension()

@@ -11,10 +11,11 @@ probed when ``vitkern`` is imported).
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 from conftest import SUBPROCESS_CWD, subprocess_env
@@ -79,11 +80,13 @@ _SCRIPT = textwrap.dedent(
 
 
 def _backends() -> list[str]:
-    out = ["reference"]
-    if vitkern.available_backends()["cpu"] is None:
-        out.append("cpu")
-    if importlib.util.find_spec("triton") is not None:
-        out.append("triton")
+    """Every backend of the table that runs CPU tensors here, one with an interpreter switch
+    (triton: TRITON_INTERPRET=1) with the switch on, as the subprocess sets it."""
+    out = []
+    for b in vitkern.BACKEND_TABLE:
+        with mock.patch.dict(os.environ, {b.cpu_env: "1"} if b.cpu_env else {}):
+            if b.status() is None and b.runs_on("cpu"):
+                out.append(b.name)
     return out
 
 
@@ -92,8 +95,9 @@ def _run(kind: str, backend: str, compiler: str, dynamic: str) -> None:
         **subprocess_env(),
         "VITKERN_BACKEND": backend,
     }
-    if backend == "triton":
-        env["TRITON_INTERPRET"] = "1"
+    cpu_env = vitkern.get_backend(backend).cpu_env
+    if cpu_env:
+        env[cpu_env] = "1"
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, kind, backend, compiler, dynamic],
         cwd=SUBPROCESS_CWD,

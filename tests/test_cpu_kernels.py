@@ -109,7 +109,7 @@ def test_saved_outputs_are_not_differentiable_and_get_no_zero_gradients(gen):
     )  # act 1 = GELU, rms off
     assert outs[0].requires_grad and not any(t.requires_grad for t in outs[1:])
     q, k, v = (randn(1, 2, 5, 8, gen=gen).requires_grad_() for _ in range(3))
-    out, lse = torch.ops.vitkern.sp_attention_cpu(q, k, v, None, 1, 1, 0, 8**-0.5)
+    out, lse = torch.ops.vitkern.sp_attention(q, k, v, None, 1, 1, 0, 8**-0.5, "cpu")
     assert out.requires_grad and not lse.requires_grad
     zero_fills = []
 

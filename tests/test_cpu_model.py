@@ -60,16 +60,18 @@ def test_inference_and_training_step_match_reference(name, gen):
 def test_custom_ops_pass_opcheck(gen):
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration."""
     from vitkern.ops.layernorm_mlp import _layernorm_mlp_cpu
-    from vitkern.ops.patch_embed import _patch_embed_cpu
-    from vitkern.ops.sp_attention import _sp_attention_cpu
+    from vitkern.ops.patch_embed import _patch_embed_op
+    from vitkern.ops.sp_attention import _sp_attention_op
+    from vitkern.ops.spatial_prior import _spatial_prior_op
 
     q, k, v = (randn(2, 2, 1 + 6, 16, gen=gen).requires_grad_() for _ in range(3))
     omega = randn(2, 3, 5, gen=gen).requires_grad_()
-    torch.library.opcheck(_sp_attention_cpu, (q, k, v, omega, 2, 3, 1, 0.25))
-    torch.library.opcheck(_sp_attention_cpu, (q, k, v, None, 1, 1, 0, 0.25))
+    torch.library.opcheck(_sp_attention_op, (q, k, v, omega, 2, 3, 1, 0.25, "cpu"))
+    torch.library.opcheck(_sp_attention_op, (q, k, v, None, 1, 1, 0, 0.25, "cpu"))
+    torch.library.opcheck(_spatial_prior_op, (omega, 2, 3, 1, "cpu"))
     img, w = randn(2, 3, 8, 12, gen=gen).requires_grad_(), randn(16, 3, 4, 4, gen=gen).requires_grad_()
     b, pos = randn(16, gen=gen).requires_grad_(), randn(6, 16, gen=gen).requires_grad_()
-    torch.library.opcheck(_patch_embed_cpu, (img, w, b, pos))
+    torch.library.opcheck(_patch_embed_op, (img, w, b, pos, "cpu"))
     x = randn(10, 16, gen=gen).requires_grad_()
     params = [randn(*s, gen=gen).requires_grad_() for s in ((16,), (16,), (32, 16), (32,), (16, 32), (16,))]
     torch.library.opcheck(_layernorm_mlp_cpu, (x, *params, 1e-6, 1, False, True, True))

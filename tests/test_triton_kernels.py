@@ -153,8 +153,8 @@ MODEL_SCRIPT = PRELUDE + textwrap.dedent(
         # torch.export: the Triton custom ops appear in the exported graph; forward + backward.
         with vitkern.use_backend("triton"):
             ep = torch.export.export(model, (x,))
-        ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-        exported_ops = sorted(o for o in ops if "vitkern" in o)
+        calls = [n for n in ep.graph.nodes if n.op == "call_function" and "vitkern" in str(n.target)]
+        exported_ops = sorted({f"{n.target} {n.args[-1]}" for n in calls})  # op and its last argument
         emod = ep.module()
         model.zero_grad()  # the exported module shares the model's parameter tensors
         emod.zero_grad()
@@ -174,13 +174,13 @@ MODEL_SCRIPT = PRELUDE + textwrap.dedent(
         }
     # The custom ops' schema, fake (meta) kernels and autograd registration.
     from vitkern.ops.layernorm_mlp import _layernorm_mlp_triton
-    from vitkern.ops.patch_embed import _patch_embed_triton
+    from vitkern.ops.patch_embed import _patch_embed_op
 
     g = torch.Generator().manual_seed(7)
     img = torch.randn(2, 3, 8, 12, generator=g).requires_grad_()
     w = torch.randn(16, 3, 4, 4, generator=g).requires_grad_()
     b, pos = torch.randn(16, generator=g).requires_grad_(), torch.randn(6, 16, generator=g).requires_grad_()
-    torch.library.opcheck(_patch_embed_triton, (img, w, b, pos))
+    torch.library.opcheck(_patch_embed_op, (img, w, b, pos, "triton"))
     xs = torch.randn(10, 16, generator=g).requires_grad_()
     params = [torch.randn(*s, generator=g).requires_grad_() for s in ((16,), (16,), (32, 16), (32,), (16, 32), (16,))]
     torch.library.opcheck(_layernorm_mlp_triton, (xs, *params, 1e-6, 1, False, True, True))
@@ -202,7 +202,7 @@ def test_whole_models_on_triton_backend_match_reference(tmp_path):
         assert r["compiled"] < 1e-5, (name, r)
         assert r["compiled_grad"] < 1e-5, (name, r)
         assert r["exported"] < 1e-5 and r["export_grad"] < 1e-5, (name, r)
-        assert any("sp_attention_triton" in o for o in r["exported_ops"]), r["exported_ops"]
+        assert "vitkern.sp_attention.default triton" in r["exported_ops"], r["exported_ops"]
         assert any("layernorm_mlp_triton" in o for o in r["exported_ops"]), r["exported_ops"]
 
 

@@ -7,16 +7,24 @@
   (Hugging Face transformers ViT weights), ``save_model`` / ``load_model`` (safetensors),
   ``register_timm_models`` (``timm.create_model("vitkern_<name>")``).
 * Backend control: ``use_backend``, ``VITKERN_BACKEND``, ``available_backends``,
-  ``last_backend``, ``backend_report``.
+  ``last_backend``, ``backend_report``; ``BACKEND_TABLE`` declares each backend once
+  (devices, dtypes, limits, availability probe, ``auto`` order) and
+  ``not_supported_reason`` says why a backend cannot run an op's inputs.
 """
 
 from vitkern import ops
 from vitkern._backend import (
+    BACKEND_TABLE,
     BACKENDS,
+    Backend,
     BackendError,
+    auto_order,
     available_backends,
     backend_report,
+    get_backend,
     last_backend,
+    not_supported_reason,
+    usable_backends,
     use_backend,
 )
 from vitkern.interop import from_hf_vit, load_model, patch_timm, save_model, to_hf_vit
@@ -35,12 +43,16 @@ def register_timm_models() -> list[str]:
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_TABLE",
+    "Backend",
     "BackendError",
     "ViT",
+    "auto_order",
     "available_backends",
     "backend_report",
     "create_model",
     "from_hf_vit",
+    "get_backend",
     "load_model",
     "patch_timm",
     "register_timm_models",
@@ -48,7 +60,9 @@ __all__ = [
     "to_hf_vit",
     "last_backend",
     "list_models",
+    "not_supported_reason",
     "ops",
+    "usable_backends",
     "use_backend",
     "__version__",
 ]

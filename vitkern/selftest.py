@@ -23,9 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         nargs="+",
-        choices=["cpu", "cuda", "triton"],
         default=None,
-        help="default: the backends available for the device (cpu: cpu; cuda: triton, cuda)",
+        metavar="BACKEND",
+        help="backends to check against the reference (names: `vitkern info`); default: those 'auto' tries on "
+        "the device that are available here",
     )
     p.add_argument("--no-models", action="store_true", help="skip the ViT / SP-ViT training steps")
     p.add_argument("--seed", type=int, default=0)
@@ -38,13 +39,16 @@ def _defaults(args):
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("vitkern selftest: --device cuda, but torch.cuda.is_available() is False")
     dtypes = args.dtype or (list(_DTYPES) if device == "cuda" else ["float32"])
-    backends = args.backend
-    if backends is None:
-        import vitkern
+    import vitkern  # not at module level: TRITON_INTERPRET must be set before this when asked for
 
+    backends = args.backend
+    for b in backends or ():
+        if b not in vitkern.BACKENDS or b == "reference":
+            names = [n for n in vitkern.BACKENDS if n != "reference"]
+            raise SystemExit(f"vitkern selftest: --backend must be among {names}, got {b!r}")
+    if backends is None:
         avail = vitkern.available_backends()
-        wanted = ("triton", "cuda") if device == "cuda" else ("cpu",)
-        backends = [b for b in wanted if avail.get(b, "missing") is None]
+        backends = [b for b in vitkern.auto_order(device) if b != "reference" and avail[b] is None]
     return device, dtypes, backends
 
 

@@ -10,13 +10,8 @@ import torch.nn.functional as F
 from vitkern import _backend
 from vitkern._ext import load_extension
 from vitkern.ops._autograd import autocast_dtype, autocast_inputs, no_autocast
-from vitkern.ops._validate import (
-    check_same,
-    check_tensor,
-    cpu_fp32_kernel_supports,
-    cpu_gemm_kernel_auto_skip,
-    triton_kernel_supports,
-)
+from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
+from vitkern.ops._validate import check_same, check_tensor, cpu_gemm_kernel_auto_skip
 
 __all__ = ["patch_embed", "patch_embed_reference"]
 
@@ -38,94 +33,96 @@ def patch_embed_reference(
 _backend.register_impl("patch_embed", "reference", patch_embed_reference)
 
 
-# ----------------------------------------------------------------------------- cpu backend (csrc)
-@torch.library.custom_op("vitkern::patch_embed_cpu", mutates_args=(), device_types="cpu")
-def _patch_embed_cpu(
-    images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None
+# ----------------------------------------------------------------------------- kernels per backend
+# forward(images, weight, bias, pos_embed) -> (B, N, D); backward(dout, images, weight,
+# need_images, need_weight) -> (d images or None, d weight or None). Triton's are imported on
+# first use: they also run CPU tensors under the interpreter (TRITON_INTERPRET=1).
+def _cpu_forward(images, weight, bias, pos_embed):
+    return load_extension().patch_embed_forward(images, weight, bias, pos_embed)
+
+
+def _cpu_backward(dout, images, weight, need_images, need_weight):
+    return load_extension().patch_embed_backward(dout, images, weight, need_images, need_weight)
+
+
+def _triton_forward(images, weight, bias, pos_embed):
+    from vitkern.triton_kernels.patch_embed import patch_embed_fwd
+
+    return patch_embed_fwd(images, weight, bias, pos_embed)
+
+
+def _triton_backward(dout, images, weight, need_images, need_weight):
+    from vitkern.triton_kernels.patch_embed import patch_embed_bwd
+
+    return patch_embed_bwd(dout, images, weight, need_images, need_weight)
+
+
+_KERNELS: dict[str, Kernels] = {
+    "cpu": Kernels(_cpu_forward, _cpu_backward, auto_skip=cpu_gemm_kernel_auto_skip),
+    "triton": Kernels(_triton_forward, _triton_backward),
+}
+
+
+# ----------------------------------------------------------------------------- the custom ops
+# One forward and one backward custom op for every backend in _KERNELS.
+@torch.library.custom_op("vitkern::patch_embed", mutates_args=())
+def _patch_embed_op(
+    images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
-    with no_autocast("cpu"):
-        return load_extension().patch_embed_forward(images, weight, bias, pos_embed)
+    with no_autocast(images.device.type):
+        return kernels_of(_KERNELS, backend).forward(images, weight, bias, pos_embed)
 
 
-@_patch_embed_cpu.register_fake
-def _patch_embed_fake(images, weight, bias, pos_embed):
+@_patch_embed_op.register_fake
+def _(images, weight, bias, pos_embed, backend):
     P = weight.shape[-1]
     return images.new_empty((images.shape[0], (images.shape[2] // P) * (images.shape[3] // P), weight.shape[0]))
 
 
-@torch.library.custom_op("vitkern::patch_embed_cpu_backward", mutates_args=(), device_types="cpu")
-def _patch_embed_cpu_backward(
-    dout: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, need_images: bool, need_weight: bool
+@torch.library.custom_op("vitkern::patch_embed_backward", mutates_args=())
+def _patch_embed_backward_op(
+    dout: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, need_images: bool, need_weight: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    with no_autocast("cpu"):
-        dimg, dw = load_extension().patch_embed_backward(dout, images, weight, need_images, need_weight)
+    with no_autocast(images.device.type):
+        dimg, dw = kernels_of(_KERNELS, backend).backward(dout, images, weight, need_images, need_weight)
     return (dimg if dimg is not None else images.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
 
 
-@_patch_embed_cpu_backward.register_fake
-def _patch_embed_backward_fake(dout, images, weight, need_images, need_weight):
+@_patch_embed_backward_op.register_fake
+def _(dout, images, weight, need_images, need_weight, backend):
     return (
         images.new_empty(images.shape) if need_images else images.new_empty(0),
         weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
     )
 
 
-def _pe_setup_context(ctx, inputs, output):
-    images, weight, bias, pos_embed = inputs
+def _setup_context(ctx, inputs, output):
+    images, weight, bias, pos_embed, backend = inputs
     ctx.save_for_backward(images, weight)
     ctx.bias_shape = None if bias is None else bias.shape
     ctx.pos_shape = None if pos_embed is None else pos_embed.shape
+    ctx.backend = backend
 
 
-def _make_pe_backward(backward_op):
-    def _pe_backward(ctx, dout):
-        images, weight = ctx.saved_tensors
-        need_img, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dimg = dw = None
-        if need_img or need_w:
-            dimg, dw = backward_op(dout.contiguous(), images, weight, need_img, need_w)
-        dbias = dout.sum((0, 1)) if ctx.bias_shape is not None and ctx.needs_input_grad[2] else None
-        dpos = dout.sum(0).reshape(ctx.pos_shape) if ctx.pos_shape is not None and ctx.needs_input_grad[3] else None
-        return (dimg if need_img else None), (dw if need_w else None), dbias, dpos
-
-    return _pe_backward
+def _backward(ctx, dout):
+    images, weight = ctx.saved_tensors
+    need_img, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dimg = dw = None
+    if need_img or need_w:
+        dimg, dw = _patch_embed_backward_op(dout.contiguous(), images, weight, need_img, need_w, ctx.backend)
+    dbias = dout.sum((0, 1)) if ctx.bias_shape is not None and ctx.needs_input_grad[2] else None
+    dpos = dout.sum(0).reshape(ctx.pos_shape) if ctx.pos_shape is not None and ctx.needs_input_grad[3] else None
+    return (dimg if need_img else None), (dw if need_w else None), dbias, dpos, None
 
 
-_patch_embed_cpu.register_autograd(_make_pe_backward(_patch_embed_cpu_backward), setup_context=_pe_setup_context)
+_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-_backend.register_impl("patch_embed", "cpu", _patch_embed_cpu, cpu_fp32_kernel_supports, cpu_gemm_kernel_auto_skip)
+def _call(backend, images, weight, bias, pos_embed):
+    return _patch_embed_op(images, weight, bias, pos_embed, backend)
 
 
-# ----------------------------------------------------------------------------- triton backend
-# Device types: CUDA, and CPU tensors for the Triton interpreter (TRITON_INTERPRET=1).
-@torch.library.custom_op("vitkern::patch_embed_triton", mutates_args=())
-def _patch_embed_triton(
-    images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None
-) -> torch.Tensor:
-    from vitkern.triton_kernels.patch_embed import patch_embed_fwd
-
-    with no_autocast(images.device.type):
-        return patch_embed_fwd(images, weight, bias, pos_embed)
-
-
-_patch_embed_triton.register_fake(_patch_embed_fake)
-
-
-@torch.library.custom_op("vitkern::patch_embed_triton_backward", mutates_args=())
-def _patch_embed_triton_backward(
-    dout: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, need_images: bool, need_weight: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from vitkern.triton_kernels.patch_embed import patch_embed_bwd
-
-    with no_autocast(images.device.type):
-        dimg, dw = patch_embed_bwd(dout, images, weight, need_images, need_weight)
-    return (dimg if dimg is not None else images.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
-
-
-_patch_embed_triton_backward.register_fake(_patch_embed_backward_fake)
-_patch_embed_triton.register_autograd(_make_pe_backward(_patch_embed_triton_backward), setup_context=_pe_setup_context)
-_backend.register_impl("patch_embed", "triton", _patch_embed_triton, triton_kernel_supports)
+register_kernels("patch_embed", _KERNELS, _call)
 
 
 def patch_embed(

@@ -9,13 +9,16 @@ a prefix token get factor 1; ``omega=None`` is plain softmax attention.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
 from vitkern.ops._autograd import autocast_cast, autocast_dtype, autocast_inputs, mark_saved_outputs, no_autocast
-from vitkern.ops._validate import check_same, check_tensor, cpu_fp32_kernel_supports
+from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
+from vitkern.ops._validate import check_same, check_tensor
 from vitkern.ops.spatial_prior import resolve_grid, spatial_prior_reference
 
 __all__ = ["sp_attention", "sp_attention_reference", "sp_attention_probs"]
@@ -69,80 +72,29 @@ def sp_attention_reference(
 _backend.register_impl("sp_attention", "reference", sp_attention_reference)
 
 
-# ----------------------------------------------------------------------------- cpu backend (csrc)
-# torch.library custom ops: torch.compile sees one op (no graph break) and
-# autograd goes through register_autograd.
-@torch.library.custom_op("vitkern::sp_attention_cpu", mutates_args=(), device_types="cpu")
-def _sp_attention_cpu(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    omega: torch.Tensor | None,
-    gh: int,
-    gw: int,
-    num_prefix: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    with no_autocast("cpu"):
-        out, lse = load_extension().sp_attention_forward(q, k, v, omega, gh, gw, num_prefix, scale)
-    return out, lse
+# ----------------------------------------------------------------------------- kernels per backend
+# Each entry's forward returns (out, lse) with out (B, H, N, Dh) and lse (B, H, N) fp32; its
+# backward returns (dq, dk, dv, domega or None). Triton's are imported on first use: they also
+# run CPU tensors under the interpreter (TRITON_INTERPRET=1).
+def _cpu_forward(q, k, v, omega, gh, gw, num_prefix, scale):
+    return load_extension().sp_attention_forward(q, k, v, omega, gh, gw, num_prefix, scale)
 
 
-@_sp_attention_cpu.register_fake
-def _(q, k, v, omega, gh, gw, num_prefix, scale):
-    B, H, N, Dh = q.shape  # the kernel's output is token-major, returned as a (B, H, N, Dh) view
-    return q.new_empty((B, N, H, Dh)).permute(0, 2, 1, 3), q.new_empty((B, H, N), dtype=torch.float32)
+def _cpu_backward(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic):
+    # The C++ backward reduces d-omega per thread in a fixed order: deterministic either way.
+    return load_extension().sp_attention_backward(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale)
 
 
-@torch.library.custom_op("vitkern::sp_attention_cpu_backward", mutates_args=(), device_types="cpu")
-def _sp_attention_cpu_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    omega: torch.Tensor | None,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    gh: int,
-    gw: int,
-    num_prefix: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with no_autocast("cpu"):
-        dq, dk, dv, domega = load_extension().sp_attention_backward(
-            dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale
-        )
-    return dq, dk, dv, (domega if domega is not None else q.new_empty(0))
+def _triton_forward(q, k, v, omega, gh, gw, num_prefix, scale):
+    from vitkern.triton_kernels.sp_attention import sp_attention_fwd
+
+    return sp_attention_fwd(q, k, v, omega, (gh, gw), num_prefix, scale)
 
 
-@_sp_attention_cpu_backward.register_fake
-def _(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale):
-    domega = omega.new_empty(omega.shape) if omega is not None else q.new_empty(0)
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), domega
+def _triton_backward(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic):
+    from vitkern.triton_kernels.sp_attention import sp_attention_bwd
 
-
-def _cpu_setup_context(ctx, inputs, output):
-    q, k, v, omega, gh, gw, num_prefix, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, omega, out, lse)
-    mark_saved_outputs(ctx, output)
-    ctx.args = (gh, gw, num_prefix, scale)
-
-
-def _cpu_backward(ctx, dout, _dlse):
-    if dout is None:  # the output took no part in the loss
-        return (None,) * 8
-    q, k, v, omega, out, lse = ctx.saved_tensors
-    dq, dk, dv, domega = _sp_attention_cpu_backward(dout, q, k, v, omega, out, lse, *ctx.args)
-    return dq, dk, dv, (domega if omega is not None else None), None, None, None, None
-
-
-_sp_attention_cpu.register_autograd(_cpu_backward, setup_context=_cpu_setup_context)
-
-
-def _sp_attention_cpu_impl(q, k, v, omega, grid, num_prefix_tokens, scale):
-    gh, gw = grid if grid is not None else (1, 1)
-    return _sp_attention_cpu(q, k, v, omega, gh, gw, num_prefix_tokens, scale)[0]
+    return sp_attention_bwd(dout, q, k, v, omega, out, lse, (gh, gw), num_prefix, scale, deterministic)
 
 
 def _cpu_auto_skip(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
@@ -153,13 +105,30 @@ def _cpu_auto_skip(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None
     return None
 
 
-_backend.register_impl("sp_attention", "cpu", _sp_attention_cpu_impl, cpu_fp32_kernel_supports, _cpu_auto_skip)
+def _triton_supports(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
+    if q.shape[-1] > 128 or q.shape[-1] < 8:
+        return f"head_dim {q.shape[-1]} is outside the Triton kernel's range [8, 128]"
+    return None
 
 
-# ----------------------------------------------------------------------------- triton backend
-# Device types: CUDA, and CPU tensors for the Triton interpreter (TRITON_INTERPRET=1).
-@torch.library.custom_op("vitkern::sp_attention_triton", mutates_args=())
-def _sp_attention_triton(
+@dataclass(frozen=True)
+class _AttentionKernels(Kernels):
+    # The forward's out is a (B, N, H, Dh)-strided view (the cpu kernel writes token-major rows,
+    # which the output projection reads without a copy); the fake reproduces the strides.
+    token_major: bool = False
+
+
+_KERNELS: dict[str, _AttentionKernels] = {
+    "cpu": _AttentionKernels(_cpu_forward, _cpu_backward, auto_skip=_cpu_auto_skip, token_major=True),
+    "triton": _AttentionKernels(_triton_forward, _triton_backward, supports=_triton_supports),
+}
+
+
+# ----------------------------------------------------------------------------- the custom ops
+# One forward and one backward custom op for every backend in _KERNELS: torch.compile and
+# torch.export see one op (no graph break), autograd goes through register_autograd.
+@torch.library.custom_op("vitkern::sp_attention", mutates_args=())
+def _sp_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -168,20 +137,23 @@ def _sp_attention_triton(
     gw: int,
     num_prefix: int,
     scale: float,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from vitkern.triton_kernels.sp_attention import sp_attention_fwd
-
     with no_autocast(q.device.type):
-        return sp_attention_fwd(q, k, v, omega, (gh, gw), num_prefix, scale)
+        out, lse = kernels_of(_KERNELS, backend).forward(q, k, v, omega, gh, gw, num_prefix, scale)
+    return out, lse  # a tuple: vitkern._C returns a list, which autograd would not see as two outputs
 
 
-@_sp_attention_triton.register_fake
-def _(q, k, v, omega, gh, gw, num_prefix, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+@_sp_attention_op.register_fake
+def _(q, k, v, omega, gh, gw, num_prefix, scale, backend):
+    B, H, N, Dh = q.shape
+    token_major = kernels_of(_KERNELS, backend).token_major
+    out = q.new_empty((B, N, H, Dh)).permute(0, 2, 1, 3) if token_major else q.new_empty(q.shape)
+    return out, q.new_empty((B, H, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("vitkern::sp_attention_triton_backward", mutates_args=())
-def _sp_attention_triton_backward(
+@torch.library.custom_op("vitkern::sp_attention_backward", mutates_args=())
+def _sp_attention_backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -194,49 +166,51 @@ def _sp_attention_triton_backward(
     num_prefix: int,
     scale: float,
     deterministic: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from vitkern.triton_kernels.sp_attention import sp_attention_bwd
-
     with no_autocast(q.device.type):
-        dq, dk, dv, domega = sp_attention_bwd(
-            dout, q, k, v, omega, out, lse, (gh, gw), num_prefix, scale, deterministic
+        dq, dk, dv, domega = kernels_of(_KERNELS, backend).backward(
+            dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic
         )
     return dq, dk, dv, (domega if domega is not None else q.new_empty(0))
 
 
-@_sp_attention_triton_backward.register_fake
-def _(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic):
+@_sp_attention_backward_op.register_fake
+def _(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic, backend):
     domega = omega.new_empty(omega.shape) if omega is not None else q.new_empty(0)
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), domega
 
 
-def _triton_backward(ctx, dout, _dlse):
+def _setup_context(ctx, inputs, output):
+    q, k, v, omega, gh, gw, num_prefix, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, omega, out, lse)
+    mark_saved_outputs(ctx, output)
+    ctx.args = (gh, gw, num_prefix, scale)
+    ctx.backend = backend
+
+
+def _backward(ctx, dout, _dlse):
     if dout is None:  # the output took no part in the loss
-        return (None,) * 8
+        return (None,) * 9
     q, k, v, omega, out, lse = ctx.saved_tensors
     # d-omega without atomics (bit-identical across runs) under torch.use_deterministic_algorithms(True).
     deterministic = torch.are_deterministic_algorithms_enabled()
-    dq, dk, dv, domega = _sp_attention_triton_backward(dout, q, k, v, omega, out, lse, *ctx.args, deterministic)
-    return dq, dk, dv, (domega if omega is not None else None), None, None, None, None
+    dq, dk, dv, domega = _sp_attention_backward_op(
+        dout, q, k, v, omega, out, lse, *ctx.args, deterministic, ctx.backend
+    )
+    return dq, dk, dv, (domega if omega is not None else None), None, None, None, None, None
 
 
-_sp_attention_triton.register_autograd(_triton_backward, setup_context=_cpu_setup_context)
+_sp_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _sp_attention_triton_impl(q, k, v, omega, grid, num_prefix_tokens, scale):
+def _call(backend, q, k, v, omega, grid, num_prefix_tokens, scale):
     gh, gw = grid if grid is not None else (1, 1)
-    return _sp_attention_triton(q, k, v, omega, gh, gw, num_prefix_tokens, scale)[0]
+    return _sp_attention_op(q, k, v, omega, gh, gw, num_prefix_tokens, scale, backend)[0]
 
 
-def _triton_supports(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
-    if q.dtype == torch.float64:
-        return "float64 is not supported by the Triton kernels"
-    if q.shape[-1] > 128 or q.shape[-1] < 8:
-        return f"head_dim {q.shape[-1]} is outside the Triton kernel's range [8, 128]"
-    return None
-
-
-_backend.register_impl("sp_attention", "triton", _sp_attention_triton_impl, _triton_supports)
+register_kernels("sp_attention", _KERNELS, _call)
 
 
 def sp_attention(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
+from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
 from vitkern.ops._validate import check_int, check_tensor
 
 __all__ = ["resolve_grid", "relative_index", "spatial_prior_matrix", "spatial_prior_reference"]
@@ -96,26 +97,65 @@ def spatial_prior_reference(omega: torch.Tensor, grid: tuple[int, int], num_pref
     return prior
 
 
-class _SpatialPriorCompiled(torch.autograd.Function):
-    """Dense prior from vitkern._C (C++, CPU tensors; CUDA tensors take the reference gather)."""
-
-    @staticmethod
-    def forward(ctx, omega: torch.Tensor, gh: int, gw: int, num_prefix: int) -> torch.Tensor:
-        ctx.grid = (gh, gw, num_prefix)
-        return load_extension().spatial_prior_forward(omega, gh, gw, num_prefix)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        gh, gw, num_prefix = ctx.grid
-        return load_extension().spatial_prior_backward(grad.contiguous(), gh, gw, num_prefix), None, None, None
-
-
-def _compiled(omega: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
-    return _SpatialPriorCompiled.apply(omega, grid[0], grid[1], num_prefix_tokens)
-
-
 _backend.register_impl("spatial_prior", "reference", spatial_prior_reference)
-_backend.register_impl("spatial_prior", "cpu", _compiled)
+
+
+# ----------------------------------------------------------------------------- kernels per backend
+# forward(omega, gh, gw, num_prefix) -> (H, N, N); backward(grad (H, N, N), gh, gw, num_prefix)
+# -> d omega (H, 2gh-1, 2gw-1). The cpu kernels are a gather and its scatter-add (any float
+# dtype, float64 included); CUDA tensors take the reference gather.
+def _cpu_forward(omega, gh, gw, num_prefix):
+    return load_extension().spatial_prior_forward(omega, gh, gw, num_prefix)
+
+
+def _cpu_backward(grad, gh, gw, num_prefix):
+    return load_extension().spatial_prior_backward(grad, gh, gw, num_prefix)
+
+
+_KERNELS: dict[str, Kernels] = {
+    "cpu": Kernels(_cpu_forward, _cpu_backward, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64)),
+}
+
+
+# ----------------------------------------------------------------------------- the custom ops
+@torch.library.custom_op("vitkern::spatial_prior", mutates_args=())
+def _spatial_prior_op(omega: torch.Tensor, gh: int, gw: int, num_prefix: int, backend: str) -> torch.Tensor:
+    return kernels_of(_KERNELS, backend).forward(omega, gh, gw, num_prefix)
+
+
+@_spatial_prior_op.register_fake
+def _(omega, gh, gw, num_prefix, backend):
+    n = num_prefix + gh * gw
+    return omega.new_empty((omega.shape[0], n, n))
+
+
+@torch.library.custom_op("vitkern::spatial_prior_backward", mutates_args=())
+def _spatial_prior_backward_op(grad: torch.Tensor, gh: int, gw: int, num_prefix: int, backend: str) -> torch.Tensor:
+    return kernels_of(_KERNELS, backend).backward(grad, gh, gw, num_prefix)
+
+
+@_spatial_prior_backward_op.register_fake
+def _(grad, gh, gw, num_prefix, backend):
+    return grad.new_empty((grad.shape[0], 2 * gh - 1, 2 * gw - 1))
+
+
+def _setup_context(ctx, inputs, output):
+    _, gh, gw, num_prefix, backend = inputs
+    ctx.args = (gh, gw, num_prefix, backend)
+
+
+def _backward(ctx, grad):
+    return _spatial_prior_backward_op(grad.contiguous(), *ctx.args), None, None, None, None
+
+
+_spatial_prior_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _call(backend, omega, grid, num_prefix_tokens):
+    return _spatial_prior_op(omega, grid[0], grid[1], num_prefix_tokens, backend)
+
+
+register_kernels("spatial_prior", _KERNELS, _call)
 
 
 def spatial_prior_matrix(

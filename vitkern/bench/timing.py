@@ -1,4 +1,5 @@
-"""Timing utilities shared by ``vitkern bench`` and benchmarks/.
+"""Timing: interleaved samples, their summary, peak memory, and one case measured into a
+result record (``vitkern bench`` and benchmarks/).
 
 Timings are interleaved (A B A B ...; the order rotates every round so neither
 provider always runs first), follow a warm-up, and are summarised by the median
@@ -115,3 +116,73 @@ def as_dict(t: Timing) -> dict[str, object]:
     d = asdict(t)
     d["median_ms"], d["spread_ms"] = t.median, t.spread
     return d
+
+
+def peak_memory_mb(run, device: torch.device) -> float:
+    """Extra peak memory of one call: CUDA allocator peak, or peak RSS on the CPU (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        import gc
+
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+            f.write("5")
+
+        def status(key: str) -> float:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key):
+                        return float(line.split()[1]) / 1024
+            return float("nan")
+
+        before = status("VmRSS")
+        run()
+        return max(0.0, status("VmHWM") - before)
+    except OSError:
+        return float("nan")
+
+
+def run_case(case, repeats: int, peak_gflops: float) -> dict:
+    """Time every provider of ``case`` interleaved; ratios to its baseline and floor, GFLOP/s,
+    % of the GEMM peak and peak memory per provider, with its failures and notes: one JSON record."""
+    default_threads = torch.get_num_threads()
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    try:
+        timings = time_interleaved(case.providers, case.device, warmup=1 if repeats <= 3 else 2, repeats=repeats)
+    finally:
+        torch.set_num_threads(default_threads)
+    base = timings.get(case.baseline)
+    floor = timings.get(case.floor) if case.floor else None
+    rows = {}
+    for name, t in timings.items():
+        row = as_dict(t)
+        if base is not None:
+            row["speedup_vs_baseline"], *iqr = ratio_spread(base, t)
+            row["speedup_iqr"] = iqr
+        if floor is not None:
+            row["x_floor"] = t.median / floor.median
+        if case.flops:
+            row["gflops"] = case.flops / (t.median * 1e-3) / 1e9
+            row["pct_gemm_peak"] = 100.0 * row["gflops"] / peak_gflops
+        row["peak_mem_mb"] = peak_memory_mb(case.providers[name], case.device)
+        rows[name] = row
+    return {
+        "case": case.name,
+        "op": case.op,
+        "params": case.params,
+        "dtype": str(case.dtype),
+        "backward": case.backward,
+        "baseline": case.baseline,
+        "floor": case.floor,
+        "providers": rows,
+        "failures": case.failures,
+        "compile_s": case.compile_s,
+        "notes": case.notes,
+    }

@@ -1,24 +1,21 @@
-"""Benchmark cases and providers shared by ``vitkern bench`` and benchmarks/.
+"""Cases: one op (or a whole model) at one shape, dtype and pass, with its providers, the
+zero-argument callables that run it (vitkern's backends and the baselines).
 
-A *case* is one op at one shape, dtype and pass; its *providers* are zero-argument
-callables that run it (vitkern's available backends and the baselines: eager
-PyTorch, torch.compile of the eager code, SDPA without a prior as the attention
-floor, compiled FlexAttention with the Omega score_mod, the public SP-ViT
-formulation, and the bare GEMMs as the floor for GEMM-bound ops).
+Every op case builder lives here; the rows ``vitkern bench`` runs are chosen in
+:mod:`vitkern.bench.suite`.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import types
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from vitkern import _backend
+import vitkern
+from vitkern.bench.baselines import add_peer_providers, public_spvit, public_spvit_prior
 from vitkern.ops import layernorm_mlp, patch_embed, sp_attention
 from vitkern.ops.spatial_prior import relative_index
 
@@ -45,9 +42,10 @@ class Case:
         return f"{self.op}[{p},{str(self.dtype).removeprefix('torch.')},{'fwd+bwd' if self.backward else 'fwd'}]"
 
 
-def vitkern_backends(op: str, device: torch.device, *args) -> list[str]:
-    """vitkern backends (other than reference) that can run ``op`` on these inputs here."""
-    return [b for b in ("cpu", "triton") if _backend._why_not(op, b, device, args, {}) is None]
+def vitkern_backends(op: str, *args) -> list[str]:
+    """vitkern's backends other than reference (the eager baseline) that can run ``op`` on
+    these inputs here, in table order."""
+    return [b for b in vitkern.BACKENDS if b != "reference" and vitkern.not_supported_reason(op, b, *args) is None]
 
 
 def _runner(fn: Callable[[], torch.Tensor], backward: bool, leaves: list[torch.Tensor]) -> Callable[[], object]:
@@ -72,10 +70,8 @@ def _runner(fn: Callable[[], torch.Tensor], backward: bool, leaves: list[torch.T
     return run_bwd
 
 
-def _compiled(case: Case, name: str, fn: Callable, leaves: list[torch.Tensor]) -> None:
+def add_compiled(case: Case, name: str, fn: Callable, leaves: list[torch.Tensor]) -> None:
     """Add torch.compile(fn) as a provider; compile time is measured apart (first call)."""
-    import time
-
     try:
         cfn = torch.compile(fn, dynamic=False)
         run = _runner(cfn, case.backward, leaves)
@@ -88,19 +84,6 @@ def _compiled(case: Case, name: str, fn: Callable, leaves: list[torch.Tensor]) -
 
 
 # ----------------------------------------------------------------------------- attention
-def public_spvit_prior(
-    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, grid: tuple[int, int]
-) -> torch.Tensor:
-    """The public SP-ViT code's formulation: the relation MLP evaluated on all
-    N x N (dx, dy) pairs every forward, giving the (H, N, N) prior."""
-    gh, gw = grid
-    rows = torch.arange(gh, device=w1.device).repeat_interleave(gw)
-    cols = torch.arange(gw, device=w1.device).repeat(gh)
-    rel = torch.stack([cols[None, :] - cols[:, None], rows[None, :] - rows[:, None]], dim=-1).to(w1.dtype)
-    hidden = torch.relu(torch.einsum("ijc,hkc->hijk", rel, w1) + b1[:, None, None, :])
-    return torch.einsum("hijk,hk->hij", hidden, w2) + b2[:, None, None]
-
-
 def attention_case(
     N_grid: int,
     batch: int = 8,
@@ -140,7 +123,7 @@ def attention_case(
         floor="SDPA (no prior)",
     )
     leaves = [q, k, v, omega]
-    for b in vitkern_backends("sp_attention", device, q, k, v, omega, (gh, gw), 0, head_dim**-0.5):
+    for b in vitkern_backends("sp_attention", q, k, v, omega, (gh, gw), 0, head_dim**-0.5):
         case.providers[f"vitkern[{b}]"] = _runner(lambda b=b: sp_attention(q, k, v, omega, backend=b), backward, leaves)
 
     def eager():
@@ -157,7 +140,7 @@ def attention_case(
     if compile:
         from vitkern.ops.sp_attention import sp_attention_reference
 
-        _compiled(case, "torch.compile(eager)", lambda: sp_attention_reference(q, k, v, omega, (gh, gw), 0), leaves)
+        add_compiled(case, "torch.compile(eager)", lambda: sp_attention_reference(q, k, v, omega, (gh, gw), 0), leaves)
         try:
             from torch.nn.attention.flex_attention import flex_attention
 
@@ -166,7 +149,7 @@ def attention_case(
             def score_mod(score, b, h, q_idx, kv_idx):
                 return score * omega[h, ry[q_idx, kv_idx], rx[q_idx, kv_idx]]
 
-            _compiled(case, "FlexAttention (compiled)", lambda: flex_attention(q, k, v, score_mod=score_mod), leaves)
+            add_compiled(case, "FlexAttention (compiled)", lambda: flex_attention(q, k, v, score_mod=score_mod), leaves)
         except ImportError as exc:  # pragma: no cover
             case.failures["FlexAttention (compiled)"] = str(exc)
     return case
@@ -182,7 +165,11 @@ def layernorm_mlp_case(
     device="cpu",
     backward: bool = False,
     compile: bool = True,
+    activation: str = "gelu",
+    norm: str = "layernorm",
 ) -> Case:
+    """One LayerNorm(/RMSNorm) + MLP layer; ``activation`` / ``norm`` pick the op variant
+    (vitkern.ops.layernorm_mlp), e.g. CLIP's QuickGELU or an RMSNorm + SiLU MLP."""
     device = torch.device(device)
     hidden = int(dim * mlp_ratio)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -193,7 +180,7 @@ def layernorm_mlp_case(
     x = rnd(batch, tokens, dim)
     params = [
         rnd(dim, scale=0.1, shift=1.0),
-        rnd(dim, scale=0.1),
+        rnd(dim, scale=0.1) if norm == "layernorm" else None,
         rnd(hidden, dim, scale=0.02),
         rnd(hidden, scale=0.02),
         rnd(dim, hidden, scale=0.02),
@@ -201,13 +188,22 @@ def layernorm_mlp_case(
     ]
     M = batch * tokens
     flops = 4.0 * M * dim * hidden * (3.0 if backward else 1.0)
-    case = Case("layernorm_mlp", dict(D=dim, M=M), dtype, device, backward, flops, floor="GEMMs alone")
-    leaves = [x, *params]
-    for b in vitkern_backends("layernorm_mlp", device, x, *params, 1e-6, "none", True):
-        case.providers[f"vitkern[{b}]"] = _runner(lambda b=b: layernorm_mlp(x, *params, backend=b), backward, leaves)
+    shape = dict(D=dim, M=M)
+    if (activation, norm) != ("gelu", "layernorm"):
+        shape["variant"] = f"{norm}+{activation}"
+    case = Case("layernorm_mlp", shape, dtype, device, backward, flops, floor="GEMMs alone")
+    leaves = [x, *(p for p in params if p is not None)]
+    variant = dict(activation=activation, norm=norm)
+    for b in vitkern_backends("layernorm_mlp", x, *params, 1e-6, activation, True, norm):
+        case.providers[f"vitkern[{b}]"] = _runner(
+            lambda b=b: layernorm_mlp(x, *params, backend=b, **variant), backward, leaves
+        )
     from vitkern.ops.layernorm_mlp import layernorm_mlp_reference
 
-    case.providers["eager"] = _runner(lambda: layernorm_mlp_reference(x, *params), backward, leaves)
+    def eager():
+        return layernorm_mlp_reference(x, *params, **variant)
+
+    case.providers["eager"] = _runner(eager, backward, leaves)
     h = torch.randn(M, dim, generator=g).to(device=device, dtype=dtype).requires_grad_(backward)
     a = torch.randn(M, hidden, generator=g).to(device=device, dtype=dtype).requires_grad_(backward)
     w1, w2 = params[2], params[4]
@@ -217,7 +213,7 @@ def layernorm_mlp_case(
 
     case.providers["GEMMs alone"] = _runner(gemms, backward, [h, a, w1, w2])
     if compile:
-        _compiled(case, "torch.compile(eager)", lambda: layernorm_mlp_reference(x, *params), leaves)
+        add_compiled(case, "torch.compile(eager)", eager, leaves)
     return case
 
 
@@ -253,7 +249,7 @@ def patch_embed_case(
         baseline="eager (Conv2d)",
     )
     leaves = [images, weight, bias, pos]
-    for b in vitkern_backends("patch_embed", device, images, weight, bias, pos):
+    for b in vitkern_backends("patch_embed", images, weight, bias, pos):
         case.providers[f"vitkern[{b}]"] = _runner(
             lambda b=b: patch_embed(images, weight, bias, pos, backend=b), backward, leaves
         )
@@ -266,34 +262,11 @@ def patch_embed_case(
     w2d = weight.detach().reshape(dim, K).clone().requires_grad_(backward)
     case.providers["GEMM alone"] = _runner(lambda: patches @ w2d.t(), backward, [patches, w2d])
     if compile:
-        _compiled(case, "torch.compile(eager)", lambda: patch_embed_reference(images, weight, bias, pos), leaves)
+        add_compiled(case, "torch.compile(eager)", lambda: patch_embed_reference(images, weight, bias, pos), leaves)
     return case
 
 
 # ----------------------------------------------------------------------------- models
-def public_spvit(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a vitkern SP-ViT whose SP-SA layers follow the public SP-ViT code:
-    relation MLP over all N x N pairs, dense prior, eager softmax attention."""
-    m = copy.deepcopy(model)
-
-    def forward(self, x, grid, num_prefix_tokens):
-        B, N, C = x.shape
-        q, k, v = self.split_qkv(x)
-        s = q @ k.transpose(-2, -1) * self.scale
-        if self.spatial_relation is not None:
-            r = self.spatial_relation
-            prior = public_spvit_prior(r.w1, r.b1, r.w2, r.b2, grid)
-            if num_prefix_tokens:
-                prior = F.pad(prior, (num_prefix_tokens, 0, num_prefix_tokens, 0), value=1.0)
-            s = s * prior
-        out = s.softmax(-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
-
-    for blk in m.blocks:
-        blk.attn.forward = types.MethodType(forward, blk.attn)
-    return m
-
-
 def model_case(
     name: str,
     batch: int = 8,
@@ -344,8 +317,6 @@ def model_case(
     case.providers["vitkern"] = _model_runner(ours, x, backward, autocast)
     case.providers[base_name] = _model_runner(ref, x, backward, autocast)
     if compile and not name.startswith("sp_vit"):
-        import time
-
         try:
             cref = torch.compile(ref)
             run = _model_runner(cref, x, backward, autocast)
@@ -358,28 +329,6 @@ def model_case(
     if peers and not backward and device.type == "cpu":
         add_peer_providers(case, ours if name.startswith("sp_vit") else ref, x, autocast or dtype)
     return case
-
-
-def add_peer_providers(case: Case, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> None:
-    """OpenVINO and ONNX Runtime on an fp32 copy of ``model`` (SP-ViT: vitkern's own model on the
-    reference backend, plain PyTorch ops, as a CPU user would export it), in the case's dtype
-    where the engine supports it; a missing or failing engine is recorded in ``case.failures``."""
-    import vitkern
-    from vitkern import peers
-
-    threads = case.threads or torch.get_num_threads()
-    fp32 = copy.deepcopy(model).float().eval()
-    xf = x.float()
-    for label, runner in (("OpenVINO", peers.openvino_runner), ("ONNX Runtime", peers.onnxruntime_runner)):
-        if dtype == torch.bfloat16:
-            label += " bf16"
-        try:
-            with vitkern.use_backend("reference"):
-                run, err = runner(fp32, xf, threads, dtype)
-            case.providers[label] = run
-            case.notes[f"{label} logits rel. err"] = err
-        except Exception as exc:  # optional engines: report, never abort the suite
-            case.failures[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
 
 def _model_runner(
@@ -406,75 +355,3 @@ def _model_runner(
         return loss
 
     return step
-
-
-def gemm_routes_gflops(device: torch.device | str = "cpu", dtype=torch.float32, n: int = 1536) -> dict[str, float]:
-    """Measured throughput (GFLOP/s) of an n^3 product through each GEMM route the installed
-    torch offers for ``dtype`` on ``device``, timed interleaved.
-
-    CPU routes: ``torch.mm`` (fp32: MKL ``sgemm`` when torch has MKL; bf16/fp16: oneDNN,
-    which uses AMX or AVX512-BF16 where the CPU has them) and oneDNN's own fp32 matmul
-    through ``mkldnn_linear`` on a prepacked weight. GPU: ``torch.mm`` (cuBLAS)."""
-    from vitkern.benchmarking import time_interleaved
-
-    device = torch.device(device)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    routes: dict[str, Callable[[], object]] = {}
-    if device.type == "cpu":
-        blas = "MKL sgemm" if dtype == torch.float32 and torch.backends.mkl.is_available() else "oneDNN"
-        routes[f"torch.mm ({blas})"] = lambda: torch.mm(a, b)
-        if dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            try:
-                a_mk, w_mk = a.to_mkldnn(), b.t().contiguous().to_mkldnn()
-                torch._C._nn.mkldnn_linear(a_mk, w_mk, None)
-                routes["oneDNN (mkldnn_linear, packed)"] = lambda: torch._C._nn.mkldnn_linear(a_mk, w_mk, None)
-            except RuntimeError:  # a torch build without the op for this dtype
-                pass
-    else:
-        routes["torch.mm (cuBLAS)"] = lambda: torch.mm(a, b)
-    t = time_interleaved(routes, device, warmup=2, repeats=5)
-    return {name: 2 * n**3 / (t[name].median * 1e-3) / 1e9 for name in routes}
-
-
-def gemm_peak_gflops(device: torch.device | str = "cpu", dtype=torch.float32, n: int = 1536) -> float:
-    """The device's practical GEMM peak for ``dtype``: the fastest route of :func:`gemm_routes_gflops`."""
-    return max(gemm_routes_gflops(device, dtype, n).values())
-
-
-# ----------------------------------------------------------------------------- pytest-benchmark glue
-def bench_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def bench_dtypes(full: bool) -> list[torch.dtype]:
-    """fp32 by default; the full sweep adds bf16 on the CPU, fp16 and bf16 on a GPU."""
-    if not full:
-        return [torch.float32]
-    return [torch.float16, torch.bfloat16] if bench_device() == "cuda" else [torch.float32, torch.bfloat16]
-
-
-@functools.lru_cache(maxsize=4)
-def cached_case(builder: Callable[..., Case], *args, **kwargs) -> Case:
-    """Build a case once for all of its providers (compiling the baselines is slow)."""
-    return builder(*args, **kwargs)
-
-
-def run_provider(benchmark, case: Case, provider: str, rounds: int = 3) -> None:
-    """Time one provider of a case with pytest-benchmark, grouped by case."""
-    import pytest
-
-    if provider in case.failures:
-        pytest.skip(f"{provider} failed: {case.failures[provider]}")
-    if provider not in case.providers:
-        pytest.skip(f"{provider} is not available here")
-    benchmark.group = case.name
-    benchmark.extra_info.update(flops=case.flops, compile_s=case.compile_s.get(provider))
-    run = case.providers[provider]
-    sync = torch.cuda.synchronize if case.device.type == "cuda" else (lambda: None)
-
-    def timed() -> None:
-        run()
-        sync()
-
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
