@@ -3,21 +3,23 @@
 CUDA tensors run on the Triton kernels (or the reference path); there is no CUDA C++
 code, so a build needs a C++17 compiler and torch, never nvcc.
 
+_C is built against the LibTorch stable ABI (torch/csrc/stable, torch/headeronly) with
+``TORCH_TARGET_VERSION`` set to ``TORCH_FLOOR``, and against Python's limited API
+(``Py_LIMITED_API`` 3.10): one binary loads with every torch >= TORCH_FLOOR and every
+CPython >= 3.10, so a wheel is tagged ``cp310-abi3`` and requires ``torch>=TORCH_FLOOR``.
+Building needs torch >= TORCH_FLOOR installed (its headers and libraries).
+
 Environment switches (read at build time):
 
 * ``VITKERN_GENERIC_SIMD=1``  compile without the x86 AVX-512/AVX2 paths (portable scalar
                                loops only: what an aarch64 build gets; tested in CI).
 * ``VITKERN_DEBUG=1``         keep debug info (``-g -O1``); release builds use ``-O3 -g0``
                                and a stripped link (the extension is ~1/30 the size).
-* ``VITKERN_LOCAL_VERSION=1``  append ``+torch<major>.<minor>`` to the version of a wheel
-                               (scripts/build_wheels.sh sets it: a release wheel only loads with
-                               the torch minor release it was built against). Off by default, so
-                               that installing the sdist (version 0.1.0) builds a 0.1.0 wheel.
 * ``MAX_JOBS``                ninja's job cap; by default min(cores, RAM GiB / 4).
 * ``VITKERN_EXTRA_CFLAGS``    extra compiler and linker flags (the sanitizer build uses it).
 
 The build writes ``vitkern/_build_info.py`` (torch version, flags) next to the extension;
-``vitkern._ext`` reads it to explain a torch mismatch instead of failing obscurely.
+``vitkern._ext`` and ``vitkern info`` read it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc" / "vitkern"
 BASE_VERSION = "0.1.0"
+# The oldest torch whose stable ABI has everything csrc/ uses (parallel_for, get_num_threads,
+# empty, from_blob, to, contiguous, view, sum, std::string/std::vector arguments: 2.10).
+TORCH_FLOOR = (2, 10)
 
 
 def _log(msg: str) -> None:
@@ -56,15 +61,16 @@ def _torch_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-def _building_sdist() -> bool:
-    return "sdist" in sys.argv
+def _floor_str() -> str:
+    return f"{TORCH_FLOOR[0]}.{TORCH_FLOOR[1]}"
 
 
 def _build_info(torch) -> dict:
     return {
         "torch_version": torch.__version__,
         "torch_minor": _torch_minor(torch.__version__),
-        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+        "torch_floor": _floor_str(),
+        "abi": f"LibTorch stable ABI (torch>={_floor_str()}), Python limited API (abi3, CPython>=3.10)",
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "generic_simd": _flag("VITKERN_GENERIC_SIMD"),
         "debug": _flag("VITKERN_DEBUG"),
@@ -77,16 +83,26 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     info = _build_info(torch)
+    built = tuple(int(p) for p in info["torch_minor"].split("."))
+    if built < TORCH_FLOOR:
+        raise RuntimeError(
+            f"building vitkern._C needs torch>={_floor_str()} (its LibTorch stable ABI headers); "
+            f"torch {torch.__version__} is installed"
+        )
     extra = os.environ.get("VITKERN_EXTRA_CFLAGS", "").split()
-    # -fopenmp: at::parallel_for is header code built on `#pragma omp parallel`;
-    # without it the CPU kernels would silently run on one thread.
-    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    # Threads come from torch's own pool (torch::stable::parallel_for), so _C needs no
+    # OpenMP runtime: -fopenmp-simd only honours the `#pragma omp simd` loop hints.
+    omp = ["-fopenmp-simd"]
     if info["debug"]:
         opt, link = ["-O1", "-g"], []
     else:
         # Release: no DWARF (it was 28 of the 30 MB of _C), symbols stripped at link time.
         opt, link = ["-O3", "-g0"], (["-Wl,--strip-all"] if sys.platform.startswith("linux") else [])
-    macros = [("VITKERN_GENERIC_SIMD", None)] if info["generic_simd"] else []
+    # Keep only the libraries _C uses in DT_NEEDED (libtorch_cpu.so: the C shim and sgemm_).
+    link = [*link, "-Wl,--as-needed"] if sys.platform.startswith("linux") else link
+    target = f"0x{TORCH_FLOOR[0]:02x}{TORCH_FLOOR[1]:02x}000000000000"
+    macros = [("TORCH_TARGET_VERSION", target)]
+    macros += [("VITKERN_GENERIC_SIMD", None)] if info["generic_simd"] else []
     cxx = [*opt, "-fvisibility=hidden", *omp, *extra]
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     ext = CppExtension(
@@ -95,10 +111,13 @@ def _extensions():
         include_dirs=[str(CSRC)],
         define_macros=macros,
         extra_compile_args={"cxx": cxx},
-        extra_link_args=[*omp, *link, *extra],
+        extra_link_args=[*link, *extra],
+        # torch's BuildExtension adds -DPy_LIMITED_API=0x030A0000 for this and links no
+        # libtorch_python; setuptools names the file _C.abi3.so.
+        py_limited_api=True,
     )
     _log(
-        f"building vitkern._C against torch {info['torch_version']} "
+        f"building vitkern._C against torch {info['torch_version']} (stable ABI floor {_floor_str()}, abi3) "
         f"({'generic' if info['generic_simd'] else 'x86 SIMD'} paths, {'debug' if info['debug'] else 'release'}, "
         f"MAX_JOBS={os.environ['MAX_JOBS']})"
     )
@@ -121,19 +140,14 @@ def _extensions():
 
 ext_modules, cmdclass, build_info = _extensions()
 
-if _building_sdist():
-    # The sdist builds against whatever torch is installed where it is built.
-    version, torch_requirement = BASE_VERSION, "torch>=2.5"
-else:
-    # A wheel's _C is bound to the torch minor release it was compiled against (it
-    # uses libtorch's C++ ABI, which changes between minor releases).
-    local = _flag("VITKERN_LOCAL_VERSION")
-    version = f"{BASE_VERSION}+torch{build_info['torch_minor']}" if local else BASE_VERSION
-    torch_requirement = f"torch=={build_info['torch_minor']}.*"
+# One requirement for the sdist and every wheel: _C uses only the stable ABI of TORCH_FLOOR.
+torch_requirement = f"torch>={_floor_str()}"
 
 setup(
-    version=version,
+    version=BASE_VERSION,
     install_requires=[torch_requirement, "numpy", "triton>=3.0; platform_system == 'Linux'"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # The wheel tag: cp310-abi3 (the extension uses Python's limited API 3.10).
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

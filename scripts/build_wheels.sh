@@ -5,11 +5,12 @@
 #   bash scripts/build_wheels.sh [OUT_DIR]        (default: wheelhouse/)
 #
 # The wheel is built against the torch of the build Python (VITKERN_PY, else
-# $VITKERN_VENV/bin/python, else .venv/bin/python; it needs the `build` extra:
-# python scripts/extras.py build | pip install -r /dev/stdin). vitkern._C uses
-# libtorch's C++ ABI and a pybind11 module, so the wheel serves one CPython version and
-# one torch minor release: its version ends in +torch<major>.<minor> and its metadata
-# pins torch==<major>.<minor>.*. Run once per (Python, torch) pair to publish more.
+# $VITKERN_VENV/bin/python, else .venv/bin/python; torch >= the floor in setup.py, and
+# the `build` extra: python scripts/extras.py build | pip install -r /dev/stdin).
+# vitkern._C uses only the LibTorch stable ABI (TORCH_TARGET_VERSION = the floor) and
+# Python's limited API 3.10, so ONE wheel per platform serves every torch >= the floor
+# and every CPython >= 3.10: vitkern-<version>-cp310-abi3-manylinux_*_<arch>.whl,
+# metadata torch>=<floor>. The script checks the tag and the requirement.
 # The tree built is the committed HEAD (git archive), never stray files of the work tree.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,14 +39,14 @@ log "wheel, built from the sdist against $("$PY" -c 'import torch; print("torch"
 mkdir -p "$WORK/from_sdist"
 tar -xzf "$SDIST" -C "$WORK/from_sdist"
 wstart=$(date +%s)
-( cd "$WORK"/from_sdist/vitkern-*/ && VITKERN_LOCAL_VERSION=1 MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip wheel . --no-build-isolation --no-deps -q -w "$WORK/dist" ) \
+( cd "$WORK"/from_sdist/vitkern-*/ && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip wheel . --no-build-isolation --no-deps -q -w "$WORK/dist" ) \
   > "$WORK/wheel.log" 2>&1 || { tail -30 "$WORK/wheel.log"; exit 1; }
 build_s=$(( $(date +%s) - wstart ))
 WHEEL="$(ls "$WORK"/dist/vitkern-*.whl)"
 
-log "auditwheel repair (torch's libraries and its OpenMP runtime stay with torch)"
-# libgomp.so.1: torch ships its own (torch/lib) and loads it first; a second copy
-# vendored into the wheel would give the process two OpenMP runtimes.
+log "auditwheel repair (torch's libraries stay with torch)"
+# _C needs libtorch_cpu.so only (its C shim); the other excludes are kept so that a
+# future dependency on them cannot vendor a second copy of torch's libraries.
 TORCH_LIB="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$PY" -m auditwheel repair "$WHEEL" -w "$WORK/repaired" \
   --strip \
@@ -60,11 +61,15 @@ import sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
 so = [i for i in z.infolist() if i.filename.startswith("vitkern/_C") and i.filename.endswith(".so")]
 assert so, "the wheel has no compiled extension"
+assert [i.filename for i in so] == ["vitkern/_C.abi3.so"], [i.filename for i in so]
+name = sys.argv[1].rsplit("/", 1)[-1]
+assert "-cp310-abi3-manylinux" in name, f"{name}: expected one cp310-abi3 manylinux wheel"
 assert "vitkern/_build_info.py" in z.namelist(), "the wheel has no build record"
 extra = [i.filename for i in z.infolist() if i.filename.endswith(".so") and i not in so]
 print(f"[build_wheels] _C: {so[0].file_size / 2**20:.2f} MB uncompressed; vendored libraries: {extra or 'none'}", file=sys.stderr)
 requires = [l for l in z.read(next(n for n in z.namelist() if n.endswith("METADATA"))).decode().splitlines() if l.startswith("Requires-Dist: torch")]
 print(f"[build_wheels] {requires[0]}", file=sys.stderr)
+assert requires[0].startswith("Requires-Dist: torch>="), requires
 PYEOF
 log "built in $(( $(date +%s) - start )) s (extension compile $build_s s):"
 log "  $(basename "$SDIST")  $(size "$OUT/$(basename "$SDIST")")"

@@ -54,3 +54,9 @@ def test_vitkern_info():
     for b in __import__("vitkern").BACKENDS:
         assert f"\n{b:10s} " in "\n" + res.stdout, (b, res.stdout)
     assert "auto order: cpu tensors: cpu -> reference; cuda tensors: triton -> reference" in res.stdout
+    from vitkern._ext import load_extension
+
+    ext = load_extension()
+    if ext is not None and f"vitkern._C: {ext.__file__}" in res.stdout:  # the same build as this process
+        assert "vitkern._C ABI: LibTorch stable ABI (torch>=" in res.stdout, res.stdout
+        assert "abi3" in res.stdout and "torch.ops.vitkern_C" in res.stdout, res.stdout

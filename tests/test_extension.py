@@ -48,15 +48,111 @@ def _elf_section_names(path: str) -> set[str]:
     return names
 
 
+def _elf_dynamic(path: str) -> tuple[list[str], set[str]]:
+    """(DT_NEEDED libraries, undefined dynamic symbols) of a 64-bit little-endian ELF file."""
+    import struct
+
+    data = open(path, "rb").read()
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    # (type, offset, size, link, entsize) of every section
+    sections = [struct.unpack_from("<4xI16xQQI12xQ", data, shoff + i * shentsize) for i in range(shnum)]
+
+    def cstr(table_off: int, off: int) -> str:
+        start = table_off + off
+        return data[start : data.index(b"\0", start)].decode()
+
+    needed, undefined = [], set()
+    for kind, off, size, link, entsize in sections:
+        strtab = sections[link][1]
+        if kind == 11:  # SHT_DYNSYM: st_name u32, info u8, other u8, shndx u16, value u64, size u64
+            for i in range(1, size // entsize):
+                name, shndx = struct.unpack_from("<I2xH", data, off + i * entsize)
+                if shndx == 0 and name:
+                    undefined.add(cstr(strtab, name).split("@")[0])
+        elif kind == 6:  # SHT_DYNAMIC: (tag i64, value u64), DT_NEEDED = 1
+            for i in range(size // entsize):
+                tag, val = struct.unpack_from("<qQ", data, off + i * entsize)
+                if tag == 1:
+                    needed.append(cstr(strtab, val))
+    return needed, undefined
+
+
 @needs_ext
-def test_extension_build_record_matches_installed_torch():
-    from vitkern._ext import build_info
+def test_extension_build_record_and_torch_floor():
+    from vitkern._ext import _version_tuple, build_info
 
     info = build_info()
     assert info is not None, "vitkern/_build_info.py is written by setup.py next to _C"
-    assert info["torch_minor"] == ".".join(torch.__version__.split(".")[:2])
-    paths = load_extension().simd_paths()
+    ext = load_extension()
+    # One floor, recorded twice: the Python build record and TORCH_TARGET_VERSION compiled into _C.
+    assert info["torch_floor"] == ext.torch_floor, (info, ext.torch_floor)
+    assert _version_tuple(torch.__version__) >= _version_tuple(info["torch_floor"])
+    assert ext.built_with_torch == info["torch_version"].split("+")[0], (ext.built_with_torch, info)
+    paths = ext.simd_paths()
     assert ("scalar only" in paths) == bool(info["generic_simd"]), (paths, info)
+
+
+@needs_ext
+def test_extension_is_abi3_and_uses_only_the_stable_abis():
+    """_C.abi3.so: Python's limited API 3.10, torch only through its C shim (no C++ symbol of
+    ATen, c10 or torch, no libtorch_python), so one binary serves every CPython >= 3.10 and
+    every torch >= the floor."""
+    ext = load_extension()
+    path = ext.__file__
+    if not path.endswith(".so"):
+        pytest.skip(f"not an ELF extension: {path}")
+    assert os.path.basename(path) == "_C.abi3.so", path
+    assert ext.module.PY_LIMITED_API == 0x030A0000, hex(ext.module.PY_LIMITED_API)
+    needed, undefined = _elf_dynamic(path)
+    assert "libtorch_cpu.so" in needed, needed
+    assert not [n for n in needed if "python" in n or "torch_python" in n], needed
+    # Mangled C++ names of torch's namespaces (at::, c10::, torch::, pybind11::) would bind _C
+    # to one torch release's C++ ABI.
+    cxx_torch = sorted(s for s in undefined if s.startswith(("_ZN2at", "_ZN3c10", "_ZN5torch", "_ZN8pybind11")))
+    assert not cxx_torch, cxx_torch[:10]
+    # Every Python symbol is one of the limited-API functions module.cpp uses (a full-API one
+    # such as PyUnicode_AsUTF8AndSize before 3.10 would break the abi3 promise).
+    python = {s for s in undefined if s.startswith(("Py", "_Py"))}
+    assert python <= {
+        "PyModule_Create2",
+        "PyModule_AddStringConstant",
+        "PyModule_AddIntConstant",
+        "PyUnicode_FromString",
+        "_Py_Dealloc",
+    }, sorted(python)
+    assert {s for s in undefined if s.startswith(("aoti_torch_", "torch_"))}, "torch reached through its C shim"
+
+
+_OPS = (
+    "check_shape",
+    "sp_attention_forward",
+    "sp_attention_backward",
+    "layernorm_mlp_forward",
+    "layernorm_mlp_backward",
+    "layernorm_glu_forward",
+    "layernorm_glu_backward",
+    "patch_embed_forward",
+    "patch_embed_backward",
+    "spatial_prior_forward",
+    "spatial_prior_backward",
+)
+
+
+@needs_ext
+def test_ops_are_registered_in_the_vitkern_C_namespace():
+    ext = load_extension()
+    assert ext.ops_namespace == "vitkern_C"
+    for name in _OPS:
+        op = getattr(torch.ops.vitkern_C, name).default
+        assert op._schema.name == f"vitkern_C::{name}", op._schema
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"vitkern_C::{name}", "CPU"), name
+        assert getattr(ext, name) is op  # the launchers call the dispatcher's operator
+    with pytest.raises(AttributeError, match="no operator vitkern_C::no_such_op"):
+        ext.no_such_op  # noqa: B018
+    # A CUDA-only / other-backend tensor is refused by the dispatcher, not read as CPU memory.
+    with pytest.raises(NotImplementedError, match="Meta"):
+        ext.spatial_prior_forward(torch.empty(2, 5, 5, device="meta"), 3, 3, 0)
 
 
 @needs_ext
@@ -77,7 +173,7 @@ def test_release_extension_is_stripped_and_small():
 _FAKE_BUILD = (
     "import sys, types, warnings\n"
     "fake = types.ModuleType('vitkern._build_info')\n"
-    "fake.BUILD_INFO = dict(torch_version='2.99.0', torch_minor='2.99', cxx11_abi=True, python='3.11',\n"
+    "fake.BUILD_INFO = dict(torch_version='2.99.0', torch_minor='2.99', torch_floor='2.99', python='3.11',\n"
     "                       generic_simd=False, debug=False)\n"
     "sys.modules['vitkern._build_info'] = fake\n"
     "with warnings.catch_warnings(record=True) as w:\n"
@@ -88,15 +184,16 @@ _FAKE_BUILD = (
 )
 
 
-def test_torch_mismatch_names_both_versions_and_the_cost(tmp_path):
-    """_C built for another torch minor release: not imported, one warning says why and what it costs."""
+def test_torch_below_the_floor_names_the_needed_version_and_the_cost(tmp_path):
+    """A torch older than _C's stable-ABI floor: _C is not imported, one warning names the
+    torch version needed and the one installed, and what the fallback costs."""
     code = _FAKE_BUILD + (
         "assert len(msgs) == 1, msgs\n"
         "m = msgs[0]\n"
-        "assert 'built for torch 2.99.0' in m and f'torch {torch.__version__} is installed' in m, m\n"
-        "assert 'torch==2.99.*' in m and 'slower' in m, m\n"
-        "assert 'vitkern._C' not in sys.modules, 'a mismatched _C must not be imported'\n"
-        "assert r['cpu'] and 'built for torch 2.99.0' in r['cpu'], r\n"
+        "assert 'needs torch>=2.99' in m and f'torch {torch.__version__} is installed' in m, m\n"
+        "assert 'slower' in m, m\n"
+        "assert 'vitkern._C' not in sys.modules, 'a _C above the installed torch must not be imported'\n"
+        "assert r['cpu'] and 'needs torch>=2.99' in r['cpu'], r\n"
         "print('ok')\n"
     )
     env = {
@@ -109,7 +206,7 @@ def test_torch_mismatch_names_both_versions_and_the_cost(tmp_path):
 
 
 @needs_ext
-def test_torch_mismatch_override_tries_to_load(tmp_path):
+def test_torch_floor_override_tries_to_load(tmp_path):
     code = _FAKE_BUILD + "assert not msgs, msgs\nassert r['cpu'] is None, r\nprint('ok')\n"
     env = {**os.environ, "VITKERN_IGNORE_TORCH_VERSION": "1"}
     env.pop("VITKERN_DISABLE_EXTENSION", None)
@@ -117,6 +214,55 @@ def test_torch_mismatch_override_tries_to_load(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
     )
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+_ATEN_BLAS = """
+import torch, vitkern
+from vitkern._ext import load_extension
+from vitkern.ops import layernorm_mlp, patch_embed, sp_attention
+assert load_extension().blas_backend().startswith("aten::mm"), load_extension().blas_backend()
+g = torch.Generator().manual_seed(0)
+def rnd(*s):
+    return torch.randn(*s, generator=g, dtype=torch.float64)
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+def check(fn, args, what):
+    f32 = [a.float().requires_grad_() for a in args]
+    f64 = [a.clone().requires_grad_() for a in args]
+    out = fn(*f32, backend="cpu")
+    assert vitkern.last_backend() == "cpu", what
+    ref = fn(*f64, backend="reference")
+    assert rel(out, ref) < 1e-5, (what, rel(out, ref))
+    go = rnd(*out.shape)
+    g32 = torch.autograd.grad(out, f32, go.float())
+    g64 = torch.autograd.grad(ref, f64, go)
+    for i, (a, b) in enumerate(zip(g32, g64)):
+        assert rel(a, b) < 1e-5, (what, i, rel(a, b))
+check(lambda x, w1, b1, w2, b2, backend: layernorm_mlp(x, None, None, w1, b1, w2, b2, backend=backend),
+      (rnd(37, 24), rnd(40, 24) * 0.2, rnd(40), rnd(24, 40) * 0.2, rnd(24)), "layernorm_mlp")
+check(lambda q, k, v, om, backend: sp_attention(q, k, v, om, grid=(3, 4), num_prefix_tokens=1, backend=backend),
+      (rnd(2, 2, 13, 8), rnd(2, 2, 13, 8), rnd(2, 2, 13, 8), rnd(2, 5, 7)), "sp_attention")
+check(lambda im, w, b, backend: patch_embed(im, w, b, backend=backend),
+      (rnd(2, 3, 12, 8), rnd(10, 3, 4, 4), rnd(10)), "patch_embed")
+print("ok")
+"""
+
+
+@needs_ext
+def test_blas_fallback_through_aten_mm_matches_the_reference(tmp_path):
+    """VITKERN_BLAS=aten: the block GEMMs take the stable dispatcher's aten::mm (the path of a
+    torch build that exports no sgemm_); forward and every gradient still match float64."""
+    from conftest import SUBPROCESS_CWD, subprocess_env
+
+    res = subprocess.run(
+        [sys.executable, "-c", _ATEN_BLAS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=SUBPROCESS_CWD,
+        env=subprocess_env(VITKERN_BLAS="aten"),
+    )
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
 
 
 @needs_ext

@@ -1,4 +1,4 @@
-"""Packaging metadata: one dependency list, the wheel's torch pin and local version."""
+"""Packaging metadata: one dependency list, the wheel's torch floor and its abi3 tag."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ _CAPTURE = (
     "kw = {}\n"
     "setuptools.setup = lambda **k: kw.update(k)\n"  # metadata only: nothing is built
     "runpy.run_path('setup.py')\n"
-    "print(json.dumps({'version': kw['version'], 'requires': kw['install_requires']}))\n"
+    "print(json.dumps({'version': kw['version'], 'requires': kw['install_requires'], 'options': kw['options']}))\n"
 )
 
 
 def _setup_metadata(**env: str) -> dict:
-    full = {k: v for k, v in os.environ.items() if k != "VITKERN_LOCAL_VERSION"} | env
+    full = {**os.environ, **env}
     res = subprocess.run(
         [sys.executable, "-c", _CAPTURE], cwd=ROOT, env=full, capture_output=True, text=True, timeout=300
     )
@@ -41,9 +41,12 @@ def _setup_metadata(**env: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def test_wheel_metadata_pins_the_build_torch_minor_release():
-    minor = ".".join(torch.__version__.split(".")[:2])
-    plain = _setup_metadata()
-    assert plain["version"] == "0.1.0" and f"torch=={minor}.*" in plain["requires"], plain
-    release = _setup_metadata(VITKERN_LOCAL_VERSION="1")
-    assert release["version"] == f"0.1.0+torch{minor}", release
+def test_wheel_metadata_requires_the_stable_abi_floor_and_is_abi3():
+    """One wheel for every torch >= the floor and every CPython >= 3.10: plain version 0.1.0
+    (no +torch local version), torch>=floor, the bdist_wheel tag cp310-abi3."""
+    meta = _setup_metadata()
+    assert meta["version"] == "0.1.0", meta
+    floor = [r for r in meta["requires"] if r.startswith("torch")]
+    assert floor == ["torch>=2.10"], meta["requires"]
+    assert meta["options"]["bdist_wheel"] == {"py_limited_api": "cp310"}, meta["options"]
+    assert tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 10)

@@ -1,74 +1,83 @@
-// Python bindings of vitkern._C. Every entry point validates its inputs with
-// TORCH_CHECK (RuntimeError in Python); the Python launchers validate first.
-#include <torch/extension.h>
+// The operator library of vitkern._C: schemas in the `vitkern_C` namespace and their
+// CPU kernels, registered through the LibTorch stable ABI when the library is loaded
+// (module.cpp's `import vitkern._C` does that). Python calls them as
+// torch.ops.vitkern_C.<name> (vitkern/_ext.py binds them for the launchers).
+// The namespace is not `vitkern`: the Python custom ops (torch.library.custom_op)
+// already live in vitkern::.
+//
+// Every kernel validates its inputs with VK_CHECK (RuntimeError in Python); the Python
+// launchers validate first. The ops are registered for the CPU dispatch key only: a
+// CUDA tensor gets the dispatcher's "could not run ... with arguments from the 'CUDA'
+// backend" error.
+#include <string>
+#include <vector>
 
-#include "blas.h"
 #include "checks.h"
 #include "layernorm_mlp.h"
 #include "patch_embed.h"
-#include "simd.h"
 #include "sp_attention.h"
 #include "spatial_prior.h"
 
 namespace {
 
-at::Tensor spatial_prior_forward(const at::Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix) {
-  TORCH_CHECK(omega.device().is_cpu(), "vitkern._C has CPU kernels only; omega is on ", omega.device());
-  return vitkern::spatial_prior_forward_cpu(omega, gh, gw, num_prefix);
-}
-
-at::Tensor spatial_prior_backward(const at::Tensor& grad, int64_t gh, int64_t gw, int64_t num_prefix) {
-  TORCH_CHECK(grad.device().is_cpu(), "vitkern._C has CPU kernels only; grad is on ", grad.device());
-  return vitkern::spatial_prior_backward_cpu(grad, gh, gw, num_prefix);
-}
-
-void check_shape(const at::Tensor& x, const std::string& name, std::vector<int64_t> expected) {
-  vitkern::check_shape(x, name.c_str(), std::move(expected));
+void check_shape_op(const vitkern::Tensor& x, std::string name, std::vector<int64_t> expected) {
+  vitkern::check_shape(x, name.c_str(), expected);
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "vitkern compiled CPU kernels (C++)";
-  m.def("simd_paths", &vitkern::simd::compiled_paths, "the x86 SIMD code paths compiled into this build");
-  m.def("blas_backend", &vitkern::blas_backend, "how the CPU kernels reach BLAS");
-  m.def("check_shape", &check_shape, "Raise RuntimeError unless x has the expected shape (-1 = any)",
-        py::arg("x"), py::arg("name"), py::arg("expected"));
-  m.def("sp_attention_forward", &vitkern::sp_attention_forward_cpu,
-        "flash-style SP-SA forward on CPU tensors -> [out, lse]", py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("omega"), py::arg("gh"), py::arg("gw"), py::arg("num_prefix"), py::arg("scale"));
-  m.def("sp_attention_backward", &vitkern::sp_attention_backward_cpu,
-        "SP-SA backward on CPU tensors -> [dq, dk, dv, domega or None]", py::arg("dout"), py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("omega"), py::arg("out"), py::arg("lse"), py::arg("gh"), py::arg("gw"),
-        py::arg("num_prefix"), py::arg("scale"));
-  m.def("layernorm_mlp_forward", &vitkern::layernorm_mlp_forward_cpu,
-        "fused LayerNorm+GELU-MLP forward on CPU -> [out, mean, rstd, pre, gelu_out, ln_out]", py::arg("x"), py::arg("ln_weight"),
-        py::arg("ln_bias"), py::arg("fc1_weight"), py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("fc2_bias"),
-        py::arg("eps"), py::arg("act"), py::arg("rms"), py::arg("residual"), py::arg("save_for_backward"));
-  m.def("layernorm_mlp_backward", &vitkern::layernorm_mlp_backward_cpu,
-        "LayerNorm+GELU-MLP backward on CPU -> [dx, dlnw, dlnb, dw1, db1, dw2, db2]", py::arg("dout"), py::arg("x"),
-        py::arg("ln_weight"), py::arg("ln_bias"), py::arg("fc1_weight"), py::arg("fc2_weight"), py::arg("mean"),
-        py::arg("rstd"), py::arg("pre"), py::arg("gelu_out"), py::arg("ln_out"), py::arg("act"), py::arg("rms"),
-        py::arg("residual"));
-  m.def("layernorm_glu_forward", &vitkern::layernorm_glu_forward_cpu,
-        "fused LayerNorm + gated MLP forward on CPU -> [out, mean, rstd, pre, hidden, ln_out]", py::arg("x"),
-        py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w1a"), py::arg("b1a"), py::arg("w1b"), py::arg("b1b"),
-        py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("eps"), py::arg("act"), py::arg("rms"), py::arg("gate_first"),
-        py::arg("residual"), py::arg("save_for_backward"));
-  m.def("layernorm_glu_backward", &vitkern::layernorm_glu_backward_cpu,
-        "LayerNorm + gated MLP backward on CPU -> [dx, dlnw, dlnb, dw1a, db1a, dw1b, db1b, dw2, db2]",
-        py::arg("dout"), py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w1a"), py::arg("w1b"),
-        py::arg("fc2_weight"), py::arg("mean"), py::arg("rstd"), py::arg("pre"), py::arg("hidden"), py::arg("ln_out"),
-        py::arg("act"), py::arg("rms"), py::arg("gate_first"), py::arg("residual"));
-  m.def("patch_embed_forward", &vitkern::patch_embed_forward_cpu,
-        "fused patchify + projection + bias + pos_embed on CPU -> (B, N, D)", py::arg("images"), py::arg("weight"),
-        py::arg("bias"), py::arg("pos_embed"));
-  m.def("patch_embed_backward", &vitkern::patch_embed_backward_cpu, "patch embedding backward -> [d images, d weight]",
-        py::arg("dout"), py::arg("images"), py::arg("weight"), py::arg("need_images"), py::arg("need_weight"));
-  m.def("spatial_prior_forward", &spatial_prior_forward,
-        "omega (H, 2gh-1, 2gw-1) -> dense prior (H, N, N), N = num_prefix + gh*gw", py::arg("omega"), py::arg("gh"),
-        py::arg("gw"), py::arg("num_prefix"));
-  m.def("spatial_prior_backward", &spatial_prior_backward,
-        "grad (H, N, N) -> d omega (H, 2gh-1, 2gw-1), deterministic", py::arg("grad"), py::arg("gh"), py::arg("gw"),
-        py::arg("num_prefix"));
+STABLE_TORCH_LIBRARY(vitkern_C, m) {
+  // Raises RuntimeError unless x has the expected shape (-1 = any).
+  m.def("check_shape(Tensor x, str name, int[] expected) -> ()");
+  // flash-style SP-SA forward -> [out, lse]; backward -> [dq, dk, dv, domega or None]
+  m.def(
+      "sp_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? omega, int gh, int gw, int num_prefix, "
+      "float scale) -> Tensor[]");
+  m.def(
+      "sp_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? omega, Tensor out, Tensor lse, "
+      "int gh, int gw, int num_prefix, float scale) -> Tensor[]");
+  // fused LayerNorm (rms: RMSNorm) + MLP forward -> [out, mean, rstd, pre, act_out, ln_out];
+  // act: 1 GELU, 2 GELU tanh, 3 QuickGELU, 4 SiLU (simd.h);
+  // backward -> [dx, dlnw, dlnb, dw1, db1, dw2, db2] (None where the parameter is None)
+  m.def(
+      "layernorm_mlp_forward(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, "
+      "Tensor fc2_weight, Tensor? fc2_bias, float eps, int act, bool rms, bool residual, bool save_for_backward) "
+      "-> Tensor[]");
+  m.def(
+      "layernorm_mlp_backward(Tensor dout, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, "
+      "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, Tensor gelu_out, Tensor ln_out, int act, bool rms, "
+      "bool residual) -> Tensor[]");
+  // gated MLP (GLU family): y = x + fc2(act(gate) * value); fc1 is w1a (2H, D) packed (w1b None,
+  // gate_first: the gate is rows [0, H)) or w1a = gate, w1b = value. forward -> [out, mean, rstd,
+  // pre (M, 2H), hidden (M, H), ln_out]; backward -> [dx, dlnw, dlnb, dw1a, db1a, dw1b, db1b, dw2, db2]
+  m.def(
+      "layernorm_glu_forward(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor w1a, Tensor? b1a, Tensor? w1b, "
+      "Tensor? b1b, Tensor fc2_weight, Tensor? fc2_bias, float eps, int act, bool rms, bool gate_first, "
+      "bool residual, bool save_for_backward) -> Tensor[]");
+  m.def(
+      "layernorm_glu_backward(Tensor dout, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor w1a, Tensor? w1b, "
+      "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, Tensor hidden, Tensor ln_out, int act, bool rms, "
+      "bool gate_first, bool residual) -> Tensor[]");
+  // fused patchify + projection + bias + pos_embed -> (B, N, D); backward -> [d images, d weight]
+  m.def("patch_embed_forward(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed) -> Tensor");
+  m.def(
+      "patch_embed_backward(Tensor dout, Tensor images, Tensor weight, bool need_images, bool need_weight) "
+      "-> Tensor[]");
+  // omega (H, 2gh-1, 2gw-1) -> dense prior (H, N, N); backward: grad (H, N, N) -> d omega, deterministic
+  m.def("spatial_prior_forward(Tensor omega, int gh, int gw, int num_prefix) -> Tensor");
+  m.def("spatial_prior_backward(Tensor grad, int gh, int gw, int num_prefix) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(vitkern_C, CPU, m) {
+  m.impl("check_shape", TORCH_BOX(&check_shape_op));
+  m.impl("sp_attention_forward", TORCH_BOX(&vitkern::sp_attention_forward_cpu));
+  m.impl("sp_attention_backward", TORCH_BOX(&vitkern::sp_attention_backward_cpu));
+  m.impl("layernorm_mlp_forward", TORCH_BOX(&vitkern::layernorm_mlp_forward_cpu));
+  m.impl("layernorm_mlp_backward", TORCH_BOX(&vitkern::layernorm_mlp_backward_cpu));
+  m.impl("layernorm_glu_forward", TORCH_BOX(&vitkern::layernorm_glu_forward_cpu));
+  m.impl("layernorm_glu_backward", TORCH_BOX(&vitkern::layernorm_glu_backward_cpu));
+  m.impl("patch_embed_forward", TORCH_BOX(&vitkern::patch_embed_forward_cpu));
+  m.impl("patch_embed_backward", TORCH_BOX(&vitkern::patch_embed_backward_cpu));
+  m.impl("spatial_prior_forward", TORCH_BOX(&vitkern::spatial_prior_forward_cpu));
+  m.impl("spatial_prior_backward", TORCH_BOX(&vitkern::spatial_prior_backward_cpu));
 }

@@ -13,8 +13,6 @@
 // Backward: full-height GEMMs (the weight gradients sum over every row) with
 // the elementwise parts (GELU' with the fc1-bias sum, LayerNorm backward with the
 // LN-affine sums) fused in C++ loops.
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -30,16 +28,14 @@ namespace {
 // Row tiles: one per thread (up to 1024 rows). Small tiles re-pack the weights
 // for every tile and run the GEMMs at a fraction of their speed (benchmarks/NOTES.md).
 inline int64_t tile_rows(int64_t m) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = std::max<int64_t>(1, num_threads());
   return std::clamp<int64_t>((m + threads - 1) / threads, 64, 1024);
 }
 
 // Rows per partial column sum in the backward (fixed, so the sums are deterministic).
 constexpr int64_t kSumRows = 32;
 
-at::Tensor f32c(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-at::Tensor opt_f32(const c10::optional<at::Tensor>& t) { return t.has_value() ? f32c(*t) : at::Tensor(); }
+const float* ptr_or_null(const Tensor& t) { return f32_ptr_or_null(t); }
 
 // LayerNorm of `rows` rows: mean and 1/std (biased variance, two-pass, fp32) into
 // mean/rstd, normalised and affine rows into h. RMSNorm (rms): mean 0, 1/sqrt(mean(x^2) + eps).
@@ -119,50 +115,47 @@ VK_TARGET_CLONES void ln_backward_rows(const float* x, const float* dhn, const f
   }
 }
 
-void check_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
+void check_args(const Tensor& x, const Tensor& w1, const Tensor& w2) {
   VK_CHECK_CPU(x);
   VK_CHECK_FLOATING(x);
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D (rows, dim), got ", shape_str(x.sizes()));
+  VK_CHECK(x.dim() == 2, "x must be 2-D (rows, dim), got ", shape_str(x));
   const int64_t d = x.size(1);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == d, "fc1_weight must have shape (hidden, ", d, "), got ",
-              shape_str(w1.sizes()));
+  VK_CHECK(w1.dim() == 2 && w1.size(1) == d, "fc1_weight must have shape (hidden, ", d, "), got ", shape_str(w1));
   check_shape(w2, "fc2_weight", {d, w1.size(0)});
 }
 
 void check_act(int64_t act) {
-  TORCH_CHECK(act >= simd::kGelu && act <= simd::kSilu, "act must be an activation code 1..4 (gelu, gelu_tanh, ",
-              "quick_gelu, silu), got ", act);
+  VK_CHECK(act >= simd::kGelu && act <= simd::kSilu, "act must be an activation code 1..4 (gelu, gelu_tanh, ",
+           "quick_gelu, silu), got ", act);
 }
 
 }  // namespace
 
-std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& lnw_in,
-                                                  const c10::optional<at::Tensor>& lnb_in, const at::Tensor& w1_in,
-                                                  const c10::optional<at::Tensor>& b1_in, const at::Tensor& w2_in,
-                                                  const c10::optional<at::Tensor>& b2_in, double eps_d, int64_t act,
-                                                  bool rms, bool residual, bool save_for_backward) {
+std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTensor& lnw_in, const OptTensor& lnb_in,
+                                              const Tensor& w1_in, const OptTensor& b1_in, const Tensor& w2_in,
+                                              const OptTensor& b2_in, double eps_d, int64_t act, bool rms,
+                                              bool residual, bool save_for_backward) {
   check_args(x_in, w1_in, w2_in);
   check_act(act);
   const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w1_in.size(0);
-  const at::Tensor x = f32c(x_in), w1 = f32c(w1_in), w2 = f32c(w2_in);
-  const at::Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in), b1 = opt_f32(b1_in), b2 = opt_f32(b2_in);
+  const Tensor x = f32c(x_in), w1 = f32c(w1_in), w2 = f32c(w2_in);
+  const Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in), b1 = opt_f32(b1_in), b2 = opt_f32(b2_in);
   const float eps = static_cast<float>(eps_d);
-  auto f32 = x.options();
-  at::Tensor out = at::empty({M, D}, f32);
-  at::Tensor mean = at::empty({M}, f32), rstd = at::empty({M}, f32);
-  at::Tensor pre = save_for_backward ? at::empty({M, Hd}, f32) : at::empty({0}, f32);
-  at::Tensor gsave = save_for_backward ? at::empty({M, Hd}, f32) : at::empty({0}, f32);
-  at::Tensor hnsave = save_for_backward ? at::empty({M, D}, f32) : at::empty({0}, f32);
-  const float *xp = x.data_ptr<float>(), *w1p = w1.data_ptr<float>(), *w2p = w2.data_ptr<float>();
+  Tensor out = empty({M, D});
+  Tensor mean = empty({M}), rstd = empty({M});
+  Tensor pre = save_for_backward ? empty({M, Hd}) : empty({0});
+  Tensor gsave = save_for_backward ? empty({M, Hd}) : empty({0});
+  Tensor hnsave = save_for_backward ? empty({M, D}) : empty({0});
+  const float *xp = f32_ptr(x), *w1p = f32_ptr(w1), *w2p = f32_ptr(w2);
   const float *lnwp = ptr_or_null(lnw), *lnbp = ptr_or_null(lnb), *b1p = ptr_or_null(b1), *b2p = ptr_or_null(b2);
-  float *op = out.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
-  float* prep = save_for_backward ? pre.data_ptr<float>() : nullptr;
-  float* gsp = save_for_backward ? gsave.data_ptr<float>() : nullptr;
-  float* hnsp = save_for_backward ? hnsave.data_ptr<float>() : nullptr;
+  float *op = f32_ptr(out), *mp = f32_ptr(mean), *rp = f32_ptr(rstd);
+  float* prep = save_for_backward ? f32_ptr(pre) : nullptr;
+  float* gsp = save_for_backward ? f32_ptr(gsave) : nullptr;
+  float* hnsp = save_for_backward ? f32_ptr(hnsave) : nullptr;
   const int64_t kTileM = tile_rows(M);
   const int64_t tiles = (M + kTileM - 1) / kTileM;
 
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     // Without a gradient the tile lives in a per-thread buffer; with one, the LN output and
     // the GELU output are written straight into the tensors saved for the backward (same
     // row-major layout), so keeping them costs no copy.
@@ -184,16 +177,14 @@ std::vector<at::Tensor> layernorm_mlp_forward_cpu(const at::Tensor& x_in, const 
       sgemm(true, false, D, rows, Hd, 1.f, w2p, Hd, hid, Hd, 1.f, o, D);
     }
   });
-  return {x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type()), mean, rstd, pre, gsave, hnsave};
+  return {to(out, x_in.scalar_type()), mean, rstd, pre, gsave, hnsave};
 }
 
-std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, const at::Tensor& x_in,
-                                                   const c10::optional<at::Tensor>& lnw_in,
-                                                   const c10::optional<at::Tensor>& lnb_in, const at::Tensor& w1_in,
-                                                   const at::Tensor& w2_in, const at::Tensor& mean,
-                                                   const at::Tensor& rstd, const at::Tensor& pre_in,
-                                                   const at::Tensor& g_in, const at::Tensor& hn_in, int64_t act,
-                                                   bool rms, bool residual) {
+std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout_in, const Tensor& x_in, const OptTensor& lnw_in,
+                                               const OptTensor& lnb_in, const Tensor& w1_in, const Tensor& w2_in,
+                                               const Tensor& mean_in, const Tensor& rstd_in, const Tensor& pre_in,
+                                               const Tensor& g_in, const Tensor& hn_in, int64_t act, bool rms,
+                                               bool residual) {
   check_args(x_in, w1_in, w2_in);
   check_act(act);
   const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w1_in.size(0);
@@ -201,14 +192,13 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
   check_shape(pre_in, "pre", {M, Hd});
   check_shape(g_in, "gelu_out", {M, Hd});
   check_shape(hn_in, "ln_out", {M, D});
-  check_shape(mean, "mean", {M});
-  check_shape(rstd, "rstd", {M});
-  const at::Tensor x = f32c(x_in), dy = f32c(dout_in), w1 = f32c(w1_in), w2 = f32c(w2_in), pre = f32c(pre_in);
-  const at::Tensor g = f32c(g_in), hn = f32c(hn_in), lnw = opt_f32(lnw_in);
+  check_shape(mean_in, "mean", {M});
+  check_shape(rstd_in, "rstd", {M});
+  const Tensor x = f32c(x_in), dy = f32c(dout_in), w1 = f32c(w1_in), w2 = f32c(w2_in), pre = f32c(pre_in);
+  const Tensor g = f32c(g_in), hn = f32c(hn_in), lnw = opt_f32(lnw_in), mean = f32c(mean_in), rstd = f32c(rstd_in);
   const float* lnwp = ptr_or_null(lnw);
-  const float *xp = x.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
-  const float* prep = pre.data_ptr<float>();
-  auto f32 = x.options();
+  const float *xp = f32_ptr(x), *mp = f32_ptr(mean), *rp = f32_ptr(rstd);
+  const float* prep = f32_ptr(pre);
 
   // Column sums (the bias and LayerNorm-affine gradients) are fused into the row passes as
   // partial sums over fixed blocks of kSumRows rows, added in block order afterwards: the
@@ -216,13 +206,13 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
   const int64_t nblk = (M + kSumRows - 1) / kSumRows;
 
   // fc2: dW2 = dy^T g, db2 = colsum(dy), d pre = (dy W2) * act'(pre).
-  at::Tensor dw2 = at::mm(dy.t(), g);
-  at::Tensor db2 = dy.sum(0);
-  at::Tensor da = at::mm(dy, w2);
-  float* dap = da.data_ptr<float>();
-  at::Tensor db1_part = at::empty({nblk, Hd}, f32);
-  float* db1p = db1_part.data_ptr<float>();
-  at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+  Tensor dw2 = mm(transposed(dy), g);
+  Tensor db2 = sum0(dy);
+  Tensor da = mm(dy, w2);
+  float* dap = f32_ptr(da);
+  Tensor db1_part = empty({nblk, Hd});
+  float* db1p = f32_ptr(db1_part);
+  parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
       float* acc = db1p + blk * Hd;
@@ -234,20 +224,20 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
       }
     }
   });
-  at::Tensor dw1 = at::mm(da.t(), hn);
-  at::Tensor db1 = db1_part.sum(0);
-  at::Tensor dhn = at::mm(da, w1);  // (M, D)
+  Tensor dw1 = mm(transposed(da), hn);
+  Tensor db1 = sum0(db1_part);
+  Tensor dhn = mm(da, w1);  // (M, D)
   // LayerNorm backward, row by row: dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)), dxh = dhn * w;
   // d ln_weight = colsum(dhn * xhat), d ln_bias = colsum(dhn) in the same pass.
   const bool want_dlnw = lnw.defined(), want_dlnb = lnb_in.has_value();
-  at::Tensor dx = at::empty({M, D}, f32);
-  at::Tensor lnw_part = at::empty({want_dlnw ? nblk : 0, D}, f32), lnb_part = at::empty({want_dlnb ? nblk : 0, D}, f32);
-  float* lnwpp = want_dlnw ? lnw_part.data_ptr<float>() : nullptr;
-  float* lnbpp = want_dlnb ? lnb_part.data_ptr<float>() : nullptr;
-  const float* dhp = dhn.data_ptr<float>();
-  const float* dyp = dy.data_ptr<float>();
-  float* dxp = dx.data_ptr<float>();
-  at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+  Tensor dx = empty({M, D});
+  Tensor lnw_part = empty({want_dlnw ? nblk : 0, D}), lnb_part = empty({want_dlnb ? nblk : 0, D});
+  float* lnwpp = want_dlnw ? f32_ptr(lnw_part) : nullptr;
+  float* lnbpp = want_dlnb ? f32_ptr(lnb_part) : nullptr;
+  const float* dhp = f32_ptr(dhn);
+  const float* dyp = f32_ptr(dy);
+  float* dxp = f32_ptr(dx);
+  parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
     std::vector<float> xh(D);
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
@@ -258,10 +248,10 @@ std::vector<at::Tensor> layernorm_mlp_backward_cpu(const at::Tensor& dout_in, co
       ln_backward_rows(xp, dhp, residual ? dyp : nullptr, mp, rp, lnwp, rms, r0, r1, D, xh.data(), dxp, aw, ab);
     }
   });
-  at::Tensor dlnw = want_dlnw ? lnw_part.sum(0) : at::Tensor();
-  at::Tensor dlnb = want_dlnb ? lnb_part.sum(0) : at::Tensor();
+  Tensor dlnw = want_dlnw ? sum0(lnw_part) : Tensor();
+  Tensor dlnb = want_dlnb ? sum0(lnb_part) : Tensor();
   const auto dt = x_in.scalar_type();
-  auto cast = [&](const at::Tensor& t, at::ScalarType s) { return t.defined() ? t.to(s) : t; };
+  auto cast = [](const Tensor& t, ScalarType s) { return to_or_undefined(t, s); };
   return {cast(dx, dt),
           cast(dlnw, lnw_in.has_value() ? lnw_in->scalar_type() : dt),
           cast(dlnb, lnb_in.has_value() ? lnb_in->scalar_type() : dt),
@@ -296,15 +286,14 @@ VK_TARGET_CLONES void gated_row_backward(const float* gate, const float* value, 
   for (int64_t t = 0; t < n; ++t) dv[t] *= dh[t];
 }
 
-void check_glu_args(const at::Tensor& x, const at::Tensor& w1a, const c10::optional<at::Tensor>& w1b,
-                    const at::Tensor& w2, int64_t act) {
+void check_glu_args(const Tensor& x, const Tensor& w1a, const OptTensor& w1b, const Tensor& w2, int64_t act) {
   VK_CHECK_CPU(x);
   VK_CHECK_FLOATING(x);
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D (rows, dim), got ", shape_str(x.sizes()));
+  VK_CHECK(x.dim() == 2, "x must be 2-D (rows, dim), got ", shape_str(x));
   check_act(act);
   const int64_t d = x.size(1);
-  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == d, "fc2_weight must have shape (", d, ", hidden), got ",
-              shape_str(w2.sizes()));
+  VK_CHECK(w2.dim() == 2 && w2.size(0) == d, "fc2_weight must have shape (", d, ", hidden), got ",
+              shape_str(w2));
   const int64_t h = w2.size(1);
   if (w1b.has_value()) {
     check_shape(w1a, "fc1 gate weight", {h, d});
@@ -316,40 +305,37 @@ void check_glu_args(const at::Tensor& x, const at::Tensor& w1a, const c10::optio
 
 }  // namespace
 
-std::vector<at::Tensor> layernorm_glu_forward_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& lnw_in,
-                                                  const c10::optional<at::Tensor>& lnb_in, const at::Tensor& w1a_in,
-                                                  const c10::optional<at::Tensor>& b1a_in,
-                                                  const c10::optional<at::Tensor>& w1b_in,
-                                                  const c10::optional<at::Tensor>& b1b_in, const at::Tensor& w2_in,
-                                                  const c10::optional<at::Tensor>& b2_in, double eps_d, int64_t act,
-                                                  bool rms, bool gate_first, bool residual, bool save_for_backward) {
+std::vector<Tensor> layernorm_glu_forward_cpu(const Tensor& x_in, const OptTensor& lnw_in, const OptTensor& lnb_in,
+                                              const Tensor& w1a_in, const OptTensor& b1a_in, const OptTensor& w1b_in,
+                                              const OptTensor& b1b_in, const Tensor& w2_in, const OptTensor& b2_in,
+                                              double eps_d, int64_t act, bool rms, bool gate_first, bool residual,
+                                              bool save_for_backward) {
   check_glu_args(x_in, w1a_in, w1b_in, w2_in, act);
   const bool split = w1b_in.has_value();
-  TORCH_CHECK(!split || gate_first, "split fc1 weights are (gate, value): gate_first must be true");
+  VK_CHECK(!split || gate_first, "split fc1 weights are (gate, value): gate_first must be true");
   const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w2_in.size(1), H2 = 2 * Hd;
-  const at::Tensor x = f32c(x_in), w1a = f32c(w1a_in), w2 = f32c(w2_in), w1b = opt_f32(w1b_in);
-  const at::Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in), b1a = opt_f32(b1a_in), b1b = opt_f32(b1b_in);
-  const at::Tensor b2 = opt_f32(b2_in);
+  const Tensor x = f32c(x_in), w1a = f32c(w1a_in), w2 = f32c(w2_in), w1b = opt_f32(w1b_in);
+  const Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in), b1a = opt_f32(b1a_in), b1b = opt_f32(b1b_in);
+  const Tensor b2 = opt_f32(b2_in);
   const float eps = static_cast<float>(eps_d);
-  auto f32 = x.options();
-  at::Tensor out = at::empty({M, D}, f32);
-  at::Tensor mean = at::empty({M}, f32), rstd = at::empty({M}, f32);
-  at::Tensor pre = save_for_backward ? at::empty({M, H2}, f32) : at::empty({0}, f32);
-  at::Tensor hsave = save_for_backward ? at::empty({M, Hd}, f32) : at::empty({0}, f32);
-  at::Tensor hnsave = save_for_backward ? at::empty({M, D}, f32) : at::empty({0}, f32);
-  const float *xp = x.data_ptr<float>(), *w1ap = w1a.data_ptr<float>(), *w1bp = ptr_or_null(w1b);
-  const float* w2p = w2.data_ptr<float>();
+  Tensor out = empty({M, D});
+  Tensor mean = empty({M}), rstd = empty({M});
+  Tensor pre = save_for_backward ? empty({M, H2}) : empty({0});
+  Tensor hsave = save_for_backward ? empty({M, Hd}) : empty({0});
+  Tensor hnsave = save_for_backward ? empty({M, D}) : empty({0});
+  const float *xp = f32_ptr(x), *w1ap = f32_ptr(w1a), *w1bp = ptr_or_null(w1b);
+  const float* w2p = f32_ptr(w2);
   const float *lnwp = ptr_or_null(lnw), *lnbp = ptr_or_null(lnb), *b2p = ptr_or_null(b2);
   const float *b1ap = ptr_or_null(b1a), *b1bp = ptr_or_null(b1b);
-  float *op = out.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
-  float* prep = save_for_backward ? pre.data_ptr<float>() : nullptr;
-  float* hsp = save_for_backward ? hsave.data_ptr<float>() : nullptr;
-  float* hnsp = save_for_backward ? hnsave.data_ptr<float>() : nullptr;
+  float *op = f32_ptr(out), *mp = f32_ptr(mean), *rp = f32_ptr(rstd);
+  float* prep = save_for_backward ? f32_ptr(pre) : nullptr;
+  float* hsp = save_for_backward ? f32_ptr(hsave) : nullptr;
+  float* hnsp = save_for_backward ? f32_ptr(hnsave) : nullptr;
   const int64_t kTileM = tile_rows(M);
   const int64_t tiles = (M + kTileM - 1) / kTileM;
   const int64_t goff = gate_first ? 0 : Hd, voff = gate_first ? Hd : 0;
 
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     // As in the plain MLP: with a gradient wanted the tiles are the saved tensors' rows.
     const int64_t own = save_for_backward ? 0 : kTileM;
     Scratch hn_buf = scratch(own * D), pre_buf = scratch(own * H2), hid_buf = scratch(own * Hd);
@@ -377,17 +363,14 @@ std::vector<at::Tensor> layernorm_glu_forward_cpu(const at::Tensor& x_in, const 
       sgemm(true, false, D, rows, Hd, 1.f, w2p, Hd, hid, Hd, 1.f, o, D);
     }
   });
-  return {x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};
+  return {to(out, x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};
 }
 
-std::vector<at::Tensor> layernorm_glu_backward_cpu(const at::Tensor& dout_in, const at::Tensor& x_in,
-                                                   const c10::optional<at::Tensor>& lnw_in,
-                                                   const c10::optional<at::Tensor>& lnb_in, const at::Tensor& w1a_in,
-                                                   const c10::optional<at::Tensor>& w1b_in, const at::Tensor& w2_in,
-                                                   const at::Tensor& mean, const at::Tensor& rstd,
-                                                   const at::Tensor& pre_in, const at::Tensor& h_in,
-                                                   const at::Tensor& hn_in, int64_t act, bool rms, bool gate_first,
-                                                   bool residual) {
+std::vector<Tensor> layernorm_glu_backward_cpu(const Tensor& dout_in, const Tensor& x_in, const OptTensor& lnw_in,
+                                               const OptTensor& lnb_in, const Tensor& w1a_in, const OptTensor& w1b_in,
+                                               const Tensor& w2_in, const Tensor& mean_in, const Tensor& rstd_in,
+                                               const Tensor& pre_in, const Tensor& h_in, const Tensor& hn_in,
+                                               int64_t act, bool rms, bool gate_first, bool residual) {
   check_glu_args(x_in, w1a_in, w1b_in, w2_in, act);
   const bool split = w1b_in.has_value();
   const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w2_in.size(1), H2 = 2 * Hd;
@@ -395,28 +378,27 @@ std::vector<at::Tensor> layernorm_glu_backward_cpu(const at::Tensor& dout_in, co
   check_shape(pre_in, "pre", {M, H2});
   check_shape(h_in, "hidden", {M, Hd});
   check_shape(hn_in, "ln_out", {M, D});
-  check_shape(mean, "mean", {M});
-  check_shape(rstd, "rstd", {M});
-  const at::Tensor x = f32c(x_in), dy = f32c(dout_in), w2 = f32c(w2_in), pre = f32c(pre_in);
-  const at::Tensor h = f32c(h_in), hn = f32c(hn_in), lnw = opt_f32(lnw_in);
+  check_shape(mean_in, "mean", {M});
+  check_shape(rstd_in, "rstd", {M});
+  const Tensor x = f32c(x_in), dy = f32c(dout_in), w2 = f32c(w2_in), pre = f32c(pre_in);
+  const Tensor h = f32c(h_in), hn = f32c(hn_in), lnw = opt_f32(lnw_in), mean = f32c(mean_in), rstd = f32c(rstd_in);
   const float* lnwp = ptr_or_null(lnw);
-  const float *xp = x.data_ptr<float>(), *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
-  const float* prep = pre.data_ptr<float>();
-  auto f32 = x.options();
+  const float *xp = f32_ptr(x), *mp = f32_ptr(mean), *rp = f32_ptr(rstd);
+  const float* prep = f32_ptr(pre);
   const int64_t nblk = (M + kSumRows - 1) / kSumRows;
   const int64_t goff = gate_first ? 0 : Hd, voff = gate_first ? Hd : 0;
 
   // fc2: dW2 = dy^T h, db2 = colsum(dy), dh = dy W2; then d pre (M, 2H) row by row with the
   // fc1-bias column sums in fixed row blocks (deterministic, as in the plain MLP).
-  at::Tensor dw2 = at::mm(dy.t(), h);
-  at::Tensor db2 = dy.sum(0);
-  at::Tensor dh = at::mm(dy, w2);
-  at::Tensor dpre = at::empty({M, H2}, f32);
-  const float* dhp = dh.data_ptr<float>();
-  float* dpp = dpre.data_ptr<float>();
-  at::Tensor db1_part = at::empty({nblk, H2}, f32);
-  float* db1p = db1_part.data_ptr<float>();
-  at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+  Tensor dw2 = mm(transposed(dy), h);
+  Tensor db2 = sum0(dy);
+  Tensor dh = mm(dy, w2);
+  Tensor dpre = empty({M, H2});
+  const float* dhp = f32_ptr(dh);
+  float* dpp = f32_ptr(dpre);
+  Tensor db1_part = empty({nblk, H2});
+  float* db1p = f32_ptr(db1_part);
+  parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
       float* acc = db1p + blk * H2;
@@ -429,30 +411,36 @@ std::vector<at::Tensor> layernorm_glu_backward_cpu(const at::Tensor& dout_in, co
       }
     }
   });
-  at::Tensor db1 = db1_part.sum(0);
-  at::Tensor dw1a, dw1b, db1a, db1b, dhn;
+  Tensor db1 = sum0(db1_part);
+  Tensor dw1a, dw1b, db1a, db1b, dhn;
   if (split) {
-    const at::Tensor w1a = f32c(w1a_in), w1b = f32c(*w1b_in);
-    const at::Tensor dg = dpre.narrow(1, 0, Hd), dv = dpre.narrow(1, Hd, Hd);
-    dw1a = at::mm(dg.t(), hn);
-    dw1b = at::mm(dv.t(), hn);
-    dhn = at::mm(dg, w1a).addmm_(dv, w1b);
-    db1a = db1.narrow(0, 0, Hd).clone();
-    db1b = db1.narrow(0, Hd, Hd).clone();
+    const Tensor w1a = f32c(w1a_in), w1b = f32c(*w1b_in);
+    // The gate and value halves of d pre as strided views (row stride 2H) of dpre's memory.
+    const Tensor dg = from_blob(dpp, {M, Hd}, {H2, 1}), dv = from_blob(dpp + Hd, {M, Hd}, {H2, 1});
+    dw1a = mm(transposed(dg), hn);
+    dw1b = mm(transposed(dv), hn);
+    dhn = mm(dg, w1a);
+    const Tensor dhn_v = mm(dv, w1b);
+    add_to(f32_ptr(dhn), f32_ptr(dhn_v), M * D);
+    db1a = empty({Hd});
+    db1b = empty({Hd});
+    const float* db1s = f32_ptr(db1);
+    std::copy(db1s, db1s + Hd, f32_ptr(db1a));
+    std::copy(db1s + Hd, db1s + H2, f32_ptr(db1b));
   } else {
-    dw1a = at::mm(dpre.t(), hn);
-    dhn = at::mm(dpre, f32c(w1a_in));
+    dw1a = mm(transposed(dpre), hn);
+    dhn = mm(dpre, f32c(w1a_in));
     db1a = db1;
   }
   const bool want_dlnw = lnw.defined(), want_dlnb = lnb_in.has_value();
-  at::Tensor dx = at::empty({M, D}, f32);
-  at::Tensor lnw_part = at::empty({want_dlnw ? nblk : 0, D}, f32), lnb_part = at::empty({want_dlnb ? nblk : 0, D}, f32);
-  float* lnwpp = want_dlnw ? lnw_part.data_ptr<float>() : nullptr;
-  float* lnbpp = want_dlnb ? lnb_part.data_ptr<float>() : nullptr;
-  const float* dhnp = dhn.data_ptr<float>();
-  const float* dyp = dy.data_ptr<float>();
-  float* dxp = dx.data_ptr<float>();
-  at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+  Tensor dx = empty({M, D});
+  Tensor lnw_part = empty({want_dlnw ? nblk : 0, D}), lnb_part = empty({want_dlnb ? nblk : 0, D});
+  float* lnwpp = want_dlnw ? f32_ptr(lnw_part) : nullptr;
+  float* lnbpp = want_dlnb ? f32_ptr(lnb_part) : nullptr;
+  const float* dhnp = f32_ptr(dhn);
+  const float* dyp = f32_ptr(dy);
+  float* dxp = f32_ptr(dx);
+  parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
     std::vector<float> xh(D);
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
@@ -463,17 +451,17 @@ std::vector<at::Tensor> layernorm_glu_backward_cpu(const at::Tensor& dout_in, co
       ln_backward_rows(xp, dhnp, residual ? dyp : nullptr, mp, rp, lnwp, rms, r0, r1, D, xh.data(), dxp, aw, ab);
     }
   });
-  at::Tensor dlnw = want_dlnw ? lnw_part.sum(0) : at::Tensor();
-  at::Tensor dlnb = want_dlnb ? lnb_part.sum(0) : at::Tensor();
+  Tensor dlnw = want_dlnw ? sum0(lnw_part) : Tensor();
+  Tensor dlnb = want_dlnb ? sum0(lnb_part) : Tensor();
   const auto dt = x_in.scalar_type();
-  auto cast = [&](const at::Tensor& t, at::ScalarType s) { return t.defined() ? t.to(s) : t; };
+  auto cast = [](const Tensor& t, ScalarType s) { return to_or_undefined(t, s); };
   return {cast(dx, dt),
           cast(dlnw, lnw_in.has_value() ? lnw_in->scalar_type() : dt),
           cast(dlnb, lnb_in.has_value() ? lnb_in->scalar_type() : dt),
           cast(dw1a, w1a_in.scalar_type()),
           cast(db1a, dt),
-          split ? cast(dw1b, w1b_in->scalar_type()) : at::Tensor(),
-          split ? cast(db1b, dt) : at::Tensor(),
+          split ? cast(dw1b, w1b_in->scalar_type()) : Tensor(),
+          split ? cast(db1b, dt) : Tensor(),
           cast(dw2, w2_in.scalar_type()),
           cast(db2, dt)};
 }

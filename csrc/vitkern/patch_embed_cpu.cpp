@@ -11,8 +11,6 @@
 // scattered back to the patch's pixels; patches do not overlap, so chunks write
 // disjoint pixels); d W accumulates chunk by chunk in a fixed order
 // (deterministic), the GEMM threaded by BLAS; d bias and d pos_embed are sums.
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -28,23 +26,22 @@ struct Geometry {
   int64_t img_h, img_w;
 };
 
-Geometry geometry(const at::Tensor& images, const at::Tensor& weight) {
+Geometry geometry(const Tensor& images, const Tensor& weight) {
   VK_CHECK_CPU(images);
   VK_CHECK_FLOATING(images);
-  TORCH_CHECK(images.dim() == 4, "images must have shape (batch, channels, height, width), got ",
-              shape_str(images.sizes()));
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3),
-              "weight must have shape (embed_dim, channels, P, P), got ", shape_str(weight.sizes()));
+  VK_CHECK(images.dim() == 4, "images must have shape (batch, channels, height, width), got ", shape_str(images));
+  VK_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3),
+           "weight must have shape (embed_dim, channels, P, P), got ", shape_str(weight));
   Geometry g{};
   g.B = images.size(0);
   g.C = images.size(1);
   g.D = weight.size(0);
   g.P = weight.size(2);
-  TORCH_CHECK(weight.size(1) == g.C, "images has ", g.C, " channels but weight expects ", weight.size(1));
+  VK_CHECK(weight.size(1) == g.C, "images has ", g.C, " channels but weight expects ", weight.size(1));
   g.img_h = images.size(2);
   g.img_w = images.size(3);
-  TORCH_CHECK(g.img_h % g.P == 0 && g.img_w % g.P == 0, "image size (", g.img_h, ", ", g.img_w,
-              ") is not divisible by the patch size ", g.P);
+  VK_CHECK(g.img_h % g.P == 0 && g.img_w % g.P == 0, "image size (", g.img_h, ", ", g.img_w,
+           ") is not divisible by the patch size ", g.P);
   g.gh = g.img_h / g.P;
   g.gw = g.img_w / g.P;
   g.N = g.gh * g.gw;
@@ -56,7 +53,7 @@ Geometry geometry(const at::Tensor& images, const at::Tensor& weight) {
 // each at most 1024 rows. Smaller chunks re-pack W per chunk and run the GEMM
 // below its speed (measured: 256-row chunks cost 1.76x the plain GEMM).
 int64_t chunk_rows(int64_t rows) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = std::max<int64_t>(1, num_threads());
   const int64_t per_thread = (rows + threads * 1024 - 1) / (threads * 1024);
   const int64_t chunks = threads * std::max<int64_t>(1, per_thread);
   return std::max<int64_t>(1, (rows + chunks - 1) / chunks);
@@ -89,22 +86,21 @@ void scatter(const Geometry& g, const float* tile, int64_t r0, int64_t rows, flo
 
 }  // namespace
 
-at::Tensor patch_embed_forward_cpu(const at::Tensor& images_in, const at::Tensor& weight_in,
-                                   const c10::optional<at::Tensor>& bias_in,
-                                   const c10::optional<at::Tensor>& pos_in) {
+Tensor patch_embed_forward_cpu(const Tensor& images_in, const Tensor& weight_in, const OptTensor& bias_in,
+                               const OptTensor& pos_in) {
   const Geometry g = geometry(images_in, weight_in);
-  const at::Tensor img = images_in.to(at::kFloat).contiguous();
-  const at::Tensor w = weight_in.to(at::kFloat).contiguous().view({g.D, g.K});
-  const at::Tensor bias = bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor pos = pos_in.has_value() ? pos_in->to(at::kFloat).contiguous().view({g.N, g.D}) : at::Tensor();
+  const Tensor img = f32c(images_in);
+  const Tensor w = view_of(f32c(weight_in), {g.D, g.K});
+  const Tensor bias = opt_f32(bias_in);
+  const Tensor pos = pos_in.has_value() ? view_of(f32c(*pos_in), {g.N, g.D}) : Tensor();
   if (bias.defined()) check_shape(bias, "bias", {g.D});
-  at::Tensor out = at::empty({g.B, g.N, g.D}, img.options());
-  const float *ip = img.data_ptr<float>(), *wp = w.data_ptr<float>();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const float* pp = pos.defined() ? pos.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
+  Tensor out = empty({g.B, g.N, g.D});
+  const float *ip = f32_ptr(img), *wp = f32_ptr(w);
+  const float* bp = f32_ptr_or_null(bias);
+  const float* pp = f32_ptr_or_null(pos);
+  float* op = f32_ptr(out);
   const int64_t total = g.B * g.N, chunk = chunk_rows(total), chunks = (total + chunk - 1) / chunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch tile = scratch(chunk * g.K);
     for (int64_t ch = begin; ch < end; ++ch) {
       const int64_t r0 = ch * chunk, rows = std::min(chunk, total - r0);
@@ -117,23 +113,23 @@ at::Tensor patch_embed_forward_cpu(const at::Tensor& images_in, const at::Tensor
       sgemm(true, false, g.D, rows, g.K, 1.f, wp, g.K, tile.get(), g.K, 1.f, o, g.D);
     }
   });
-  return images_in.scalar_type() == at::kFloat ? out : out.to(images_in.scalar_type());
+  return to(out, images_in.scalar_type());
 }
 
-std::vector<at::Tensor> patch_embed_backward_cpu(const at::Tensor& dout_in, const at::Tensor& images_in,
-                                                 const at::Tensor& weight_in, bool need_images, bool need_weight) {
+std::vector<Tensor> patch_embed_backward_cpu(const Tensor& dout_in, const Tensor& images_in, const Tensor& weight_in,
+                                             bool need_images, bool need_weight) {
   const Geometry g = geometry(images_in, weight_in);
   check_shape(dout_in, "dout", {g.B, g.N, g.D});
-  const at::Tensor dout = dout_in.to(at::kFloat).contiguous();
-  const float* dp = dout.data_ptr<float>();
+  const Tensor dout = f32c(dout_in);
+  const float* dp = f32_ptr(dout);
   const int64_t total = g.B * g.N, chunk = chunk_rows(total), chunks = (total + chunk - 1) / chunk;
-  at::Tensor dimg, dw;
+  Tensor dimg, dw;
   if (need_images) {
-    const at::Tensor w = weight_in.to(at::kFloat).contiguous().view({g.D, g.K});
-    const float* wp = w.data_ptr<float>();
-    dimg = at::empty({g.B, g.C, g.img_h, g.img_w}, dout.options());
-    float* dip = dimg.data_ptr<float>();
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const Tensor w = view_of(f32c(weight_in), {g.D, g.K});
+    const float* wp = f32_ptr(w);
+    dimg = empty({g.B, g.C, g.img_h, g.img_w});
+    float* dip = f32_ptr(dimg);
+    parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       Scratch tile = scratch(chunk * g.K);
       for (int64_t ch = begin; ch < end; ++ch) {
         const int64_t r0 = ch * chunk, rows = std::min(chunk, total - r0);
@@ -142,13 +138,13 @@ std::vector<at::Tensor> patch_embed_backward_cpu(const at::Tensor& dout_in, cons
         scatter(g, tile.get(), r0, rows, dip);
       }
     });
-    dimg = dimg.to(images_in.scalar_type());
+    dimg = to(dimg, images_in.scalar_type());
   }
   if (need_weight) {
-    const at::Tensor img = images_in.to(at::kFloat).contiguous();
-    const float* ip = img.data_ptr<float>();
-    dw = at::zeros({g.D, g.K}, dout.options());
-    float* dwp = dw.data_ptr<float>();
+    const Tensor img = f32c(images_in);
+    const float* ip = f32_ptr(img);
+    dw = zeros({g.D, g.K});
+    float* dwp = f32_ptr(dw);
     const int64_t wchunk = 512;  // fixed, thread-independent order: deterministic
     Scratch tile = scratch(wchunk * g.K);
     for (int64_t r0 = 0; r0 < total; r0 += wchunk) {
@@ -157,7 +153,7 @@ std::vector<at::Tensor> patch_embed_backward_cpu(const at::Tensor& dout_in, cons
       // d W (D x K) += d out^T (D x rows) . tile (rows x K)
       sgemm(false, true, g.K, g.D, rows, 1.f, tile.get(), g.K, dp + r0 * g.D, g.D, 1.f, dwp, g.K);
     }
-    dw = dw.view({g.D, g.C, g.P, g.P}).to(weight_in.scalar_type());
+    dw = to(view_of(dw, {g.D, g.C, g.P, g.P}), weight_in.scalar_type());
   }
   return {dimg, dw};
 }

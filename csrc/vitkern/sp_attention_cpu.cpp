@@ -13,8 +13,6 @@
 // (batch, head) task owns its dK/dV rows and its own d-omega partial table,
 // and the partials are summed over the batch in a fixed order.
 
-#include <ATen/Parallel.h>
-
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -50,12 +48,12 @@ struct Prior {
   static int64_t expanded_size(int64_t gh, int64_t gw) { return gw * (2 * gh - 1) * gw; }
 
   // E for every head: (H, gw, 2gh-1, gw) from omega (H, 2gh-1, 2gw-1).
-  static at::Tensor expand(const at::Tensor& omega, int64_t gh, int64_t gw) {
+  static Tensor expand(const Tensor& omega, int64_t gh, int64_t gw) {
     const int64_t H = omega.size(0), th = 2 * gh - 1, tw = 2 * gw - 1;
-    at::Tensor e = at::empty({H, gw, th, gw}, omega.options());
-    const float* src = omega.data_ptr<float>();
-    float* dst = e.data_ptr<float>();
-    at::parallel_for(0, H * gw, 1, [&](int64_t b, int64_t end) {
+    Tensor e = empty({H, gw, th, gw});
+    const float* src = f32_ptr(omega);
+    float* dst = f32_ptr(e);
+    parallel_for(0, H * gw, 1, [&](int64_t b, int64_t end) {
       for (int64_t hc = b; hc < end; ++hc) {
         const int64_t h = hc / gw, ci = hc % gw;
         for (int64_t r = 0; r < th; ++r) {
@@ -134,67 +132,66 @@ inline void gemm_atb(int64_t rows, int64_t inner, int64_t k, const float* p, int
 }
 
 // fp32 tensor whose last dim is contiguous (a view when the input already is one).
-at::Tensor as_fp32_rows(const at::Tensor& x) {
-  at::Tensor y = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  return y.stride(-1) == 1 ? y : y.contiguous();
+Tensor as_fp32_rows(const Tensor& x) {
+  const Tensor y = to(x, kFloat);
+  return y.stride(y.dim() - 1) == 1 ? y : contig(y);
 }
 
-inline Mat slice(const at::Tensor& x, int64_t b, int64_t h) {
-  return {x.data_ptr<float>() + b * x.stride(0) + h * x.stride(1), x.stride(2)};
+inline Mat slice(const Tensor& x, int64_t b, int64_t h) {
+  return {f32_ptr(x) + b * x.stride(0) + h * x.stride(1), x.stride(2)};
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& omega,
-                  int64_t gh, int64_t gw, int64_t num_prefix) {
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& omega, int64_t gh, int64_t gw,
+                  int64_t num_prefix) {
   VK_CHECK_CPU(q);
   VK_CHECK_CPU(k);
   VK_CHECK_CPU(v);
   VK_CHECK_FLOATING(q);
-  TORCH_CHECK(q.dim() == 4, "q must have shape (batch, heads, seqlen, head_dim), got ", shape_str(q.sizes()));
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must have the same shape, got q ",
-              shape_str(q.sizes()), ", k ", shape_str(k.sizes()), ", v ", shape_str(v.sizes()));
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "q, k and v must share a dtype");
+  VK_CHECK(q.dim() == 4, "q must have shape (batch, heads, seqlen, head_dim), got ", shape_str(q));
+  VK_CHECK(sizes_of(k) == sizes_of(q) && sizes_of(v) == sizes_of(q), "q, k and v must have the same shape, got q ",
+           shape_str(q), ", k ", shape_str(k), ", v ", shape_str(v));
+  VK_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k and v must share a dtype");
   if (omega.has_value()) {
     const auto& om = *omega;
     VK_CHECK_CPU(om);
-    TORCH_CHECK(gh > 0 && gw > 0, "grid must be positive, got (", gh, ", ", gw, ")");
-    TORCH_CHECK(num_prefix >= 0, "num_prefix_tokens must be >= 0, got ", num_prefix);
+    VK_CHECK(gh > 0 && gw > 0, "grid must be positive, got (", gh, ", ", gw, ")");
+    VK_CHECK(num_prefix >= 0, "num_prefix_tokens must be >= 0, got ", num_prefix);
     check_shape(om, "omega", {q.size(1), 2 * gh - 1, 2 * gw - 1});
-    TORCH_CHECK(num_prefix + gh * gw == q.size(2), "grid (", gh, ", ", gw, ") with ", num_prefix,
-                " prefix tokens does not match seqlen ", q.size(2));
+    VK_CHECK(num_prefix + gh * gw == q.size(2), "grid (", gh, ", ", gw, ") with ", num_prefix,
+             " prefix tokens does not match seqlen ", q.size(2));
   }
 }
 
 }  // namespace
 
-std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                 const at::Tensor& v_in, const c10::optional<at::Tensor>& omega_in,
-                                                 int64_t gh, int64_t gw, int64_t num_prefix, double scale_d) {
+std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                             const OptTensor& omega_in, int64_t gh, int64_t gw, int64_t num_prefix,
+                                             double scale_d) {
   check_inputs(q_in, k_in, v_in, omega_in, gh, gw, num_prefix);
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), Dh = q_in.size(3);
-  const at::Tensor q = as_fp32_rows(q_in), k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
-  const at::Tensor omega = omega_in.has_value() ? omega_in->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor expanded = omega.defined() ? Prior::expand(omega, gh, gw) : at::Tensor();
+  const Tensor q = as_fp32_rows(q_in), k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
+  const Tensor omega = opt_f32(omega_in);
+  const Tensor expanded = omega.defined() ? Prior::expand(omega, gh, gw) : Tensor();
+  const float* expanded_p = f32_ptr_or_null(expanded);
   const int64_t esize = Prior::expanded_size(gh, gw);
   const float scale = static_cast<float>(scale_d);
-  const bool out_fp32 = q_in.scalar_type() == at::kFloat;
   // The output is stored token-major, (B, N, H, Dh), and returned as a (B, H, N, Dh)
   // view: the usual transpose(1, 2).reshape(B, N, H*Dh) before the output
   // projection is then free instead of a copy.
-  at::Tensor out_tok = at::empty({B, N, H, Dh}, q.options());  // fp32; cast at the end if needed
-  at::Tensor out = out_tok.permute({0, 2, 1, 3});
-  at::Tensor lse = at::empty({B, H, N}, q.options());
+  Tensor out_tok = empty({B, N, H, Dh});  // fp32; cast at the end if needed
+  Tensor out = permuted(out_tok, {0, 2, 1, 3});
+  Tensor lse = empty({B, H, N});
   const int64_t n_qblk = (N + kBlockM - 1) / kBlockM;
-  float* out_p = out_tok.data_ptr<float>();
-  float* lse_p = lse.data_ptr<float>();
+  float* out_p = f32_ptr(out_tok);
+  float* lse_p = f32_ptr(lse);
 
-  at::parallel_for(0, B * H * n_qblk, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, B * H * n_qblk, 1, [&](int64_t begin, int64_t end) {
     Scratch s_buf = scratch(kBlockM * kBlockN);
     std::vector<float> acc(kBlockM * Dh), m(kBlockM), l(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % n_qblk, bh = task / n_qblk, b = bh / H, h = bh % H;
       const int64_t i0 = qb * kBlockM, rows = std::min(kBlockM, N - i0);
-      Prior prior{expanded.defined() ? expanded.data_ptr<float>() + h * esize : nullptr, gh, gw, num_prefix};
+      Prior prior{expanded_p ? expanded_p + h * esize : nullptr, gh, gw, num_prefix};
       Mat qm = slice(q, b, h), km = slice(k, b, h), vm = slice(v, b, h);
       qm.p += i0 * qm.ld;
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
@@ -232,47 +229,50 @@ std::vector<at::Tensor> sp_attention_forward_cpu(const at::Tensor& q_in, const a
       }
     }
   });
-  return {out_fp32 ? out : out.to(q_in.scalar_type()), lse};
+  return {to(out, q_in.scalar_type()), lse};
 }
 
-std::vector<at::Tensor> sp_attention_backward_cpu(const at::Tensor& dout_in, const at::Tensor& q_in,
-                                                  const at::Tensor& k_in, const at::Tensor& v_in,
-                                                  const c10::optional<at::Tensor>& omega_in, const at::Tensor& out_in,
-                                                  const at::Tensor& lse_in, int64_t gh, int64_t gw, int64_t num_prefix,
-                                                  double scale_d) {
+std::vector<Tensor> sp_attention_backward_cpu(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
+                                              const Tensor& v_in, const OptTensor& omega_in, const Tensor& out_in,
+                                              const Tensor& lse_in, int64_t gh, int64_t gw, int64_t num_prefix,
+                                              double scale_d) {
   check_inputs(q_in, k_in, v_in, omega_in, gh, gw, num_prefix);
-  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), "dout and out must match q's shape");
+  VK_CHECK(sizes_of(dout_in) == sizes_of(q_in) && sizes_of(out_in) == sizes_of(q_in),
+           "dout and out must match q's shape");
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), Dh = q_in.size(3);
   check_shape(lse_in, "lse", {B, H, N});
-  const at::Tensor q = as_fp32_rows(q_in), k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
-  const at::Tensor dout = as_fp32_rows(dout_in), out = as_fp32_rows(out_in);
-  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const Tensor q = as_fp32_rows(q_in), k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
+  const Tensor dout = as_fp32_rows(dout_in), out = as_fp32_rows(out_in);
+  const Tensor lse = f32c(lse_in);
   const bool has_prior = omega_in.has_value();
-  const at::Tensor omega = has_prior ? omega_in->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor expanded = has_prior ? Prior::expand(omega, gh, gw) : at::Tensor();
+  const Tensor omega = opt_f32(omega_in);
+  const Tensor expanded = has_prior ? Prior::expand(omega, gh, gw) : Tensor();
+  const float* expanded_p = f32_ptr_or_null(expanded);
   const int64_t esize = Prior::expanded_size(gh, gw);
   const float scale = static_cast<float>(scale_d);
   const int64_t tsize = (2 * gh - 1) * (2 * gw - 1);
 
-  auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq = at::empty({B, H, N, Dh}, f32), dk = at::empty({B, H, N, Dh}, f32), dv = at::empty({B, H, N, Dh}, f32);
-  at::Tensor dtab_partial = has_prior ? at::zeros({B, H, tsize}, f32) : at::Tensor();
+  Tensor dq = empty({B, H, N, Dh}), dk = empty({B, H, N, Dh}), dv = empty({B, H, N, Dh});
+  Tensor dtab_partial = has_prior ? zeros({B, H, tsize}) : Tensor();
+  float* dtab_p = f32_ptr_or_null(dtab_partial);
+  const float* lse_base = f32_ptr(lse);
+  float *dq_base = f32_ptr(dq), *dk_base = f32_ptr(dk), *dv_base = f32_ptr(dv);
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     Scratch p_buf = scratch(kBlockM * kBlockN), dp_buf = scratch(kBlockM * kBlockN), logit_buf = scratch(kBlockN);
     std::vector<float> delta(N);
     std::vector<float> dexp(has_prior ? esize : 0);  // this task's expanded d-omega
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      Prior prior{has_prior ? expanded.data_ptr<float>() + h * esize : nullptr, gh, gw, num_prefix};
-      float* dtab = has_prior ? dtab_partial.data_ptr<float>() + bh * tsize : nullptr;
+      Prior prior{has_prior ? expanded_p + h * esize : nullptr, gh, gw, num_prefix};
+      float* dtab = has_prior ? dtab_p + bh * tsize : nullptr;
       std::fill(dexp.begin(), dexp.end(), 0.f);
       const Mat qm = slice(q, b, h), km = slice(k, b, h), vm = slice(v, b, h);
       const Mat dom = slice(dout, b, h), om = slice(out, b, h);
-      const float* lse_p = lse.data_ptr<float>() + bh * N;
-      float* dq_p = dq.data_ptr<float>() + bh * N * Dh;
-      float* dk_p = dk.data_ptr<float>() + bh * N * Dh;
-      float* dv_p = dv.data_ptr<float>() + bh * N * Dh;
+      const float* lse_p = lse_base + bh * N;
+      float* dq_p = dq_base + bh * N * Dh;
+      float* dk_p = dk_base + bh * N * Dh;
+      float* dv_p = dv_base + bh * N * Dh;
       std::fill(dk_p, dk_p + N * Dh, 0.f);
       std::fill(dv_p, dv_p + N * Dh, 0.f);
       // delta_i = rowsum(dO_i * O_i), the softmax backward's correction term.
@@ -315,13 +315,13 @@ std::vector<at::Tensor> sp_attention_backward_cpu(const at::Tensor& dout_in, con
     }
   });
 
-  at::Tensor domega;
+  Tensor domega;
   if (has_prior) {
     // Fixed-order reduction over the batch: deterministic.
-    domega = dtab_partial.sum(0).view({H, 2 * gh - 1, 2 * gw - 1}).to(omega_in->scalar_type());
+    domega = to(view_of(sum0(dtab_partial), {H, 2 * gh - 1, 2 * gw - 1}), omega_in->scalar_type());
   }
   const auto dt = q_in.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt), domega};
+  return {to(dq, dt), to(dk, dt), to(dv, dt), domega};
 }
 
 }  // namespace vitkern

@@ -1,41 +1,66 @@
 #include "spatial_prior.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
+#include <algorithm>
+#include <type_traits>
 
 #include "checks.h"
 
 namespace vitkern {
 
-void check_spatial_prior_args(const at::Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix) {
-  TORCH_CHECK(gh > 0 && gw > 0, "grid must be positive, got (", gh, ", ", gw, ")");
-  TORCH_CHECK(num_prefix >= 0, "num_prefix_tokens must be >= 0, got ", num_prefix);
+namespace {
+
+// The accumulation type (at::opmath_type): fp32 for the 16-bit floats.
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>, float, T>;
+
+// Calls f(T{}) with T the C++ type of `dtype` (double, float, Half, BFloat16).
+template <typename F>
+void dispatch_floating(ScalarType dtype, const char* name, const F& f) {
+  switch (dtype) {
+    case ScalarType::Double:
+      return f(double{});
+    case ScalarType::Float:
+      return f(float{});
+    case ScalarType::Half:
+      return f(Half{});
+    case ScalarType::BFloat16:
+      return f(BFloat16{});
+    default:
+      detail::fail(name, " is not implemented for dtype ", dtype_name(dtype));
+  }
+}
+
+}  // namespace
+
+void check_spatial_prior_args(const Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix) {
+  VK_CHECK(gh > 0 && gw > 0, "grid must be positive, got (", gh, ", ", gw, ")");
+  VK_CHECK(num_prefix >= 0, "num_prefix_tokens must be >= 0, got ", num_prefix);
   VK_CHECK_FLOATING(omega);
   check_shape(omega, "omega", {-1, 2 * gh - 1, 2 * gw - 1});
 }
 
-void check_spatial_prior_grad(const at::Tensor& grad, int64_t heads, int64_t gh, int64_t gw, int64_t num_prefix) {
-  TORCH_CHECK(gh > 0 && gw > 0, "grid must be positive, got (", gh, ", ", gw, ")");
-  TORCH_CHECK(num_prefix >= 0, "num_prefix_tokens must be >= 0, got ", num_prefix);
+void check_spatial_prior_grad(const Tensor& grad, int64_t heads, int64_t gh, int64_t gw, int64_t num_prefix) {
+  VK_CHECK(gh > 0 && gw > 0, "grid must be positive, got (", gh, ", ", gw, ")");
+  VK_CHECK(num_prefix >= 0, "num_prefix_tokens must be >= 0, got ", num_prefix);
   VK_CHECK_FLOATING(grad);
   const int64_t n = num_prefix + gh * gw;
   check_shape(grad, "grad", {heads, n, n});
 }
 
-at::Tensor spatial_prior_forward_cpu(const at::Tensor& omega_in, int64_t gh, int64_t gw, int64_t num_prefix) {
+Tensor spatial_prior_forward_cpu(const Tensor& omega_in, int64_t gh, int64_t gw, int64_t num_prefix) {
   VK_CHECK_CPU(omega_in);
   check_spatial_prior_args(omega_in, gh, gw, num_prefix);
-  const at::Tensor omega = omega_in.contiguous();
+  const Tensor omega = contig(omega_in);
   const int64_t heads = omega.size(0);
   const int64_t n = num_prefix + gh * gw;
   const int64_t tw = 2 * gw - 1, th = 2 * gh - 1;
-  at::Tensor out = at::empty({heads, n, n}, omega.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, omega.scalar_type(), "spatial_prior_forward_cpu", [&] {
-    const scalar_t* tab = omega.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
+  Tensor out = empty({heads, n, n}, omega.scalar_type());
+  dispatch_floating(omega.scalar_type(), "spatial_prior_forward_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* tab = omega.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
     // One task per (head, query row): each row is written exactly once.
-    at::parallel_for(0, heads * n, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(0, heads * n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t hi = begin; hi < end; ++hi) {
         const int64_t h = hi / n, i = hi % n;
         scalar_t* row = o + hi * n;
@@ -59,21 +84,22 @@ at::Tensor spatial_prior_forward_cpu(const at::Tensor& omega_in, int64_t gh, int
   return out;
 }
 
-at::Tensor spatial_prior_backward_cpu(const at::Tensor& grad_in, int64_t gh, int64_t gw, int64_t num_prefix) {
+Tensor spatial_prior_backward_cpu(const Tensor& grad_in, int64_t gh, int64_t gw, int64_t num_prefix) {
   VK_CHECK_CPU(grad_in);
   const int64_t heads = grad_in.dim() == 3 ? grad_in.size(0) : -1;
   check_spatial_prior_grad(grad_in, heads, gh, gw, num_prefix);
-  const at::Tensor grad = grad_in.contiguous();
+  const Tensor grad = contig(grad_in);
   const int64_t n = num_prefix + gh * gw;
   const int64_t tw = 2 * gw - 1, th = 2 * gh - 1;
-  at::Tensor out = at::empty({heads, th, tw}, grad.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "spatial_prior_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
+  Tensor out = empty({heads, th, tw}, grad.scalar_type());
+  dispatch_floating(grad.scalar_type(), "spatial_prior_backward_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
     // One task per table cell (head, dy, dx): it sums, in a fixed order, every
     // (query, key) pair with that offset, so the result is deterministic.
-    at::parallel_for(0, heads * th * tw, 8, [&](int64_t begin, int64_t end) {
+    parallel_for(0, heads * th * tw, 8, [&](int64_t begin, int64_t end) {
       for (int64_t cell = begin; cell < end; ++cell) {
         const int64_t h = cell / (th * tw);
         const int64_t dy = (cell / tw) % th - (gh - 1);

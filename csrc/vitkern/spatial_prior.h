@@ -4,7 +4,7 @@
 // Prefix tokens (the first `num_prefix` positions) get factor 1.
 #pragma once
 
-#include <torch/extension.h>
+#include "stable.h"
 
 namespace vitkern {
 
@@ -15,11 +15,11 @@ struct GridIndex {
   inline int64_t table_w() const { return 2 * gw - 1; }
 };
 
-at::Tensor spatial_prior_forward_cpu(const at::Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix);
-at::Tensor spatial_prior_backward_cpu(const at::Tensor& grad, int64_t gh, int64_t gw, int64_t num_prefix);
+Tensor spatial_prior_forward_cpu(const Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix);
+Tensor spatial_prior_backward_cpu(const Tensor& grad, int64_t gh, int64_t gw, int64_t num_prefix);
 
 // Shared argument validation (device-agnostic).
-void check_spatial_prior_args(const at::Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix);
-void check_spatial_prior_grad(const at::Tensor& grad, int64_t heads, int64_t gh, int64_t gw, int64_t num_prefix);
+void check_spatial_prior_args(const Tensor& omega, int64_t gh, int64_t gw, int64_t num_prefix);
+void check_spatial_prior_grad(const Tensor& grad, int64_t heads, int64_t gh, int64_t gw, int64_t num_prefix);
 
 }  // namespace vitkern

@@ -22,7 +22,7 @@ def mark_saved_outputs(ctx, output) -> None:
 # floating inputs other than float64 are cast to the autocast dtype (weights too, as autocast
 # does for ``F.linear``), except the exceptions an op documents (sp_attention's omega stays
 # fp32), and the op body, forward and backward, runs with autocast off. The kernels then see
-# one dtype they were written for, and the ATen calls inside them (``at::mm`` in the cpu
+# one dtype they were written for, and the ATen calls inside them (``aten::mm`` in the cpu
 # kernels' backward, the reference path's matmuls) are not re-cast behind their back.
 
 

@@ -172,7 +172,7 @@ def _layernorm_mlp_cpu_backward(
     rms: bool,
     residual: bool,
 ) -> list[torch.Tensor]:
-    with no_autocast("cpu"):  # the kernel's at::mm calls must not be autocast to bf16
+    with no_autocast("cpu"):  # the kernel's aten::mm dispatcher calls must not be autocast to bf16
         grads = load_extension().layernorm_mlp_backward(
             dout,
             x,

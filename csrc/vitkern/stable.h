@@ -1,0 +1,139 @@
+// The one place where vitkern's C++ meets torch: the LibTorch stable ABI
+// (torch/csrc/stable, torch/headeronly), never <torch/extension.h> or ATen.
+//
+// The build sets TORCH_TARGET_VERSION (setup.py, TORCH_FLOOR): the headers then
+// only offer what every torch from that release on provides, and _C loads with
+// any torch >= the floor. The kernels work on raw pointers; this header gives
+// them the few tensor operations the entry points need (allocate, cast, make
+// contiguous, view, sum, mm, parallel_for, thread count), each one call into
+// torch's C shim or its dispatcher.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifndef TORCH_TARGET_VERSION
+#error "build vitkern._C with -DTORCH_TARGET_VERSION=<floor> (setup.py does): it pins the stable ABI it uses"
+#endif
+
+namespace vitkern {
+
+using Tensor = torch::stable::Tensor;
+using OptTensor = std::optional<torch::stable::Tensor>;
+using ScalarType = torch::headeronly::ScalarType;
+using Half = torch::headeronly::Half;
+using BFloat16 = torch::headeronly::BFloat16;
+using Sizes = std::vector<int64_t>;
+
+constexpr ScalarType kFloat = ScalarType::Float;
+
+namespace detail {
+template <typename... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  throw std::runtime_error(os.str());
+}
+}  // namespace detail
+
+// Raises RuntimeError in Python (the dispatcher turns the C++ exception into one)
+// with the message built from the arguments, without a file/line prefix.
+#define VK_CHECK(cond, ...)                                  \
+  do {                                                       \
+    if (!(cond)) ::vitkern::detail::fail(__VA_ARGS__);       \
+  } while (0)
+
+inline const char* dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
+
+inline std::string device_str(const Tensor& t) {
+  if (t.is_cpu()) return "cpu";
+  std::ostringstream os;
+  os << (t.is_cuda() ? "cuda:" : "a non-CPU device, index ") << static_cast<int>(t.get_device_index());
+  return os.str();
+}
+
+inline Sizes sizes_of(const Tensor& t) {
+  const auto s = t.sizes();
+  return Sizes(s.begin(), s.end());
+}
+
+// --- allocation, casts, views (one dispatcher call each) ---------------------------------
+
+inline Tensor empty(const Sizes& sizes, ScalarType dtype = kFloat) { return torch::stable::empty(sizes, dtype); }
+
+inline Tensor zeros(const Sizes& sizes, ScalarType dtype = kFloat) {
+  Tensor t = empty(sizes, dtype);
+  torch::stable::zero_(t);
+  return t;
+}
+
+// x cast to `dtype` (x itself when it already has it).
+inline Tensor to(const Tensor& x, ScalarType dtype) {
+  return x.scalar_type() == dtype ? x : torch::stable::to(x, dtype);
+}
+// An undefined tensor passes through (the "None" gradient of an optional argument).
+inline Tensor to_or_undefined(const Tensor& x, ScalarType dtype) { return x.defined() ? to(x, dtype) : x; }
+
+// (Named so that argument-dependent lookup cannot pick torch::stable::contiguous instead.)
+inline Tensor contig(const Tensor& x) { return x.is_contiguous() ? x : torch::stable::contiguous(x); }
+
+// fp32, contiguous: what the kernels read.
+inline Tensor f32c(const Tensor& x) { return contig(to(x, kFloat)); }
+inline Tensor opt_f32(const OptTensor& x) { return x.has_value() ? f32c(*x) : Tensor(); }
+
+inline Tensor view_of(const Tensor& x, const Sizes& sizes) { return torch::stable::view(x, sizes); }
+// aten::permute by the dispatcher call: torch::stable::permute exists only in the torch 2.14
+// headers (its runtime floor is 2.10), and the sdist must build against torch 2.10-2.13 too.
+inline Tensor permuted(const Tensor& x, const Sizes& dims) {
+  std::array<StableIValue, 2> stack{torch::stable::detail::from(x),
+                                    torch::stable::detail::from(torch::headeronly::IntHeaderOnlyArrayRef(dims))};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::permute", "", stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+inline Tensor transposed(const Tensor& x) { return torch::stable::transpose(x, 0, 1); }
+
+// Sum over dimension 0 (aten::sum.dim_IntList, what `.sum(0)` called before).
+inline Tensor sum0(const Tensor& x) {
+  const Sizes dim{0};
+  return torch::stable::sum(x, torch::headeronly::IntHeaderOnlyArrayRef(dim));
+}
+
+// aten::mm through the stable dispatcher call (2-D x 2-D, any strides).
+inline Tensor mm(const Tensor& a, const Tensor& b) {
+  std::array<StableIValue, 2> stack{torch::stable::detail::from(a), torch::stable::detail::from(b)};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::mm", "", stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// A CPU fp32 tensor over memory owned by the caller (no copy, no deleter).
+inline Tensor from_blob(float* data, const Sizes& sizes, const Sizes& strides) {
+  return torch::stable::from_blob(data, sizes, strides, torch::stable::Device(torch::headeronly::DeviceType::CPU),
+                                  kFloat);
+}
+
+inline float* f32_ptr(const Tensor& x) { return x.mutable_data_ptr<float>(); }
+inline float* f32_ptr_or_null(const Tensor& x) { return x.defined() ? f32_ptr(x) : nullptr; }
+
+// --- threads --------------------------------------------------------------------------
+
+inline int64_t num_threads() { return static_cast<int64_t>(torch::stable::get_num_threads()); }
+
+// torch's intra-op thread pool (at::parallel_for behind the stable C shim).
+template <class F>
+inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  torch::stable::parallel_for(begin, end, grain, f);
+}
+
+}  // namespace vitkern
