@@ -193,19 +193,16 @@ def _sp_attention_triton_backward(
     gw: int,
     num_prefix: int,
     scale: float,
-    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from vitkern.triton_kernels.sp_attention import sp_attention_bwd
 
     with no_autocast(q.device.type):
-        dq, dk, dv, domega = sp_attention_bwd(
-            dout, q, k, v, omega, out, lse, (gh, gw), num_prefix, scale, deterministic
-        )
+        dq, dk, dv, domega = sp_attention_bwd(dout, q, k, v, omega, out, lse, (gh, gw), num_prefix, scale)
     return dq, dk, dv, (domega if domega is not None else q.new_empty(0))
 
 
 @_sp_attention_triton_backward.register_fake
-def _(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic):
+def _(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale):
     domega = omega.new_empty(omega.shape) if omega is not None else q.new_empty(0)
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), domega
 
@@ -214,9 +211,10 @@ def _triton_backward(ctx, dout, _dlse):
     if dout is None:  # the output took no part in the loss
         return (None,) * 8
     q, k, v, omega, out, lse = ctx.saved_tensors
-    # d-omega without atomics (bit-identical across runs) under torch.use_deterministic_algorithms(True).
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    dq, dk, dv, domega = _sp_attention_triton_backward(dout, q, k, v, omega, out, lse, *ctx.args, deterministic)
+    # Bit-identical across runs in any mode: every gradient, d-omega included, is reduced
+    # without atomics (per-chunk partial sums, then a fixed-order sum), so there is no
+    # separate path for torch.use_deterministic_algorithms(True).
+    dq, dk, dv, domega = _sp_attention_triton_backward(dout, q, k, v, omega, out, lse, *ctx.args)
     return dq, dk, dv, (domega if omega is not None else None), None, None, None, None
 
 
