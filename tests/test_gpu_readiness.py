@@ -384,3 +384,21 @@ def _resource_usage(compiled) -> str:
         return res.stdout
     finally:
         os.unlink(f.name)
+
+
+def test_hopper_prior_tiles_reach_wgmma():
+    """On sm_90 the attention autotuner may pick a 64-row tile with the prior at Dh 64
+    (wgmma needs 64 rows per warpgroup; the 32-row register-sweep tiles give mma.sync),
+    offered before the sweep tile, on sm_90 only; it compiles to wgmma without a spill."""
+    limit = L.SMEM_LIMIT[90]
+    for kind in ("fwd", "dkdv", "dq"):
+        got = spk.select_configs(kind, 64, True, 2, limit, 90)
+        assert got[:2] == [(64, 64, 8, 3), (64, 64, 8, 2)], (kind, got)
+        assert got[2:] == spk.select_configs(kind, 64, True, 2, limit, 80)
+        for arch in (80, 86, 89, 100, 120):
+            assert all(c[0] < 64 for c in spk.select_configs(kind, 64, True, 2, L.SMEM_LIMIT[arch], arch))
+    fwd = [x for x in attention_launches(arch=90, Dh=64, B=1, H=1) if x.name == "_sp_attn_fwd_kernel"]
+    assert fwd[0].config() == "64x64x64 w8 s3"
+    compiled = L.compile_launch(fwd[0], 90)
+    assert "wgmma" in compiled.asm["ptx"]
+    assert "STACK:0" in _resource_usage(compiled)
