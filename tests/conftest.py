@@ -82,25 +82,3 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 SUBPROCESS_CWD = tempfile.gettempdir()
-
-
-def run_under_triton_interpreter(script: str, payload: object, cwd, timeout: int = 1200, extra_args=()) -> list:
-    """Run ``script`` in a fresh Python with TRITON_INTERPRET=1 (it must be set before
-    triton is imported, so never in this process); ``payload`` arrives JSON-encoded in
-    sys.argv[1]; the script prints ``RESULTS <json>``, which is returned."""
-    import json
-    import subprocess
-    import sys
-
-    env = subprocess_env(TRITON_INTERPRET="1")
-    res = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(payload), *extra_args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=cwd,
-    )
-    assert res.returncode == 0, res.stderr[-4000:]
-    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULTS "))
-    return json.loads(line.removeprefix("RESULTS "))
