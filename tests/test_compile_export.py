@@ -1,6 +1,6 @@
 """torch.compile(fullgraph=True) and torch.export.export of vitkern.ViT and SP-ViT on
 every backend this process can run, inference and training, with no graph break.
-(The Triton backend: tests/test_triton_kernels.py, under the interpreter.)"""
+(The Triton backend: tests/kernels/test_kernel_models.py.)"""
 
 from __future__ import annotations
 

@@ -330,3 +330,84 @@ def test_gemm_prune_drops_sm120_spills(monkeypatch):
     monkeypatch.setattr(gemm, "capability", lambda device=None: 120)
     assert (64, 128) not in tiles(B_MODE=3, C_MODE=0) and (128, 128) not in tiles(B_MODE=0, C_MODE=1)
     assert (64, 128) in tiles(B_MODE=0, C_MODE=0)
+
+
+def test_gemm_prune_fp32_tiles_per_architecture(monkeypatch):
+    """fp32 keeps only 32 x 64 (64/128-row tiles spill in dW1/dW2), except on sm_120 where
+    32 x 64 spills with the LayerNorm prologue + GELU/STORE_PRE epilogue and with a plain A
+    + residual: those take 64 x 64 / 4 stages there (32 x 64 for a problem under 64 rows)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    a = torch.empty(0, dtype=torch.float32)
+
+    def tiles(M=4096, **modes):
+        kept = gemm._prune(gemm._AUTOTUNE_CONFIGS, {"M": M, "N": 4096, "A": a}, **modes)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in kept]
+
+    fc1 = dict(A_MODE=1, B_MODE=0, C_MODE=0, EPI_GELU=True, STORE_PRE=True)
+    fc2 = dict(A_MODE=0, B_MODE=0, C_MODE=0, HAS_RES=True)
+    dw2 = dict(A_MODE=0, B_MODE=3, C_MODE=0)
+    for arch in (80, 90, 100):
+        monkeypatch.setattr(gemm, "capability", lambda device=None, arch=arch: arch)
+        assert tiles(**fc1) == tiles(**fc2) == tiles(**dw2) == [(32, 64, 4)]
+    monkeypatch.setattr(gemm, "capability", lambda device=None: 120)
+    assert tiles(**fc1) == tiles(**fc2) == [(64, 64, 4)]
+    assert tiles(**dw2) == tiles(A_MODE=2, B_MODE=0, C_MODE=0, HAS_RES=True) == [(32, 64, 4)]
+    assert tiles(M=20, **fc1) == [(32, 64, 4)]
+
+
+def test_attention_fp32_tiles_per_architecture():
+    """fp32 dK/dV with a prior at BLOCK_D 64 takes 32 x 16 / 8 warps on sm_90 (16 x 16 / 8
+    warps left 8 B of stack at Dh 48 there); every other architecture and kernel keeps the
+    fp32 tile set; the autotuner's space holds both; the sm_90 tile compiles without a spill."""
+    limit = 232448
+    for head_dim in (48, 64):
+        assert spk.select_configs("dkdv", head_dim, True, 4, limit, 90) == [(32, 16, 8, 2)]
+        assert spk.select_configs("dkdv", head_dim, True, 4, limit, 80) == [(16, 16, 8, 2)]
+        assert spk.select_configs("dkdv", head_dim, False, 4, limit, 90) == [(16, 16, 8, 2)]
+        assert spk.select_configs("fwd", head_dim, True, 4, limit, 90) == [(16, 16, 8, 2)]
+    assert spk.select_configs("dkdv", 128, True, 4, limit, 90) == [(16, 16, 8, 2)]
+    configs = spk._sp_attn_bwd_dkdv.configs
+    space = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+    assert {(32, 16, 8, 2), (16, 16, 8, 2)} <= space
+    dkdv = [
+        x
+        for x in attention_launches(arch=90, Dh=48, dtype=torch.float32, B=1, H=1)
+        if x.name == "_sp_attn_bwd_dkdv_kernel"
+    ]
+    assert [x.config() for x in dkdv] == ["32x16x64 w8 s2"]
+    assert "STACK:0" in _resource_usage(L.compile_launch(dkdv[0], 90))
+
+
+def _resource_usage(compiled) -> str:
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        res = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+        return res.stdout
+    finally:
+        os.unlink(f.name)
+
+
+def test_hopper_prior_tiles_reach_wgmma():
+    """On sm_90 the attention autotuner may pick a 64-row tile with the prior at Dh 64
+    (wgmma needs 64 rows per warpgroup; the 32-row register-sweep tiles give mma.sync),
+    offered before the sweep tile, on sm_90 only; it compiles to wgmma without a spill."""
+    limit = L.SMEM_LIMIT[90]
+    for kind in ("fwd", "dkdv", "dq"):
+        got = spk.select_configs(kind, 64, True, 2, limit, 90)
+        assert got[:2] == [(64, 64, 8, 3), (64, 64, 8, 2)], (kind, got)
+        assert got[2:] == spk.select_configs(kind, 64, True, 2, limit, 80)
+        for arch in (80, 86, 89, 100, 120):
+            assert all(c[0] < 64 for c in spk.select_configs(kind, 64, True, 2, L.SMEM_LIMIT[arch], arch))
+    fwd = [x for x in attention_launches(arch=90, Dh=64, B=1, H=1) if x.name == "_sp_attn_fwd_kernel"]
+    assert fwd[0].config() == "64x64x64 w8 s3"
+    compiled = L.compile_launch(fwd[0], 90)
+    assert "wgmma" in compiled.asm["ptx"]
+    assert "STACK:0" in _resource_usage(compiled)

@@ -1,7 +1,7 @@
 """Hardening, part 2: numerical robustness against the reference, determinism of
 every backward, concurrency and memory stability - on every backend this process
 can run (reference and, when built, cpu; the Triton kernels' counterparts run under
-the interpreter in tests/test_triton_sp_attention.py)."""
+the interpreter in tests/kernels/test_kernel_robustness.py)."""
 
 from __future__ import annotations
 

@@ -212,32 +212,61 @@ class Verdict:
         return not self.error and self.worst < self.tol
 
 
-def check_op_case(case: dict, backend: str, dtype: torch.dtype, device, seed: int = 0) -> Verdict:
-    """Run one case forward and backward on ``backend`` and compare with the reference."""
+class WrongBackend(RuntimeError):
+    """The op ran on another backend than the one asked for."""
+
+
+def _split_fused(names: list[str], tensors: list) -> tuple[list[str], list]:
+    """The gradient of a fused qkv leaf (B, N, 3, H, Dh) as dq, dk, dv, each with its own error."""
+    out_names, out = [], []
+    for name, t in zip(names, tensors, strict=True):
+        if name == "dqkv":
+            out_names += ["dq", "dk", "dv"]
+            out += list(t.unbind(2))
+        else:
+            out_names.append(name)
+            out.append(t)
+    return out_names, out
+
+
+def case_errors(case: dict, backend: str, dtype: torch.dtype, device, seed: int = 0) -> dict[str, float]:
+    """Run one case forward and backward on ``backend`` (inputs in ``dtype`` on ``device``)
+    and return the relative error of the output and of every gradient against the
+    reference in float64, by name (a fused qkv gradient split into dq, dk, dv). Raises
+    WrongBackend when the dispatcher ran another backend, and whatever the op raises."""
     import vitkern
 
     g = torch.Generator().manual_seed(seed)
     fn, leaves64, names = build_case(case, g)
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in leaves64]
+    out = fn(*leaves, backend=backend)
+    used = vitkern.last_backend(case["op"])
+    if used != backend:
+        raise WrongBackend(f"ran on {used!r}")
+    ref_leaves = [t.detach().clone().to(device).requires_grad_() for t in leaves64]
+    ref = fn(*ref_leaves, backend="reference")
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, dout.to(device=device, dtype=dtype))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.to(device))
+    split_names, got = _split_fused(names, [out, *grads])
+    _, want = _split_fused(names, [ref, *ref_grads])
+    return {n: rel_err(a, b) for n, a, b in zip(split_names, got, want, strict=True)}
+
+
+def check_op_case(case: dict, backend: str, dtype: torch.dtype, device, seed: int = 0) -> Verdict:
+    """Run one case forward and backward on ``backend`` and compare with the reference."""
     label = f"{case['op']} {case['shape']}"
     v = Verdict(case["op"], backend, str(dtype).replace("torch.", ""), label, float("inf"), tolerance(dtype, device))
     try:
-        leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in leaves64]
-        out = fn(*leaves, backend=backend)
-        used = vitkern.last_backend(case["op"])
-        if used != backend:
-            v.error = f"ran on {used!r}"
-            return v
-        ref_leaves = [t.detach().clone().to(device).requires_grad_() for t in leaves64]
-        ref = fn(*ref_leaves, backend="reference")
-        dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-        grads = torch.autograd.grad(out, leaves, dout.to(device=device, dtype=dtype))
-        ref_grads = torch.autograd.grad(ref, ref_leaves, dout.to(device))
+        errs = case_errors(case, backend, dtype, device, seed)
+    except WrongBackend as exc:
+        v.error = str(exc)
+        return v
     except Exception as exc:  # reported in the verdict table
         v.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
         return v
-    errs = [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(grads, ref_grads, strict=True)]
-    worst = max(range(len(errs)), key=lambda i: errs[i])
-    v.worst, v.worst_name = errs[worst], names[worst]
+    v.worst_name = max(errs, key=errs.get)
+    v.worst = errs[v.worst_name]
     return v
 
 

@@ -80,8 +80,8 @@ def _cpu_forward(q, k, v, omega, gh, gw, num_prefix, scale):
     return load_extension().sp_attention_forward(q, k, v, omega, gh, gw, num_prefix, scale)
 
 
-def _cpu_backward(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic):
-    # The C++ backward reduces d-omega per thread in a fixed order: deterministic either way.
+def _cpu_backward(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale):
+    # The C++ backward reduces d-omega per thread in a fixed order: bit-identical across runs.
     return load_extension().sp_attention_backward(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale)
 
 
@@ -91,10 +91,10 @@ def _triton_forward(q, k, v, omega, gh, gw, num_prefix, scale):
     return sp_attention_fwd(q, k, v, omega, (gh, gw), num_prefix, scale)
 
 
-def _triton_backward(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic):
+def _triton_backward(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale):
     from vitkern.triton_kernels.sp_attention import sp_attention_bwd
 
-    return sp_attention_bwd(dout, q, k, v, omega, out, lse, (gh, gw), num_prefix, scale, deterministic)
+    return sp_attention_bwd(dout, q, k, v, omega, out, lse, (gh, gw), num_prefix, scale)
 
 
 def _cpu_auto_skip(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
@@ -165,18 +165,17 @@ def _sp_attention_backward_op(
     gw: int,
     num_prefix: int,
     scale: float,
-    deterministic: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with no_autocast(q.device.type):
         dq, dk, dv, domega = kernels_of(_KERNELS, backend).backward(
-            dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic
+            dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale
         )
     return dq, dk, dv, (domega if domega is not None else q.new_empty(0))
 
 
 @_sp_attention_backward_op.register_fake
-def _(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, deterministic, backend):
+def _(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale, backend):
     domega = omega.new_empty(omega.shape) if omega is not None else q.new_empty(0)
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), domega
 
@@ -194,11 +193,10 @@ def _backward(ctx, dout, _dlse):
     if dout is None:  # the output took no part in the loss
         return (None,) * 9
     q, k, v, omega, out, lse = ctx.saved_tensors
-    # d-omega without atomics (bit-identical across runs) under torch.use_deterministic_algorithms(True).
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    dq, dk, dv, domega = _sp_attention_backward_op(
-        dout, q, k, v, omega, out, lse, *ctx.args, deterministic, ctx.backend
-    )
+    # Bit-identical across runs in any mode on every backend: each gradient, d-omega included, is
+    # reduced without atomics (per-chunk partial sums, then a fixed-order sum), so there is no
+    # separate path for torch.use_deterministic_algorithms(True).
+    dq, dk, dv, domega = _sp_attention_backward_op(dout, q, k, v, omega, out, lse, *ctx.args, ctx.backend)
     return dq, dk, dv, (domega if omega is not None else None), None, None, None, None, None
 
 

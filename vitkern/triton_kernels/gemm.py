@@ -147,6 +147,19 @@ def _prune(configs, named_args, **kwargs):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if bm > cap_m or bn > cap_n or not config_fits(bm, bn, bk, c.num_stages, elem, smem):
             continue
+        if elem == 4 and arch >= 120 and kwargs.get("B_MODE", 0) == 0 and kwargs.get("A_MODE", 0) in (0, 1):
+            # fp32 on sm_120: 32 x 64 w4 s4 spills with the LayerNorm prologue + GELU/STORE_PRE epilogue
+            # (32 B) and with a plain A + residual (8 B); 64 x 64 w4 s4 is clean there (REG 128, no
+            # B prologue to spill as in dW1/dW2). Either takes 64 x 64 instead (32 x 64 if the problem
+            # is smaller than 64 rows).
+            spills_at_32 = (kwargs.get("A_MODE") == 1 and kwargs.get("STORE_PRE")) or (
+                kwargs.get("A_MODE", 0) == 0 and kwargs.get("HAS_RES")
+            )
+            if spills_at_32 and cap_m >= 64:
+                if (bm, bn, c.num_stages) != (64, 64, 4):
+                    continue
+                kept.append(c)
+                continue
         if elem == 4 and bm > 32:  # fp32 (IEEE dots on CUDA cores): 64/128-row tiles spill in dW1/dW2 on sm_80
             continue
         if (

@@ -514,14 +514,20 @@ _EXCLUDED = {("dkdv", 128, False, 2), ("fwd", 32, True, 2)}
 # sm_100 forward Dh <= 32 with a prior at 3 stages (8 B; tcgen05), sm_120 dK/dV Dh 64 without a
 # prior at 2 stages (56 B). The prune reads the capability of the tensor's device.
 _EXCLUDED_ON = {100: {("fwd", 32, True, 3)}, 120: {("dkdv", 64, False, 2)}}
+# Per compute capability, fp16/bf16, keyed (kernel, BLOCK_D, prior): a tile (BLOCK_M, BLOCK_N,
+# warps) offered before the register-sweep tile, at each pipelining depth. sm_90: with a prior
+# the sweep's 32-row tiles compile to mma.sync; wgmma needs 64 rows per warpgroup, and at Dh 64
+# (BLOCK_D 64) 64 x 64 / 8 warps reaches it without a spill in all three kernels (fp16, 3 / 2
+# stages: forward 122 / 122 registers, dK/dV 212 / 213, dQ 128 / 128; benchmarks/NOTES.md).
+_TILES_ON = {90: {("fwd", 64, True): (64, 64, 8), ("dkdv", 64, True): (64, 64, 8), ("dq", 64, True): (64, 64, 8)}}
 # Fallback tiles (BLOCK_M, BLOCK_N, warps, stages), tried after the register-sweep tile.
 _FALLBACKS = ((32, 32, 4, 2), (16, 32, 4, 2))
 # fp32 tiles (BLOCK_M, BLOCK_N, warps, stages) per kernel, for every head dim and prior. With
 # IEEE fp32 dots (torch's default) the dots run on CUDA cores, where Triton's FMA layout needs
 # far more registers per output than the tensor-core layouts the tiles above were swept for:
 # those spilled 8 B - 8 KB in fp32 on sm_80/sm_90. These are the tiles of an fp32 sweep
-# (Dh 32/48/64/80/96/128, prior on/off, sm_80 and sm_90) with no spill in any model case and
-# at most 8 B elsewhere (dK/dV at Dh 48 with a prior on sm_90); larger ones spilled, e.g. the
+# (Dh 32/48/64/80/96/128, prior on/off, sm_80 and sm_90) with no spill in any model case (and
+# one 8 B spill elsewhere, dK/dV at Dh 48 with a prior on sm_90: _FP32_TILES_ON); larger ones spilled, e.g. the
 # forward at 32 x 32 / 8 warps 8-24 B with a prior, dQ at 32 x 32 / 4 warps 24-40 B at Dh 128,
 # dK/dV at 32 x 16 or 16 x 32 192-608 B (benchmarks/NOTES.md, GPU readiness (#13)). Two stages
 # only: one stage allocates more shared memory than smem_bound allows for. They are used for
@@ -531,19 +537,25 @@ _FP32_TILES = {
     "dkdv": ((16, 16, 8, 2),),
     "dq": ((16, 16, 8, 2),),
 }
+# Per compute capability, fp32, keyed (kernel, BLOCK_D, prior): a tile in place of the one
+# above where that architecture's code generation spills. sm_90 dK/dV with a prior at
+# BLOCK_D 64: 16 x 16 / 8 warps leaves 8 B of stack at Dh 48 (REG 128; Dh 64 is clean);
+# 32 x 16 / 8 warps is clean at Dh 48 and 64 (REG 182 / 176, 28,928 B of shared memory).
+_FP32_TILES_ON = {90: {("dkdv", 64, True): ((32, 16, 8, 2),)}}
 
 
 def attention_configs(
-    kind: str, head_dim: int, has_prior: bool, elem_bytes: int = 2
+    kind: str, head_dim: int, has_prior: bool, elem_bytes: int = 2, arch: int = 80
 ) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick for kernel ``kind``
     ("fwd", "dkdv" or "dq") at this head dim, with or without a prior, for inputs of
     ``elem_bytes`` bytes, before the shared-memory prune: in fp16/bf16 the register-sweep
-    tile at each pipelining depth, then the smaller fallback tiles; in fp32 (4 bytes) the
-    fp32 tile set (_FP32_TILES)."""
-    if elem_bytes == 4:
-        return list(_FP32_TILES[kind])
+    tile at each pipelining depth (after compute capability ``arch``'s own tile, _TILES_ON),
+    then the smaller fallback tiles; in fp32 (4 bytes) the fp32 tile set (_FP32_TILES, or
+    _FP32_TILES_ON for ``arch``)."""
     bm, bn, block_d, warps = _block_sizes(head_dim, has_prior)
+    if elem_bytes == 4:
+        return list(_FP32_TILES_ON.get(arch, {}).get((kind, block_d, has_prior), _FP32_TILES[kind]))
     if kind == "dkdv":
         bm = _dkdv_block_m(head_dim, has_prior)
     if kind == "dq" and has_prior and block_d == 128:
@@ -555,6 +567,9 @@ def attention_configs(
         # sm_80/86/90 in fp16 and bf16 (sm_90 then uses mma.sync instead of wgmma).
         bm, bn, warps = 32, 32, 4
     out = [(bm, bn, warps, st) for st in ATTN_STAGES if (kind, block_d, has_prior, st) not in _EXCLUDED]
+    extra = _TILES_ON.get(arch, {}).get((kind, block_d, has_prior))
+    if extra is not None:
+        out = [(*extra, st) for st in ATTN_STAGES] + out
     return out + [c for c in _FALLBACKS if c[0] * c[1] < bm * bn]
 
 
@@ -589,7 +604,7 @@ def select_configs(kind: str, head_dim: int, has_prior: bool, elem_bytes: int, s
     the limit and not excluded on that architecture; if none is, the fallback tiles within
     it; if none of those either, the smallest fallback."""
     block_d = _block_sizes(head_dim, has_prior)[2]
-    every = attention_configs(kind, head_dim, has_prior, elem_bytes)
+    every = attention_configs(kind, head_dim, has_prior, elem_bytes, arch)
     if elem_bytes < 4:
         excluded = _EXCLUDED_ON.get(arch, set())
         every = [c for c in every if (kind, block_d, has_prior, c[3]) not in excluded or c in _FALLBACKS]
@@ -604,7 +619,8 @@ def _autotuned(kernel, kind: str):
         for bd in _BLOCK_D_CLASSES
         for prior in (True, False)
         for size in (2, 4)
-        for cfg in attention_configs(kind, bd, prior, size)
+        for arch in (80, *_FP32_TILES_ON, *_TILES_ON)
+        for cfg in attention_configs(kind, bd, prior, size, arch)
     }
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
@@ -676,10 +692,9 @@ def sp_attention_fwd(q, k, v, omega, grid, num_prefix, scale):
     return out, lse
 
 
-def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale, deterministic: bool = True):
-    """Returns (dq, dk, dv, domega or None). d-omega never uses atomics, so the result is
-    bit-identical across runs whatever ``deterministic`` says (kept for the callers)."""
-    del deterministic
+def sp_attention_bwd(dout, q, k, v, omega, out, lse, grid, num_prefix, scale):
+    """Returns (dq, dk, dv, domega or None). No gradient uses atomics (d-omega: per-chunk
+    partial sums, then a fixed-order sum), so the result is bit-identical across runs."""
     B, H, N, Dh = q.shape
     gh, gw = grid if grid is not None else (1, 1)
     BLOCK_D = _block_sizes(Dh, omega is not None)[2]
