@@ -449,14 +449,76 @@ def test_from_hugging_face_families_and_round_trip(kind, kw, gen):
         assert k == k2 and torch.equal(a, b), k
 
 
+def _hf_tower(kind: str, **kw):
+    torch.manual_seed(0)
+    base = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16
+    )
+    if kind == "clip":
+        return _perturbed(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**base, **kw))).eval()
+    return _perturbed(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**base, **kw))).eval()
+
+
+@pytest.mark.parametrize(
+    "kind, kw",
+    [
+        ("clip", {}),  # OpenAI CLIP: QuickGELU
+        ("clip", dict(hidden_act="gelu")),
+        ("siglip", {}),  # tanh GELU, attention-pooling head
+        ("siglip", dict(vision_use_head=False)),
+    ],
+)
+def test_clip_and_siglip_vision_towers_convert_and_round_trip(kind, kw, gen):
+    """CLIP / SigLIP vision towers: last_hidden_state = forward_features, pooler_output = the
+    model's output (fp32, 1e-5) on the fused ops, every parameter gradient of the pooled output
+    too; to_hf_vit gives back the same class and weights."""
+    hf = _hf_tower(kind, **kw)
+    ours = vitkern.from_hf_vit(hf).eval()
+    x = randn(2, 3, 32, 32, gen=gen)
+    with torch.no_grad():
+        out = hf(pixel_values=x)
+        assert_close_rel(ours.forward_features(x), out.last_hidden_state, 1e-5, f"{kind} last_hidden_state")
+        if out.pooler_output is not None:
+            assert_close_rel(ours(x), out.pooler_output, 1e-5, f"{kind} pooler_output")
+        assert vitkern.last_backend("layernorm_mlp") in ("cpu", "triton")
+        back = vitkern.to_hf_vit(ours).eval()
+        assert type(back) is type(hf)
+        assert_close_rel(back(pixel_values=x).last_hidden_state, out.last_hidden_state, 1e-6, "round trip")
+        again = vitkern.from_hf_vit(back)
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    # Gradients: HF's pooled (or mean) output against ours, every parameter.
+    hf.zero_grad()
+    ref_out = hf(pixel_values=x)
+    (ref_out.pooler_output if ref_out.pooler_output is not None else ref_out.last_hidden_state.mean(1)).sum().backward()
+    (ours(x) if ref_out.pooler_output is not None else ours.forward_features(x).mean(1)).sum().backward()
+    grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
+    ours_grads = dict(ours.named_parameters())
+    assert_close_rel(ours_grads["blocks.0.mlp.fc1.weight"].grad, grads[_fc1_key(grads)], 1e-5, "fc1 grad")
+    assert_close_rel(ours_grads["patch_embed.proj.weight"].grad, grads[_pe_key(grads)], 1e-5, "patch grad")
+
+
+def _fc1_key(grads):
+    return next(k for k in grads if k.endswith("encoder.layers.0.mlp.fc1.weight"))
+
+
+def _pe_key(grads):
+    return next(k for k in grads if k.endswith("embeddings.patch_embedding.weight"))
+
+
 def test_hugging_face_unsupported_models_are_refused_clearly():
     cfg = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16)
     teacher = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(intermediate_size=64, **cfg))
     with pytest.raises(ValueError, match="DeiTForImageClassificationWithTeacher"):
         vitkern.from_hf_vit(teacher)
-    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(intermediate_size=64, **cfg))
-    with pytest.raises(TypeError, match="CLIPVisionModel"):
-        vitkern.from_hf_vit(clip)
+    beit = transformers.BeitModel(transformers.BeitConfig(intermediate_size=64, **cfg))
+    with pytest.raises(TypeError, match="BeitModel"):
+        vitkern.from_hf_vit(beit)
+    clip_relu = transformers.CLIPVisionModel(
+        transformers.CLIPVisionConfig(intermediate_size=64, hidden_act="relu", **cfg)
+    )
+    with pytest.raises(ValueError, match="hidden_act='relu'"):
+        vitkern.from_hf_vit(clip_relu)
     relu = transformers.ViTModel(transformers.ViTConfig(intermediate_size=64, hidden_act="relu", **cfg))
     with pytest.raises(ValueError, match="hidden_act='relu'"):
         vitkern.from_hf_vit(relu)

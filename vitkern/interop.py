@@ -216,8 +216,8 @@ def _hf_prefix(hf_model: nn.Module) -> tuple[str, bool, str]:
     if cls in _HF_REFUSED:
         raise ValueError(f"cannot convert Hugging Face {cls}: {_HF_REFUSED[cls]}")
     raise TypeError(
-        f"expected a transformers {', '.join(_HF_CLASSES)}, got {cls} (other families, e.g. CLIP/SigLIP vision "
-        "towers, BEiT/Data2Vec, ViTMAE, I-JEPA, are not converted)"
+        f"expected a transformers {', '.join([*_HF_CLASSES, *_TOWERS])}, got {cls} (other families, e.g. "
+        "BEiT/Data2Vec, ViTMAE, I-JEPA, are not converted)"
     )
 
 
@@ -229,11 +229,17 @@ def from_hf_vit(hf_model: nn.Module, **overrides: Any):
     register token (``reg_tokens=1``, after the class token, with its position slot);
     DINOv2's LayerScale becomes ``init_values``. The HF pooler, if any, is dropped.
     ``hidden_act`` may be gelu / gelu_python (exact) or gelu_pytorch_tanh / gelu_new (tanh).
+    CLIP and SigLIP vision towers (``CLIPVisionModel``, ``SiglipVisionModel``) convert too:
+    ``forward_features`` equals ``last_hidden_state`` and ``model(x)`` the ``pooler_output``
+    (CLIP: the class token through ``post_layernorm`` = vitkern's fc_norm; SigLIP: its
+    attention-pooling head, kept as HF's own module, or the token mean without a head).
     Other classes raise a TypeError or ValueError naming the class and the reason."""
     import torch
 
     from vitkern.models import ViT
 
+    if type(hf_model).__name__ in _TOWERS:
+        return _from_hf_tower(hf_model, **overrides)
     prefix, has_head, family = _hf_prefix(hf_model)
     cfg = hf_model.config
     act = getattr(cfg, "hidden_act", "gelu")
@@ -284,13 +290,17 @@ def to_hf_vit(model: nn.Module, with_head: bool | None = None):
     """A Hugging Face model with ``model``'s weights: ``ViTForImageClassification`` (or
     ``ViTModel`` when the vitkern model has no head / ``with_head=False``); with one register
     token (the layout :func:`from_hf_vit` gives DeiT) ``DeiTForImageClassification`` /
-    ``DeiTModel``; with LayerScale and no head ``Dinov2Model``. Only architectures these
+    ``DeiTModel``; with LayerScale and no head ``Dinov2Model``; the layouts :func:`from_hf_vit`
+    gives CLIP / SigLIP vision towers back as ``CLIPVisionModel`` / ``SiglipVisionModel``. Only architectures these
     can express convert: class token, learned position embedding with prefix slots, token
     pooling, no SP-SA, pre-norm, fc_norm or copied timm modules; anything else raises
     ValueError."""
     import transformers
 
     c = model.config
+    tower = _tower_family(model)
+    if tower is not None:
+        return _to_hf_tower(model, tower)
     has_head = model.num_classes > 0 if with_head is None else with_head
     bad = []
     family = "deit" if c["reg_tokens"] == 1 else "dinov2" if c["init_values"] else "vit"
@@ -362,6 +372,185 @@ def to_hf_vit(model: nn.Module, with_head: bool | None = None):
     hf.to(device=ref.device, dtype=ref.dtype)
     missing, unexpected = hf.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=False)
     missing = [k for k in missing if "pooler" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"HF conversion left keys unmatched: missing {missing}, unexpected {unexpected}")
+    return hf.train(model.training)
+
+
+# ----------------------------------------------------------------------------- CLIP / SigLIP vision towers
+# Both are pre-norm ViTs with separate q/k/v projections. CLIP: class token, no patch bias,
+# ``pre_layrnorm`` on the embeddings (vitkern's norm_pre), ``post_layernorm`` on the pooled class
+# token only (fc_norm). SigLIP: no class token, patch bias, ``post_layernorm`` on every token (the
+# final norm), then an optional attention-pooling head.
+_TOWERS = {"CLIPVisionModel": "clip", "SiglipVisionModel": "siglip"}
+_TOWER_ACTS = {**_HF_ACTS, "quick_gelu": "quick_gelu", "silu": "silu"}
+_TOWER_ACT_NAMES = {None: "gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+_TOWER_ACT_NAMES["silu"] = "silu"
+
+
+def _tower_pairs(depth: int, p: str, family: str, patch_bias: bool, head_keys: list[str]) -> list[tuple[str, str]]:
+    """(vitkern key, HF key) pairs of a vision tower; qkv is handled separately."""
+    pairs = [
+        ("pos_embed", f"{p}embeddings.position_embedding.weight"),
+        ("patch_embed.proj.weight", f"{p}embeddings.patch_embedding.weight"),
+    ]
+    if patch_bias:
+        pairs.append(("patch_embed.proj.bias", f"{p}embeddings.patch_embedding.bias"))
+    if family == "clip":
+        pairs.append(("cls_token", f"{p}embeddings.class_embedding"))
+        norms = (("norm_pre", "pre_layrnorm"), ("fc_norm", "post_layernorm"))
+    else:
+        norms = (("norm", "post_layernorm"),)
+    for ours, theirs in norms:
+        pairs += [(f"{ours}.{w}", f"{p}{theirs}.{w}") for w in ("weight", "bias")]
+    for i in range(depth):
+        hf, vk = f"{p}encoder.layers.{i}.", f"blocks.{i}."
+        for a, b in (
+            ("norm1", "layer_norm1"),
+            ("norm2", "layer_norm2"),
+            ("attn.proj", "self_attn.out_proj"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ):
+            pairs += [(f"{vk}{a}.{w}", f"{hf}{b}.{w}") for w in ("weight", "bias")]
+    pairs += [(f"attn_pool.{k}", f"{p}head.{k}") for k in head_keys]
+    return pairs
+
+
+def _from_hf_tower(hf_model: nn.Module, **overrides: Any):
+    import copy
+
+    import torch
+
+    from vitkern.models import ViT
+    from vitkern.zoo import pool_class
+
+    family, cfg = _TOWERS[type(hf_model).__name__], hf_model.config
+    act = getattr(cfg, "hidden_act", "gelu")
+    if act not in _TOWER_ACTS:
+        raise ValueError(f"hidden_act={act!r} is not supported (one of {sorted(_TOWER_ACTS)})")
+    src = hf_model.state_dict()
+    p = "vision_model." if any(k.startswith("vision_model.") for k in src) else ""  # transformers 4 nesting
+    patch_bias = f"{p}embeddings.patch_embedding.bias" in src
+    head = getattr(getattr(hf_model, "vision_model", hf_model), "head", None) if family == "siglip" else None
+    if head is not None and not getattr(hf_model.config, "vision_use_head", True):
+        head = None
+    clip = family == "clip"
+    kwargs = dict(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.num_channels,
+        num_classes=0,
+        embed_dim=cfg.hidden_size,
+        depth=cfg.num_hidden_layers,
+        num_heads=cfg.num_attention_heads,
+        mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
+        qkv_bias=True,
+        proj_bias=True,
+        norm_eps=cfg.layer_norm_eps,
+        act_layer=_TOWER_ACTS[act],
+        class_token=clip,
+        global_pool="token" if clip else ("" if head is not None else "avg"),
+        pre_norm=clip,
+        final_norm=True,
+        fc_norm=clip,
+        **overrides,
+    )
+    if head is not None:
+        model = pool_class(ViT)(**kwargs)
+        model.attn_pool = copy.deepcopy(head)
+        model.pool_include_prefix = False
+        model.global_pool = "map"
+        model.config = {**model.config, "timm_modules": [f"head: {type(head).__name__}"]}
+    else:
+        model = ViT(**kwargs)
+    if not patch_bias:
+        model.patch_embed.proj.bias = None
+    head_keys = [k.removeprefix(f"{p}head.") for k in src if k.startswith(f"{p}head.")] if head is not None else []
+    ours = model.state_dict()
+    sd = {
+        vk: src[hf].reshape(ours[vk].shape)
+        for vk, hf in _tower_pairs(cfg.num_hidden_layers, p, family, patch_bias, head_keys)
+    }
+    for i in range(cfg.num_hidden_layers):
+        base = f"{p}encoder.layers.{i}.self_attn."
+        for w in ("weight", "bias"):
+            sd[f"blocks.{i}.attn.qkv.{w}"] = torch.cat([src[f"{base}{n}_proj.{w}"] for n in "qkv"])
+    ref = next(hf_model.parameters())
+    model.to(device=ref.device, dtype=ref.dtype)
+    model.load_state_dict(sd, strict=True)
+    return model.train(hf_model.training)
+
+
+def _tower_family(model: nn.Module) -> str | None:
+    """ "clip" / "siglip" for the layouts _from_hf_tower builds, else None."""
+    c = model.config
+    if model.spatial_prior or c.get("reg_tokens") or getattr(model, "no_embed_class", False):
+        return None
+    if c["class_token"] and c["pre_norm"] and c["fc_norm"] and c["global_pool"] == "token":
+        return "clip"
+    head = getattr(model, "attn_pool", None)
+    if not c["class_token"] and not c["pre_norm"] and not c["fc_norm"] and c["final_norm"]:
+        if type(head).__name__ == "SiglipMultiheadAttentionPoolingHead" or (head is None and c["global_pool"] == "avg"):
+            return "siglip"
+    return None
+
+
+def _to_hf_tower(model: nn.Module, family: str):
+    import transformers
+
+    c = model.config
+    img, patch = c["img_size"], c["patch_size"]
+    img = img if isinstance(img, int) else img[0] if img[0] == img[1] else None
+    patch = patch if isinstance(patch, int) else patch[0]
+    patch_bias = model.patch_embed.proj.bias is not None
+    head = getattr(model, "attn_pool", None)
+    bad = []
+    if img is None:
+        bad.append("non-square image size")
+    if not (c["qkv_bias"] and c["proj_bias"]):
+        bad.append("bias-free projections")
+    if family == "clip" and patch_bias:
+        bad.append("a patch-embedding bias (CLIP has none)")
+    if family == "siglip" and not patch_bias:
+        bad.append("no patch-embedding bias (SigLIP has one)")
+    if c.get("act_layer") not in _TOWER_ACT_NAMES:
+        bad.append(f"act_layer={c.get('act_layer')!r}")
+    if bad:
+        raise ValueError(f"cannot express this vitkern.ViT as a Hugging Face {family} vision tower: {', '.join(bad)}")
+    common = dict(
+        hidden_size=c["embed_dim"],
+        intermediate_size=model.blocks[0].mlp.fc1.out_features,
+        num_hidden_layers=c["depth"],
+        num_attention_heads=c["num_heads"],
+        image_size=img,
+        patch_size=patch,
+        num_channels=c["in_chans"],
+        hidden_act=_TOWER_ACT_NAMES[c.get("act_layer")],
+        layer_norm_eps=c["norm_eps"],
+    )
+    if family == "clip":
+        hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
+    else:
+        hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(vision_use_head=head is not None, **common))
+    theirs = hf.state_dict()
+    p = "vision_model." if any(k.startswith("vision_model.") for k in theirs) else ""
+    head_keys = [k.removeprefix(f"{p}head.") for k in theirs if k.startswith(f"{p}head.")]
+    src = model.state_dict()
+    sd = {
+        hf_key: src[vk].reshape(theirs[hf_key].shape)
+        for vk, hf_key in _tower_pairs(c["depth"], p, family, patch_bias, head_keys)
+    }
+    D = c["embed_dim"]
+    for i in range(c["depth"]):
+        base = f"{p}encoder.layers.{i}.self_attn."
+        w, b = src[f"blocks.{i}.attn.qkv.weight"], src[f"blocks.{i}.attn.qkv.bias"]
+        for j, n in enumerate("qkv"):
+            sd[f"{base}{n}_proj.weight"], sd[f"{base}{n}_proj.bias"] = w[j * D : (j + 1) * D], b[j * D : (j + 1) * D]
+    ref = next(model.parameters())
+    hf.to(device=ref.device, dtype=ref.dtype)
+    missing, unexpected = hf.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise RuntimeError(f"HF conversion left keys unmatched: missing {missing}, unexpected {unexpected}")
     return hf.train(model.training)

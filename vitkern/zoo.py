@@ -342,6 +342,13 @@ class _TimmPoolMixin:
 _POOL_CLASSES: dict[type, type] = {}
 
 
+def pool_class(cls: type) -> type:
+    """``cls`` (vitkern.ViT or a subclass) with a copied attention-pool head (``attn_pool``)."""
+    if cls not in _POOL_CLASSES:
+        _POOL_CLASSES[cls] = type(f"{cls.__name__}TimmPool", (_TimmPoolMixin, cls), {"__module__": __name__})
+    return _POOL_CLASSES[cls]
+
+
 def vit_from_timm(cls: type, model: nn.Module, **overrides: Any) -> nn.Module:
     """``cls`` (vitkern.ViT or a subclass) equivalent to the timm VisionTransformer ``model``,
     with its weights. Validates first (TimmConversionError, nothing built)."""
@@ -387,9 +394,7 @@ def vit_from_timm(cls: type, model: nn.Module, **overrides: Any) -> nn.Module:
     timm_parts = []  # what the plain constructor does not reproduce
     needs_pool = model.attn_pool is not None or bool(getattr(model, "pool_include_prefix", False))
     if needs_pool:
-        if cls not in _POOL_CLASSES:
-            _POOL_CLASSES[cls] = type(f"{cls.__name__}TimmPool", (_TimmPoolMixin, cls), {"__module__": __name__})
-        ours = _POOL_CLASSES[cls](**kwargs)
+        ours = pool_class(cls)(**kwargs)
         ours.attn_pool = copy.deepcopy(model.attn_pool)
         ours.pool_include_prefix = bool(getattr(model, "pool_include_prefix", False))
         ours.global_pool = model.global_pool
