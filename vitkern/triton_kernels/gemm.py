@@ -57,11 +57,14 @@ CONFIGS = [
     (64, 64, 32, 4, 4),
     (32, 64, 32, 4, 4),
 ]
-# Gated-MLP prologue modes (constexpr, compared inside the kernels; the Python ints for launches).
-_A_GATED = tl.constexpr(3)
-_B_GATED = tl.constexpr(4)
-A_GATED = 3
-B_GATED = 4
+# Prologue / store modes by name (module docstring): the Python ints are what launches pass, the
+# tl.constexpr twins what the kernels compare against.
+A_STRIDED, A_LAYERNORM, A_PATCH_GATHER, A_GATED = 0, 1, 2, 3
+B_STRIDED, B_LAYERNORM, B_PATCH_GATHER, B_ACT, B_GATED = 0, 1, 2, 3, 4
+C_STRIDED, C_IMAGE_SCATTER = 0, 1
+_A_LAYERNORM, _A_PATCH_GATHER, _A_GATED = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+_B_LAYERNORM, _B_PATCH_GATHER, _B_ACT, _B_GATED = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3), tl.constexpr(4)
+_C_IMAGE_SCATTER = tl.constexpr(1)
 # Default shared-memory budget for the prune when no device can be queried: sm_80's 163 KiB.
 _SMEM_DEFAULT = 166912
 
@@ -128,9 +131,9 @@ def _spills_on_sm120(bm: int, bn: int, stages: int, kwargs) -> bool:
     """Tiles that spill only in sm_120's code generation (fp16/bf16, the build report): the
     GELU and image-gather B prologues (B_MODE 2, 3) at 64 x 128 (8 B) and 64 x 64 with 4
     stages (16 B, bf16), the image scatter (C_MODE 1) at 128 x 128 (40 B)."""
-    if kwargs.get("B_MODE") in (2, 3) and bm == 64 and (bn == 128 or stages == 4):
+    if kwargs.get("B_MODE") in (B_PATCH_GATHER, B_ACT) and bm == 64 and (bn == 128 or stages == 4):
         return True
-    return kwargs.get("C_MODE") == 1 and bm == 128 and bn == 128
+    return kwargs.get("C_MODE") == C_IMAGE_SCATTER and bm == 128 and bn == 128
 
 
 def _prune(configs, named_args, **kwargs):
@@ -152,7 +155,7 @@ def _prune(configs, named_args, **kwargs):
             # (32 B) and with a plain A + residual (8 B); 64 x 64 w4 s4 is clean there (REG 128, no
             # B prologue to spill as in dW1/dW2). Either takes 64 x 64 instead (32 x 64 if the problem
             # is smaller than 64 rows).
-            spills_at_32 = (kwargs.get("A_MODE") == 1 and kwargs.get("STORE_PRE")) or (
+            spills_at_32 = (kwargs.get("A_MODE") == A_LAYERNORM and kwargs.get("STORE_PRE")) or (
                 kwargs.get("A_MODE", 0) == 0 and kwargs.get("HAS_RES")
             )
             if spills_at_32 and cap_m >= 64:
@@ -166,7 +169,9 @@ def _prune(configs, named_args, **kwargs):
             kwargs.get("EPI_DGELU") or kwargs.get("EPI_DGLU")
         ) and bm == 128:  # the GELU' epilogue at 128 rows: 8 B spill on sm_80 (REG 255)
             continue
-        if kwargs.get("C_MODE") == 1 and bm == 128 and c.num_warps == 4:  # image scatter: 16 B spill on sm_90
+        if (
+            kwargs.get("C_MODE") == C_IMAGE_SCATTER and bm == 128 and c.num_warps == 4
+        ):  # image scatter: 16 B spill on sm_90
             continue
         if arch >= 120 and _spills_on_sm120(bm, bn, c.num_stages, kwargs):
             continue
@@ -283,7 +288,7 @@ def _mac_block(
     """acc += prologue_A(A tile) @ prologue_B(B tile) for the K columns ``offs_k``."""
     k_ok = offs_k < K
     # ---- A tile (BLOCK_M, BLOCK_K)
-    if A_MODE == 2:
+    if A_MODE == _A_PATCH_GATHER:
         a_col = _pixel_offset(offs_k, P, s_ic, s_ih, s_iw)
         a_src = A + a_row[:, None] + a_col[None, :]
     else:
@@ -300,7 +305,7 @@ def _mac_block(
             ag = tl.load(a_src + goff_a)
         ag = _act(ag.to(tl.float32), ACT).to(A.dtype.element_ty).to(tl.float32)
         a = (ag * a.to(tl.float32)).to(A.dtype.element_ty)
-    if A_MODE == 1:
+    if A_MODE == _A_LAYERNORM:
         if MASKED:
             lw = tl.load(LnW + offs_k, mask=k_ok, other=0.0) if HAS_LNW else None
             lb = tl.load(LnB + offs_k, mask=k_ok, other=0.0) if HAS_LNB else None
@@ -316,7 +321,7 @@ def _mac_block(
             xhat = tl.where(k_ok[None, :], xhat, 0.0)
         a = xhat.to(A.dtype.element_ty)
     # ---- B tile (BLOCK_K, BLOCK_N)
-    if B_MODE == 2:
+    if B_MODE == _B_PATCH_GATHER:
         b_row = _token_offset(offs_k, NP, gw, P, s_ib, s_ih, s_iw)
         b_src = B + b_row[:, None] + b_col[None, :]
     else:
@@ -325,7 +330,7 @@ def _mac_block(
         b = tl.load(b_src, mask=k_ok[:, None], other=0.0)
     else:
         b = tl.load(b_src)
-    if B_MODE == 1:
+    if B_MODE == _B_LAYERNORM:
         if MASKED:
             k_mean = tl.load(Mean + offs_k, mask=k_ok, other=0.0)
             k_rstd = tl.load(Rstd + offs_k, mask=k_ok, other=0.0)
@@ -336,7 +341,7 @@ def _mac_block(
         if MASKED:
             bhat = tl.where(k_ok[:, None], bhat, 0.0)
         b = bhat.to(B.dtype.element_ty)
-    if B_MODE == 3:
+    if B_MODE == _B_ACT:
         b = _act(b.to(tl.float32), ACT).to(B.dtype.element_ty)
     if B_MODE == _B_GATED:
         if MASKED:
@@ -432,14 +437,14 @@ def fused_gemm_kernel(
     # Per-mode row/column values; placeholders (unused) in the other modes.
     a_mean = tl.zeros([BLOCK_M], tl.float32)
     a_rstd = a_mean
-    if A_MODE == 1:
+    if A_MODE == _A_LAYERNORM:
         a_mean = tl.load(Mean + rm)
         a_rstd = tl.load(Rstd + rm)
     a_row = _token_offset(rm, NP, gw, P, s_ib, s_ih, s_iw)
     a_ptrs = A + rm.to(tl.int64)[:, None] * stride_am + offs_kb[None, :] * stride_ak
     b_w = tl.full([BLOCK_N], 1.0, tl.float32)
     b_b = tl.zeros([BLOCK_N], tl.float32)
-    if B_MODE == 1:
+    if B_MODE == _B_LAYERNORM:
         if HAS_LNW:
             b_w = tl.load(LnW + rn).to(tl.float32)
         if HAS_LNB:
@@ -561,7 +566,7 @@ def fused_gemm_kernel(
         acc = acc + tl.load(Res + r_rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=c_mask, other=0.0).to(
             tl.float32
         )
-    if C_MODE == 1:
+    if C_MODE == _C_IMAGE_SCATTER:
         c_row = _token_offset(offs_m, NP, gw, P, s_ib, s_ih, s_iw)
         c_col = _pixel_offset(offs_n, P, s_ic, s_ih, s_iw)
         tl.store(C + c_row[:, None] + c_col[None, :], acc.to(C.dtype.element_ty), mask=c_mask)

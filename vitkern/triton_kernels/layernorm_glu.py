@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from vitkern.triton_kernels.gemm import A_GATED, B_GATED, device_guard, fused_gemm
+from vitkern.triton_kernels.gemm import A_GATED, A_LAYERNORM, B_GATED, B_LAYERNORM, device_guard, fused_gemm
 from vitkern.triton_kernels.layernorm_mlp import _ln_bwd_kernel, ln_stats
 
 
@@ -65,7 +65,7 @@ def layernorm_glu_fwd(
             a_strides=(x.stride(0), x.stride(1)),
             b_strides=(w.stride(1), w.stride(0)),
             c_strides=(2 * Hd, 1),
-            a_mode=1,
+            a_mode=A_LAYERNORM,
             mean=mean,
             rstd=rstd,
             ln_weight=ln_weight,
@@ -152,7 +152,7 @@ def layernorm_glu_bwd(
             a_strides=(1, 2 * Hd),
             b_strides=(x.stride(0), x.stride(1)),
             c_strides=(D, 1),
-            b_mode=1,
+            b_mode=B_LAYERNORM,
             mean=mean,
             rstd=rstd,
             ln_weight=ln_weight,

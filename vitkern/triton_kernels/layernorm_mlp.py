@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.triton_kernels.gemm import device_guard, fused_gemm
+from vitkern.triton_kernels.gemm import A_LAYERNORM, B_ACT, B_LAYERNORM, device_guard, fused_gemm
 
 MAX_DIM = 16384
 
@@ -151,7 +151,7 @@ def layernorm_mlp_fwd(
         a_strides=(x.stride(0), x.stride(1)),
         b_strides=(fc1_weight.stride(1), fc1_weight.stride(0)),
         c_strides=(Hd, 1),
-        a_mode=1,
+        a_mode=A_LAYERNORM,
         mean=mean,
         rstd=rstd,
         ln_weight=ln_weight,
@@ -211,7 +211,7 @@ def layernorm_mlp_bwd(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean,
         a_strides=(dout.stride(1), dout.stride(0)),
         b_strides=(pre.stride(0), pre.stride(1)),
         c_strides=(Hd, 1),
-        b_mode=3,
+        b_mode=B_ACT,
         act=act,
     )
     dw1 = torch.empty((Hd, D), device=dev, dtype=fc1_weight.dtype)
@@ -225,7 +225,7 @@ def layernorm_mlp_bwd(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean,
         a_strides=(1, Hd),
         b_strides=(x.stride(0), x.stride(1)),
         c_strides=(D, 1),
-        b_mode=1,
+        b_mode=B_LAYERNORM,
         mean=mean,
         rstd=rstd,
         ln_weight=ln_weight,

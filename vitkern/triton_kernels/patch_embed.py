@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vitkern.triton_kernels.gemm import fused_gemm
+from vitkern.triton_kernels.gemm import A_PATCH_GATHER, B_PATCH_GATHER, C_IMAGE_SCATTER, fused_gemm
 
 
 def patch_embed_fwd(images, weight, bias, pos_embed):
@@ -33,7 +33,7 @@ def patch_embed_fwd(images, weight, bias, pos_embed):
         K,
         b_strides=(w2.stride(1), w2.stride(0)),
         c_strides=(D, 1),
-        a_mode=2,
+        a_mode=A_PATCH_GATHER,
         bias=bias,
         res=pos,
         res_rows=NP,
@@ -63,7 +63,7 @@ def patch_embed_bwd(dout, images, weight, need_images: bool, need_weight: bool):
             D,
             a_strides=(d2.stride(0), d2.stride(1)),
             b_strides=(w2.stride(0), w2.stride(1)),
-            c_mode=1,
+            c_mode=C_IMAGE_SCATTER,
             patch=(NP, gw, P, dimg.stride()),
         )
     if need_weight:
@@ -77,7 +77,7 @@ def patch_embed_bwd(dout, images, weight, need_images: bool, need_weight: bool):
             M,
             a_strides=(d2.stride(1), d2.stride(0)),
             c_strides=(K, 1),
-            b_mode=2,
+            b_mode=B_PATCH_GATHER,
             patch=(NP, gw, P, images.stride()),
         )
         dw = dw.view(weight.shape)
