@@ -85,17 +85,24 @@ def _head_ptr(X, b, h, stride_b, stride_h):
 
 
 @triton.jit
-def _load_rows(base, rows, offs_d, stride_n, stride_d, mask):
-    """(len(rows), BLOCK_D) tile base[rows, offs_d] of one head's (N, Dh) matrix; 0 where
-    ``mask`` (rows in range & d < Dh) is false."""
-    return tl.load(base + rows[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+def _tile_ptrs(base, rows, offs_d, stride_n, stride_d):
+    """(len(rows), BLOCK_D) pointers base[rows, offs_d] into one head's (N, Dh) matrix."""
+    return base + rows[:, None] * stride_n + offs_d[None, :] * stride_d
 
 
 @triton.jit
-def _load_row_stats(lse_base, delta_base, offs, ok):
-    """The forward's log-sum-exp and delta = rowsum(dO * O) of the rows ``offs`` of one head."""
-    lse = tl.load(lse_base + offs, mask=ok, other=0.0)
-    delta = tl.load(delta_base + offs, mask=ok, other=0.0)
+def _load_rows(base, rows, offs_d, stride_n, stride_d, mask):
+    """(len(rows), BLOCK_D) tile base[rows, offs_d] of one head's (N, Dh) matrix; 0 where
+    ``mask`` (rows in range & d < Dh) is false."""
+    return tl.load(_tile_ptrs(base, rows, offs_d, stride_n, stride_d), mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_row_stats(Lse, Delta, row0, offs, ok):
+    """The forward's log-sum-exp and delta = rowsum(dO * O) at rows ``offs`` of one head
+    (``row0`` = batch*head * N: both are contiguous (B, H, N))."""
+    lse = tl.load(Lse + row0 + offs, mask=ok, other=0.0)
+    delta = tl.load(Delta + row0 + offs, mask=ok, other=0.0)
     return lse, delta
 
 
@@ -173,8 +180,8 @@ def _sp_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     # q stays in registers for the whole key loop.
-    q_base = _head_ptr(Q, b, h, stride_qb, stride_qh)
-    q = _load_rows(q_base, rows_m, offs_d, stride_qn, stride_qd, (offs_m < N)[:, None] & d_ok[None, :])
+    q_ptrs = _tile_ptrs(_head_ptr(Q, b, h, stride_qb, stride_qh), rows_m, offs_d, stride_qn, stride_qd)
+    q = tl.load(q_ptrs, mask=(offs_m < N)[:, None] & d_ok[None, :], other=0.0)
     k_base = _head_ptr(K, b, h, stride_kb, stride_kh)
     v_base = _head_ptr(V, b, h, stride_vb, stride_vh)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -260,8 +267,7 @@ def _sp_attn_bwd_dkdv_kernel(
     v = _load_rows(_head_ptr(V, b, h, stride_vb, stride_vh), rows_n, offs_d, stride_vn, stride_vd, kv_mask)
     q_base = _head_ptr(Q, b, h, stride_qb, stride_qh)
     do_base = _head_ptr(DO, b, h, stride_dob, stride_doh)
-    lse_base = Lse + pid_bh * N
-    delta_base = Delta + pid_bh * N
+    row0 = pid_bh * N
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     TW = 2 * gw - 1
@@ -270,7 +276,7 @@ def _sp_attn_bwd_dkdv_kernel(
         m_ok = offs_m < N
         q = _load_rows(q_base, offs_m, offs_d, stride_qn, stride_qd, m_ok[:, None] & d_ok[None, :])
         do = _load_rows(do_base, offs_m, offs_d, stride_don, stride_dod, m_ok[:, None] & d_ok[None, :])
-        lse, delta = _load_row_stats(lse_base, delta_base, offs_m, m_ok)
+        lse, delta = _load_row_stats(Lse, Delta, row0, offs_m, m_ok)
         logit = _dot_nt(q, k, BLOCK_M, BLOCK_N, IEEE) * scale
         prior = _prior_or_one(
             Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW, BLOCK_M, BLOCK_N, HAS_PRIOR
@@ -336,7 +342,7 @@ def _sp_attn_bwd_dq_kernel(
     q_mask = m_ok[:, None] & d_ok[None, :]
     q = _load_rows(_head_ptr(Q, b, h, stride_qb, stride_qh), rows_m, offs_d, stride_qn, stride_qd, q_mask)
     do = _load_rows(_head_ptr(DO, b, h, stride_dob, stride_doh), rows_m, offs_d, stride_don, stride_dod, q_mask)
-    lse, delta = _load_row_stats(Lse + pid_bh * N, Delta + pid_bh * N, offs_m, m_ok)
+    lse, delta = _load_row_stats(Lse, Delta, pid_bh * N, offs_m, m_ok)
     k_base = _head_ptr(K, b, h, stride_kb, stride_kh)
     v_base = _head_ptr(V, b, h, stride_vb, stride_vh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -442,7 +448,7 @@ def _sp_attn_bwd_domega_kernel(
             k = _load_rows(k_base, j, offs_d, stride_kn, stride_kd, row_mask)
             v = _load_rows(v_base, j, offs_d, stride_vn, stride_vd, row_mask)
             do = _load_rows(do_base, i, offs_d, stride_don, stride_dod, row_mask)
-            lse, delta = _load_row_stats(Lse + bh * N, Delta + bh * N, i, x_ok)
+            lse, delta = _load_row_stats(Lse, Delta, bh * N, i, x_ok)
             logit = _dot_nt(q, k, BLOCK_W, BLOCK_W, IEEE) * scale
             p = _probs(logit, omega, lse)
             dp = _dot_nt(do, v, BLOCK_W, BLOCK_W, IEEE)
