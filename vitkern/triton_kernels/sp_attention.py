@@ -180,8 +180,11 @@ def _sp_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     # q stays in registers for the whole key loop.
-    q_ptrs = _tile_ptrs(_head_ptr(Q, b, h, stride_qb, stride_qh), rows_m, offs_d, stride_qn, stride_qd)
-    q = tl.load(q_ptrs, mask=(offs_m < N)[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=(offs_m < N)[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     k_base = _head_ptr(K, b, h, stride_kb, stride_kh)
     v_base = _head_ptr(V, b, h, stride_vb, stride_vh)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -267,7 +270,8 @@ def _sp_attn_bwd_dkdv_kernel(
     v = _load_rows(_head_ptr(V, b, h, stride_vb, stride_vh), rows_n, offs_d, stride_vn, stride_vd, kv_mask)
     q_base = _head_ptr(Q, b, h, stride_qb, stride_qh)
     do_base = _head_ptr(DO, b, h, stride_dob, stride_doh)
-    row0 = pid_bh * N
+    lse_base = Lse + pid_bh * N  # lse and delta offsets formed once, outside the loop
+    delta_base = Delta + pid_bh * N
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     TW = 2 * gw - 1
@@ -276,7 +280,8 @@ def _sp_attn_bwd_dkdv_kernel(
         m_ok = offs_m < N
         q = _load_rows(q_base, offs_m, offs_d, stride_qn, stride_qd, m_ok[:, None] & d_ok[None, :])
         do = _load_rows(do_base, offs_m, offs_d, stride_don, stride_dod, m_ok[:, None] & d_ok[None, :])
-        lse, delta = _load_row_stats(Lse, Delta, row0, offs_m, m_ok)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
         logit = _dot_nt(q, k, BLOCK_M, BLOCK_N, IEEE) * scale
         prior = _prior_or_one(
             Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW, BLOCK_M, BLOCK_N, HAS_PRIOR
