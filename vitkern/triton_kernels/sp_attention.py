@@ -179,8 +179,8 @@ def _sp_attn_fwd_kernel(
     rows_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    # q stays in registers for the whole key loop. Written out rather than with _load_rows:
-    # the helper's order (mask before pointer) moved one compare in the PTX and cost a
+    # q stays in registers for the whole key loop. Written out rather than with the load
+    # helpers: both ways tried moved the row-bound compare in the PTX, and one cost a
     # register on sm_90 (fp16, Dh 64 with a prior: 123 instead of 122).
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
