@@ -79,13 +79,71 @@ def _program_ids(N, H, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _head_ptr(X, b, h, stride_b, stride_h):
+    """X advanced to the (N, Dh) matrix of batch b, head h (b and h int64: no 32-bit overflow)."""
+    return X + b * stride_b + h * stride_h
+
+
+@triton.jit
+def _tile_ptrs(base, rows, offs_d, stride_n, stride_d):
+    """(len(rows), BLOCK_D) pointers base[rows, offs_d] into one head's (N, Dh) matrix."""
+    return base + rows[:, None] * stride_n + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _load_rows(base, rows, offs_d, stride_n, stride_d, mask):
+    """(len(rows), BLOCK_D) tile base[rows, offs_d] of one head's (N, Dh) matrix; 0 where
+    ``mask`` (rows in range & d < Dh) is false."""
+    return tl.load(_tile_ptrs(base, rows, offs_d, stride_n, stride_d), mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_row_stats(Lse, Delta, row0, offs, ok):
+    """The forward's log-sum-exp and delta = rowsum(dO * O) at rows ``offs`` of one head
+    (``row0`` = batch*head * N: both are contiguous (B, H, N))."""
+    lse = tl.load(Lse + row0 + offs, mask=ok, other=0.0)
+    delta = tl.load(Delta + row0 + offs, mask=ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _dot_nt(a, b, ROWS: tl.constexpr, COLS: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b^T into a fresh (ROWS, COLS) fp32 tile (scores q k^T and dp = dO v^T)."""
+    return _dot(a, tl.trans(b), tl.zeros([ROWS, COLS], tl.float32), IEEE)
+
+
+@triton.jit
+def _prior_or_one(
+    Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW, BLOCK_M, BLOCK_N, HAS_PRIOR: tl.constexpr
+):
+    """(BLOCK_M, BLOCK_N) prior factors of :func:`_prior_tile`, or ones without a prior."""
+    if HAS_PRIOR:
+        prior, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
+    else:
+        prior = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
+    return prior
+
+
+@triton.jit
+def _probs(logit, prior, lse):
+    """Softmax probabilities recomputed from the saved log-sum-exp: exp(logit * prior - lse)."""
+    return tl.exp(logit * prior - lse[:, None])
+
+
+@triton.jit
+def _dsoftmax(p, dp, delta):
+    """ds = p * (dp - delta): the gradient of the post-prior logit (softmax backward)."""
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
 def _sp_attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    Omega,
-    Out,
-    Lse,  # q/k/v/out: (B, H, N, Dh) strided; omega: (H, 2gh-1, 2gw-1); lse: (B, H, N) fp32
+    Q,  # (B, H, N, Dh), any strides: stride_q{b,h,n,d}
+    K,  # (B, H, N, Dh), any strides: stride_k{b,h,n,d}
+    V,  # (B, H, N, Dh), any strides: stride_v{b,h,n,d}
+    Omega,  # (H, 2gh-1, 2gw-1) prior table, contiguous rows: stride_omh (q's pointer if no prior)
+    Out,  # (B, H, N, Dh) in q's dtype: stride_o{b,h,n,d}
+    Lse,  # (B, H, N) fp32, contiguous: row log-sum-exp of the (prior-scaled) logits
     stride_qb,
     stride_qh,
     stride_qn,
@@ -121,14 +179,16 @@ def _sp_attn_fwd_kernel(
     rows_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    # q stays in registers for the whole key loop.
+    # q stays in registers for the whole key loop. Written out rather than with the load
+    # helpers: both ways tried moved the row-bound compare in the PTX, and one cost a
+    # register on sm_90 (fp16, Dh 64 with a prior: 123 instead of 122).
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
         mask=(offs_m < N)[:, None] & d_ok[None, :],
         other=0.0,
     )
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = _head_ptr(K, b, h, stride_kb, stride_kh)
+    v_base = _head_ptr(V, b, h, stride_vb, stride_vh)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -136,12 +196,8 @@ def _sp_attn_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        k = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE) * scale
+        k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, n_ok[:, None] & d_ok[None, :])
+        s = _dot_nt(q, k, BLOCK_M, BLOCK_N, IEEE) * scale
         if HAS_PRIOR:
             prior, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
             s = s * prior
@@ -151,11 +207,7 @@ def _sp_attn_fwd_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, n_ok[:, None] & d_ok[None, :])
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -170,15 +222,15 @@ def _sp_attn_fwd_kernel(
 
 @triton.jit
 def _sp_attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    Omega,
-    DO,
-    Lse,
-    Delta,
-    DK,
-    DV,  # q/k/v/do: (B, H, N, Dh) strided; dk/dv: contiguous (B, H, N, Dh)
+    Q,  # (B, H, N, Dh), any strides: stride_q{b,h,n,d}
+    K,  # (B, H, N, Dh), any strides: stride_k{b,h,n,d}
+    V,  # (B, H, N, Dh), any strides: stride_v{b,h,n,d}
+    Omega,  # (H, 2gh-1, 2gw-1) prior table, contiguous rows: stride_omh (q's pointer if no prior)
+    DO,  # (B, H, N, Dh) upstream gradient, any strides: stride_do{b,h,n,d}
+    Lse,  # (B, H, N) fp32, contiguous: the forward's row log-sum-exp
+    Delta,  # (B, H, N) fp32, contiguous: rowsum(dO * O)
+    DK,  # (B, H, N, Dh) contiguous, q's dtype
+    DV,  # (B, H, N, Dh) contiguous, q's dtype
     stride_qb,
     stride_qh,
     stride_qn,
@@ -216,19 +268,11 @@ def _sp_attn_bwd_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     n_ok = offs_n < N
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(
-        K + b * stride_kb + h * stride_kh + rows_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + rows_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    lse_base = Lse + pid_bh * N
+    k = _load_rows(_head_ptr(K, b, h, stride_kb, stride_kh), rows_n, offs_d, stride_kn, stride_kd, kv_mask)
+    v = _load_rows(_head_ptr(V, b, h, stride_vb, stride_vh), rows_n, offs_d, stride_vn, stride_vd, kv_mask)
+    q_base = _head_ptr(Q, b, h, stride_qb, stride_qh)
+    do_base = _head_ptr(DO, b, h, stride_dob, stride_doh)
+    lse_base = Lse + pid_bh * N  # lse and delta offsets formed once, outside the loop
     delta_base = Delta + pid_bh * N
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -236,28 +280,19 @@ def _sp_attn_bwd_dkdv_kernel(
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
-        q = tl.load(
-            q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-            mask=m_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        do = tl.load(
-            do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-            mask=m_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        q = _load_rows(q_base, offs_m, offs_d, stride_qn, stride_qd, m_ok[:, None] & d_ok[None, :])
+        do = _load_rows(do_base, offs_m, offs_d, stride_don, stride_dod, m_ok[:, None] & d_ok[None, :])
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        logit = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE) * scale
-        if HAS_PRIOR:
-            prior, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
-        else:
-            prior = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
-        p = tl.exp(logit * prior - lse[:, None])
+        logit = _dot_nt(q, k, BLOCK_M, BLOCK_N, IEEE) * scale
+        prior = _prior_or_one(
+            Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW, BLOCK_M, BLOCK_N, HAS_PRIOR
+        )
+        p = _probs(logit, prior, lse)
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
         dv = _dot(tl.trans(p.to(do.dtype)), do, dv, IEEE)
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        ds = p * (dp - delta[:, None])  # gradient of the post-prior logit
+        dp = _dot_nt(do, v, BLOCK_M, BLOCK_N, IEEE)
+        ds = _dsoftmax(p, dp, delta)
         dlogit = ds * prior * scale  # chain through the prior and the scale
         dk = _dot(tl.trans(dlogit.to(q.dtype)), q, dk, IEEE)
     out_off = pid_bh * N * HEAD_DIM + rows_n[:, None] * HEAD_DIM + offs_d[None, :]
@@ -267,14 +302,14 @@ def _sp_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _sp_attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    Omega,
-    DO,
-    Lse,
-    Delta,
-    DQ,  # dq: contiguous (B, H, N, Dh)
+    Q,  # (B, H, N, Dh), any strides: stride_q{b,h,n,d}
+    K,  # (B, H, N, Dh), any strides: stride_k{b,h,n,d}
+    V,  # (B, H, N, Dh), any strides: stride_v{b,h,n,d}
+    Omega,  # (H, 2gh-1, 2gw-1) prior table, contiguous rows: stride_omh (q's pointer if no prior)
+    DO,  # (B, H, N, Dh) upstream gradient, any strides: stride_do{b,h,n,d}
+    Lse,  # (B, H, N) fp32, contiguous: the forward's row log-sum-exp
+    Delta,  # (B, H, N) fp32, contiguous: rowsum(dO * O)
+    DQ,  # (B, H, N, Dh) contiguous, q's dtype
     stride_qb,
     stride_qh,
     stride_qn,
@@ -312,44 +347,26 @@ def _sp_attn_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < N
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + rows_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-        mask=q_mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + rows_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-        mask=q_mask,
-        other=0.0,
-    )
-    lse = tl.load(Lse + pid_bh * N + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(Delta + pid_bh * N + offs_m, mask=m_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    q = _load_rows(_head_ptr(Q, b, h, stride_qb, stride_qh), rows_m, offs_d, stride_qn, stride_qd, q_mask)
+    do = _load_rows(_head_ptr(DO, b, h, stride_dob, stride_doh), rows_m, offs_d, stride_don, stride_dod, q_mask)
+    lse, delta = _load_row_stats(Lse, Delta, pid_bh * N, offs_m, m_ok)
+    k_base = _head_ptr(K, b, h, stride_kb, stride_kh)
+    v_base = _head_ptr(V, b, h, stride_vb, stride_vh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     TW = 2 * gw - 1
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        k = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
+        k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, n_ok[:, None] & d_ok[None, :])
+        v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, n_ok[:, None] & d_ok[None, :])
+        logit = _dot_nt(q, k, BLOCK_M, BLOCK_N, IEEE) * scale
+        prior = _prior_or_one(
+            Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW, BLOCK_M, BLOCK_N, HAS_PRIOR
         )
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        logit = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE) * scale
-        if HAS_PRIOR:
-            prior, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
-        else:
-            prior = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
-        p = tl.exp(logit * prior - lse[:, None])
+        p = _probs(logit, prior, lse)
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        ds = p * (dp - delta[:, None])
+        dp = _dot_nt(do, v, BLOCK_M, BLOCK_N, IEEE)
+        ds = _dsoftmax(p, dp, delta)
         dq = _dot((ds * prior * scale).to(k.dtype), k, dq, IEEE)
     tl.store(
         DQ + pid_bh * N * HEAD_DIM + rows_m[:, None] * HEAD_DIM + offs_d[None, :],
@@ -360,14 +377,14 @@ def _sp_attn_bwd_dq_kernel(
 
 @triton.jit
 def _sp_attn_bwd_domega_kernel(
-    Q,
-    K,
-    V,
-    Omega,
-    DO,
-    Lse,
-    Delta,
-    Part,  # fp32 (H, 2gh-1, chunks, 2gw-1): this program's row of partial sums
+    Q,  # (B, H, N, Dh), any strides: stride_q{b,h,n,d}
+    K,  # (B, H, N, Dh), any strides: stride_k{b,h,n,d}
+    V,  # (B, H, N, Dh), any strides: stride_v{b,h,n,d}
+    Omega,  # (H, 2gh-1, 2gw-1) prior table, contiguous rows: stride_omh
+    DO,  # (B, H, N, Dh) upstream gradient, any strides: stride_do{b,h,n,d}
+    Lse,  # (B, H, N) fp32, contiguous: the forward's row log-sum-exp
+    Delta,  # (B, H, N) fp32, contiguous: rowsum(dO * O)
+    Part,  # (H, 2gh-1, chunks, 2gw-1) fp32, contiguous: this program's row of partial sums
     stride_qb,
     stride_qh,
     stride_qn,
@@ -427,23 +444,22 @@ def _sp_attn_bwd_domega_kernel(
     for bi in range(0, b1 - b0):
         b64 = b0 + bi
         bh = b64 * H + h
-        q_base = Q + b64 * stride_qb + h * stride_qh
-        k_base = K + b64 * stride_kb + h * stride_kh
-        v_base = V + b64 * stride_vb + h * stride_vh
-        do_base = DO + b64 * stride_dob + h * stride_doh
+        q_base = _head_ptr(Q, b64, h, stride_qb, stride_qh)
+        k_base = _head_ptr(K, b64, h, stride_kb, stride_kh)
+        v_base = _head_ptr(V, b64, h, stride_vb, stride_vh)
+        do_base = _head_ptr(DO, b64, h, stride_dob, stride_doh)
         for r in range(r0, r1):
             i = num_prefix + r * gw + offs_x  # query tokens of patch row r
             j = i + dy * gw  # key tokens of patch row r + dy
-            q = tl.load(q_base + i[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
-            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=row_mask, other=0.0)
-            v = tl.load(v_base + j[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=row_mask, other=0.0)
-            do = tl.load(do_base + i[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
-            lse = tl.load(Lse + bh * N + i, mask=x_ok, other=0.0)
-            delta = tl.load(Delta + bh * N + i, mask=x_ok, other=0.0)
-            logit = _dot(q, tl.trans(k), tl.zeros([BLOCK_W, BLOCK_W], tl.float32), IEEE) * scale
-            p = tl.exp(logit * omega - lse[:, None])
-            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_W, BLOCK_W], tl.float32), IEEE)
-            acc += tl.where(pair_ok, p * (dp - delta[:, None]) * logit, 0.0)
+            q = _load_rows(q_base, i, offs_d, stride_qn, stride_qd, row_mask)
+            k = _load_rows(k_base, j, offs_d, stride_kn, stride_kd, row_mask)
+            v = _load_rows(v_base, j, offs_d, stride_vn, stride_vd, row_mask)
+            do = _load_rows(do_base, i, offs_d, stride_don, stride_dod, row_mask)
+            lse, delta = _load_row_stats(Lse, Delta, bh * N, i, x_ok)
+            logit = _dot_nt(q, k, BLOCK_W, BLOCK_W, IEEE) * scale
+            p = _probs(logit, omega, lse)
+            dp = _dot_nt(do, v, BLOCK_W, BLOCK_W, IEEE)
+            acc += tl.where(pair_ok, _dsoftmax(p, dp, delta) * logit, 0.0)
     out = Part + (hy * chunks + chunk) * TW
     for t in range(0, TW):
         tl.store(out + t, tl.sum(tl.sum(tl.where(diag == t, acc, 0.0), 1), 0))
