@@ -130,7 +130,7 @@ def wants_grad(*tensors: torch.Tensor | None) -> bool:
 
 
 def saved_fake(x: torch.Tensor, k: LnMlpKernels, save: bool, pre_cols: int, act_cols: int) -> list[torch.Tensor]:
-    """Fake (pre, act_out, ln_out) of a forward on ``backend``'s kernels ``k``."""
+    """The fake (pre, act_out, ln_out) of a forward on the kernels ``k``."""
     M, D = x.shape[0], x.shape[1]
     if k.saves_activations:
         f32 = dict(dtype=torch.float32)

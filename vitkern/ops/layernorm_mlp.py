@@ -180,7 +180,7 @@ def _layernorm_mlp_op(
     save: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out, mean, rstd, pre-activation, activation output, norm output): the module comment above."""
+    """-> (out, mean, rstd, pre-activation, activation output, norm output): see "kernels per backend"."""
     with no_autocast(x.device.type):
         return tuple(  # a tuple: vitkern._C returns a list, which autograd would not see as six outputs
             kernels_of(_KERNELS, backend).forward(
