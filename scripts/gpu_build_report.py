@@ -14,7 +14,7 @@ tcgen05, or none) and whether an fp32 path uses TF32. Exits 1 on a compile error
 TF32 instruction in an fp32 path that torch's settings (default: TF32 off) forbid.
 
     python scripts/gpu_build_report.py [--arch 80 86 89 90 100 120] [--dtype fp32 fp16 bf16]
-                                       [--jobs N] [--kernel REGEX] [--markdown]
+                                       [--jobs N] [--kernel REGEX] [--markdown] [--output FILE]
 """
 
 from __future__ import annotations
@@ -159,6 +159,12 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--kernel", default="", help="only kernels whose name matches this regular expression")
+    ap.add_argument(
+        "--output",
+        default=None,
+        help="also write the table as markdown to this file, with the command, date and triton version "
+        "(e.g. benchmarks/results/gpu_build_report.md)",
+    )
     args = ap.parse_args()
     torch.backends.cuda.matmul.fp32_precision = "ieee"  # torch's default: no TF32 for fp32 matmuls
     jobs, rows = [], []
@@ -215,6 +221,16 @@ def main() -> int:
         print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
         for r in table:
             print("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)))
+    if args.output:
+        import datetime
+
+        with open(args.output, "w") as fh:
+            cmd = "python scripts/gpu_build_report.py " + " ".join(sys.argv[1:])
+            fh.write(f"# GPU build report ({datetime.date.today()}, triton {triton.__version__})\n\n")
+            fh.write(f"Written by `{cmd}`: {len(table)} kernel builds, ")
+            fh.write(f"{len(failed)} with a problem.\n\n" if failed else "no problem.\n\n")
+            fh.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+            fh.writelines("| " + " | ".join(r) + " |\n" for r in table)
     for f in failed:
         print("FAIL", f, file=sys.stderr)
     print(

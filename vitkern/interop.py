@@ -98,11 +98,12 @@ def _fused_mlp(n2, mlp, x, activation_norm, residual):
 
 
 def _patched_block_forward(self, x, attn_mask=None, is_causal=False):
+    from vitkern.models.layers import mlp_residual
+
     x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-    dp_active = self.training and getattr(self.drop_path2, "drop_prob", 0.0) > 0
-    if isinstance(self.ls2, nn.Identity) and not dp_active:
-        return _fused_mlp(self.norm2, self.mlp, x, self.vitkern_mlp, True)
-    return x + self.drop_path2(self.ls2(_fused_mlp(self.norm2, self.mlp, x, self.vitkern_mlp, False)))
+    return mlp_residual(
+        x, self.ls2, self.drop_path2, lambda r: _fused_mlp(self.norm2, self.mlp, x, self.vitkern_mlp, r)
+    )
 
 
 def _patched_ffn_forward(self, x):

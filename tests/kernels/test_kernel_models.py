@@ -61,8 +61,9 @@ def test_whole_model_matches_reference(name, backend, device, seed, poison_empty
         ep = torch.export.export(model, (x,))
     calls = [n for n in ep.graph.nodes if n.op == "call_function"]
     exported_ops = sorted({str(n.target) for n in calls if "vitkern" in str(n.target)})
-    for op in ("sp_attention", "layernorm_mlp"):  # one op per computation, the backend its last argument
-        assert any(str(n.target) == f"vitkern.{op}.default" and n.args[-1] == backend for n in calls), exported_ops
+    # One custom op per computation, the backend its last argument.
+    for op in ("sp_attention", "patch_embed", "layernorm_mlp"):
+        assert any(str(n.target) == f"vitkern.{op}.default" and n.args[-1] == "triton" for n in calls), exported_ops
     emod = ep.module()
     model.zero_grad()  # the exported module shares the model's parameter tensors
     emod.zero_grad()

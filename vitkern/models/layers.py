@@ -251,12 +251,19 @@ class Block(nn.Module):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid, num_prefix_tokens)))
         if not fusable_mlp(self.norm2, self.mlp):  # an MLP kept unfused by ViT.from_timm
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        plain_residual = isinstance(self.ls2, nn.Identity) and not (
-            isinstance(self.drop_path2, DropPath) and self.training
-        )
-        if plain_residual:  # the residual add is fused into fc2's epilogue
-            return fused_norm_mlp(self.norm2, self.mlp, x, residual=True)
-        return x + self.drop_path2(self.ls2(fused_norm_mlp(self.norm2, self.mlp, x, residual=False)))
+        return mlp_residual(x, self.ls2, self.drop_path2, lambda r: fused_norm_mlp(self.norm2, self.mlp, x, r))
+
+
+def mlp_residual(x: torch.Tensor, ls: nn.Module, drop_path: nn.Module, fused_mlp) -> torch.Tensor:
+    """``x + drop_path(ls(mlp(norm(x))))`` for a block's fused MLP half, where ``fused_mlp(residual)``
+    runs the fused op with or without the residual add. When LayerScale is off and drop path
+    cannot drop (eval, or rate 0) the residual add is fused into fc2's epilogue. The one
+    decision for vitkern's Block and for timm blocks patched by ``patch_timm`` (vitkern's or
+    timm's DropPath: both keep their rate in ``drop_prob``)."""
+    drops = drop_path.training and float(getattr(drop_path, "drop_prob", 0.0) or 0.0) > 0
+    if isinstance(ls, nn.Identity) and not drops:
+        return fused_mlp(True)
+    return x + drop_path(ls(fused_mlp(False)))
 
 
 def fusable_mlp(norm: nn.Module, mlp: nn.Module) -> bool:
