@@ -59,7 +59,7 @@ def test_inference_and_training_step_match_reference(name, gen):
 
 def test_custom_ops_pass_opcheck(gen):
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration."""
-    from vitkern.ops.layernorm_mlp import _layernorm_mlp_cpu
+    from vitkern.ops.layernorm_mlp import _layernorm_mlp_op
     from vitkern.ops.patch_embed import _patch_embed_op
     from vitkern.ops.sp_attention import _sp_attention_op
     from vitkern.ops.spatial_prior import _spatial_prior_op
@@ -74,19 +74,21 @@ def test_custom_ops_pass_opcheck(gen):
     torch.library.opcheck(_patch_embed_op, (img, w, b, pos, "cpu"))
     x = randn(10, 16, gen=gen).requires_grad_()
     params = [randn(*s, gen=gen).requires_grad_() for s in ((16,), (16,), (32, 16), (32,), (16, 32), (16,))]
-    torch.library.opcheck(_layernorm_mlp_cpu, (x, *params, 1e-6, 1, False, True, True))
+    torch.library.opcheck(_layernorm_mlp_op, (x, *params, 1e-6, 1, False, True, True, "cpu"))
     # RMSNorm (no LN bias) with SiLU, no residual
     rms_params = [params[0], None, *params[2:]]
-    torch.library.opcheck(_layernorm_mlp_cpu, (x, *rms_params, 1e-5, 4, True, False, True))
-    from vitkern.ops.layernorm_glu import _layernorm_glu_cpu
+    torch.library.opcheck(_layernorm_mlp_op, (x, *rms_params, 1e-5, 4, True, False, True, "cpu"))
+    from vitkern.ops.layernorm_glu import _layernorm_glu_op
 
     w2 = randn(16, 24, gen=gen).requires_grad_()
     packed = (x, *params[:2], randn(48, 16, gen=gen).requires_grad_(), randn(48, gen=gen).requires_grad_())
-    torch.library.opcheck(_layernorm_glu_cpu, (*packed, None, None, w2, params[5], 1e-6, 1, False, False, True, True))
+    torch.library.opcheck(
+        _layernorm_glu_op, (*packed, None, None, w2, params[5], 1e-6, 1, False, False, True, True, "cpu")
+    )
     # split fc1, RMSNorm (weight only), SiLU, no residual
     gate, value = (randn(24, 16, gen=gen).requires_grad_() for _ in range(2))
     split = (x, params[0], None, gate, None, value, randn(24, gen=gen).requires_grad_(), w2, None, 1e-5, 4, True)
-    torch.library.opcheck(_layernorm_glu_cpu, (*split, True, False, True))
+    torch.library.opcheck(_layernorm_glu_op, (*split, True, False, True, "cpu"))
 
 
 @pytest.mark.slow

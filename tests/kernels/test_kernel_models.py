@@ -61,10 +61,9 @@ def test_whole_model_matches_reference(name, backend, device, seed, poison_empty
         ep = torch.export.export(model, (x,))
     calls = [n for n in ep.graph.nodes if n.op == "call_function"]
     exported_ops = sorted({str(n.target) for n in calls if "vitkern" in str(n.target)})
-    # One custom op per computation, the backend its last argument (layernorm_mlp: one per backend).
-    assert any(str(n.target) == "vitkern.sp_attention.default" and n.args[-1] == "triton" for n in calls), exported_ops
-    assert any(str(n.target) == "vitkern.patch_embed.default" and n.args[-1] == "triton" for n in calls), exported_ops
-    assert any("layernorm_mlp" in o for o in exported_ops), exported_ops
+    # One custom op per computation, the backend its last argument.
+    for op in ("sp_attention", "patch_embed", "layernorm_mlp"):
+        assert any(str(n.target) == f"vitkern.{op}.default" and n.args[-1] == "triton" for n in calls), exported_ops
     emod = ep.module()
     model.zero_grad()  # the exported module shares the model's parameter tensors
     emod.zero_grad()
@@ -75,7 +74,7 @@ def test_whole_model_matches_reference(name, backend, device, seed, poison_empty
 
 
 def test_triton_custom_ops_pass_opcheck(device, seed):
-    from vitkern.ops.layernorm_mlp import _layernorm_mlp_triton
+    from vitkern.ops.layernorm_mlp import _layernorm_mlp_op
     from vitkern.ops.patch_embed import _patch_embed_op
 
     g = torch.Generator().manual_seed(seed)
@@ -87,14 +86,14 @@ def test_triton_custom_ops_pass_opcheck(device, seed):
     torch.library.opcheck(_patch_embed_op, (img, w, b, pos, "triton"))
     xs = r(10, 16)
     params = [r(*s) for s in ((16,), (16,), (32, 16), (32,), (16, 32), (16,))]
-    torch.library.opcheck(_layernorm_mlp_triton, (xs, *params, 1e-6, 1, False, True, True))
+    torch.library.opcheck(_layernorm_mlp_op, (xs, *params, 1e-6, 1, False, True, True, "triton"))
     # RMSNorm (no LN bias) with QuickGELU, no residual
-    torch.library.opcheck(_layernorm_mlp_triton, (xs, params[0], None, *params[2:], 1e-5, 3, True, False, True))
+    torch.library.opcheck(_layernorm_mlp_op, (xs, params[0], None, *params[2:], 1e-5, 3, True, False, True, "triton"))
     # The gated custom op: packed fc1 (gate last) and split fc1 (SiLU, RMSNorm).
-    from vitkern.ops.layernorm_glu import _layernorm_glu_triton
+    from vitkern.ops.layernorm_glu import _layernorm_glu_op
 
     x, lw, lb, w2, b2 = r(10, 16), r(16), r(16), r(16, 24), r(16)
-    packed = (x, lw, lb, r(48, 16), r(48), None, None, w2, b2, 1e-6, 1, False, False, True, True)
-    split = (x, lw, None, r(24, 16), None, r(24, 16), r(24), w2, None, 1e-5, 4, True, True, False, True)
-    torch.library.opcheck(_layernorm_glu_triton, packed)
-    torch.library.opcheck(_layernorm_glu_triton, split)
+    packed = (x, lw, lb, r(48, 16), r(48), None, None, w2, b2, 1e-6, 1, False, False, True, True, "triton")
+    split = (x, lw, None, r(24, 16), None, r(24, 16), r(24), w2, None, 1e-5, 4, True, True, False, True, "triton")
+    torch.library.opcheck(_layernorm_glu_op, packed)
+    torch.library.opcheck(_layernorm_glu_op, split)

@@ -53,24 +53,12 @@ def check_int(name: str, value: object, minimum: int) -> int:
 
 
 # ----------------------------------------------------------------------------- cpu kernel dispatch rules
-# The csrc CPU kernels compute in fp32; these are their `supports` / `auto_skip` rules
+# The csrc CPU kernels compute in fp32 (float64 inputs go to the reference path through the backend
+# table's dtypes, vitkern/_backend.py); this is their `auto_skip` rule for the GEMM ops
 # (first positional argument: the op's main input).
-def cpu_fp32_kernel_supports(x: torch.Tensor, *args: object) -> str | None:
-    if x.dtype == torch.float64:
-        return "float64 runs on the reference path (the cpu kernel computes in fp32)"
-    return None
-
-
 def cpu_gemm_kernel_auto_skip(x: torch.Tensor, *args: object) -> str | None:
     if x.dtype in (torch.bfloat16, torch.float16):
         # Measured (benchmarks/NOTES.md): torch's bf16 GEMMs run ~3x faster than the fp32
         # sgemm these kernels compute in, so eager wins for half-precision inputs here.
         return "half-precision input: torch's native bf16/fp16 GEMMs (reference path) are faster than this fp32 kernel"
-    return None
-
-
-def triton_kernel_supports(x: torch.Tensor, *args: object) -> str | None:
-    """The Triton GEMM kernels take fp16, bf16 and fp32 (fp32 accumulation)."""
-    if x.dtype == torch.float64:
-        return "float64 is not supported by the Triton kernels (reference path)"
     return None

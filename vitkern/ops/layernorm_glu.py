@@ -20,17 +20,16 @@ row order and ``gate_first`` says which half is the gate.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
 from vitkern.ops._autograd import mark_saved_outputs, no_autocast
-from vitkern.ops._validate import (
-    check_tensor,
-    cpu_fp32_kernel_supports,
-    cpu_gemm_kernel_auto_skip,
-)
+from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
+from vitkern.ops._validate import check_tensor, cpu_gemm_kernel_auto_skip
 
 GATED = ("gate_first", "gate_last", "split")
 Opt = torch.Tensor | None
@@ -87,7 +86,7 @@ def _grads_fake(x, ln_weight, ln_bias, w1a, w1b, fc2_weight):
 
 
 def _grad_tuple(grads, ln_weight, ln_bias, w1b, has_bias):
-    """The autograd return: one entry per op input (15), None where no gradient applies."""
+    """The autograd return: one entry per op input (16), None where no gradient applies."""
     dx, dlnw, dlnb, dw1a, db1a, dw1b, db1b, dw2, db2 = grads
     return (
         dx,
@@ -99,25 +98,117 @@ def _grad_tuple(grads, ln_weight, ln_bias, w1b, has_bias):
         db1b if has_bias[1] else None,
         dw2,
         db2 if has_bias[2] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
+        *(None,) * 7,  # eps, act, rms, gate_first, residual, save, backend
     )
 
 
-def _setup(ctx, inputs):
-    x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, w2, b2, eps, act, rms, gate_first, residual, save = inputs
-    ctx.flags = (act, rms, gate_first, residual)
-    ctx.has_bias = (b1a is not None, b1b is not None, b2 is not None)
-    return x, ln_weight, ln_bias, w1a, w1b, w2
+# ----------------------------------------------------------------------------- shared with layernorm_mlp
+@dataclass(frozen=True)
+class LnMlpKernels(Kernels):
+    """A backend's kernels of layernorm_mlp or its gated form (the custom ops' forward returns
+    (out, mean, rstd, pre, act_out, ln_out) on every backend; the fake branches on these flags)."""
+
+    # True: the forward saves pre-activation, activation output and norm output in fp32 (the cpu
+    # kernels); False: pre-activation only, in x's dtype, and two empty tensors (the Triton
+    # kernels recompute the rest from pre and the statistics).
+    saves_activations: bool = False
+    # x's rows must be contiguous (reshape's view made contiguous before the custom op).
+    contiguous_rows: bool = False
 
 
-# ----------------------------------------------------------------------------- cpu backend (csrc)
-@torch.library.custom_op("vitkern::layernorm_glu_cpu", mutates_args=(), device_types="cpu")
-def _layernorm_glu_cpu(
+def flatten_rows(x: torch.Tensor, contiguous_rows: bool) -> torch.Tensor:
+    """x as (tokens, dim): a view where possible, copied when the kernel needs unit-stride rows."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if contiguous_rows and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether the forward must save the backward's tensors (a gradient is wanted)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def saved_fake(x: torch.Tensor, k: LnMlpKernels, save: bool, pre_cols: int, act_cols: int) -> list[torch.Tensor]:
+    """The fake (pre, act_out, ln_out) of a forward on the kernels ``k``."""
+    M, D = x.shape[0], x.shape[1]
+    if k.saves_activations:
+        f32 = dict(dtype=torch.float32)
+        return [x.new_empty(s if save else (0,), **f32) for s in ((M, pre_cols), (M, act_cols), (M, D))]
+    return [x.new_empty((M, pre_cols) if save else (0,)), x.new_empty(0), x.new_empty(0)]
+
+
+_TRITON_MAX_DIM: list[int] = []
+
+
+def _triton_max_dim() -> int:
+    if not _TRITON_MAX_DIM:
+        from vitkern.triton_kernels.layernorm_mlp import MAX_DIM
+
+        _TRITON_MAX_DIM.append(MAX_DIM)
+    return _TRITON_MAX_DIM[0]
+
+
+def triton_lnmlp_supports(x, *args) -> str | None:
+    """The Triton LayerNorm kernels' dimension limit (plain and gated MLP alike)."""
+    max_dim = _triton_max_dim()
+    if x.shape[-1] > max_dim:
+        return f"dim {x.shape[-1]} is above the Triton LayerNorm kernels' limit {max_dim}"
+    return None
+
+
+if _backend.backend_status("triton") is None:
+    # Where the Triton backend can run, read its limit now: the dispatch check runs inside
+    # torch.compile's trace, which must not import (fullgraph=True).
+    _triton_max_dim()
+
+
+# ----------------------------------------------------------------------------- kernels per backend
+# forward(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first,
+# residual, save) -> (out, mean, rstd, pre (M, 2H), gated activation (M, H), norm output (M, D)), the
+# last three empty unless ``save`` (and the last two always on Triton); backward(dout, x, ln_weight,
+# ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, hidden, ln_out, act, rms, gate_first, residual)
+# -> (dx, dlnw, dlnb, dw1a, db1a, dw1b, db1b, dw2, db2), None where no gradient applies.
+def _cpu_forward(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, w2, b2, eps, act, rms, gate_first, residual, save):
+    ext = load_extension()
+    return ext.layernorm_glu_forward(
+        x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, w2, b2, eps, act, rms, gate_first, residual, save
+    )
+
+
+def _cpu_backward(dout, x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre, hidden, ln_out, *flags):
+    ext = load_extension()
+    return ext.layernorm_glu_backward(
+        dout, x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre, hidden, ln_out, *flags
+    )
+
+
+def _triton_forward(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, w2, b2, eps, act, rms, gate_first, residual, save):
+    from vitkern.triton_kernels.layernorm_glu import layernorm_glu_fwd
+
+    out, mean, rstd, pre = layernorm_glu_fwd(
+        x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, w2, b2, eps, act, rms, gate_first, residual, save
+    )
+    return out, mean, rstd, pre, x.new_empty(0), x.new_empty(0)
+
+
+def _triton_backward(dout, x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre, hidden, ln_out, *flags):
+    from vitkern.triton_kernels.layernorm_glu import layernorm_glu_bwd
+
+    # hidden and ln_out are the forward's empty tensors: the kernel recomputes them.
+    return layernorm_glu_bwd(dout, x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre, *flags)
+
+
+_KERNELS: dict[str, LnMlpKernels] = {
+    "cpu": LnMlpKernels(_cpu_forward, _cpu_backward, auto_skip=cpu_gemm_kernel_auto_skip, saves_activations=True),
+    "triton": LnMlpKernels(_triton_forward, _triton_backward, supports=triton_lnmlp_supports, contiguous_rows=True),
+}
+
+
+# ----------------------------------------------------------------------------- the custom ops
+# One forward and one backward custom op for every backend in _KERNELS.
+@torch.library.custom_op("vitkern::layernorm_glu", mutates_args=())
+def _layernorm_glu_op(
     x: torch.Tensor,
     ln_weight: Opt,
     ln_bias: Opt,
@@ -133,12 +224,12 @@ def _layernorm_glu_cpu(
     gate_first: bool,
     residual: bool,
     save: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out, mean, rstd, pre-activation (M, 2H), gated activation (M, H), LN output (M, D));
-    the last three are empty unless ``save``."""
-    with no_autocast("cpu"):
+    """-> (out, mean, rstd, pre-activation (M, 2H), gated activation (M, H), norm output (M, D))."""
+    with no_autocast(x.device.type):
         return tuple(
-            load_extension().layernorm_glu_forward(
+            kernels_of(_KERNELS, backend).forward(
                 x,
                 ln_weight,
                 ln_bias,
@@ -158,16 +249,17 @@ def _layernorm_glu_cpu(
         )
 
 
-@_layernorm_glu_cpu.register_fake
-def _(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual, save):
-    M, D, Hd = x.shape[0], x.shape[1], fc2_weight.shape[1]
-    f32 = dict(dtype=torch.float32)
-    saved = [x.new_empty(s if save else (0,), **f32) for s in ((M, 2 * Hd), (M, Hd), (M, D))]
-    return (x.new_empty(x.shape), x.new_empty((M,), **f32), x.new_empty((M,), **f32), *saved)
+@_layernorm_glu_op.register_fake
+def _(
+    x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual, save, backend
+):
+    M, Hd = x.shape[0], fc2_weight.shape[1]
+    stats = [x.new_empty((M,), dtype=torch.float32) for _ in range(2)]
+    return (x.new_empty(x.shape), *stats, *saved_fake(x, kernels_of(_KERNELS, backend), save, 2 * Hd, Hd))
 
 
-@torch.library.custom_op("vitkern::layernorm_glu_cpu_backward", mutates_args=(), device_types="cpu")
-def _layernorm_glu_cpu_backward(
+@torch.library.custom_op("vitkern::layernorm_glu_backward", mutates_args=())
+def _layernorm_glu_backward_op(
     dout: torch.Tensor,
     x: torch.Tensor,
     ln_weight: Opt,
@@ -184,9 +276,10 @@ def _layernorm_glu_cpu_backward(
     rms: bool,
     gate_first: bool,
     residual: bool,
+    backend: str,
 ) -> list[torch.Tensor]:
-    with no_autocast("cpu"):
-        grads = load_extension().layernorm_glu_backward(
+    with no_autocast(x.device.type):  # the cpu kernel's aten::mm calls must not be autocast to bf16
+        grads = kernels_of(_KERNELS, backend).backward(
             dout,
             x,
             ln_weight,
@@ -207,152 +300,66 @@ def _layernorm_glu_cpu_backward(
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
-@_layernorm_glu_cpu_backward.register_fake
+@_layernorm_glu_backward_op.register_fake
 def _(
-    dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, hidden, ln_out, act, rms, gate_first, residual
+    dout,
+    x,
+    ln_weight,
+    ln_bias,
+    w1a,
+    w1b,
+    fc2_weight,
+    mean,
+    rstd,
+    pre,
+    hidden,
+    ln_out,
+    act,
+    rms,
+    gate_first,
+    residual,
+    backend,
 ):
     return _grads_fake(x, ln_weight, ln_bias, w1a, w1b, fc2_weight)
 
 
-def _cpu_setup_context(ctx, inputs, output):
-    x, ln_weight, ln_bias, w1a, w1b, w2 = _setup(ctx, inputs)
+def _setup_context(ctx, inputs, output):
+    x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, w2, b2, eps, act, rms, gate_first, residual, save, backend = inputs
     _, mean, rstd, pre, hidden, ln_out = output
     ctx.save_for_backward(x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre, hidden, ln_out)
     mark_saved_outputs(ctx, output)
+    ctx.flags = (act, rms, gate_first, residual)
+    ctx.has_bias = (b1a is not None, b1b is not None, b2 is not None)
+    ctx.backend = backend
 
 
-def _cpu_backward(ctx, dout, *_grads_of_saved):
+def _backward(ctx, dout, *_grads_of_saved):
     if dout is None:  # the output took no part in the loss
-        return (None,) * 15
+        return (None,) * 16
     x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre, hidden, ln_out = ctx.saved_tensors
     if pre.numel() == 0 and x.numel() != 0:
         raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
-    grads = _layernorm_glu_cpu_backward(
-        dout.contiguous(), x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre, hidden, ln_out, *ctx.flags
+    grads = _layernorm_glu_backward_op(
+        dout.contiguous(), x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre, hidden, ln_out, *ctx.flags, ctx.backend
     )
     return _grad_tuple(grads, ln_weight, ln_bias, w1b, ctx.has_bias)
 
 
-_layernorm_glu_cpu.register_autograd(_cpu_backward, setup_context=_cpu_setup_context)
+_layernorm_glu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _make_impl(op, contiguous_rows: bool = False):
-    """Flatten x to (tokens, dim), decide whether the backward's tensors are saved, run ``op``."""
-
-    def impl(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if contiguous_rows and x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        params = (ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias)
-        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-        out = op(x2, *params, eps, act, rms, gate_first, residual, save)[0]
-        return out.reshape(shape)
-
-    return impl
+def _call(
+    backend, x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual
+):
+    """Flatten x to (tokens, dim), decide whether the backward's tensors are saved, run the op."""
+    params = (ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias)
+    x2 = flatten_rows(x, kernels_of(_KERNELS, backend).contiguous_rows)
+    save = wants_grad(x, *params)
+    out = _layernorm_glu_op(x2, *params, eps, act, rms, gate_first, residual, save, backend)[0]
+    return out.reshape(x.shape)
 
 
-_backend.register_impl(
-    "layernorm_mlp_gated", "cpu", _make_impl(_layernorm_glu_cpu), cpu_fp32_kernel_supports, cpu_gemm_kernel_auto_skip
-)
-
-
-# ----------------------------------------------------------------------------- triton backend
-@torch.library.custom_op("vitkern::layernorm_glu_triton", mutates_args=())
-def _layernorm_glu_triton(
-    x: torch.Tensor,
-    ln_weight: Opt,
-    ln_bias: Opt,
-    w1a: torch.Tensor,
-    b1a: Opt,
-    w1b: Opt,
-    b1b: Opt,
-    fc2_weight: torch.Tensor,
-    fc2_bias: Opt,
-    eps: float,
-    act: int,
-    rms: bool,
-    gate_first: bool,
-    residual: bool,
-    save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out, mean, rstd, pre-activation (M, 2H) or empty)."""
-    from vitkern.triton_kernels.layernorm_glu import layernorm_glu_fwd
-
-    with no_autocast(x.device.type):
-        return layernorm_glu_fwd(
-            x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual, save
-        )
-
-
-@_layernorm_glu_triton.register_fake
-def _(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, act, rms, gate_first, residual, save):
-    M, Hd = x.shape[0], fc2_weight.shape[1]
-    stats = x.new_empty((M,), dtype=torch.float32)
-    return (
-        x.new_empty(x.shape),
-        stats,
-        x.new_empty((M,), dtype=torch.float32),
-        x.new_empty((M, 2 * Hd) if save else (0,)),
-    )
-
-
-@torch.library.custom_op("vitkern::layernorm_glu_triton_backward", mutates_args=())
-def _layernorm_glu_triton_backward(
-    dout: torch.Tensor,
-    x: torch.Tensor,
-    ln_weight: Opt,
-    ln_bias: Opt,
-    w1a: torch.Tensor,
-    w1b: Opt,
-    fc2_weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    pre: torch.Tensor,
-    act: int,
-    rms: bool,
-    gate_first: bool,
-    residual: bool,
-) -> list[torch.Tensor]:
-    from vitkern.triton_kernels.layernorm_glu import layernorm_glu_bwd
-
-    with no_autocast(x.device.type):
-        grads = layernorm_glu_bwd(
-            dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, act, rms, gate_first, residual
-        )
-    return [g if g is not None else x.new_empty(0) for g in grads]
-
-
-@_layernorm_glu_triton_backward.register_fake
-def _(dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, act, rms, gate_first, residual):
-    return _grads_fake(x, ln_weight, ln_bias, w1a, w1b, fc2_weight)
-
-
-def _triton_setup_context(ctx, inputs, output):
-    x, ln_weight, ln_bias, w1a, w1b, w2 = _setup(ctx, inputs)
-    _, mean, rstd, pre = output
-    ctx.save_for_backward(x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre)
-    mark_saved_outputs(ctx, output)
-
-
-def _triton_backward(ctx, dout, *_grads_of_saved):
-    if dout is None:  # the output took no part in the loss
-        return (None,) * 15
-    x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre = ctx.saved_tensors
-    if pre.numel() == 0 and x.numel() != 0:
-        raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
-    grads = _layernorm_glu_triton_backward(
-        dout.contiguous(), x, ln_weight, ln_bias, w1a, w1b, w2, mean, rstd, pre, *ctx.flags
-    )
-    return _grad_tuple(grads, ln_weight, ln_bias, w1b, ctx.has_bias)
-
-
-_layernorm_glu_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
-
-
-# Registered for the "triton" backend by vitkern/ops/layernorm_mlp.py, with the plain op's support
-# check (the dimension limit of the LayerNorm kernels, read without an import at dispatch time).
-glu_triton_impl = _make_impl(_layernorm_glu_triton, contiguous_rows=True)
+register_kernels("layernorm_mlp_gated", _KERNELS, _call)
 
 
 # ----------------------------------------------------------------------------- validation + dispatch

@@ -14,14 +14,17 @@ import torch.nn.functional as F
 from vitkern import _backend
 from vitkern._ext import load_extension
 from vitkern.ops._autograd import autocast_dtype, autocast_inputs, mark_saved_outputs, no_autocast
-from vitkern.ops._validate import (
-    check_same,
-    check_tensor,
-    cpu_fp32_kernel_supports,
-    cpu_gemm_kernel_auto_skip,
-    triton_kernel_supports,
+from vitkern.ops._kernels import kernels_of, register_kernels
+from vitkern.ops._validate import check_same, check_tensor, cpu_gemm_kernel_auto_skip
+from vitkern.ops.layernorm_glu import (
+    LnMlpKernels,
+    flatten_rows,
+    gated_args,
+    glu_reference,
+    saved_fake,
+    triton_lnmlp_supports,
+    wants_grad,
 )
-from vitkern.ops.layernorm_glu import gated_args, glu_reference, glu_triton_impl
 
 __all__ = ["layernorm_mlp", "layernorm_mlp_reference", "ACTIVATIONS", "NORMS"]
 
@@ -117,12 +120,52 @@ def _reference_impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2
 _backend.register_impl("layernorm_mlp", "reference", _reference_impl)
 
 
-# ----------------------------------------------------------------------------- cpu backend (csrc)
+# ----------------------------------------------------------------------------- kernels per backend
+# forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual,
+# save) -> (out, mean, rstd, pre-activation (M, H), activation output (M, H), norm output (M, D)), the
+# last three empty unless ``save`` (and the last two always on Triton); backward(dout, x, ln_weight,
+# ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, act_out, ln_out, act, rms, residual)
+# -> (dx, dlnw, dlnb, dw1, db1, dw2, db2), None where no gradient applies. Triton's are imported on
+# first use: they also run CPU tensors under the interpreter (TRITON_INTERPRET=1).
 Opt = torch.Tensor | None
 
 
-@torch.library.custom_op("vitkern::layernorm_mlp_cpu", mutates_args=(), device_types="cpu")
-def _layernorm_mlp_cpu(
+def _cpu_forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, act, rms, residual, save):
+    return load_extension().layernorm_mlp_forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, act, rms, residual, save)
+
+
+def _cpu_backward(dout, x, ln_weight, ln_bias, w1, w2, mean, rstd, pre, act_out, ln_out, act, rms, residual):
+    ext = load_extension()
+    return ext.layernorm_mlp_backward(
+        dout, x, ln_weight, ln_bias, w1, w2, mean, rstd, pre, act_out, ln_out, act, rms, residual
+    )
+
+
+def _triton_forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, act, rms, residual, save):
+    from vitkern.triton_kernels.layernorm_mlp import layernorm_mlp_fwd
+
+    out, mean, rstd, pre = layernorm_mlp_fwd(x, ln_weight, ln_bias, w1, b1, w2, b2, eps, act, residual, save, rms)
+    return out, mean, rstd, pre, x.new_empty(0), x.new_empty(0)
+
+
+def _triton_backward(dout, x, ln_weight, ln_bias, w1, w2, mean, rstd, pre, act_out, ln_out, act, rms, residual):
+    from vitkern.triton_kernels.layernorm_mlp import layernorm_mlp_bwd
+
+    # act_out and ln_out are the forward's empty tensors: the kernel recomputes them.
+    return layernorm_mlp_bwd(dout, x, ln_weight, ln_bias, w1, w2, mean, rstd, pre, act, residual, rms)
+
+
+_KERNELS: dict[str, LnMlpKernels] = {
+    "cpu": LnMlpKernels(_cpu_forward, _cpu_backward, auto_skip=cpu_gemm_kernel_auto_skip, saves_activations=True),
+    "triton": LnMlpKernels(_triton_forward, _triton_backward, supports=triton_lnmlp_supports, contiguous_rows=True),
+}
+
+
+# ----------------------------------------------------------------------------- the custom ops
+# One forward and one backward custom op for every backend in _KERNELS: torch.compile and
+# torch.export see one op (no graph break), autograd goes through register_autograd.
+@torch.library.custom_op("vitkern::layernorm_mlp", mutates_args=())
+def _layernorm_mlp_op(
     x: torch.Tensor,
     ln_weight: Opt,
     ln_bias: Opt,
@@ -135,28 +178,26 @@ def _layernorm_mlp_cpu(
     rms: bool,
     residual: bool,
     save: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out, mean, rstd, pre-activation, GELU output, LN output); the last three are empty
-    unless ``save`` (a gradient is wanted)."""
-    with no_autocast("cpu"):
-        return tuple(
-            load_extension().layernorm_mlp_forward(
+    """-> (out, mean, rstd, pre-activation, activation output, norm output): see "kernels per backend"."""
+    with no_autocast(x.device.type):
+        return tuple(  # a tuple: vitkern._C returns a list, which autograd would not see as six outputs
+            kernels_of(_KERNELS, backend).forward(
                 x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save
             )
         )
 
 
-@_layernorm_mlp_cpu.register_fake
-def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save):
+@_layernorm_mlp_op.register_fake
+def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save, backend):
     M, Hd = x.shape[0], fc1_weight.shape[0]
-    f32 = dict(dtype=torch.float32)
-    D = x.shape[1]
-    saved = [x.new_empty(shape if save else (0,), **f32) for shape in ((M, Hd), (M, Hd), (M, D))]
-    return (x.new_empty(x.shape), x.new_empty((M,), **f32), x.new_empty((M,), **f32), *saved)
+    stats = [x.new_empty((M,), dtype=torch.float32) for _ in range(2)]
+    return (x.new_empty(x.shape), *stats, *saved_fake(x, kernels_of(_KERNELS, backend), save, Hd, Hd))
 
 
-@torch.library.custom_op("vitkern::layernorm_mlp_cpu_backward", mutates_args=(), device_types="cpu")
-def _layernorm_mlp_cpu_backward(
+@torch.library.custom_op("vitkern::layernorm_mlp_backward", mutates_args=())
+def _layernorm_mlp_backward_op(
     dout: torch.Tensor,
     x: torch.Tensor,
     ln_weight: Opt,
@@ -166,33 +207,24 @@ def _layernorm_mlp_cpu_backward(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     pre: torch.Tensor,
-    gelu_out: torch.Tensor,
+    act_out: torch.Tensor,
     ln_out: torch.Tensor,
     act: int,
     rms: bool,
     residual: bool,
+    backend: str,
 ) -> list[torch.Tensor]:
-    with no_autocast("cpu"):  # the kernel's aten::mm dispatcher calls must not be autocast to bf16
-        grads = load_extension().layernorm_mlp_backward(
-            dout,
-            x,
-            ln_weight,
-            ln_bias,
-            fc1_weight,
-            fc2_weight,
-            mean,
-            rstd,
-            pre,
-            gelu_out,
-            ln_out,
-            act,
-            rms,
-            residual,
+    with no_autocast(x.device.type):  # the cpu kernel's aten::mm dispatcher calls must not be autocast to bf16
+        grads = kernels_of(_KERNELS, backend).backward(
+            dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, act_out, ln_out, act, rms, residual
         )
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
-def _lnmlp_grads_fake(x, ln_weight, ln_bias, fc1_weight, fc2_weight):
+@_layernorm_mlp_backward_op.register_fake
+def _(
+    dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, act_out, ln_out, act, rms, residual, backend
+):
     D, Hd = x.shape[1], fc1_weight.shape[0]
 
     def vec(t, n):
@@ -209,202 +241,62 @@ def _lnmlp_grads_fake(x, ln_weight, ln_bias, fc1_weight, fc2_weight):
     ]
 
 
-@_layernorm_mlp_cpu_backward.register_fake
-def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out, act, rms, residual):
-    return _lnmlp_grads_fake(x, ln_weight, ln_bias, fc1_weight, fc2_weight)
+def _setup_context(ctx, inputs, output):
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save, backend = inputs
+    _, mean, rstd, pre, act_out, ln_out = output
+    ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, act_out, ln_out)
+    mark_saved_outputs(ctx, output)
+    ctx.flags = (act, rms, residual)
+    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+    ctx.backend = backend
 
 
-def _lnmlp_grad_tuple(grads, ln_weight, ln_bias, has_bias):
-    """The autograd return: one entry per op input, None where no gradient applies."""
-    dx, dlnw, dlnb, dw1, db1, dw2, db2 = grads
+def _backward(ctx, dout, *_grads_of_saved):
+    if dout is None:  # the output took no part in the loss
+        return (None,) * 13
+    x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, act_out, ln_out = ctx.saved_tensors
+    if pre.numel() == 0 and x.numel() != 0:
+        raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
+    dx, dlnw, dlnb, dw1, db1, dw2, db2 = _layernorm_mlp_backward_op(
+        dout.contiguous(),
+        x,
+        ln_weight,
+        ln_bias,
+        fc1_weight,
+        fc2_weight,
+        mean,
+        rstd,
+        pre,
+        act_out,
+        ln_out,
+        *ctx.flags,
+        ctx.backend,
+    )
     return (
         dx,
         dlnw if ln_weight is not None else None,
         dlnb if ln_bias is not None else None,
         dw1,
-        db1 if has_bias[0] else None,
+        db1 if ctx.has_bias[0] else None,
         dw2,
-        db2 if has_bias[1] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
+        db2 if ctx.has_bias[1] else None,
+        *(None,) * 6,  # eps, act, rms, residual, save, backend
     )
 
 
-def _lnmlp_setup_context(ctx, inputs, output):
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save = inputs
-    _, mean, rstd, pre, gelu_out, ln_out = output
-    ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out)
-    mark_saved_outputs(ctx, output)
-    ctx.flags = (act, rms, residual)
-    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+_layernorm_mlp_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _lnmlp_backward(ctx, dout, *_grads_of_saved):
-    if dout is None:  # the output took no part in the loss
-        return (None,) * 12
-    x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out = ctx.saved_tensors
-    if pre.numel() == 0 and x.numel() != 0:
-        raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
-    grads = _layernorm_mlp_cpu_backward(
-        dout.contiguous(), x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, gelu_out, ln_out, *ctx.flags
-    )
-    return _lnmlp_grad_tuple(grads, ln_weight, ln_bias, ctx.has_bias)
+def _call(backend, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, activation, residual, norm):
+    """Flatten x to (tokens, dim), decide whether the backward's tensors are saved, run the op."""
+    params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    x2 = flatten_rows(x, kernels_of(_KERNELS, backend).contiguous_rows)
+    save = wants_grad(x, *params)
+    out = _layernorm_mlp_op(x2, *params, eps, ACTIVATIONS[activation], norm == "rmsnorm", residual, save, backend)[0]
+    return out.reshape(x.shape)
 
 
-_layernorm_mlp_cpu.register_autograd(_lnmlp_backward, setup_context=_lnmlp_setup_context)
-
-
-def _make_lnmlp_impl(op, contiguous_rows: bool = False):
-    """Flatten x to (tokens, dim), decide whether the backward's tensors are saved, run ``op``."""
-
-    def impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, activation, residual, norm):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if contiguous_rows and x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-        out = op(x2, *params, eps, ACTIVATIONS[activation], norm == "rmsnorm", residual, save)[0]
-        return out.reshape(shape)
-
-    return impl
-
-
-_layernorm_mlp_cpu_impl = _make_lnmlp_impl(_layernorm_mlp_cpu)
-
-_backend.register_impl(
-    "layernorm_mlp", "cpu", _layernorm_mlp_cpu_impl, cpu_fp32_kernel_supports, cpu_gemm_kernel_auto_skip
-)
-
-
-# ----------------------------------------------------------------------------- triton backend
-# Device types: CUDA, and CPU tensors for the Triton interpreter (TRITON_INTERPRET=1).
-@torch.library.custom_op("vitkern::layernorm_mlp_triton", mutates_args=())
-def _layernorm_mlp_triton(
-    x: torch.Tensor,
-    ln_weight: Opt,
-    ln_bias: Opt,
-    fc1_weight: torch.Tensor,
-    fc1_bias: Opt,
-    fc2_weight: torch.Tensor,
-    fc2_bias: Opt,
-    eps: float,
-    act: int,
-    rms: bool,
-    residual: bool,
-    save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out, mean, rstd, pre-activation or empty)."""
-    from vitkern.triton_kernels.layernorm_mlp import layernorm_mlp_fwd
-
-    with no_autocast(x.device.type):
-        return layernorm_mlp_fwd(
-            x,
-            ln_weight,
-            ln_bias,
-            fc1_weight,
-            fc1_bias,
-            fc2_weight,
-            fc2_bias,
-            eps,
-            act,
-            residual,
-            save,
-            rms,
-        )
-
-
-@_layernorm_mlp_triton.register_fake
-def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save):
-    M, Hd = x.shape[0], fc1_weight.shape[0]
-    stats = x.new_empty((M,), dtype=torch.float32)
-    return x.new_empty(x.shape), stats, x.new_empty((M,), dtype=torch.float32), x.new_empty((M, Hd) if save else (0,))
-
-
-@torch.library.custom_op("vitkern::layernorm_mlp_triton_backward", mutates_args=())
-def _layernorm_mlp_triton_backward(
-    dout: torch.Tensor,
-    x: torch.Tensor,
-    ln_weight: Opt,
-    ln_bias: Opt,
-    fc1_weight: torch.Tensor,
-    fc2_weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    pre: torch.Tensor,
-    act: int,
-    rms: bool,
-    residual: bool,
-) -> list[torch.Tensor]:
-    from vitkern.triton_kernels.layernorm_mlp import layernorm_mlp_bwd
-
-    with no_autocast(x.device.type):
-        grads = layernorm_mlp_bwd(
-            dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, act, residual, rms
-        )
-    return [g if g is not None else x.new_empty(0) for g in grads]
-
-
-@_layernorm_mlp_triton_backward.register_fake
-def _(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, act, rms, residual):
-    return _lnmlp_grads_fake(x, ln_weight, ln_bias, fc1_weight, fc2_weight)
-
-
-def _lnmlp_triton_setup_context(ctx, inputs, output):
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms, residual, save = inputs
-    _, mean, rstd, pre = output
-    ctx.save_for_backward(x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre)
-    mark_saved_outputs(ctx, output)
-    ctx.flags = (act, rms, residual)
-    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
-
-
-def _lnmlp_triton_backward(ctx, dout, *_grads_of_saved):
-    if dout is None:  # the output took no part in the loss
-        return (None,) * 12
-    x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre = ctx.saved_tensors
-    if pre.numel() == 0 and x.numel() != 0:
-        raise RuntimeError("layernorm_mlp: backward needs the forward to run with save=True (a gradient was wanted)")
-    grads = _layernorm_mlp_triton_backward(
-        dout.contiguous(), x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean, rstd, pre, *ctx.flags
-    )
-    return _lnmlp_grad_tuple(grads, ln_weight, ln_bias, ctx.has_bias)
-
-
-_layernorm_mlp_triton.register_autograd(_lnmlp_triton_backward, setup_context=_lnmlp_triton_setup_context)
-
-
-_TRITON_MAX_DIM: list[int] = []
-
-
-def _triton_max_dim() -> int:
-    if not _TRITON_MAX_DIM:
-        from vitkern.triton_kernels.layernorm_mlp import MAX_DIM
-
-        _TRITON_MAX_DIM.append(MAX_DIM)
-    return _TRITON_MAX_DIM[0]
-
-
-def _triton_lnmlp_supports(x, *args) -> str | None:
-    max_dim = _triton_max_dim()
-    if x.shape[-1] > max_dim:
-        return f"dim {x.shape[-1]} is above the Triton LayerNorm kernels' limit {max_dim}"
-    return triton_kernel_supports(x)
-
-
-if _backend.backend_status("triton") is None:
-    # Where the Triton backend can run, read its limit now: the dispatch check runs inside
-    # torch.compile's trace, which must not import (fullgraph=True).
-    _triton_max_dim()
-
-
-_backend.register_impl(
-    "layernorm_mlp", "triton", _make_lnmlp_impl(_layernorm_mlp_triton, contiguous_rows=True), _triton_lnmlp_supports
-)
-_backend.register_impl("layernorm_mlp_gated", "triton", glu_triton_impl, _triton_lnmlp_supports)
+register_kernels("layernorm_mlp", _KERNELS, _call)
 
 
 def layernorm_mlp(
