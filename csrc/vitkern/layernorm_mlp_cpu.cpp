@@ -115,6 +115,35 @@ VK_TARGET_CLONES void ln_backward_rows(const float* x, const float* dhn, const f
   }
 }
 
+// The norm's backward over all M rows from d LN-output dhn: dx (+ dy when given, the residual),
+// d ln_weight (when lnw) and d ln_bias (when want_dlnb), undefined otherwise. The column sums
+// are partial sums over fixed blocks of kSumRows rows added in block order: deterministic.
+struct NormGrads {
+  Tensor dx, dlnw, dlnb;
+};
+NormGrads ln_backward_all(const float* xp, const float* dhn, const float* dy, const float* mp, const float* rp,
+                          const float* lnw, bool want_dlnb, bool rms, int64_t M, int64_t D) {
+  const int64_t nblk = (M + kSumRows - 1) / kSumRows;
+  const bool want_dlnw = lnw != nullptr;
+  Tensor dx = empty({M, D});
+  Tensor lnw_part = empty({want_dlnw ? nblk : 0, D}), lnb_part = empty({want_dlnb ? nblk : 0, D});
+  float* lnwpp = want_dlnw ? f32_ptr(lnw_part) : nullptr;
+  float* lnbpp = want_dlnb ? f32_ptr(lnb_part) : nullptr;
+  float* dxp = f32_ptr(dx);
+  parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> xh(D);
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
+      float* aw = lnwpp ? lnwpp + blk * D : nullptr;
+      float* ab = lnbpp ? lnbpp + blk * D : nullptr;
+      if (aw) std::fill(aw, aw + D, 0.f);
+      if (ab) std::fill(ab, ab + D, 0.f);
+      ln_backward_rows(xp, dhn, dy, mp, rp, lnw, rms, r0, r1, D, xh.data(), dxp, aw, ab);
+    }
+  });
+  return {dx, want_dlnw ? sum0(lnw_part) : Tensor(), want_dlnb ? sum0(lnb_part) : Tensor()};
+}
+
 void check_args(const Tensor& x, const Tensor& w1, const Tensor& w2) {
   VK_CHECK_CPU(x);
   VK_CHECK_FLOATING(x);
@@ -229,27 +258,8 @@ std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout_in, const Tens
   Tensor dhn = mm(da, w1);  // (M, D)
   // LayerNorm backward, row by row: dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)), dxh = dhn * w;
   // d ln_weight = colsum(dhn * xhat), d ln_bias = colsum(dhn) in the same pass.
-  const bool want_dlnw = lnw.defined(), want_dlnb = lnb_in.has_value();
-  Tensor dx = empty({M, D});
-  Tensor lnw_part = empty({want_dlnw ? nblk : 0, D}), lnb_part = empty({want_dlnb ? nblk : 0, D});
-  float* lnwpp = want_dlnw ? f32_ptr(lnw_part) : nullptr;
-  float* lnbpp = want_dlnb ? f32_ptr(lnb_part) : nullptr;
-  const float* dhp = f32_ptr(dhn);
-  const float* dyp = f32_ptr(dy);
-  float* dxp = f32_ptr(dx);
-  parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> xh(D);
-    for (int64_t blk = b; blk < e; ++blk) {
-      const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
-      float* aw = lnwpp ? lnwpp + blk * D : nullptr;
-      float* ab = lnbpp ? lnbpp + blk * D : nullptr;
-      if (aw) std::fill(aw, aw + D, 0.f);
-      if (ab) std::fill(ab, ab + D, 0.f);
-      ln_backward_rows(xp, dhp, residual ? dyp : nullptr, mp, rp, lnwp, rms, r0, r1, D, xh.data(), dxp, aw, ab);
-    }
-  });
-  Tensor dlnw = want_dlnw ? sum0(lnw_part) : Tensor();
-  Tensor dlnb = want_dlnb ? sum0(lnb_part) : Tensor();
+  auto [dx, dlnw, dlnb] = ln_backward_all(xp, f32_ptr(dhn), residual ? f32_ptr(dy) : nullptr, mp, rp, lnwp,
+                                          lnb_in.has_value(), rms, M, D);
   const auto dt = x_in.scalar_type();
   auto cast = [](const Tensor& t, ScalarType s) { return to_or_undefined(t, s); };
   return {cast(dx, dt),
@@ -432,27 +442,8 @@ std::vector<Tensor> layernorm_glu_backward_cpu(const Tensor& dout_in, const Tens
     dhn = mm(dpre, f32c(w1a_in));
     db1a = db1;
   }
-  const bool want_dlnw = lnw.defined(), want_dlnb = lnb_in.has_value();
-  Tensor dx = empty({M, D});
-  Tensor lnw_part = empty({want_dlnw ? nblk : 0, D}), lnb_part = empty({want_dlnb ? nblk : 0, D});
-  float* lnwpp = want_dlnw ? f32_ptr(lnw_part) : nullptr;
-  float* lnbpp = want_dlnb ? f32_ptr(lnb_part) : nullptr;
-  const float* dhnp = f32_ptr(dhn);
-  const float* dyp = f32_ptr(dy);
-  float* dxp = f32_ptr(dx);
-  parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> xh(D);
-    for (int64_t blk = b; blk < e; ++blk) {
-      const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
-      float* aw = lnwpp ? lnwpp + blk * D : nullptr;
-      float* ab = lnbpp ? lnbpp + blk * D : nullptr;
-      if (aw) std::fill(aw, aw + D, 0.f);
-      if (ab) std::fill(ab, ab + D, 0.f);
-      ln_backward_rows(xp, dhnp, residual ? dyp : nullptr, mp, rp, lnwp, rms, r0, r1, D, xh.data(), dxp, aw, ab);
-    }
-  });
-  Tensor dlnw = want_dlnw ? sum0(lnw_part) : Tensor();
-  Tensor dlnb = want_dlnb ? sum0(lnb_part) : Tensor();
+  auto [dx, dlnw, dlnb] = ln_backward_all(xp, f32_ptr(dhn), residual ? f32_ptr(dy) : nullptr, mp, rp, lnwp,
+                                          lnb_in.has_value(), rms, M, D);
   const auto dt = x_in.scalar_type();
   auto cast = [](const Tensor& t, ScalarType s) { return to_or_undefined(t, s); };
   return {cast(dx, dt),

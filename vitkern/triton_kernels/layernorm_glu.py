@@ -25,10 +25,9 @@ Backward:
 from __future__ import annotations
 
 import torch
-import triton
 
-from vitkern.triton_kernels.gemm import A_GATED, A_LAYERNORM, B_GATED, B_LAYERNORM, device_guard, fused_gemm
-from vitkern.triton_kernels.layernorm_mlp import _ln_bwd_kernel, ln_stats
+from vitkern.triton_kernels.gemm import A_GATED, A_LAYERNORM, B_GATED, B_LAYERNORM, fused_gemm
+from vitkern.triton_kernels.layernorm_mlp import ln_backward, ln_stats
 
 
 def _halves(pre: torch.Tensor, Hd: int, gate_first: bool) -> tuple[torch.Tensor, int]:
@@ -174,36 +173,7 @@ def layernorm_glu_bwd(
             res=dln if i else None,
             res_rows=M,
         )
-    block_d = triton.next_power_of_2(D)
-    rows_per_prog = 16
-    progs = triton.cdiv(M, rows_per_prog)
-    dx = torch.empty((M, D), device=dev, dtype=dt)
-    dw_part = torch.empty((progs, D), device=dev, dtype=torch.float32)
-    db_part = torch.empty_like(dw_part)
-    with device_guard(x):
-        _ln_bwd_kernel[(progs,)](
-            dln,
-            x,
-            mean,
-            rstd,
-            ln_weight if ln_weight is not None else dln,
-            dout,
-            dx,
-            dw_part,
-            db_part,
-            M,
-            D,
-            x.stride(0),
-            dout.stride(0),
-            rows_per_prog,
-            HAS_LNW=ln_weight is not None,
-            HAS_RES=residual,
-            BLOCK_D=block_d,
-            RMS=rms,
-            num_warps=4 if block_d <= 2048 else 8,
-        )
-    dlnw = dw_part.sum(0).to(ln_weight.dtype) if ln_weight is not None else None
-    dlnb = db_part.sum(0).to(ln_bias.dtype) if ln_bias is not None else None
+    dx, dlnw, dlnb = ln_backward(dln, x, mean, rstd, ln_weight, ln_bias, dout, residual, rms)
     db2 = dout.float().sum(0).to(dt)
     if w1b is None:
         return dx, dlnw, dlnb, dws[0], dpre.float().sum(0).to(dt), None, None, dw2, db2

@@ -243,6 +243,17 @@ def layernorm_mlp_bwd(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean,
         b_strides=(fc1_weight.stride(0), fc1_weight.stride(1)),
         c_strides=(D, 1),
     )
+    dx, dlnw, dlnb = ln_backward(dln, x, mean, rstd, ln_weight, ln_bias, dout, residual, rms)
+    db1 = dpre.float().sum(0).to(dt)
+    db2 = dout.float().sum(0).to(dt)
+    return dx, dlnw, dlnb, dw1, db1, dw2, db2
+
+
+def ln_backward(dln, x, mean, rstd, ln_weight, ln_bias, dout, residual, rms):
+    """The norm's backward from d LN-output ``dln`` (M, D) fp32: (dx (+ dout when ``residual``),
+    d ln_weight, d ln_bias), the affine sums from per-program partials in a fixed order."""
+    M, D = x.shape
+    dev, dt = x.device, x.dtype
     block_d = triton.next_power_of_2(D)
     rows_per_prog = 16
     progs = triton.cdiv(M, rows_per_prog)
@@ -273,6 +284,4 @@ def layernorm_mlp_bwd(dout, x, ln_weight, ln_bias, fc1_weight, fc2_weight, mean,
         )
     dlnw = dw_part.sum(0).to(ln_weight.dtype) if ln_weight is not None else None
     dlnb = db_part.sum(0).to(ln_bias.dtype) if ln_bias is not None else None
-    db1 = dpre.float().sum(0).to(dt)
-    db2 = dout.float().sum(0).to(dt)
-    return dx, dlnw, dlnb, dw1, db1, dw2, db2
+    return dx, dlnw, dlnb
