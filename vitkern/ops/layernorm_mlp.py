@@ -111,6 +111,18 @@ def _resolve_activation(activation: str, approximate: str) -> str:
     return activation
 
 
+def _check_variant(activation: str, approximate: str, norm: str, ln_bias, eps) -> str:
+    """Validate the op's variant arguments; returns the activation name (approximate folded in)."""
+    activation = _resolve_activation(activation, approximate)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+    if norm == "rmsnorm" and ln_bias is not None:
+        raise ValueError("ln_bias must be None with norm='rmsnorm' (an RMSNorm has no bias)")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    return activation
+
+
 def _reference_impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, activation, residual, norm):
     return layernorm_mlp_reference(
         x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, "none", residual, activation, norm
@@ -404,13 +416,7 @@ def layernorm_mlp(
             check_tensor(name, t, 1, f"({n},)")
             if t.shape[0] != n:
                 raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
-    activation = _resolve_activation(activation, approximate)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
-    if norm == "rmsnorm" and ln_bias is not None:
-        raise ValueError("ln_bias must be None with norm='rmsnorm' (an RMSNorm has no bias)")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    activation = _check_variant(activation, approximate, norm, ln_bias, eps)
     args = (
         x,
         ln_weight,
@@ -471,13 +477,7 @@ def _layernorm_mlp_gated(
             check_tensor(name, t, 1, f"({D},)")
             if t.shape[0] != D:
                 raise ValueError(f"{name} must have shape ({D},), got {tuple(t.shape)}")
-    activation = _resolve_activation(activation, approximate)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
-    if norm == "rmsnorm" and ln_bias is not None:
-        raise ValueError("ln_bias must be None with norm='rmsnorm' (an RMSNorm has no bias)")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    activation = _check_variant(activation, approximate, norm, ln_bias, eps)
     args = (
         x,
         ln_weight,
