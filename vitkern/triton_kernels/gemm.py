@@ -150,12 +150,15 @@ def _prune(configs, named_args, **kwargs):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if bm > cap_m or bn > cap_n or not config_fits(bm, bn, bk, c.num_stages, elem, smem):
             continue
-        if elem == 4 and arch >= 120 and kwargs.get("B_MODE", 0) == 0 and kwargs.get("A_MODE", 0) in (0, 1):
-            # fp32 on sm_120: 32 x 64 w4 s4 spills with the LayerNorm prologue + GELU/STORE_PRE epilogue
-            # (32 B) and with a plain A + residual (8 B); 64 x 64 w4 s4 is clean there (REG 128, no
-            # B prologue to spill as in dW1/dW2). Either takes 64 x 64 instead (32 x 64 if the problem
-            # is smaller than 64 rows).
-            spills_at_32 = (kwargs.get("A_MODE") == A_LAYERNORM and kwargs.get("STORE_PRE")) or (
+        fp32_wide = (arch >= 120 and kwargs.get("A_MODE", 0) in (A_STRIDED, A_LAYERNORM)) or (
+            100 <= arch < 120 and kwargs.get("A_MODE", 0) == A_GATED
+        )
+        if elem == 4 and fp32_wide and kwargs.get("B_MODE", 0) == 0:
+            # fp32 on sm_120: 32 x 64 w4 s4 spills with the LayerNorm prologue (32 B, with or without
+            # STORE_PRE) and with a plain A + residual (8 B); on sm_100 with the gated prologue (16 B);
+            # 64 x 64 w4 s4 is clean there (no B prologue to spill as in dW1/dW2). These take 64 x 64
+            # instead (32 x 64 if the problem is smaller than 64 rows).
+            spills_at_32 = kwargs.get("A_MODE") in (A_LAYERNORM, A_GATED) or (
                 kwargs.get("A_MODE", 0) == 0 and kwargs.get("HAS_RES")
             )
             if spills_at_32 and cap_m >= 64:
@@ -174,6 +177,11 @@ def _prune(configs, named_args, **kwargs):
         ):  # image scatter: 16 B spill on sm_90
             continue
         if arch >= 120 and _spills_on_sm120(bm, bn, c.num_stages, kwargs):
+            continue
+        if kwargs.get("A_MODE") == A_GATED and (
+            (bm, bn, c.num_warps, c.num_stages) == (128, 64, 4, 4)  # 256-280 B spill on sm_86/89/120 (fp16/bf16)
+            or (100 <= arch < 120 and (bm, bn) == (64, 128))  # 8 B on sm_100 (bf16)
+        ):
             continue
         kept.append(c)
     if not kept:
