@@ -353,6 +353,37 @@ def test_gemm_prune_fp32_tiles_per_architecture(monkeypatch):
     assert tiles(**fc1) == tiles(**fc2) == [(64, 64, 4)]
     assert tiles(**dw2) == tiles(A_MODE=2, B_MODE=0, C_MODE=0, HAS_RES=True) == [(32, 64, 4)]
     assert tiles(M=20, **fc1) == [(32, 64, 4)]
+    # Inference fc1 (no STORE_PRE) spills 32 B at 32 x 64 on sm_120 too (six-architecture report).
+    assert tiles(A_MODE=1, B_MODE=0, C_MODE=0, EPI_GELU=True) == [(64, 64, 4)]
+    # The gated fc2 prologue (A_GATED + residual): 16 B at 32 x 64 in fp32 on sm_100.
+    gated_fc2 = dict(A_MODE=gemm.A_GATED, B_MODE=0, C_MODE=0, HAS_RES=True)
+    monkeypatch.setattr(gemm, "capability", lambda device=None: 100)
+    assert tiles(**gated_fc2) == [(64, 64, 4)]
+    monkeypatch.setattr(gemm, "capability", lambda device=None: 90)
+    assert tiles(**gated_fc2) == [(32, 64, 4)]
+
+
+def test_gemm_prune_drops_gated_prologue_spills(monkeypatch):
+    """The gated fc2 prologue spills 256-280 B at 128 x 64 / 4 warps / 4 stages on sm_86, 89 and
+    120 (fp16/bf16) and 8 B at 64 x 128 on sm_100 (bf16): the prune drops those tiles."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    a = torch.empty(0, dtype=torch.float16)
+    gated_fc2 = dict(A_MODE=gemm.A_GATED, B_MODE=0, C_MODE=0, HAS_RES=True)
+
+    def tiles(**modes):
+        kept = gemm._prune(gemm._AUTOTUNE_CONFIGS, {"M": 4096, "N": 4096, "A": a}, **modes)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+
+    for arch in (80, 86, 89, 90, 100, 120):
+        monkeypatch.setattr(gemm, "capability", lambda device=None, arch=arch: arch)
+        kept = tiles(**gated_fc2)
+        assert kept and (128, 64, 4, 4) not in kept, (arch, kept)
+        if arch == 100:
+            assert all(t[:2] != (64, 128) for t in kept), kept
+        else:
+            assert any(t[:2] == (64, 128) for t in kept), (arch, kept)
+    monkeypatch.setattr(gemm, "capability", lambda device=None: 86)
+    assert (128, 64, 4, 4) in tiles(A_MODE=0, B_MODE=0, C_MODE=0, HAS_RES=True)  # other modes keep it
 
 
 def test_attention_fp32_tiles_per_architecture():
