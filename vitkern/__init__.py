@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 def register_timm_models() -> list[str]:
     """Register every vitkern model in timm's registry as ``vitkern_<name>`` (idempotent;
     imports timm, which ``import vitkern`` alone does not). Returns the timm names."""
-    from vitkern.models.timm_registry import register_timm_models as _register
+    from vitkern.interop.timm_registry import register_timm_models as _register
 
     return _register()
 
