@@ -20,47 +20,24 @@ __all__ = ["from_hf_vit", "to_hf_vit"]
 # (``encoder.layer.i.attention.attention.query``, as in hub checkpoints) and >= 5
 # (``layers.i.attention.q_proj``); DINOv2 (``encoder.layer.i``, norm1/norm2, LayerScale
 # ``layer_scale1.lambda1``) in both.
-# The attention of ViT/DeiT and DINOv2 in transformers < 5.
-_HF_V4_ATTENTION = dict(
+# Each layout from its parts, every module name once: the attention of transformers < 5 and the
+# ``{q,k,v,o}_proj`` names transformers 5 gave it, the MLP and the norms.
+_HF_ATTN_V4 = dict(
     layer="encoder.layer.{i}.",
     q="attention.attention.query",
     k="attention.attention.key",
     v="attention.attention.value",
     o="attention.output.dense",
 )
+_HF_ATTN_V5 = {n: f"attention.{n}_proj" for n in ("q", "k", "v", "o")}
+_HF_MLP = dict(fc1="mlp.fc1", fc2="mlp.fc2")
+_HF_VIT_NORMS = dict(norm1="layernorm_before", norm2="layernorm_after")
+_HF_DINOV2 = dict(norm1="norm1", norm2="norm2", ls1="layer_scale1.lambda1", ls2="layer_scale2.lambda1")
 _HF_LAYOUTS = {
-    "v4": dict(
-        _HF_V4_ATTENTION,
-        fc1="intermediate.dense",
-        fc2="output.dense",
-        norm1="layernorm_before",
-        norm2="layernorm_after",
-    ),
-    "v5": dict(
-        layer="layers.{i}.",
-        q="attention.q_proj",
-        k="attention.k_proj",
-        v="attention.v_proj",
-        o="attention.o_proj",
-        fc1="mlp.fc1",
-        fc2="mlp.fc2",
-        norm1="layernorm_before",
-        norm2="layernorm_after",
-    ),
-    "dinov2_v4": dict(
-        _HF_V4_ATTENTION,
-        fc1="mlp.fc1",
-        fc2="mlp.fc2",
-        norm1="norm1",
-        norm2="norm2",
-        ls1="layer_scale1.lambda1",
-        ls2="layer_scale2.lambda1",
-    ),
-}
-# transformers 5 renamed DINOv2's attention projections; the rest of the layout is unchanged.
-_HF_LAYOUTS["dinov2_v5"] = {
-    **_HF_LAYOUTS["dinov2_v4"],
-    **{n: f"attention.{n}_proj" for n in ("q", "k", "v", "o")},
+    "v4": {**_HF_ATTN_V4, "fc1": "intermediate.dense", "fc2": "output.dense", **_HF_VIT_NORMS},
+    "v5": {"layer": "layers.{i}.", **_HF_ATTN_V5, **_HF_MLP, **_HF_VIT_NORMS},
+    "dinov2_v4": {**_HF_ATTN_V4, **_HF_MLP, **_HF_DINOV2},
+    "dinov2_v5": {**_HF_ATTN_V4, **_HF_ATTN_V5, **_HF_MLP, **_HF_DINOV2},  # layer prefix unchanged
 }
 
 # Hugging Face classes that convert: (state_dict prefix of the backbone, has a classifier, family).

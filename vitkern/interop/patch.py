@@ -46,19 +46,11 @@ def patch_timm(model: nn.Module) -> nn.Module:
             if type(m) is T["Attention"]:
                 m.forward = types.MethodType(_patched_attention_forward, m)
         if type(blk) is T["Block"]:
-            act = fusable_mlp(blk.norm2, blk.mlp, T)
-            if act is not None:
-                blk.vitkern_mlp = (act, "rmsnorm" if is_rmsnorm(blk.norm2, T) else "layernorm")
-                blk.forward = types.MethodType(_patched_block_forward, blk)
-            else:
+            if not _fuse_mlp(blk, blk.norm2, blk.mlp, _patched_block_forward, T):
                 unfused.append(f"blocks.{i}.mlp")
         elif type(blk) is T["ParallelThingsBlock"]:
             for j, ffn in enumerate(blk.ffns):
-                act = fusable_mlp(ffn.norm, ffn.mlp, T)
-                if act is not None:
-                    ffn.vitkern_mlp = (act, "rmsnorm" if is_rmsnorm(ffn.norm, T) else "layernorm")
-                    ffn.forward = types.MethodType(_patched_ffn_forward, ffn)
-                else:
+                if not _fuse_mlp(ffn, ffn.norm, ffn.mlp, _patched_ffn_forward, T):
                     unfused.append(f"blocks.{i}.ffns.{j}")
         else:  # ResPostBlock: the norm follows the MLP
             unfused.append(f"blocks.{i}.mlp")
@@ -67,6 +59,17 @@ def patch_timm(model: nn.Module) -> nn.Module:
     model.vitkern_patched = True
     model.vitkern_unfused = unfused
     return model
+
+
+def _fuse_mlp(owner: nn.Module, norm: nn.Module, mlp: nn.Module, forward, T: dict) -> bool:
+    """Give ``owner`` (a Block, or a ParallelThingsBlock's ffn) the ``forward`` that runs its
+    ``norm`` + ``mlp`` on the fused op, if they map onto it; False (nothing changed) if not."""
+    act = fusable_mlp(norm, mlp, T)
+    if act is None:
+        return False
+    owner.vitkern_mlp = (act, "rmsnorm" if is_rmsnorm(norm, T) else "layernorm")
+    owner.forward = types.MethodType(forward, owner)
+    return True
 
 
 def _patched_patch_embed_forward(self, x):
