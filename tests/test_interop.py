@@ -59,7 +59,7 @@ def _small_timm(**kw):
 
 
 def test_patch_timm_rejects_unsupported_models_unchanged():
-    from vitkern.zoo import TimmConversionError
+    from vitkern.interop import TimmConversionError
 
     m = _small_timm(attn_layer="diff")
     forwards = [vars(mod).get("forward") for mod in m.modules()]
@@ -139,7 +139,7 @@ def _timm_variants():
 )
 def test_timm_feature_converts_exactly(variant):
     """from_timm and patch_timm of each timm feature: logits and every gradient within 1e-5."""
-    from vitkern import zoo
+    from vitkern.interop import zoo
 
     model = _perturbed(_small_timm(**_timm_variants()[variant])).eval()
     rec = zoo.check_zoo_model(variant, model=model)
@@ -147,7 +147,7 @@ def test_timm_feature_converts_exactly(variant):
 
 
 def test_timm_gated_attention_converts_exactly():
-    from vitkern import zoo
+    from vitkern.interop import zoo
 
     model = _small_timm()
     for blk in model.blocks:  # timm's gated attention (an elementwise sigmoid output gate)
@@ -185,7 +185,7 @@ def test_timm_gated_mlps_convert_exactly_and_fused(variant):
     """timm's gated MLPs (GluMlp packed, gate first or last; SwiGLU split) run on the fused
     layernorm_mlp(gated=...) in both conversions: logits and every gradient within 1e-5 of
     timm, nothing left unfused, the converted blocks hold vitkern's gated modules."""
-    from vitkern import zoo
+    from vitkern.interop import zoo
     from vitkern.models.layers import GluMlp, SwiGLU, fusable_mlp
 
     model = _perturbed(_small_timm(**_gated_variants()[variant])).eval()

@@ -18,7 +18,7 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from vitkern import zoo  # noqa: E402
+from vitkern.interop import zoo  # noqa: E402
 
 # Refused on purpose (no exact counterpart on the fused ops); everything else must convert.
 REFUSED_BLOCKS = ("ParallelScalingBlock", "DiffParallelScalingBlock", "DiffAttention")

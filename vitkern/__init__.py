@@ -3,7 +3,7 @@
 * ``vitkern.ops``: ``patch_embed``, ``sp_attention`` (spatial-prior flash attention),
   ``layernorm_mlp``, each with a plain-PyTorch reference and selectable backends.
 * ``vitkern.ViT``: a drop-in for timm's VisionTransformer, with an SP-ViT mode.
-* Interop: ``patch_timm`` (timm model in place), ``from_hf_vit`` / ``to_hf_vit``
+* Interop (``vitkern.interop``): ``patch_timm`` (timm model in place), ``from_hf_vit`` / ``to_hf_vit``
   (Hugging Face transformers ViT weights), ``save_model`` / ``load_model`` (safetensors),
   ``register_timm_models`` (``timm.create_model("vitkern_<name>")``).
 * Backend control: ``use_backend``, ``VITKERN_BACKEND``, ``available_backends``,
@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 def register_timm_models() -> list[str]:
     """Register every vitkern model in timm's registry as ``vitkern_<name>`` (idempotent;
     imports timm, which ``import vitkern`` alone does not). Returns the timm names."""
-    from vitkern.models.timm_registry import register_timm_models as _register
+    from vitkern.interop.timm_registry import register_timm_models as _register
 
     return _register()
 

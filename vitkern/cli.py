@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _timm_zoo(verbose: bool) -> int:
     """Coverage of timm's ViT zoo; exit status 1 on any wrong or unclear conversion."""
-    from vitkern.zoo import summarize_zoo, timm_zoo_report
+    from vitkern.interop.zoo import summarize_zoo, timm_zoo_report
 
     def progress(r: dict) -> None:
         if verbose:

@@ -2,7 +2,7 @@
 
     python -m vitkern.timm_run path/to/train.py --model vitkern_vit_small_patch16_224 ...
 
-registers every vitkern model as ``vitkern_<name>`` (see vitkern.models.timm_registry),
+registers every vitkern model as ``vitkern_<name>`` (see vitkern.interop.timm_registry),
 then runs the script as ``__main__`` with the remaining arguments, so timm's train.py,
 validate.py and benchmark.py (from timm's repository; they are not in its pip package)
 work on vitkern models unchanged.
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     script = argv[0]
     if not os.path.isfile(script):
         raise SystemExit(f"vitkern.timm_run: no such script {script!r}\n{USAGE}")
-    from vitkern.models.timm_registry import register_timm_models
+    from vitkern.interop.timm_registry import register_timm_models
 
     register_timm_models()
     sys.argv = [script, *argv[1:]]

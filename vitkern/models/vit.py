@@ -4,6 +4,7 @@ fused ops, with an SP-ViT mode (docs/DESIGN.md §2)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -186,6 +187,19 @@ class PatchEmbed(nn.Module):
         return patch_embed(images, self.proj.weight, self.proj.bias, pos_embed)
 
 
+# The conversion behind ViT.from_timm. It lives in vitkern.interop, which knows timm's classes and
+# imports models/, never the other way round; importing vitkern.interop (which `import vitkern`
+# does) registers it here.
+_timm_converter: Callable[..., ViT] | None = None
+
+
+def set_timm_converter(convert: Callable[..., ViT]) -> None:
+    """Install ``convert(cls, timm_model, **overrides)`` as the conversion behind
+    :meth:`ViT.from_timm` (``vitkern.interop`` installs ``vit_from_timm`` when imported)."""
+    global _timm_converter
+    _timm_converter = convert
+
+
 class ViT(nn.Module):
     """Vision Transformer with timm's constructor, state_dict and logits.
 
@@ -351,13 +365,16 @@ class ViT(nn.Module):
 
     @classmethod
     def from_timm(cls, model: nn.Module, **overrides: Any) -> ViT:
-        """An equivalent vitkern.ViT with ``model``'s weights (a timm VisionTransformer)."""
-        from vitkern.zoo import vit_from_timm
-
-        ours = vit_from_timm(cls, model, **overrides)  # raises TimmConversionError (a ValueError)
-        if isinstance(getattr(model, "pretrained_cfg", None), dict):  # the weights' preprocessing
-            ours.pretrained_cfg = dict(model.pretrained_cfg)
-        return ours
+        """An equivalent ``cls`` (vitkern.ViT or a subclass) with the weights and ``pretrained_cfg``
+        of ``model``, a timm VisionTransformer; ``overrides`` change constructor arguments. A feature
+        without an exact counterpart raises ``vitkern.interop.TimmConversionError`` (a ValueError)
+        before anything is built. The conversion is ``vitkern.interop.from_timm.vit_from_timm``,
+        found through :func:`set_timm_converter` (models/ does not import interop)."""
+        if _timm_converter is None:
+            raise RuntimeError(
+                "ViT.from_timm: no timm conversion is registered (`import vitkern.interop` registers it)"
+            )
+        return _timm_converter(cls, model, **overrides)
 
     # ------------------------------------------------------------------ timm's model API
     def no_weight_decay(self) -> set[str]:

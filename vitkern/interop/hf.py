@@ -1,161 +1,43 @@
-"""Interop: timm (conversion, in-place patching), Hugging Face transformers ViT weights,
-safetensors checkpoints. Nothing optional is imported at module load."""
+"""Hugging Face transformers <-> vitkern.ViT, both ways: ViT / DeiT / DINOv2
+(:func:`from_hf_vit`, :func:`to_hf_vit`) and the CLIP / SigLIP vision towers. Models are matched
+by class name and state_dict layout; transformers is imported only by :func:`to_hf_vit`."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import torch
 import torch.nn as nn
 
+from vitkern.interop.timm import pool_class
+from vitkern.models import ViT
 
-# ----------------------------------------------------------------------------- patch_timm
-def patch_timm(model: nn.Module) -> nn.Module:
-    """Convert a constructed timm ``VisionTransformer`` in place to vitkern's fused ops
-    (like Liger-Kernel's ``apply_*`` functions) and return it.
-
-    Every timm ``Attention`` runs through :func:`vitkern.ops.sp_attention` (plain attention,
-    omega=None; qk_norm, scale_attn_norm and the attention gate stay timm's modules around
-    it); every LayerNorm / RmsNorm + MLP (any eps; GELU exact or tanh, QuickGELU, SiLU), plain
-    or gated (timm's GluMlp and SwiGLU with an Identity inner norm), runs through
-    :func:`vitkern.ops.layernorm_mlp`; a plain patch embedding runs through
-    :func:`vitkern.ops.patch_embed`. Other parts (other activations, gated MLPs with an
-    inner norm, hybrid stems, attention-pool heads) keep timm's own forward; their names are listed in
-    ``model.vitkern_unfused``. Parameters, state_dict keys, the optimizer's view of the
-    model and timm's own ``forward_features`` are unchanged; the backend follows
-    ``vitkern.use_backend`` / ``VITKERN_BACKEND`` as for vitkern.ViT.
-
-    Raises :class:`vitkern.zoo.TimmConversionError` (a ValueError), changing nothing, if
-    the model uses a feature that cannot be reproduced exactly (see vitkern.zoo).
-    """
-    import types
-
-    from vitkern.zoo import _fusable_mlp, _fusable_patch_embed, _is_rmsnorm, _timm_classes, check_timm_model
-
-    check_timm_model(model)  # validates the whole model; raises before any change
-    T = _timm_classes()
-    unfused = []
-    pe = model.patch_embed
-    if _fusable_patch_embed(pe, T) and getattr(pe, "flatten", False):
-        pe.forward = types.MethodType(_patched_patch_embed_forward, pe)
-    else:
-        unfused.append("patch_embed")
-    for i, blk in enumerate(model.blocks):
-        for m in blk.modules():
-            if type(m) is T["Attention"]:
-                m.forward = types.MethodType(_patched_attention_forward, m)
-        if type(blk) is T["Block"]:
-            act = _fusable_mlp(blk.norm2, blk.mlp, T)
-            if act is not None:
-                blk.vitkern_mlp = (act, "rmsnorm" if _is_rmsnorm(blk.norm2, T) else "layernorm")
-                blk.forward = types.MethodType(_patched_block_forward, blk)
-            else:
-                unfused.append(f"blocks.{i}.mlp")
-        elif type(blk) is T["ParallelThingsBlock"]:
-            for j, ffn in enumerate(blk.ffns):
-                act = _fusable_mlp(ffn.norm, ffn.mlp, T)
-                if act is not None:
-                    ffn.vitkern_mlp = (act, "rmsnorm" if _is_rmsnorm(ffn.norm, T) else "layernorm")
-                    ffn.forward = types.MethodType(_patched_ffn_forward, ffn)
-                else:
-                    unfused.append(f"blocks.{i}.ffns.{j}")
-        else:  # ResPostBlock: the norm follows the MLP
-            unfused.append(f"blocks.{i}.mlp")
-    if model.attn_pool is not None:
-        unfused.append("attn_pool")
-    model.vitkern_patched = True
-    model.vitkern_unfused = unfused
-    return model
+__all__ = ["from_hf_vit", "to_hf_vit"]
 
 
-def _patched_patch_embed_forward(self, x):
-    from vitkern.ops import patch_embed
-
-    return patch_embed(x, self.proj.weight, self.proj.bias)
-
-
-def _patched_attention_forward(self, x, attn_mask=None, is_causal=False):
-    from vitkern.ops import sp_attention
-
-    if attn_mask is not None or is_causal:  # masks: timm's own attention
-        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    B, N, _ = x.shape
-    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = self.q_norm(q), self.k_norm(k)
-    o = sp_attention(q, k, v, None, scale=self.scale)
-    o = self.norm(o.transpose(1, 2).reshape(B, N, self.attn_dim))
-    if gate is not None:
-        o = o * gate
-    return self.proj_drop(self.proj(o))
-
-
-def _fused_mlp(n2, mlp, x, activation_norm, residual):
-    from vitkern.models.layers import norm_mlp
-
-    activation, norm = activation_norm
-    return norm_mlp(x, n2, mlp, activation, norm, n2.eps, residual)
-
-
-def _patched_block_forward(self, x, attn_mask=None, is_causal=False):
-    from vitkern.models.layers import mlp_residual
-
-    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-    return mlp_residual(
-        x, self.ls2, self.drop_path2, lambda r: _fused_mlp(self.norm2, self.mlp, x, self.vitkern_mlp, r)
-    )
-
-
-def _patched_ffn_forward(self, x):
-    return self.drop_path(self.ls(_fused_mlp(self.norm, self.mlp, x, self.vitkern_mlp, False)))
-
-
-# ----------------------------------------------------------------------------- Hugging Face ViT
 # Per-layer module names of the Hugging Face layouts: ViT/DeiT in transformers < 5
 # (``encoder.layer.i.attention.attention.query``, as in hub checkpoints) and >= 5
 # (``layers.i.attention.q_proj``); DINOv2 (``encoder.layer.i``, norm1/norm2, LayerScale
 # ``layer_scale1.lambda1``) in both.
+# Each layout from its parts, every module name once: the attention of transformers < 5 and the
+# ``{q,k,v,o}_proj`` names transformers 5 gave it, the MLP and the norms.
+_HF_ATTN_V4 = dict(
+    layer="encoder.layer.{i}.",
+    q="attention.attention.query",
+    k="attention.attention.key",
+    v="attention.attention.value",
+    o="attention.output.dense",
+)
+_HF_ATTN_V5 = {n: f"attention.{n}_proj" for n in ("q", "k", "v", "o")}
+_HF_MLP = dict(fc1="mlp.fc1", fc2="mlp.fc2")
+_HF_VIT_NORMS = dict(norm1="layernorm_before", norm2="layernorm_after")
+_HF_DINOV2 = dict(norm1="norm1", norm2="norm2", ls1="layer_scale1.lambda1", ls2="layer_scale2.lambda1")
 _HF_LAYOUTS = {
-    "v4": dict(
-        layer="encoder.layer.{i}.",
-        q="attention.attention.query",
-        k="attention.attention.key",
-        v="attention.attention.value",
-        o="attention.output.dense",
-        fc1="intermediate.dense",
-        fc2="output.dense",
-        norm1="layernorm_before",
-        norm2="layernorm_after",
-    ),
-    "v5": dict(
-        layer="layers.{i}.",
-        q="attention.q_proj",
-        k="attention.k_proj",
-        v="attention.v_proj",
-        o="attention.o_proj",
-        fc1="mlp.fc1",
-        fc2="mlp.fc2",
-        norm1="layernorm_before",
-        norm2="layernorm_after",
-    ),
-    "dinov2_v4": dict(
-        layer="encoder.layer.{i}.",
-        q="attention.attention.query",
-        k="attention.attention.key",
-        v="attention.attention.value",
-        o="attention.output.dense",
-        fc1="mlp.fc1",
-        fc2="mlp.fc2",
-        norm1="norm1",
-        norm2="norm2",
-        ls1="layer_scale1.lambda1",
-        ls2="layer_scale2.lambda1",
-    ),
-}
-# transformers 5 renamed DINOv2's attention projections; the rest of the layout is unchanged.
-_HF_LAYOUTS["dinov2_v5"] = {
-    **_HF_LAYOUTS["dinov2_v4"],
-    **{n: f"attention.{n}_proj" for n in ("q", "k", "v", "o")},
+    "v4": {**_HF_ATTN_V4, "fc1": "intermediate.dense", "fc2": "output.dense", **_HF_VIT_NORMS},
+    "v5": {"layer": "layers.{i}.", **_HF_ATTN_V5, **_HF_MLP, **_HF_VIT_NORMS},
+    "dinov2_v4": {**_HF_ATTN_V4, **_HF_MLP, **_HF_DINOV2},
+    "dinov2_v5": {**_HF_ATTN_V4, **_HF_ATTN_V5, **_HF_MLP, **_HF_DINOV2},  # layer prefix unchanged
 }
 
 # Hugging Face classes that convert: (state_dict prefix of the backbone, has a classifier, family).
@@ -235,10 +117,6 @@ def from_hf_vit(hf_model: nn.Module, **overrides: Any):
     (CLIP: the class token through ``post_layernorm`` = vitkern's fc_norm; SigLIP: its
     attention-pooling head, kept as HF's own module, or the token mean without a head).
     Other classes raise a TypeError or ValueError naming the class and the reason."""
-    import torch
-
-    from vitkern.models import ViT
-
     if type(hf_model).__name__ in _TOWERS:
         return _from_hf_tower(hf_model, **overrides)
     prefix, has_head, family = _hf_prefix(hf_model)
@@ -419,13 +297,6 @@ def _tower_pairs(depth: int, p: str, family: str, patch_bias: bool, head_keys: l
 
 
 def _from_hf_tower(hf_model: nn.Module, **overrides: Any):
-    import copy
-
-    import torch
-
-    from vitkern.models import ViT
-    from vitkern.zoo import pool_class
-
     family, cfg = _TOWERS[type(hf_model).__name__], hf_model.config
     act = getattr(cfg, "hidden_act", "gelu")
     if act not in _TOWER_ACTS:
@@ -555,39 +426,3 @@ def _to_hf_tower(model: nn.Module, family: str):
     if missing or unexpected:
         raise RuntimeError(f"HF conversion left keys unmatched: missing {missing}, unexpected {unexpected}")
     return hf.train(model.training)
-
-
-# ----------------------------------------------------------------------------- safetensors checkpoints
-def save_model(model: nn.Module, path: str) -> None:
-    """Write ``model``'s weights and constructor arguments to a safetensors file."""
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    sd["pos_embed_grid"] = torch.tensor(model.patch_embed.grid_size, dtype=torch.int64)
-    save_file(sd, path, metadata={"vitkern_config": json.dumps(model.config), "format": "pt"})
-
-
-def load_model(path: str, device: str | None = None, **overrides: Any):
-    """Rebuild the vitkern.ViT saved by :func:`save_model`. ``overrides`` change
-    constructor arguments; a different ``img_size`` resamples the position embedding."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from vitkern.models import ViT
-
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    if "vitkern_config" not in meta:
-        raise ValueError(f"{path} is not a vitkern checkpoint (no 'vitkern_config' metadata)")
-    config = {**json.loads(meta["vitkern_config"]), **overrides}
-    for key in ("img_size", "patch_size"):
-        if isinstance(config.get(key), list):
-            config[key] = tuple(config[key])
-    model = ViT(**config)
-    model.load_state_dict(load_file(path, device=device or "cpu"), strict=True)
-    return model.to(device) if device else model
