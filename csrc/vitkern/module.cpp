@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include <cstdio>
+#include <string>
 
 #include "blas.h"
 #include "simd.h"
@@ -16,7 +17,10 @@
 
 namespace {
 
-PyObject* simd_paths(PyObject*, PyObject*) { return PyUnicode_FromString(vitkern::simd::compiled_paths()); }
+PyObject* simd_paths(PyObject*, PyObject*) {
+  const std::string s = std::string(vitkern::simd::compiled_paths()) + "; active: " + vitkern::simd::active_path();
+  return PyUnicode_FromString(s.c_str());
+}
 PyObject* blas_backend(PyObject*, PyObject*) { return PyUnicode_FromString(vitkern::blas_backend()); }
 
 PyMethodDef methods[] = {

@@ -1,13 +1,16 @@
-// The two row primitives of the CPU softmax: a row maximum and an in-place
-// exp(x - shift) that returns the row sum. AVX2+FMA versions are compiled with
-// function-level target attributes and chosen at run time, so the extension
-// runs (more slowly) on a CPU without AVX2 and never executes an illegal
-// instruction (AVX-512 > AVX2+FMA > scalar). NaN propagates as in std::exp;
-// exp(-inf) is exactly 0.
+// SIMD row primitives of the CPU kernels: the softmax's row maximum and in-place
+// exp(x - shift) with its sum, the spatial prior's row multiply / accumulate and the
+// MLP activations (forward and derivative). Each has an AVX-512, an AVX2+FMA and a
+// scalar version; the vector ones are compiled with function-level target attributes
+// and chosen at run time (AVX-512 > AVX2+FMA > scalar, capped by VITKERN_SIMD), so the
+// extension runs on any x86-64 CPU and never executes an illegal instruction. NaN
+// propagates as in std::exp; exp(-inf) is exactly 0.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 // VITKERN_GENERIC_SIMD (build switch VITKERN_GENERIC_SIMD=1) compiles none of the
@@ -169,45 +172,39 @@ __attribute__((target("avx512f"))) inline float row_max_avx512(const float* x, i
   return _mm512_reduce_max_ps(m);
 }
 
-// Contiguous row helpers of the spatial prior: x *= k; d *= k * f; d += a * b.
-__attribute__((target("avx512f"))) inline void mul_scaled_avx512(float* d, const float* f, int64_t n, float k) {
-  const __m512 kv = _mm512_set1_ps(k);
-  int64_t t = 0;
-  for (; t + 16 <= n; t += 16) {
-    _mm512_storeu_ps(d + t, _mm512_mul_ps(_mm512_loadu_ps(d + t), _mm512_mul_ps(_mm512_loadu_ps(f + t), kv)));
-  }
-  if (t < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - t)) - 1u);
-    const __m512 fv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, f + t), kv);
-    _mm512_mask_storeu_ps(d + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, d + t), fv));
-  }
+// VITKERN_SIMD=avx2 or =scalar in the environment (read once) caps the path picked at run
+// time below what the CPU offers, so the AVX2 and scalar code is testable on an AVX-512
+// machine (tests/test_simd_paths.py). The compiler-multiversioned row loops
+// (VK_TARGET_CLONES) are not affected: their clones compute the same thing.
+inline int simd_cap() {  // 2 = avx512, 1 = avx2, 0 = scalar
+  static const int cap = [] {
+    const char* env = std::getenv("VITKERN_SIMD");
+    if (env == nullptr || *env == 0) return 2;
+    if (std::strcmp(env, "scalar") == 0) return 0;
+    if (std::strcmp(env, "avx2") == 0) return 1;
+    return 2;
+  }();
+  return cap;
 }
-
-__attribute__((target("avx512f"))) inline void fma_acc_avx512(float* d, const float* a, const float* b, int64_t n) {
-  int64_t t = 0;
-  for (; t + 16 <= n; t += 16) {
-    _mm512_storeu_ps(d + t, _mm512_fmadd_ps(_mm512_loadu_ps(a + t), _mm512_loadu_ps(b + t), _mm512_loadu_ps(d + t)));
-  }
-  if (t < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - t)) - 1u);
-    const __m512 r =
-        _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + t), _mm512_maskz_loadu_ps(m, b + t), _mm512_maskz_loadu_ps(m, d + t));
-    _mm512_mask_storeu_ps(d + t, m, r);
-  }
-}
-
 inline bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = simd_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
 inline bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
+  static const bool ok = simd_cap() >= 2 && __builtin_cpu_supports("avx512f");
   return ok;
 }
 #else
 inline bool has_avx2() { return false; }
 inline bool has_avx512() { return false; }
 #endif
+
+// The path the dispatchers below take on this CPU (after the VITKERN_SIMD cap).
+inline const char* active_path() {
+  if (has_avx512()) return "avx512f";
+  if (has_avx2()) return "avx2+fma";
+  return "scalar";
+}
 
 inline float row_max(const float* x, int64_t n) {
 #if VK_X86_SIMD
@@ -229,20 +226,6 @@ inline float exp_sub_sum(float* x, int64_t n, float shift) {
 
 inline void scale(float* x, int64_t n, float k) {
   for (int64_t t = 0; t < n; ++t) x[t] *= k;
-}
-
-inline void mul_scaled(float* d, const float* f, int64_t n, float k) {
-#if VK_X86_SIMD
-  if (has_avx512()) return mul_scaled_avx512(d, f, n, k);
-#endif
-  for (int64_t t = 0; t < n; ++t) d[t] *= k * f[t];
-}
-
-inline void fma_acc(float* d, const float* a, const float* b, int64_t n) {
-#if VK_X86_SIMD
-  if (has_avx512()) return fma_acc_avx512(d, a, b, n);
-#endif
-  for (int64_t t = 0; t < n; ++t) d[t] += a[t] * b[t];
 }
 
 // ----------------------------------------------------------------------------- activations
@@ -285,103 +268,125 @@ inline float act_grad_scalar(float a, int64_t act) {
 }
 
 #if VK_X86_SIMD
-__attribute__((target("avx512f"))) inline __m512 erf_avx512(__m512 x) {
-  const __m512 ax = _mm512_abs_ps(x);
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
-  __m512 p = _mm512_set1_ps(1.061405429f);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-  p = _mm512_mul_ps(p, t);
-  const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(ax, ax)));
-  const __m512 r = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.f));  // 1 - p e
-  // copysign(r, x)
-  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x80000000));
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
+// The vector row kernels (simd_rows.inc), once per instruction set.
+__attribute__((target("avx512f"))) inline __m512 copysign_avx512(__m512 mag, __m512 sgn) {
+  const __m512i s = _mm512_and_si512(_mm512_castps_si512(sgn), _mm512_set1_epi32(0x80000000));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag), s));
 }
+#define VK_TGT __attribute__((target("avx512f")))
+#define VK_NAME(f) f##_avx512
+#define VF __m512
+#define VW 16
+#define v_set1 _mm512_set1_ps
+#define v_load _mm512_loadu_ps
+#define v_store _mm512_storeu_ps
+#define v_add _mm512_add_ps
+#define v_sub _mm512_sub_ps
+#define v_mul _mm512_mul_ps
+#define v_div _mm512_div_ps
+#define v_fmadd _mm512_fmadd_ps
+#define v_fnmadd _mm512_fnmadd_ps
+#define v_abs _mm512_abs_ps
+#define v_exp exp_avx512
+#define v_mask(n) static_cast<__mmask16>((1u << (n)) - 1u)
+#define v_loadm(p, m) _mm512_maskz_loadu_ps(m, p)
+#define v_storem(p, m, v) _mm512_mask_storeu_ps(p, m, v)
+#define v_copysign copysign_avx512
+#include "simd_rows.inc"
+#undef VK_TGT
+#undef VK_NAME
+#undef VF
+#undef VW
+#undef v_set1
+#undef v_load
+#undef v_store
+#undef v_add
+#undef v_sub
+#undef v_mul
+#undef v_div
+#undef v_fmadd
+#undef v_fnmadd
+#undef v_abs
+#undef v_copysign
+#undef v_exp
+#undef v_mask
+#undef v_loadm
+#undef v_storem
 
-__attribute__((target("avx512f"))) inline __m512 tanh_avx512(__m512 u) {
-  // tanh(u) = 1 - 2 / (exp(2u) + 1); exp saturates cleanly at both ends.
-  const __m512 e = exp_avx512(_mm512_add_ps(u, u));
-  return _mm512_sub_ps(_mm512_set1_ps(1.f), _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
+// AVX2: masked tails through vmaskmovps (a lane mask of n leading ones).
+__attribute__((target("avx2,fma"))) inline __m256i mask_avx2(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
-
-// sigmoid(k v) = 1 / (1 + exp(-k v)); exp saturates to 0 / inf, giving 1 / 0.
-__attribute__((target("avx512f"))) inline __m512 sigmoid_avx512(__m512 v, float k) {
-  const __m512 e = exp_avx512(_mm512_mul_ps(_mm512_set1_ps(-k), v));
-  return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+__attribute__((target("avx2,fma"))) inline __m256 copysign_avx2(__m256 mag, __m256 sgn) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.f);
+  return _mm256_or_ps(_mm256_andnot_ps(sign_bit, mag), _mm256_and_ps(sign_bit, sgn));
 }
-
-// act(v) and, when want_grad, act'(v) of 16 lanes.
-__attribute__((target("avx512f"))) inline __m512 act_avx512(__m512 v, int64_t act, bool want_grad, __m512* grad) {
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
-  if (act == kQuickGelu || act == kSilu) {
-    const float k = sigmoid_slope(act);
-    const __m512 s = sigmoid_avx512(v, k);
-    if (want_grad) {  // s + k v s (1 - s)
-      *grad = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(k), v), s), _mm512_sub_ps(one, s), s);
-    }
-    return _mm512_mul_ps(v, s);
-  }
-  if (act == kGeluTanh) {
-    const __m512 v2 = _mm512_mul_ps(v, v);
-    const __m512 u =
-        _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), _mm512_mul_ps(v2, v), v));
-    const __m512 t = tanh_avx512(u);
-    if (want_grad) {
-      const __m512 du =
-          _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(3.f * 0.044715f), v2, one));
-      *grad = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_fnmadd_ps(t, t, one)), du,
-                              _mm512_mul_ps(half, _mm512_add_ps(one, t)));
-    }
-    return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, t));
-  }
-  const __m512 e = erf_avx512(_mm512_mul_ps(v, _mm512_set1_ps(kInvSqrt2)));
-  if (want_grad) {
-    const __m512 phi = exp_avx512(_mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(v, v)));
-    *grad = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(kInvSqrt2Pi)), phi, _mm512_mul_ps(half, _mm512_add_ps(one, e)));
-  }
-  return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, e));
+__attribute__((target("avx2,fma"))) inline __m256 abs_avx2(__m256 x) {
+  return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
 }
-
-__attribute__((target("avx512f"))) inline void bias_act_avx512(float* a, const float* bias, int64_t n, int64_t act,
-                                                                 float* pre) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_loadu_ps(a + i);
-    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + i));
-    if (pre) _mm512_storeu_ps(pre + i, v);
-    _mm512_storeu_ps(a + i, act_avx512(v, act, false, nullptr));
-  }
-  for (; i < n; ++i) {
-    const float v = a[i] + (bias ? bias[i] : 0.f);
-    if (pre) pre[i] = v;
-    a[i] = act_scalar(v, act);
-  }
-}
-
-// g[i] = act(a[i]) (if g) and d[i] *= act'(a[i]) (if d).
-__attribute__((target("avx512f"))) inline void act_fwd_bwd_avx512(const float* a, float* g, float* d, int64_t n,
-                                                                    int64_t act) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 dv = _mm512_setzero_ps();
-    const __m512 gv = act_avx512(_mm512_loadu_ps(a + i), act, d != nullptr, &dv);
-    if (g) _mm512_storeu_ps(g + i, gv);
-    if (d) _mm512_storeu_ps(d + i, _mm512_mul_ps(_mm512_loadu_ps(d + i), dv));
-  }
-  for (; i < n; ++i) {
-    if (g) g[i] = act_scalar(a[i], act);
-    if (d) d[i] *= act_grad_scalar(a[i], act);
-  }
-}
+#define VK_TGT __attribute__((target("avx2,fma")))
+#define VK_NAME(f) f##_avx2
+#define VF __m256
+#define VW 8
+#define v_set1 _mm256_set1_ps
+#define v_load _mm256_loadu_ps
+#define v_store _mm256_storeu_ps
+#define v_add _mm256_add_ps
+#define v_sub _mm256_sub_ps
+#define v_mul _mm256_mul_ps
+#define v_div _mm256_div_ps
+#define v_fmadd _mm256_fmadd_ps
+#define v_fnmadd _mm256_fnmadd_ps
+#define v_abs abs_avx2
+#define v_copysign copysign_avx2
+#define v_exp exp_avx2
+#define v_mask(n) mask_avx2(n)
+#define v_loadm(p, m) _mm256_maskload_ps(p, m)
+#define v_storem(p, m, v) _mm256_maskstore_ps(p, m, v)
+#include "simd_rows.inc"
+#undef VK_TGT
+#undef VK_NAME
+#undef VF
+#undef VW
+#undef v_set1
+#undef v_load
+#undef v_store
+#undef v_add
+#undef v_sub
+#undef v_mul
+#undef v_div
+#undef v_fmadd
+#undef v_fnmadd
+#undef v_abs
+#undef v_copysign
+#undef v_exp
+#undef v_mask
+#undef v_loadm
+#undef v_storem
 #endif
+
+inline void mul_scaled(float* d, const float* f, int64_t n, float k) {
+#if VK_X86_SIMD
+  if (has_avx512()) return mul_scaled_avx512(d, f, n, k);
+  if (has_avx2()) return mul_scaled_avx2(d, f, n, k);
+#endif
+  for (int64_t t = 0; t < n; ++t) d[t] *= k * f[t];
+}
+
+inline void fma_acc(float* d, const float* a, const float* b, int64_t n) {
+#if VK_X86_SIMD
+  if (has_avx512()) return fma_acc_avx512(d, a, b, n);
+  if (has_avx2()) return fma_acc_avx2(d, a, b, n);
+#endif
+  for (int64_t t = 0; t < n; ++t) d[t] += a[t] * b[t];
+}
+
 
 // g[i] = act(a[i]) when g is not null; d[i] *= act'(a[i]) when d is not null.
 inline void act_fwd_bwd(const float* a, float* g, float* d, int64_t n, int64_t act) {
 #if VK_X86_SIMD
   if (has_avx512()) return act_fwd_bwd_avx512(a, g, d, n, act);
+  if (has_avx2()) return act_fwd_bwd_avx2(a, g, d, n, act);
 #endif
   for (int64_t i = 0; i < n; ++i) {
     if (g) g[i] = act_scalar(a[i], act);
@@ -394,6 +399,7 @@ inline void act_fwd_bwd(const float* a, float* g, float* d, int64_t n, int64_t a
 inline void bias_act(float* a, const float* bias, int64_t n, int64_t act, float* pre) {
 #if VK_X86_SIMD
   if (has_avx512()) return bias_act_avx512(a, bias, n, act, pre);
+  if (has_avx2()) return bias_act_avx2(a, bias, n, act, pre);
 #endif
   for (int64_t i = 0; i < n; ++i) {
     const float v = a[i] + (bias ? bias[i] : 0.f);
