@@ -139,3 +139,33 @@ def test_each_op_has_one_forward_and_one_backward_custom_op():
             assert schema.endswith("str backend) -> Tensor") or "str backend) -> (" in schema, schema
         for b in vitkern.BACKENDS:
             assert not hasattr(torch.ops.vitkern, f"{op}_{b}"), (op, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_sends_half_gemm_ops_to_torch_only_where_the_cpu_has_native_half_gemms(monkeypatch, dtype, native):
+    """The cpu GEMM kernels compute in fp32. With hardware bf16/fp16 GEMMs torch's are faster and
+    ``auto`` takes the reference path; without them (e.g. an AVX2-only CPU, where torch emulates
+    them 4-7x slower than the fp32 kernel) the cpu kernel stays."""
+    from vitkern.ops import _validate, layernorm_mlp
+
+    if vitkern.available_backends()["cpu"] is not None:
+        pytest.skip("cpu backend not built")
+    monkeypatch.setattr(_validate, "native_half_gemm", lambda dt: native and dt == dtype)
+    D, Hd = 16, 32
+    x, lw, lb, b2 = (torch.randn(2, 5, D).to(dtype), *(torch.randn(D).to(dtype) for _ in range(3)))
+    w1, b1, w2 = torch.randn(Hd, D).to(dtype), torch.randn(Hd).to(dtype), torch.randn(D, Hd).to(dtype)
+    layernorm_mlp(x, lw, lb, w1, b1, w2, b2)
+    rec = vitkern.backend_report()["layernorm_mlp"]
+    if native:
+        assert rec.backend == "reference" and "native" in rec.skipped["cpu"], rec
+    else:
+        assert rec.backend == "cpu", rec
+
+
+def test_native_half_gemm_probe_answers_for_each_dtype():
+    from vitkern.ops._validate import native_half_gemm
+
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        assert isinstance(native_half_gemm(dt), bool)
+    assert native_half_gemm(torch.float32) is False
