@@ -15,6 +15,11 @@ TF32 instruction in an fp32 path that torch's settings (default: TF32 off) forbi
 
     python scripts/gpu_build_report.py [--arch 80 86 89 90 100 120] [--dtype fp32 fp16 bf16]
                                        [--jobs N] [--kernel REGEX] [--markdown] [--output FILE]
+                                       [--dump-ptx DIR]
+
+``--dump-ptx DIR`` also writes each build's PTX to DIR (one file a build, numbered in report
+order, named by architecture, dtype, kernel, mode and configuration), so that a refactoring
+of a kernel's source can be checked to leave the generated code unchanged.
 """
 
 from __future__ import annotations
@@ -132,14 +137,17 @@ def _mma_kind(ptx: str) -> str:
 _JOBS: list = []  # (arch, launch): filled before the worker processes fork (launches do not pickle)
 
 
-def build(index: int):
-    """Compile one launch for one architecture; returns the report row's measurements."""
+def build(index: int, ptx_path: str | None = None):
+    """Compile one launch for one architecture; returns the report row's measurements
+    (and writes the PTX to ``ptx_path`` if given)."""
     arch, launch = _JOBS[index]
     try:
         compiled = L.compile_launch(launch, arch)
     except Exception as exc:  # OutOfResources and any other compile error
         return {"error": str(exc).splitlines()[0][:80]}
     ptx = compiled.asm["ptx"]
+    if ptx_path is not None:
+        Path(ptx_path).write_text(ptx)
     reg, stack = _resources(compiled.asm["cubin"])
     return {
         "reg": reg,
@@ -159,6 +167,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--kernel", default="", help="only kernels whose name matches this regular expression")
+    ap.add_argument("--dump-ptx", metavar="DIR", default=None, help="also write each build's PTX to DIR")
     ap.add_argument(
         "--output",
         default=None,
@@ -182,12 +191,18 @@ def main() -> int:
                 jobs.append((arch, launch))
                 rows.append([f"sm_{arch}", dt, launch.name.strip("_"), _mode(launch), launch.config(), model])
     _JOBS[:] = jobs
+    ptx_paths: list[str | None] = [None] * len(jobs)
+    if args.dump_ptx:
+        Path(args.dump_ptx).mkdir(parents=True, exist_ok=True)
+        for i, row in enumerate(rows):
+            name = re.sub(r"[^A-Za-z0-9=.]+", "_", "_".join([f"{i:04d}", *row[:5]]))
+            ptx_paths[i] = str(Path(args.dump_ptx) / f"{name}.ptx")
     if args.jobs > 1:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-            results = list(pool.map(build, range(len(jobs)), chunksize=2))
+            results = list(pool.map(build, range(len(jobs)), ptx_paths, chunksize=2))
     else:
-        results = [build(i) for i in range(len(jobs))]
+        results = [build(i, p) for i, p in enumerate(ptx_paths)]
     failed = []
     table = []
     for (arch, _), row, res in zip(jobs, rows, results, strict=True):

@@ -443,3 +443,32 @@ def test_hopper_prior_tiles_reach_wgmma():
     compiled = L.compile_launch(fwd[0], 90)
     assert "wgmma" in compiled.asm["ptx"]
     assert "STACK:0" in _resource_usage(compiled)
+
+
+def test_build_report_dumps_the_ptx_of_every_build(tmp_path):
+    """scripts/gpu_build_report.py --dump-ptx DIR writes one PTX file a build (the check
+    that a refactoring of a kernel's source leaves the generated code unchanged): as many
+    files as the report counts builds, each the named kernel compiled for the asked
+    architecture. Three small builds (the d-omega kernel, sm_80, fp32)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import SUBPROCESS_CWD, subprocess_env
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_build_report.py"
+    out_dir = tmp_path / "ptx"
+    cmd = [sys.executable, str(script), "--arch", "80", "--dtype", "fp32", "--kernel", "domega", "--jobs", "1"]
+    res = subprocess.run(
+        [*cmd, "--dump-ptx", str(out_dir)], capture_output=True, text=True, env=subprocess_env(), cwd=SUBPROCESS_CWD
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    builds = int(re.search(r"; (\d+) kernel builds;", res.stderr).group(1))
+    files = sorted(os.listdir(out_dir))
+    assert builds >= 1 and len(files) == builds, (builds, files)
+    for i, name in enumerate(files):
+        assert name.startswith(f"{i:04d}_sm_80_fp32_sp_attn_bwd_domega_kernel_") and name.endswith(".ptx"), name
+        ptx = (out_dir / name).read_text()
+        assert re.search(r"^\.target sm_80\b", ptx, re.M), name
+        assert ".entry _sp_attn_bwd_domega_kernel(" in ptx, name

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import namedtuple
 
 import torch
 import triton
@@ -239,127 +240,110 @@ def _act_grad(x, ACT: tl.constexpr):
         return s + x * s * (1.0 - s)
 
 
-@triton.jit
-def _token_offset(tok, NP, gw, P, s_ib, s_ih, s_iw):
-    """int64 image offset of patch token ``tok`` (i32, b * NP + row * gw + col). Token and
-    pixel offsets are separate, so an (M, K) tile costs one add; the divisions stay in 32
-    bits (a 64-bit division is a long software routine), the products are 64-bit."""
-    b = (tok // NP).to(tl.int64)
-    t = tok % NP
-    return b * s_ib + (t // gw).to(tl.int64) * P * s_ih + (t % gw).to(tl.int64) * P * s_iw
+# Argument groups of the K-loop step _mac_block, built in the kernel and passed as named
+# tuples (Triton 3.x passes tuples into and between @triton.jit functions and keeps their
+# constexpr members constexpr): the A prologue's per-row values, the B prologue's per-column
+# values, the LayerNorm operands, the patch geometry and the fusion modes.
+_ARows = namedtuple("_ARows", "row mean rstd goff")
+_BCols = namedtuple("_BCols", "col w b goff")
+_LnArgs = namedtuple("_LnArgs", "Mean Rstd LnW LnB")
+_Image = namedtuple("_Image", "NP gw P s_ib s_ic s_ih s_iw")
+_Modes = namedtuple("_Modes", "A_MODE B_MODE HAS_LNW HAS_LNB ACT ALLOW_TF32")
 
 
 @triton.jit
-def _pixel_offset(pix, P, s_ic, s_ih, s_iw):
-    """int64 image offset of pixel ``pix`` (i32, (c * P + py) * P + px) within a patch."""
-    PP = P * P
+def _token_offset(tok, img):
+    """int64 image offset of patch token ``tok`` (i32, b * NP + row * gw + col) in the image
+    ``img`` (an _Image). Token and pixel offsets are separate, so an (M, K) tile costs one
+    add; the divisions stay in 32 bits (a 64-bit division is a long software routine), the
+    products are 64-bit."""
+    b = (tok // img.NP).to(tl.int64)
+    t = tok % img.NP
+    return b * img.s_ib + (t // img.gw).to(tl.int64) * img.P * img.s_ih + (t % img.gw).to(tl.int64) * img.P * img.s_iw
+
+
+@triton.jit
+def _pixel_offset(pix, img):
+    """int64 image offset of pixel ``pix`` (i32, (c * P + py) * P + px) within a patch of ``img``."""
+    PP = img.P * img.P
     r = pix % PP
-    return (pix // PP).to(tl.int64) * s_ic + (r // P).to(tl.int64) * s_ih + (r % P).to(tl.int64) * s_iw
+    return (
+        (pix // PP).to(tl.int64) * img.s_ic + (r // img.P).to(tl.int64) * img.s_ih + (r % img.P).to(tl.int64) * img.s_iw
+    )
 
 
 @triton.jit
-def _mac_block(
-    acc,
-    A,
-    B,
-    a_ptrs,
-    b_ptrs,
-    a_row,
-    b_col,
-    a_mean,
-    a_rstd,
-    b_w,
-    b_b,
-    goff_a,
-    goff_b,
-    Mean,
-    Rstd,
-    LnW,
-    LnB,
-    offs_k,
-    K,
-    NP,
-    gw,
-    P,
-    s_ib,
-    s_ic,
-    s_ih,
-    s_iw,
-    A_MODE: tl.constexpr,
-    B_MODE: tl.constexpr,
-    HAS_LNW: tl.constexpr,
-    HAS_LNB: tl.constexpr,
-    ACT: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """acc += prologue_A(A tile) @ prologue_B(B tile) for the K columns ``offs_k``."""
+def _mac_block(acc, A, B, a_ptrs, b_ptrs, offs_k, K, arow, bcol, ln, img, modes, MASKED: tl.constexpr):
+    """acc += prologue_A(A tile) @ prologue_B(B tile) for the K columns ``offs_k``.
+    ``arow`` (_ARows), ``bcol`` (_BCols), ``ln`` (_LnArgs), ``img`` (_Image) and the
+    constexpr ``modes`` (_Modes) are the kernel's argument groups; ``MASKED``: the ragged
+    tail block (loads masked to k < K)."""
     k_ok = offs_k < K
     # ---- A tile (BLOCK_M, BLOCK_K)
-    if A_MODE == _A_PATCH_GATHER:
-        a_col = _pixel_offset(offs_k, P, s_ic, s_ih, s_iw)
-        a_src = A + a_row[:, None] + a_col[None, :]
+    if modes.A_MODE == _A_PATCH_GATHER:
+        a_col = _pixel_offset(offs_k, img)
+        a_src = A + arow.row[:, None] + a_col[None, :]
     else:
         a_src = a_ptrs
     if MASKED:
         a = tl.load(a_src, mask=k_ok[None, :], other=0.0)
     else:
         a = tl.load(a_src)
-    if A_MODE == _A_GATED:
+    if modes.A_MODE == _A_GATED:
         # act(gate) * value, each rounded to the storage dtype like the eager product.
         if MASKED:
-            ag = tl.load(a_src + goff_a, mask=k_ok[None, :], other=0.0)
+            ag = tl.load(a_src + arow.goff, mask=k_ok[None, :], other=0.0)
         else:
-            ag = tl.load(a_src + goff_a)
-        ag = _act(ag.to(tl.float32), ACT).to(A.dtype.element_ty).to(tl.float32)
+            ag = tl.load(a_src + arow.goff)
+        ag = _act(ag.to(tl.float32), modes.ACT).to(A.dtype.element_ty).to(tl.float32)
         a = (ag * a.to(tl.float32)).to(A.dtype.element_ty)
-    if A_MODE == _A_LAYERNORM:
+    if modes.A_MODE == _A_LAYERNORM:
         if MASKED:
-            lw = tl.load(LnW + offs_k, mask=k_ok, other=0.0) if HAS_LNW else None
-            lb = tl.load(LnB + offs_k, mask=k_ok, other=0.0) if HAS_LNB else None
+            lw = tl.load(ln.LnW + offs_k, mask=k_ok, other=0.0) if modes.HAS_LNW else None
+            lb = tl.load(ln.LnB + offs_k, mask=k_ok, other=0.0) if modes.HAS_LNB else None
         else:
-            lw = tl.load(LnW + offs_k) if HAS_LNW else None
-            lb = tl.load(LnB + offs_k) if HAS_LNB else None
-        xhat = (a.to(tl.float32) - a_mean[:, None]) * a_rstd[:, None]
-        if HAS_LNW:
+            lw = tl.load(ln.LnW + offs_k) if modes.HAS_LNW else None
+            lb = tl.load(ln.LnB + offs_k) if modes.HAS_LNB else None
+        xhat = (a.to(tl.float32) - arow.mean[:, None]) * arow.rstd[:, None]
+        if modes.HAS_LNW:
             xhat = xhat * lw.to(tl.float32)[None, :]
-        if HAS_LNB:
+        if modes.HAS_LNB:
             xhat = xhat + lb.to(tl.float32)[None, :]
         if MASKED:
             xhat = tl.where(k_ok[None, :], xhat, 0.0)
         a = xhat.to(A.dtype.element_ty)
     # ---- B tile (BLOCK_K, BLOCK_N)
-    if B_MODE == _B_PATCH_GATHER:
-        b_row = _token_offset(offs_k, NP, gw, P, s_ib, s_ih, s_iw)
-        b_src = B + b_row[:, None] + b_col[None, :]
+    if modes.B_MODE == _B_PATCH_GATHER:
+        b_row = _token_offset(offs_k, img)
+        b_src = B + b_row[:, None] + bcol.col[None, :]
     else:
         b_src = b_ptrs
     if MASKED:
         b = tl.load(b_src, mask=k_ok[:, None], other=0.0)
     else:
         b = tl.load(b_src)
-    if B_MODE == _B_LAYERNORM:
+    if modes.B_MODE == _B_LAYERNORM:
         if MASKED:
-            k_mean = tl.load(Mean + offs_k, mask=k_ok, other=0.0)
-            k_rstd = tl.load(Rstd + offs_k, mask=k_ok, other=0.0)
+            k_mean = tl.load(ln.Mean + offs_k, mask=k_ok, other=0.0)
+            k_rstd = tl.load(ln.Rstd + offs_k, mask=k_ok, other=0.0)
         else:
-            k_mean = tl.load(Mean + offs_k)
-            k_rstd = tl.load(Rstd + offs_k)
-        bhat = (b.to(tl.float32) - k_mean[:, None]) * k_rstd[:, None] * b_w[None, :] + b_b[None, :]
+            k_mean = tl.load(ln.Mean + offs_k)
+            k_rstd = tl.load(ln.Rstd + offs_k)
+        bhat = (b.to(tl.float32) - k_mean[:, None]) * k_rstd[:, None] * bcol.w[None, :] + bcol.b[None, :]
         if MASKED:
             bhat = tl.where(k_ok[:, None], bhat, 0.0)
         b = bhat.to(B.dtype.element_ty)
-    if B_MODE == _B_ACT:
-        b = _act(b.to(tl.float32), ACT).to(B.dtype.element_ty)
-    if B_MODE == _B_GATED:
+    if modes.B_MODE == _B_ACT:
+        b = _act(b.to(tl.float32), modes.ACT).to(B.dtype.element_ty)
+    if modes.B_MODE == _B_GATED:
         if MASKED:
-            bg = tl.load(b_src + goff_b, mask=k_ok[:, None], other=0.0)
+            bg = tl.load(b_src + bcol.goff, mask=k_ok[:, None], other=0.0)
         else:
-            bg = tl.load(b_src + goff_b)
-        bg = _act(bg.to(tl.float32), ACT).to(B.dtype.element_ty).to(tl.float32)
+            bg = tl.load(b_src + bcol.goff)
+        bg = _act(bg.to(tl.float32), modes.ACT).to(B.dtype.element_ty).to(tl.float32)
         b = (bg * b.to(tl.float32)).to(B.dtype.element_ty)
     b = b.to(a.dtype)
-    if ALLOW_TF32:
+    if modes.ALLOW_TF32:
         acc = tl.dot(a, b, acc)
     else:
         acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -448,7 +432,8 @@ def fused_gemm_kernel(
     if A_MODE == _A_LAYERNORM:
         a_mean = tl.load(Mean + rm)
         a_rstd = tl.load(Rstd + rm)
-    a_row = _token_offset(rm, NP, gw, P, s_ib, s_ih, s_iw)
+    img = _Image(NP, gw, P, s_ib, s_ic, s_ih, s_iw)
+    a_row = _token_offset(rm, img)
     a_ptrs = A + rm.to(tl.int64)[:, None] * stride_am + offs_kb[None, :] * stride_ak
     b_w = tl.full([BLOCK_N], 1.0, tl.float32)
     b_b = tl.zeros([BLOCK_N], tl.float32)
@@ -457,90 +442,24 @@ def fused_gemm_kernel(
             b_w = tl.load(LnW + rn).to(tl.float32)
         if HAS_LNB:
             b_b = tl.load(LnB + rn).to(tl.float32)
-    b_col = _pixel_offset(rn, P, s_ic, s_ih, s_iw)
+    b_col = _pixel_offset(rn, img)
     b_ptrs = B + offs_kb[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
     # Gated modes: the gate half's element offset from the value half (signed; small, so 32-bit).
-    goff_a = goff * stride_ak
-    goff_b = goff * stride_bn
+    arow = _ARows(a_row, a_mean, a_rstd, goff * stride_ak)
+    bcol = _BCols(b_col, b_w, b_b, goff * stride_bn)
+    ln = _LnArgs(Mean, Rstd, LnW, LnB)
+    modes: tl.constexpr = _Modes(A_MODE, B_MODE, HAS_LNW, HAS_LNB, ACT, ALLOW_TF32)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Full K blocks without a mask (their loads pipeline through shared memory), then
     # one masked tail block when K is ragged (K = tokens in the weight-gradient GEMMs).
     k_full = (K // BLOCK_K) * BLOCK_K
     for k0 in range(0, k_full, BLOCK_K):
-        acc = _mac_block(
-            acc,
-            A,
-            B,
-            a_ptrs,
-            b_ptrs,
-            a_row,
-            b_col,
-            a_mean,
-            a_rstd,
-            b_w,
-            b_b,
-            goff_a,
-            goff_b,
-            Mean,
-            Rstd,
-            LnW,
-            LnB,
-            k0 + offs_kb,
-            K,
-            NP,
-            gw,
-            P,
-            s_ib,
-            s_ic,
-            s_ih,
-            s_iw,
-            A_MODE,
-            B_MODE,
-            HAS_LNW,
-            HAS_LNB,
-            ACT,
-            ALLOW_TF32,
-            False,
-        )
+        acc = _mac_block(acc, A, B, a_ptrs, b_ptrs, k0 + offs_kb, K, arow, bcol, ln, img, modes, False)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if k_full < K:
-        acc = _mac_block(
-            acc,
-            A,
-            B,
-            a_ptrs,
-            b_ptrs,
-            a_row,
-            b_col,
-            a_mean,
-            a_rstd,
-            b_w,
-            b_b,
-            goff_a,
-            goff_b,
-            Mean,
-            Rstd,
-            LnW,
-            LnB,
-            k_full + offs_kb,
-            K,
-            NP,
-            gw,
-            P,
-            s_ib,
-            s_ic,
-            s_ih,
-            s_iw,
-            A_MODE,
-            B_MODE,
-            HAS_LNW,
-            HAS_LNB,
-            ACT,
-            ALLOW_TF32,
-            True,
-        )
+        acc = _mac_block(acc, A, B, a_ptrs, b_ptrs, k_full + offs_kb, K, arow, bcol, ln, img, modes, True)
 
     # ---- epilogue
     c_mask = m_ok[:, None] & n_ok[None, :]
@@ -575,8 +494,8 @@ def fused_gemm_kernel(
             tl.float32
         )
     if C_MODE == _C_IMAGE_SCATTER:
-        c_row = _token_offset(offs_m, NP, gw, P, s_ib, s_ih, s_iw)
-        c_col = _pixel_offset(offs_n, P, s_ic, s_ih, s_iw)
+        c_row = _token_offset(offs_m, img)
+        c_col = _pixel_offset(offs_n, img)
         tl.store(C + c_row[:, None] + c_col[None, :], acc.to(C.dtype.element_ty), mask=c_mask)
     else:
         tl.store(C + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=c_mask)

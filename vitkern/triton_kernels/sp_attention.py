@@ -30,30 +30,38 @@ Launch rules that matter on a real GPU:
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import torch
 import triton
 import triton.language as tl
 
 from vitkern.triton_kernels.gemm import capability, device_guard, smem_limit, tf32_allowed
 
+# The prior's arguments as one group for the prior helpers (a named tuple: Triton passes
+# tuples into @triton.jit functions): the table, the head, the sequence length, the patch
+# grid, the prefix tokens, the table's head stride and row width (2 gw - 1).
+_PriorArgs = namedtuple("_PriorArgs", "Omega h N gh gw num_prefix stride_omh TW")
+
 
 @triton.jit
-def _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_oh, TW):
-    """(BLOCK_M, BLOCK_N) prior factors: omega[h, ry, rx] for patch pairs, 1 elsewhere.
+def _prior_tile(pr, offs_m, offs_n):
+    """(BLOCK_M, BLOCK_N) prior factors: omega[h, ry, rx] for patch pairs, 1 elsewhere
+    (``pr``: the prior's arguments, a _PriorArgs).
 
     The table offset (ry * TW + rx) splits into a query part and a key part, so
     only one int tile is built from two vectors: keeping ry and rx as separate
     tiles spilled registers at 64 x 64 (scripts/gpu_build_report.py).
-    Returns (prior, table offset, valid mask)."""
-    pm = offs_m - num_prefix
-    pn = offs_n - num_prefix
-    q_ok = (offs_m >= num_prefix) & (offs_m < N)
-    k_ok = (offs_n >= num_prefix) & (offs_n < N)
-    q_base = (gh - 1 - pm // gw) * TW + (gw - 1 - pm % gw)
-    k_base = (pn // gw) * TW + pn % gw
+    """
+    pm = offs_m - pr.num_prefix
+    pn = offs_n - pr.num_prefix
+    q_ok = (offs_m >= pr.num_prefix) & (offs_m < pr.N)
+    k_ok = (offs_n >= pr.num_prefix) & (offs_n < pr.N)
+    q_base = (pr.gh - 1 - pm // pr.gw) * pr.TW + (pr.gw - 1 - pm % pr.gw)
+    k_base = (pn // pr.gw) * pr.TW + pn % pr.gw
     idx = q_base[:, None] + k_base[None, :]
     valid = q_ok[:, None] & k_ok[None, :]
-    return tl.load(Omega + h * stride_oh + idx, mask=valid, other=1.0).to(tl.float32), idx, valid
+    return tl.load(pr.Omega + pr.h * pr.stride_omh + idx, mask=valid, other=1.0).to(tl.float32)
 
 
 @triton.jit
@@ -113,12 +121,10 @@ def _dot_nt(a, b, ROWS: tl.constexpr, COLS: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _prior_or_one(
-    Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW, BLOCK_M, BLOCK_N, HAS_PRIOR: tl.constexpr
-):
+def _prior_or_one(pr, offs_m, offs_n, BLOCK_M, BLOCK_N, HAS_PRIOR: tl.constexpr):
     """(BLOCK_M, BLOCK_N) prior factors of :func:`_prior_tile`, or ones without a prior."""
     if HAS_PRIOR:
-        prior, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
+        prior = _prior_tile(pr, offs_m, offs_n)
     else:
         prior = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
     return prior
@@ -134,6 +140,26 @@ def _probs(logit, prior, lse):
 def _dsoftmax(p, dp, delta):
     """ds = p * (dp - delta): the gradient of the post-prior logit (softmax backward)."""
     return p * (dp - delta[:, None])
+
+
+@triton.jit
+def _bwd_probs(q, k, lse, offs_m, offs_n, m_ok, n_ok, pr, scale, BLOCK_M, BLOCK_N, HAS_PRIOR, IEEE):
+    """The backward's recomputed (BLOCK_M, BLOCK_N) tile: (p, prior), the probabilities
+    exp(q k^T * scale * prior - lse), 0 outside the sequence, and the prior factors
+    (ones without a prior). ``pr``: the prior's arguments (_PriorArgs)."""
+    logit = _dot_nt(q, k, BLOCK_M, BLOCK_N, IEEE) * scale
+    prior = _prior_or_one(pr, offs_m, offs_n, BLOCK_M, BLOCK_N, HAS_PRIOR)
+    p = _probs(logit, prior, lse)
+    p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
+    return p, prior
+
+
+@triton.jit
+def _bwd_dlogit(do, v, p, prior, delta, scale, BLOCK_M, BLOCK_N, IEEE):
+    """Gradient of the raw score q k^T: ds * prior * scale, with ds = p * (dO v^T - delta)."""
+    dp = _dot_nt(do, v, BLOCK_M, BLOCK_N, IEEE)
+    ds = _dsoftmax(p, dp, delta)
+    return ds * prior * scale  # chain through the prior and the scale
 
 
 @triton.jit
@@ -192,15 +218,14 @@ def _sp_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    TW = 2 * gw - 1
+    pr = _PriorArgs(Omega, h, N, gh, gw, num_prefix, stride_omh, 2 * gw - 1)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, n_ok[:, None] & d_ok[None, :])
         s = _dot_nt(q, k, BLOCK_M, BLOCK_N, IEEE) * scale
         if HAS_PRIOR:
-            prior, _, _ = _prior_tile(Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW)
-            s = s * prior
+            s = s * _prior_tile(pr, offs_m, offs_n)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -276,7 +301,7 @@ def _sp_attn_bwd_dkdv_kernel(
     delta_base = Delta + pid_bh * N
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    TW = 2 * gw - 1
+    pr = _PriorArgs(Omega, h, N, gh, gw, num_prefix, stride_omh, 2 * gw - 1)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
@@ -284,16 +309,9 @@ def _sp_attn_bwd_dkdv_kernel(
         do = _load_rows(do_base, offs_m, offs_d, stride_don, stride_dod, m_ok[:, None] & d_ok[None, :])
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        logit = _dot_nt(q, k, BLOCK_M, BLOCK_N, IEEE) * scale
-        prior = _prior_or_one(
-            Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW, BLOCK_M, BLOCK_N, HAS_PRIOR
-        )
-        p = _probs(logit, prior, lse)
-        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
+        p, prior = _bwd_probs(q, k, lse, offs_m, offs_n, m_ok, n_ok, pr, scale, BLOCK_M, BLOCK_N, HAS_PRIOR, IEEE)
         dv = _dot(tl.trans(p.to(do.dtype)), do, dv, IEEE)
-        dp = _dot_nt(do, v, BLOCK_M, BLOCK_N, IEEE)
-        ds = _dsoftmax(p, dp, delta)
-        dlogit = ds * prior * scale  # chain through the prior and the scale
+        dlogit = _bwd_dlogit(do, v, p, prior, delta, scale, BLOCK_M, BLOCK_N, IEEE)
         dk = _dot(tl.trans(dlogit.to(q.dtype)), q, dk, IEEE)
     out_off = pid_bh * N * HEAD_DIM + rows_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -353,21 +371,15 @@ def _sp_attn_bwd_dq_kernel(
     k_base = _head_ptr(K, b, h, stride_kb, stride_kh)
     v_base = _head_ptr(V, b, h, stride_vb, stride_vh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    TW = 2 * gw - 1
+    pr = _PriorArgs(Omega, h, N, gh, gw, num_prefix, stride_omh, 2 * gw - 1)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, n_ok[:, None] & d_ok[None, :])
         v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, n_ok[:, None] & d_ok[None, :])
-        logit = _dot_nt(q, k, BLOCK_M, BLOCK_N, IEEE) * scale
-        prior = _prior_or_one(
-            Omega, h, offs_m, offs_n, N, gh, gw, num_prefix, stride_omh, TW, BLOCK_M, BLOCK_N, HAS_PRIOR
-        )
-        p = _probs(logit, prior, lse)
-        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
-        dp = _dot_nt(do, v, BLOCK_M, BLOCK_N, IEEE)
-        ds = _dsoftmax(p, dp, delta)
-        dq = _dot((ds * prior * scale).to(k.dtype), k, dq, IEEE)
+        p, prior = _bwd_probs(q, k, lse, offs_m, offs_n, m_ok, n_ok, pr, scale, BLOCK_M, BLOCK_N, HAS_PRIOR, IEEE)
+        dlogit = _bwd_dlogit(do, v, p, prior, delta, scale, BLOCK_M, BLOCK_N, IEEE)
+        dq = _dot(dlogit.to(k.dtype), k, dq, IEEE)
     tl.store(
         DQ + pid_bh * N * HEAD_DIM + rows_m[:, None] * HEAD_DIM + offs_d[None, :],
         dq.to(DQ.dtype.element_ty),
