@@ -14,12 +14,12 @@ import torch.nn as nn
 from vitkern.interop.timm import (
     check_timm_model,
     dropout_p,
-    fusable_mlp,
     fusable_patch_embed,
     is_layernorm,
     is_rmsnorm,
     pool_class,
     timm_classes,
+    timm_mlp_activation,
 )
 from vitkern.models import layers as L
 
@@ -64,7 +64,7 @@ def _attention(t: nn.Module, dim: int, T: dict) -> nn.Module:
 def _mlp(norm: nn.Module, mlp: nn.Module, dim: int, T: dict) -> tuple[nn.Module, nn.Module]:
     """(norm, mlp): a vitkern Mlp / GluMlp / SwiGLU (fused with the LayerNorm) when possible,
     else timm's copy."""
-    act = fusable_mlp(norm, mlp, T)
+    act = timm_mlp_activation(norm, mlp, T)
     if act is None:
         return _norm(norm, T), copy.deepcopy(mlp)
     if type(mlp) is T["SwiGLU"]:
@@ -89,7 +89,7 @@ def _is_plain_block(blk: nn.Module, norm_eps: float, activation: str, T: dict) -
         return False
     if blk.norm1.weight is None or blk.norm1.bias is None or blk.norm2.weight is None or blk.norm2.bias is None:
         return False
-    if not is_layernorm(blk.norm2, T) or fusable_mlp(blk.norm2, blk.mlp, T) != activation:
+    if not is_layernorm(blk.norm2, T) or timm_mlp_activation(blk.norm2, blk.mlp, T) != activation:
         return False
     return (blk.mlp.fc1.bias is not None) == (a.proj.bias is not None)
 
@@ -137,7 +137,7 @@ def _first_norm_eps(model: nn.Module, T: dict) -> float:
 def _first_activation(model: nn.Module, T: dict) -> str:
     for blk in model.blocks:
         if hasattr(blk, "norm2") and hasattr(blk, "mlp"):
-            return fusable_mlp(blk.norm2, blk.mlp, T) or "gelu"
+            return timm_mlp_activation(blk.norm2, blk.mlp, T) or "gelu"
     return "gelu"
 
 

@@ -8,7 +8,7 @@ import types
 
 import torch.nn as nn
 
-from vitkern.interop.timm import check_timm_model, fusable_mlp, fusable_patch_embed, is_rmsnorm, timm_classes
+from vitkern.interop.timm import check_timm_model, fusable_patch_embed, is_rmsnorm, timm_classes, timm_mlp_activation
 from vitkern.models.layers import mlp_residual, norm_mlp
 from vitkern.ops import patch_embed, sp_attention
 
@@ -64,7 +64,7 @@ def patch_timm(model: nn.Module) -> nn.Module:
 def _fuse_mlp(owner: nn.Module, norm: nn.Module, mlp: nn.Module, forward, T: dict) -> bool:
     """Give ``owner`` (a Block, or a ParallelThingsBlock's ffn) the ``forward`` that runs its
     ``norm`` + ``mlp`` on the fused op, if they map onto it; False (nothing changed) if not."""
-    act = fusable_mlp(norm, mlp, T)
+    act = timm_mlp_activation(norm, mlp, T)
     if act is None:
         return False
     owner.vitkern_mlp = (act, "rmsnorm" if is_rmsnorm(norm, T) else "layernorm")

@@ -99,7 +99,7 @@ def _activation_name(act: nn.Module, T: dict) -> str | None:
     return None
 
 
-def fusable_mlp(norm: nn.Module, mlp: nn.Module, T: dict) -> str | None:
+def timm_mlp_activation(norm: nn.Module, mlp: nn.Module, T: dict) -> str | None:
     """The activation name if ``norm`` + ``mlp`` map onto the fused layernorm_mlp, else None:
     timm's Mlp, or its gated GluMlp (packed fc1, chunked on the last dim) and SwiGLU (split fc1),
     each without an inner norm, after a LayerNorm or RmsNorm."""
