@@ -8,16 +8,15 @@
 // each (then the gate comes first). Its pre-activation row is 2H contiguous floats in w1a's (or
 // [w1a; w1b]'s) row order, the gate half at column 0 (gate first) or H (gate last).
 // An RMSNorm runs through the same code with mean 0 (saved as such) and no bias.
-// Forward: each thread takes a tile of rows through LN -> fc1 -> bias+GELU ->
-// fc2 -> bias+residual; the normalised rows live only in the tile buffer, and
-// bias, GELU and residual are applied in the GEMMs' prologue/epilogue passes
-// over the tile, never as separate full-tensor ops. With a gradient wanted,
-// the tile's LN output and activation output are the saved tensors themselves (the GEMMs
-// write into them) and the pre-activation fc1(LN(x)) + b1 is stored by the fc1
-// epilogue (the same tensors eager PyTorch keeps), so the backward recomputes nothing.
-// Backward: full-height GEMMs (the weight gradients sum over every row) with
-// the elementwise parts (GELU' with the fc1-bias sum, LayerNorm backward with the
-// LN-affine sums) fused in C++ loops.
+// Forward: each thread takes a tile of rows through LN -> fc1 -> bias + activation (plain) or
+// bias + act(gate) * value (gated) -> fc2 -> bias + residual; the normalised rows live only in
+// the tile buffer, and bias, activation and residual are applied in the GEMMs' prologue/epilogue
+// passes over the tile, never as separate full-tensor ops. With a gradient wanted, the tile's
+// LN output, pre-activation and activation output are the saved tensors themselves (the GEMMs
+// and epilogues write into them; the same tensors eager PyTorch keeps), so the backward
+// recomputes nothing. Backward: full-height GEMMs (the weight gradients sum over every row) with
+// the elementwise parts (act' or the gated product's derivative with the fc1-bias sum, LayerNorm
+// backward with the LN-affine sums) fused in C++ loops.
 #include <algorithm>
 #include <cmath>
 #include <vector>

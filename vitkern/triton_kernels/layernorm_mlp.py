@@ -1,23 +1,32 @@
-"""LayerNorm (or RMSNorm) + MLP in Triton (docs/DESIGN.md §1.4), forward and backward.
+"""LayerNorm (or RMSNorm) + MLP in Triton (docs/DESIGN.md §1.4), forward and backward, on the
+fused GEMM of gemm.py: the plain MLP (glu = GLU_NONE) and the gated one (GLU family: SwiGLU,
+GeGLU) through one launcher each way. The activation is GELU (erf or tanh), QuickGELU or SiLU
+(the ACT_* codes of gemm.py).
 
-The activation is GELU (erf or tanh), QuickGELU or SiLU (the ACT_* codes of gemm.py).
+The gated fc1 is one (2H, D) weight (timm's GluMlp; ``glu`` says which half is the gate) or
+two (H, D) weights, gate and value (timm's SwiGLU). Either way its pre-activation is one
+(M, 2H) buffer whose gate half lies ``goff`` columns from its value half (goff = -H when the
+gate comes first, +H when it comes last).
 
-Forward, three launches:
+Forward, three launches (four for split gated weights):
   1. row statistics (mean, 1/std in fp32) - one read of x;
-  2. fc1 with the LayerNorm applied in the GEMM's prologue (the normalised
-     activations never exist in memory), bias + GELU in the epilogue; the
-     pre-activation is stored only when a gradient is wanted;
-  3. fc2 with bias and the residual x added in the epilogue.
-Saved for backward: x, mean, rstd and the pre-activation (M x hidden) - eager
-autograd keeps LN(x), fc1(.) and GELU(.) (M x (D + 2 hidden)).
+  2. fc1 with the LayerNorm applied in the GEMM's prologue (the normalised activations never
+     exist in memory), the bias in the epilogue; plain: the activation there too, the
+     pre-activation stored only when a gradient is wanted; gated: the (M, 2H) pre-activation
+     (one GEMM per fc1 weight);
+  3. fc2 with bias and the residual x added in the epilogue; gated: act(gate) * value formed in
+     its A prologue (A_GATED), so the gated hidden activation never exists in memory.
+Saved for backward: x, mean, rstd and the pre-activation (M x H, gated M x 2H) - eager autograd
+keeps LN(x), fc1(.) and act(.) as well.
 
-Backward, five launches and two bias sums:
-  d_pre = (dout @ W2) * GELU'(pre)            epilogue multiply
-  dW2   = dout^T @ GELU(pre)                   GELU in the B prologue
-  dW1   = d_pre^T @ LayerNorm(x)               LayerNorm in the B prologue
-  d_ln  = d_pre @ W1                           fp32
-  dx, dLN weight/bias partials                 one row kernel (+ dout for the residual);
-                                               the partials are summed in a fixed order.
+Backward, five launches (seven for split weights), the norm's row kernel and the bias sums:
+  d_pre = (dout @ W2) * act'(pre)                        epilogue (gated, EPI_DGLU: both halves,
+                                                         d_value = dh act(gate), d_gate = dh value act'(gate))
+  dW2   = dout^T @ act(pre)  (gated: act(gate) * value)  B_ACT (B_GATED) prologue
+  dW1   = d_pre^T @ LayerNorm(x)                         LayerNorm B prologue, per fc1 weight
+  d_ln  = d_pre @ W1                                     fp32; the second split half adds on in the epilogue
+  dx, dLN weight/bias partials                           one row kernel (+ dout for the residual);
+                                                         the partials are summed in a fixed order.
 """
 
 from __future__ import annotations
@@ -228,26 +237,14 @@ def layernorm_mlp_bwd(dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, r
     )
     dln = torch.empty((M, D), device=dev, dtype=torch.float32)
     dws = []
+    norm = dict(b_mode=B_LAYERNORM, mean=mean, rstd=rstd, ln_weight=ln_weight, ln_bias=ln_bias)
+    x_strides = (x.stride(0), x.stride(1))
     for i, (w, _, col) in enumerate(_fc1_parts(w1a, None, w1b, None)):
         n = w.shape[0]
         dpart = dpre[:, col : col + n]
         dw = torch.empty((n, D), device=dev, dtype=w.dtype)
-        fused_gemm(
-            dpart,
-            x,
-            dw,
-            n,
-            D,
-            M,
-            a_strides=(1, P),
-            b_strides=(x.stride(0), x.stride(1)),
-            c_strides=(D, 1),
-            b_mode=B_LAYERNORM,
-            mean=mean,
-            rstd=rstd,
-            ln_weight=ln_weight,
-            ln_bias=ln_bias,
-        )
+        # dW_part = d_part^T @ LayerNorm(x), the norm applied in the B prologue
+        fused_gemm(dpart, x, dw, n, D, M, a_strides=(1, P), b_strides=x_strides, c_strides=(D, 1), **norm)
         dws.append(dw)
         # d_ln = sum over the fc1 parts of d_part @ W_part; the second adds onto the first in
         # the epilogue (each element is read and written by the same program).
