@@ -108,8 +108,9 @@ def layernorm_mlp_reference(
         w1a, b1a, w1b, b1b, glu, _ = _gated_args(
             x, gated, fc1_weight, fc1_bias, fc1_gate_weight, fc1_gate_bias, fc2_weight
         )
-    args = (w1a, b1a, w1b, b1b, fc2_weight, fc2_bias, eps, ACTIVATIONS[activation], norm == "rmsnorm", glu)
-    return _reference(x, ln_weight, ln_bias, *args, residual)
+    fc1 = (w1a, b1a, w1b, b1b)
+    flags = (ACTIVATIONS[activation], norm == "rmsnorm", glu, residual)
+    return _reference(x, ln_weight, ln_bias, *fc1, fc2_weight, fc2_bias, eps, *flags)
 
 
 def _resolve_activation(activation: str, approximate: str) -> str:
