@@ -38,7 +38,6 @@ import torch
 import triton
 
 from vitkern.triton_kernels import launches as L
-from vitkern.triton_kernels import layernorm_glu as glk
 from vitkern.triton_kernels import layernorm_mlp as lnk
 from vitkern.triton_kernels import patch_embed as pek
 from vitkern.triton_kernels import sp_attention as spk
@@ -79,17 +78,20 @@ def model_launches(dtype: torch.dtype, smem_limit: int, arch: int | None = None)
             M, Hd = B * N, D * ratio
             x = torch.empty(M, D, dtype=dtype)
             lw, lb, w1, b1, w2, b2 = (torch.empty(s, dtype=dtype) for s in ((D,), (D,), (Hd, D), (Hd,), (D, Hd), (D,)))
-            out += L.capture(lnk.layernorm_mlp_fwd, x, lw, lb, w1, b1, w2, b2, 1e-6, 1, True, True, **lim)
+            args = (x, lw, lb, w1, b1, None, None, w2, b2, 1e-6, 1, False, 0, True, True)  # plain MLP: glu 0
+            out += L.capture(lnk.layernorm_mlp_fwd, *args, **lim)
             mean, rstd, pre = torch.empty(M), torch.empty(M), torch.empty(M, Hd, dtype=dtype)
-            out += L.capture(lnk.layernorm_mlp_bwd, x, x, lw, lb, w1, w2, mean, rstd, pre, 1, True, **lim)
+            out += L.capture(
+                lnk.layernorm_mlp_bwd, x, x, lw, lb, w1, None, w2, mean, rstd, pre, 1, False, 0, True, **lim
+            )
             # The same block as a SwiGLU MLP (split fc1, SiLU; hidden 2/3 of the plain one's).
             Hg = -(-Hd * 2 // 3 // 8) * 8
             wg, wv, w2g = (torch.empty(s, dtype=dtype) for s in ((Hg, D), (Hg, D), (D, Hg)))
-            args = (x, lw, lb, wg, None, wv, None, w2g, b2, 1e-6, 4, False, True, True, True)
-            out += L.capture(glk.layernorm_glu_fwd, *args, **lim)
+            args = (x, lw, lb, wg, None, wv, None, w2g, b2, 1e-6, 4, False, 1, True, True)  # glu 1: gate first
+            out += L.capture(lnk.layernorm_mlp_fwd, *args, **lim)
             pre2 = torch.empty(M, 2 * Hg, dtype=dtype)
             out += L.capture(
-                glk.layernorm_glu_bwd, x, x, lw, lb, wg, wv, w2g, mean, rstd, pre2, 4, False, True, True, **lim
+                lnk.layernorm_mlp_bwd, x, x, lw, lb, wg, wv, w2g, mean, rstd, pre2, 4, False, 1, True, **lim
             )
             images = torch.empty(B, 3, img, img, dtype=dtype)
             w, bias, pos = torch.empty(D, 3, P, P, dtype=dtype), torch.empty(D, dtype=dtype), torch.empty(1, g * g, D)

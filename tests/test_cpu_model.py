@@ -74,21 +74,20 @@ def test_custom_ops_pass_opcheck(gen):
     torch.library.opcheck(_patch_embed_op, (img, w, b, pos, "cpu"))
     x = randn(10, 16, gen=gen).requires_grad_()
     params = [randn(*s, gen=gen).requires_grad_() for s in ((16,), (16,), (32, 16), (32,), (16, 32), (16,))]
-    torch.library.opcheck(_layernorm_mlp_op, (x, *params, 1e-6, 1, False, True, True, "cpu"))
+    plain = (*params[:4], None, None, *params[4:])  # the plain MLP: no second fc1 weight, glu 0
+    torch.library.opcheck(_layernorm_mlp_op, (x, *plain, 1e-6, 1, False, 0, True, True, "cpu"))
     # RMSNorm (no LN bias) with SiLU, no residual
-    rms_params = [params[0], None, *params[2:]]
-    torch.library.opcheck(_layernorm_mlp_op, (x, *rms_params, 1e-5, 4, True, False, True, "cpu"))
-    from vitkern.ops.layernorm_glu import _layernorm_glu_op
+    rms_params = [params[0], None, *plain[2:]]
+    torch.library.opcheck(_layernorm_mlp_op, (x, *rms_params, 1e-5, 4, True, 0, False, True, "cpu"))
+    # the gated MLP: packed fc1 with the gate last (glu 2), split fc1 (gate first, glu 1)
 
     w2 = randn(16, 24, gen=gen).requires_grad_()
     packed = (x, *params[:2], randn(48, 16, gen=gen).requires_grad_(), randn(48, gen=gen).requires_grad_())
-    torch.library.opcheck(
-        _layernorm_glu_op, (*packed, None, None, w2, params[5], 1e-6, 1, False, False, True, True, "cpu")
-    )
+    torch.library.opcheck(_layernorm_mlp_op, (*packed, None, None, w2, params[5], 1e-6, 1, False, 2, True, True, "cpu"))
     # split fc1, RMSNorm (weight only), SiLU, no residual
     gate, value = (randn(24, 16, gen=gen).requires_grad_() for _ in range(2))
     split = (x, params[0], None, gate, None, value, randn(24, gen=gen).requires_grad_(), w2, None, 1e-5, 4, True)
-    torch.library.opcheck(_layernorm_glu_op, (*split, True, False, True, "cpu"))
+    torch.library.opcheck(_layernorm_mlp_op, (*split, 1, False, True, "cpu"))
 
 
 @pytest.mark.slow

@@ -130,8 +130,6 @@ _OPS = (
     "sp_attention_backward",
     "layernorm_mlp_forward",
     "layernorm_mlp_backward",
-    "layernorm_glu_forward",
-    "layernorm_glu_backward",
     "patch_embed_forward",
     "patch_embed_backward",
     "spatial_prior_forward",

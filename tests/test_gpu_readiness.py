@@ -17,7 +17,6 @@ pytest.importorskip("triton")
 
 from vitkern.triton_kernels import gemm  # noqa: E402
 from vitkern.triton_kernels import launches as L  # noqa: E402
-from vitkern.triton_kernels import layernorm_glu as glk  # noqa: E402
 from vitkern.triton_kernels import layernorm_mlp as lnk  # noqa: E402
 from vitkern.triton_kernels import patch_embed as pek  # noqa: E402
 from vitkern.triton_kernels import sp_attention as spk  # noqa: E402
@@ -43,17 +42,17 @@ def mlp_patch_launches(dtype=torch.float16):
     M, D, Hd = 394, 64, 256
     x = torch.empty(M, D, dtype=dtype)
     lw, lb, w1, b1, w2, b2 = (torch.empty(s, dtype=dtype) for s in ((D,), (D,), (Hd, D), (Hd,), (D, Hd), (D,)))
-    out = L.capture(lnk.layernorm_mlp_fwd, x, lw, lb, w1, b1, w2, b2, 1e-6, 1, True, True)
+    out = L.capture(lnk.layernorm_mlp_fwd, x, lw, lb, w1, b1, None, None, w2, b2, 1e-6, 1, False, 0, True, True)
     mean, rstd, pre = torch.empty(M), torch.empty(M), torch.empty(M, Hd, dtype=dtype)
-    out += L.capture(lnk.layernorm_mlp_bwd, x, x, lw, lb, w1, w2, mean, rstd, pre, 1, True)
+    out += L.capture(lnk.layernorm_mlp_bwd, x, x, lw, lb, w1, None, w2, mean, rstd, pre, 1, False, 0, True)
     # The gated MLP (A_GATED / B_GATED prologues, EPI_DGLU epilogue): packed fc1 (gate last), split fc1.
     H = Hd // 2
     w1g, w1v, w2g = (torch.empty(s, dtype=dtype) for s in ((H, D), (H, D), (D, H)))
-    out += L.capture(glk.layernorm_glu_fwd, x, lw, lb, w1, b1, None, None, w2g, b2, 1e-6, 1, False, False, True, True)
-    out += L.capture(glk.layernorm_glu_fwd, x, lw, lb, w1g, None, w1v, None, w2g, b2, 1e-6, 1, False, True, True, True)
+    out += L.capture(lnk.layernorm_mlp_fwd, x, lw, lb, w1, b1, None, None, w2g, b2, 1e-6, 1, False, 2, True, True)
+    out += L.capture(lnk.layernorm_mlp_fwd, x, lw, lb, w1g, None, w1v, None, w2g, b2, 1e-6, 1, False, 1, True, True)
     pre2 = torch.empty(M, Hd, dtype=dtype)
-    out += L.capture(glk.layernorm_glu_bwd, x, x, lw, lb, w1, None, w2g, mean, rstd, pre2, 1, False, False, True)
-    out += L.capture(glk.layernorm_glu_bwd, x, x, lw, lb, w1g, w1v, w2g, mean, rstd, pre2, 1, False, True, True)
+    out += L.capture(lnk.layernorm_mlp_bwd, x, x, lw, lb, w1, None, w2g, mean, rstd, pre2, 1, False, 2, True)
+    out += L.capture(lnk.layernorm_mlp_bwd, x, x, lw, lb, w1g, w1v, w2g, mean, rstd, pre2, 1, False, 1, True)
     img, w, bias, pos = (torch.empty(s, dtype=dtype) for s in ((2, 3, 32, 32), (D, 3, 16, 16), (D,), (1, 4, D)))
     out += L.capture(pek.patch_embed_fwd, img, w, bias, pos)
     out += L.capture(pek.patch_embed_bwd, torch.empty(2, 4, D, dtype=dtype), img, w, True, True)

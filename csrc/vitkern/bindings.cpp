@@ -36,28 +36,18 @@ STABLE_TORCH_LIBRARY(vitkern_C, m) {
   m.def(
       "sp_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? omega, Tensor out, Tensor lse, "
       "int gh, int gw, int num_prefix, float scale) -> Tensor[]");
-  // fused LayerNorm (rms: RMSNorm) + MLP forward -> [out, mean, rstd, pre, act_out, ln_out];
-  // act: 1 GELU, 2 GELU tanh, 3 QuickGELU, 4 SiLU (simd.h);
-  // backward -> [dx, dlnw, dlnb, dw1, db1, dw2, db2] (None where the parameter is None)
+  // fused LayerNorm (rms: RMSNorm) + MLP, plain (glu 0) or gated (glu 1 / 2: gate first / last;
+  // fc1 is w1a, or w1a = gate and w1b = value; layernorm_mlp.h); act: 1 GELU, 2 GELU tanh,
+  // 3 QuickGELU, 4 SiLU (simd.h). forward -> [out, mean, rstd, pre, act_out, ln_out];
+  // backward -> [dx, dlnw, dlnb, dw1a, db1a, dw1b, db1b, dw2, db2] (None where there is no such parameter)
   m.def(
-      "layernorm_mlp_forward(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, "
-      "Tensor fc2_weight, Tensor? fc2_bias, float eps, int act, bool rms, bool residual, bool save_for_backward) "
-      "-> Tensor[]");
-  m.def(
-      "layernorm_mlp_backward(Tensor dout, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, "
-      "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, Tensor gelu_out, Tensor ln_out, int act, bool rms, "
-      "bool residual) -> Tensor[]");
-  // gated MLP (GLU family): y = x + fc2(act(gate) * value); fc1 is w1a (2H, D) packed (w1b None,
-  // gate_first: the gate is rows [0, H)) or w1a = gate, w1b = value. forward -> [out, mean, rstd,
-  // pre (M, 2H), hidden (M, H), ln_out]; backward -> [dx, dlnw, dlnb, dw1a, db1a, dw1b, db1b, dw2, db2]
-  m.def(
-      "layernorm_glu_forward(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor w1a, Tensor? b1a, Tensor? w1b, "
-      "Tensor? b1b, Tensor fc2_weight, Tensor? fc2_bias, float eps, int act, bool rms, bool gate_first, "
+      "layernorm_mlp_forward(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor w1a, Tensor? b1a, Tensor? w1b, "
+      "Tensor? b1b, Tensor fc2_weight, Tensor? fc2_bias, float eps, int act, bool rms, int glu, "
       "bool residual, bool save_for_backward) -> Tensor[]");
   m.def(
-      "layernorm_glu_backward(Tensor dout, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor w1a, Tensor? w1b, "
-      "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, Tensor hidden, Tensor ln_out, int act, bool rms, "
-      "bool gate_first, bool residual) -> Tensor[]");
+      "layernorm_mlp_backward(Tensor dout, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor w1a, Tensor? w1b, "
+      "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, Tensor act_out, Tensor ln_out, int act, bool rms, "
+      "int glu, bool residual) -> Tensor[]");
   // fused patchify + projection + bias + pos_embed -> (B, N, D); backward -> [d images, d weight]
   m.def("patch_embed_forward(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed) -> Tensor");
   m.def(
@@ -74,8 +64,6 @@ STABLE_TORCH_LIBRARY_IMPL(vitkern_C, CPU, m) {
   m.impl("sp_attention_backward", TORCH_BOX(&vitkern::sp_attention_backward_cpu));
   m.impl("layernorm_mlp_forward", TORCH_BOX(&vitkern::layernorm_mlp_forward_cpu));
   m.impl("layernorm_mlp_backward", TORCH_BOX(&vitkern::layernorm_mlp_backward_cpu));
-  m.impl("layernorm_glu_forward", TORCH_BOX(&vitkern::layernorm_glu_forward_cpu));
-  m.impl("layernorm_glu_backward", TORCH_BOX(&vitkern::layernorm_glu_backward_cpu));
   m.impl("patch_embed_forward", TORCH_BOX(&vitkern::patch_embed_forward_cpu));
   m.impl("patch_embed_backward", TORCH_BOX(&vitkern::patch_embed_backward_cpu));
   m.impl("spatial_prior_forward", TORCH_BOX(&vitkern::spatial_prior_forward_cpu));

@@ -1,18 +1,22 @@
 // Fused LayerNorm (or RMSNorm) + MLP on the CPU (docs/DESIGN.md §1.4):
 //
 //   y = x + fc2(act(fc1(LayerNorm(x))))      act: GELU (erf / tanh), QuickGELU or SiLU
+//   y = x + fc2(act(gate) * value)           the gated MLP (glu != 0): [gate | value] or
+//                                            [value | gate] = fc1(LayerNorm(x))
 //
+// The gated fc1 is w1a (2H, D) packed (w1b undefined), or w1a = gate and w1b = value, (H, D)
+// each (then the gate comes first). Its pre-activation row is 2H contiguous floats in w1a's (or
+// [w1a; w1b]'s) row order, the gate half at column 0 (gate first) or H (gate last).
 // An RMSNorm runs through the same code with mean 0 (saved as such) and no bias.
-// Forward: each thread takes a tile of rows through LN -> fc1 -> bias+GELU ->
-// fc2 -> bias+residual; the normalised rows live only in the tile buffer, and
-// bias, GELU and residual are applied in the GEMMs' prologue/epilogue passes
-// over the tile, never as separate full-tensor ops. With a gradient wanted,
-// the tile's LN output and GELU output are the saved tensors themselves (the GEMMs
-// write into them) and the pre-activation fc1(LN(x)) + b1 is stored by the GELU
-// epilogue (the same tensors eager PyTorch keeps), so the backward recomputes nothing.
-// Backward: full-height GEMMs (the weight gradients sum over every row) with
-// the elementwise parts (GELU' with the fc1-bias sum, LayerNorm backward with the
-// LN-affine sums) fused in C++ loops.
+// Forward: each thread takes a tile of rows through LN -> fc1 -> bias + activation (plain) or
+// bias + act(gate) * value (gated) -> fc2 -> bias + residual; the normalised rows live only in
+// the tile buffer, and bias, activation and residual are applied in the GEMMs' prologue/epilogue
+// passes over the tile, never as separate full-tensor ops. With a gradient wanted, the tile's
+// LN output, pre-activation and activation output are the saved tensors themselves (the GEMMs
+// and epilogues write into them; the same tensors eager PyTorch keeps), so the backward
+// recomputes nothing. Backward: full-height GEMMs (the weight gradients sum over every row) with
+// the elementwise parts (act' or the gated product's derivative with the fc1-bias sum, LayerNorm
+// backward with the LN-affine sums) fused in C++ loops.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -144,149 +148,48 @@ NormGrads ln_backward_all(const float* xp, const float* dhn, const float* dy, co
   return {dx, want_dlnw ? sum0(lnw_part) : Tensor(), want_dlnb ? sum0(lnb_part) : Tensor()};
 }
 
-void check_args(const Tensor& x, const Tensor& w1, const Tensor& w2) {
-  VK_CHECK_CPU(x);
-  VK_CHECK_FLOATING(x);
-  VK_CHECK(x.dim() == 2, "x must be 2-D (rows, dim), got ", shape_str(x));
-  const int64_t d = x.size(1);
-  VK_CHECK(w1.dim() == 2 && w1.size(1) == d, "fc1_weight must have shape (hidden, ", d, "), got ", shape_str(w1));
-  check_shape(w2, "fc2_weight", {d, w1.size(0)});
-}
-
 void check_act(int64_t act) {
   VK_CHECK(act >= simd::kGelu && act <= simd::kSilu, "act must be an activation code 1..4 (gelu, gelu_tanh, ",
            "quick_gelu, silu), got ", act);
 }
 
-}  // namespace
-
-std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTensor& lnw_in, const OptTensor& lnb_in,
-                                              const Tensor& w1_in, const OptTensor& b1_in, const Tensor& w2_in,
-                                              const OptTensor& b2_in, double eps_d, int64_t act, bool rms,
-                                              bool residual, bool save_for_backward) {
-  check_args(x_in, w1_in, w2_in);
+// Checks x, fc1 and fc2 of either MLP form; returns the hidden width H (the columns of fc2).
+int64_t check_args(const Tensor& x, const Tensor& w1a, const OptTensor& w1b, const Tensor& w2, int64_t act,
+                   int64_t glu) {
+  VK_CHECK_CPU(x);
+  VK_CHECK_FLOATING(x);
+  VK_CHECK(x.dim() == 2, "x must be 2-D (rows, dim), got ", shape_str(x));
   check_act(act);
-  const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w1_in.size(0);
-  const Tensor x = f32c(x_in), w1 = f32c(w1_in), w2 = f32c(w2_in);
-  const Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in), b1 = opt_f32(b1_in), b2 = opt_f32(b2_in);
-  const float eps = static_cast<float>(eps_d);
-  Tensor out = empty({M, D});
-  Tensor mean = empty({M}), rstd = empty({M});
-  Tensor pre = save_for_backward ? empty({M, Hd}) : empty({0});
-  Tensor gsave = save_for_backward ? empty({M, Hd}) : empty({0});
-  Tensor hnsave = save_for_backward ? empty({M, D}) : empty({0});
-  const float *xp = f32_ptr(x), *w1p = f32_ptr(w1), *w2p = f32_ptr(w2);
-  const float *lnwp = ptr_or_null(lnw), *lnbp = ptr_or_null(lnb), *b1p = ptr_or_null(b1), *b2p = ptr_or_null(b2);
-  float *op = f32_ptr(out), *mp = f32_ptr(mean), *rp = f32_ptr(rstd);
-  float* prep = save_for_backward ? f32_ptr(pre) : nullptr;
-  float* gsp = save_for_backward ? f32_ptr(gsave) : nullptr;
-  float* hnsp = save_for_backward ? f32_ptr(hnsave) : nullptr;
-  const int64_t kTileM = tile_rows(M);
-  const int64_t tiles = (M + kTileM - 1) / kTileM;
-
-  parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    // Without a gradient the tile lives in a per-thread buffer; with one, the LN output and
-    // the GELU output are written straight into the tensors saved for the backward (same
-    // row-major layout), so keeping them costs no copy.
-    Scratch hn_buf = scratch(save_for_backward ? 0 : kTileM * D), hid_buf = scratch(save_for_backward ? 0 : kTileM * Hd);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t r0 = tile * kTileM, rows = std::min(kTileM, M - r0);
-      float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.get();
-      float* hid = save_for_backward ? gsp + r0 * Hd : hid_buf.get();
-      // LayerNorm prologue into the tile buffer.
-      ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
-      // fc1: hid (rows x Hd) = hn . W1^T, then bias + activation in place (epilogue).
-      sgemm(true, false, Hd, rows, D, 1.f, w1p, D, hn, D, 0.f, hid, Hd);
-      for (int64_t r = 0; r < rows; ++r) {
-        simd::bias_act(hid + r * Hd, b1p, Hd, act, prep ? prep + (r0 + r) * Hd : nullptr);
-      }
-      // fc2 with bias and residual: out rows start as x + b2, GEMM accumulates (beta = 1).
-      float* o = op + r0 * D;
-      init_rows(o, residual ? xp + r0 * D : nullptr, b2p, rows, D);
-      sgemm(true, false, D, rows, Hd, 1.f, w2p, Hd, hid, Hd, 1.f, o, D);
-    }
-  });
-  return {to(out, x_in.scalar_type()), mean, rstd, pre, gsave, hnsave};
+  VK_CHECK(glu >= kGluNone && glu <= kGluGateLast, "glu must be 0 (plain MLP), 1 (gate first) or 2 (gate last), got ",
+           glu);
+  const int64_t d = x.size(1);
+  if (glu == kGluNone) {
+    VK_CHECK(!w1b.has_value(), "the plain MLP has one fc1 weight: w1b must be None");
+    VK_CHECK(w1a.dim() == 2 && w1a.size(1) == d, "fc1_weight must have shape (hidden, ", d, "), got ",
+             shape_str(w1a));
+    check_shape(w2, "fc2_weight", {d, w1a.size(0)});
+    return w1a.size(0);
+  }
+  VK_CHECK(w2.dim() == 2 && w2.size(0) == d, "fc2_weight must have shape (", d, ", hidden), got ", shape_str(w2));
+  const int64_t h = w2.size(1);
+  if (w1b.has_value()) {
+    VK_CHECK(glu == kGluGateFirst, "split fc1 weights are (gate, value): glu must be 1 (gate first)");
+    check_shape(w1a, "fc1 gate weight", {h, d});
+    check_shape(*w1b, "fc1 value weight", {h, d});
+  } else {
+    check_shape(w1a, "fc1_weight", {2 * h, d});
+  }
+  return h;
 }
 
-std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout_in, const Tensor& x_in, const OptTensor& lnw_in,
-                                               const OptTensor& lnb_in, const Tensor& w1_in, const Tensor& w2_in,
-                                               const Tensor& mean_in, const Tensor& rstd_in, const Tensor& pre_in,
-                                               const Tensor& g_in, const Tensor& hn_in, int64_t act, bool rms,
-                                               bool residual) {
-  check_args(x_in, w1_in, w2_in);
-  check_act(act);
-  const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w1_in.size(0);
-  check_shape(dout_in, "dout", {M, D});
-  check_shape(pre_in, "pre", {M, Hd});
-  check_shape(g_in, "gelu_out", {M, Hd});
-  check_shape(hn_in, "ln_out", {M, D});
-  check_shape(mean_in, "mean", {M});
-  check_shape(rstd_in, "rstd", {M});
-  const Tensor x = f32c(x_in), dy = f32c(dout_in), w1 = f32c(w1_in), w2 = f32c(w2_in), pre = f32c(pre_in);
-  const Tensor g = f32c(g_in), hn = f32c(hn_in), lnw = opt_f32(lnw_in), mean = f32c(mean_in), rstd = f32c(rstd_in);
-  const float* lnwp = ptr_or_null(lnw);
-  const float *xp = f32_ptr(x), *mp = f32_ptr(mean), *rp = f32_ptr(rstd);
-  const float* prep = f32_ptr(pre);
-
-  // Column sums (the bias and LayerNorm-affine gradients) are fused into the row passes as
-  // partial sums over fixed blocks of kSumRows rows, added in block order afterwards: the
-  // result does not depend on the thread count or on scheduling (bitwise deterministic).
-  const int64_t nblk = (M + kSumRows - 1) / kSumRows;
-
-  // fc2: dW2 = dy^T g, db2 = colsum(dy), d pre = (dy W2) * act'(pre).
-  Tensor dw2 = mm(transposed(dy), g);
-  Tensor db2 = sum0(dy);
-  Tensor da = mm(dy, w2);
-  float* dap = f32_ptr(da);
-  Tensor db1_part = empty({nblk, Hd});
-  float* db1p = f32_ptr(db1_part);
-  parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
-    for (int64_t blk = b; blk < e; ++blk) {
-      const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
-      float* acc = db1p + blk * Hd;
-      std::fill(acc, acc + Hd, 0.f);
-      for (int64_t r = r0; r < r1; ++r) {
-        float* dar = dap + r * Hd;
-        simd::act_fwd_bwd(prep + r * Hd, nullptr, dar, Hd, act);
-        add_to(acc, dar, Hd);
-      }
-    }
-  });
-  Tensor dw1 = mm(transposed(da), hn);
-  Tensor db1 = sum0(db1_part);
-  Tensor dhn = mm(da, w1);  // (M, D)
-  // LayerNorm backward, row by row: dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)), dxh = dhn * w;
-  // d ln_weight = colsum(dhn * xhat), d ln_bias = colsum(dhn) in the same pass.
-  auto [dx, dlnw, dlnb] = ln_backward_all(xp, f32_ptr(dhn), residual ? f32_ptr(dy) : nullptr, mp, rp, lnwp,
-                                          lnb_in.has_value(), rms, M, D);
-  const auto dt = x_in.scalar_type();
-  auto cast = [](const Tensor& t, ScalarType s) { return to_or_undefined(t, s); };
-  return {cast(dx, dt),
-          cast(dlnw, lnw_in.has_value() ? lnw_in->scalar_type() : dt),
-          cast(dlnb, lnb_in.has_value() ? lnb_in->scalar_type() : dt),
-          cast(dw1, w1_in.scalar_type()),
-          cast(db1, dt),
-          cast(dw2, w2_in.scalar_type()),
-          cast(db2, dt)};
-}
-
-
-// ----------------------------------------------------------------------------- gated MLP (GLU family)
-//   y = x + fc2(act(gate) * value),   [gate | value] or [value | gate] = fc1(LayerNorm(x))
-// fc1 is w1a (2H, D) packed (w1b undefined), or w1a = gate and w1b = value, (H, D) each (then
-// gate_first). The pre-activation of a row is 2H contiguous floats in w1a's (or [w1a; w1b]'s)
-// row order; the gate half starts at column gate_first ? 0 : H.
-namespace {
-
-// hid[t] = act(gate[t]) * value[t] over one row of n.
+// Gated MLP: hid[t] = act(gate[t]) * value[t] over one row of n.
 VK_TARGET_CLONES void gated_row(const float* gate, const float* value, float* hid, int64_t n, int64_t act) {
   simd::act_fwd_bwd(gate, hid, nullptr, n, act);
 #pragma omp simd
   for (int64_t t = 0; t < n; ++t) hid[t] *= value[t];
 }
 
-// From dh = dy W2 (one row of n): d value = dh act(gate) into dv, d gate = dh value act'(gate) into dg.
+// Gated MLP, from dh = dy W2 (one row of n): d value = dh act(gate) into dv, d gate = dh value act'(gate) into dg.
 VK_TARGET_CLONES void gated_row_backward(const float* gate, const float* value, const float* dh, float* dv, float* dg,
                                          int64_t n, int64_t act) {
 #pragma omp simd
@@ -296,41 +199,26 @@ VK_TARGET_CLONES void gated_row_backward(const float* gate, const float* value, 
   for (int64_t t = 0; t < n; ++t) dv[t] *= dh[t];
 }
 
-void check_glu_args(const Tensor& x, const Tensor& w1a, const OptTensor& w1b, const Tensor& w2, int64_t act) {
-  VK_CHECK_CPU(x);
-  VK_CHECK_FLOATING(x);
-  VK_CHECK(x.dim() == 2, "x must be 2-D (rows, dim), got ", shape_str(x));
-  check_act(act);
-  const int64_t d = x.size(1);
-  VK_CHECK(w2.dim() == 2 && w2.size(0) == d, "fc2_weight must have shape (", d, ", hidden), got ",
-              shape_str(w2));
-  const int64_t h = w2.size(1);
-  if (w1b.has_value()) {
-    check_shape(w1a, "fc1 gate weight", {h, d});
-    check_shape(*w1b, "fc1 value weight", {h, d});
-  } else {
-    check_shape(w1a, "fc1_weight", {2 * h, d});
-  }
-}
-
 }  // namespace
 
-std::vector<Tensor> layernorm_glu_forward_cpu(const Tensor& x_in, const OptTensor& lnw_in, const OptTensor& lnb_in,
+// The plain MLP and the gated one share every step but two: fc1's epilogue (bias + act, or bias
+// then act(gate) * value) and its backward (act'(pre), or the gated product's two halves). The
+// pre-activation has P = H columns (plain) or 2H (gated: gate and value halves at goff / voff).
+std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTensor& lnw_in, const OptTensor& lnb_in,
                                               const Tensor& w1a_in, const OptTensor& b1a_in, const OptTensor& w1b_in,
                                               const OptTensor& b1b_in, const Tensor& w2_in, const OptTensor& b2_in,
-                                              double eps_d, int64_t act, bool rms, bool gate_first, bool residual,
+                                              double eps_d, int64_t act, bool rms, int64_t glu, bool residual,
                                               bool save_for_backward) {
-  check_glu_args(x_in, w1a_in, w1b_in, w2_in, act);
-  const bool split = w1b_in.has_value();
-  VK_CHECK(!split || gate_first, "split fc1 weights are (gate, value): gate_first must be true");
-  const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w2_in.size(1), H2 = 2 * Hd;
+  const int64_t Hd = check_args(x_in, w1a_in, w1b_in, w2_in, act, glu);
+  const bool gated = glu != kGluNone, split = w1b_in.has_value();
+  const int64_t M = x_in.size(0), D = x_in.size(1), P = gated ? 2 * Hd : Hd;
   const Tensor x = f32c(x_in), w1a = f32c(w1a_in), w2 = f32c(w2_in), w1b = opt_f32(w1b_in);
   const Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in), b1a = opt_f32(b1a_in), b1b = opt_f32(b1b_in);
   const Tensor b2 = opt_f32(b2_in);
   const float eps = static_cast<float>(eps_d);
   Tensor out = empty({M, D});
   Tensor mean = empty({M}), rstd = empty({M});
-  Tensor pre = save_for_backward ? empty({M, H2}) : empty({0});
+  Tensor pre = save_for_backward ? empty({M, P}) : empty({0});
   Tensor hsave = save_for_backward ? empty({M, Hd}) : empty({0});
   Tensor hnsave = save_for_backward ? empty({M, D}) : empty({0});
   const float *xp = f32_ptr(x), *w1ap = f32_ptr(w1a), *w1bp = ptr_or_null(w1b);
@@ -343,31 +231,45 @@ std::vector<Tensor> layernorm_glu_forward_cpu(const Tensor& x_in, const OptTenso
   float* hnsp = save_for_backward ? f32_ptr(hnsave) : nullptr;
   const int64_t kTileM = tile_rows(M);
   const int64_t tiles = (M + kTileM - 1) / kTileM;
-  const int64_t goff = gate_first ? 0 : Hd, voff = gate_first ? Hd : 0;
+  const int64_t goff = glu == kGluGateLast ? Hd : 0, voff = glu == kGluGateFirst ? Hd : 0;
 
   parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    // As in the plain MLP: with a gradient wanted the tiles are the saved tensors' rows.
+    // Without a gradient the tile lives in per-thread buffers; with one, the LN output, the
+    // pre-activation and the activation output are written straight into the tensors saved for
+    // the backward (same row-major layout), so keeping them costs no copy. The plain MLP's
+    // pre-activation needs no tile of its own (its epilogue stores it on the way).
     const int64_t own = save_for_backward ? 0 : kTileM;
-    Scratch hn_buf = scratch(own * D), pre_buf = scratch(own * H2), hid_buf = scratch(own * Hd);
+    Scratch hn_buf = scratch(own * D), pre_buf = scratch(gated ? own * P : 0), hid_buf = scratch(own * Hd);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = tile * kTileM, rows = std::min(kTileM, M - r0);
       float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.get();
-      float* pt = save_for_backward ? prep + r0 * H2 : pre_buf.get();
       float* hid = save_for_backward ? hsp + r0 * Hd : hid_buf.get();
+      // LayerNorm prologue into the tile buffer.
       ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
-      // fc1 into the (rows x 2H) pre-activation tile: one GEMM, or one per half (ldc 2H).
-      if (split) {
-        sgemm(true, false, Hd, rows, D, 1.f, w1ap, D, hn, D, 0.f, pt, H2);
-        sgemm(true, false, Hd, rows, D, 1.f, w1bp, D, hn, D, 0.f, pt + Hd, H2);
+      if (!gated) {
+        // fc1: hid (rows x Hd) = hn . W1^T, then bias + activation in place (epilogue).
+        sgemm(true, false, Hd, rows, D, 1.f, w1ap, D, hn, D, 0.f, hid, Hd);
+        for (int64_t r = 0; r < rows; ++r) {
+          simd::bias_act(hid + r * Hd, b1ap, Hd, act, prep ? prep + (r0 + r) * Hd : nullptr);
+        }
       } else {
-        sgemm(true, false, H2, rows, D, 1.f, w1ap, D, hn, D, 0.f, pt, H2);
+        // fc1 into the (rows x 2H) pre-activation tile: one GEMM, or one per half (ldc 2H);
+        // then bias and act(gate) * value into hid.
+        float* pt = save_for_backward ? prep + r0 * P : pre_buf.get();
+        if (split) {
+          sgemm(true, false, Hd, rows, D, 1.f, w1ap, D, hn, D, 0.f, pt, P);
+          sgemm(true, false, Hd, rows, D, 1.f, w1bp, D, hn, D, 0.f, pt + Hd, P);
+        } else {
+          sgemm(true, false, P, rows, D, 1.f, w1ap, D, hn, D, 0.f, pt, P);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* pr = pt + r * P;
+          if (b1ap) add_to(pr, b1ap, split ? Hd : P);
+          if (b1bp) add_to(pr + Hd, b1bp, Hd);
+          gated_row(pr + goff, pr + voff, hid + r * Hd, Hd, act);
+        }
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        float* pr = pt + r * H2;
-        if (b1ap) add_to(pr, b1ap, split ? Hd : H2);
-        if (b1bp) add_to(pr + Hd, b1bp, Hd);
-        gated_row(pr + goff, pr + voff, hid + r * Hd, Hd, act);
-      }
+      // fc2 with bias and residual: out rows start as x + b2, GEMM accumulates (beta = 1).
       float* o = op + r0 * D;
       init_rows(o, residual ? xp + r0 * D : nullptr, b2p, rows, D);
       sgemm(true, false, D, rows, Hd, 1.f, w2p, Hd, hid, Hd, 1.f, o, D);
@@ -376,17 +278,17 @@ std::vector<Tensor> layernorm_glu_forward_cpu(const Tensor& x_in, const OptTenso
   return {to(out, x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};
 }
 
-std::vector<Tensor> layernorm_glu_backward_cpu(const Tensor& dout_in, const Tensor& x_in, const OptTensor& lnw_in,
+std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout_in, const Tensor& x_in, const OptTensor& lnw_in,
                                                const OptTensor& lnb_in, const Tensor& w1a_in, const OptTensor& w1b_in,
                                                const Tensor& w2_in, const Tensor& mean_in, const Tensor& rstd_in,
                                                const Tensor& pre_in, const Tensor& h_in, const Tensor& hn_in,
-                                               int64_t act, bool rms, bool gate_first, bool residual) {
-  check_glu_args(x_in, w1a_in, w1b_in, w2_in, act);
-  const bool split = w1b_in.has_value();
-  const int64_t M = x_in.size(0), D = x_in.size(1), Hd = w2_in.size(1), H2 = 2 * Hd;
+                                               int64_t act, bool rms, int64_t glu, bool residual) {
+  const int64_t Hd = check_args(x_in, w1a_in, w1b_in, w2_in, act, glu);
+  const bool gated = glu != kGluNone, split = w1b_in.has_value();
+  const int64_t M = x_in.size(0), D = x_in.size(1), P = gated ? 2 * Hd : Hd;
   check_shape(dout_in, "dout", {M, D});
-  check_shape(pre_in, "pre", {M, H2});
-  check_shape(h_in, "hidden", {M, Hd});
+  check_shape(pre_in, "pre", {M, P});
+  check_shape(h_in, "act_out", {M, Hd});
   check_shape(hn_in, "ln_out", {M, D});
   check_shape(mean_in, "mean", {M});
   check_shape(rstd_in, "rstd", {M});
@@ -395,29 +297,37 @@ std::vector<Tensor> layernorm_glu_backward_cpu(const Tensor& dout_in, const Tens
   const float* lnwp = ptr_or_null(lnw);
   const float *xp = f32_ptr(x), *mp = f32_ptr(mean), *rp = f32_ptr(rstd);
   const float* prep = f32_ptr(pre);
-  const int64_t nblk = (M + kSumRows - 1) / kSumRows;
-  const int64_t goff = gate_first ? 0 : Hd, voff = gate_first ? Hd : 0;
+  const int64_t goff = glu == kGluGateLast ? Hd : 0, voff = glu == kGluGateFirst ? Hd : 0;
 
-  // fc2: dW2 = dy^T h, db2 = colsum(dy), dh = dy W2; then d pre (M, 2H) row by row with the
-  // fc1-bias column sums in fixed row blocks (deterministic, as in the plain MLP).
+  // Column sums (the bias and LayerNorm-affine gradients) are fused into the row passes as
+  // partial sums over fixed blocks of kSumRows rows, added in block order afterwards: the
+  // result does not depend on the thread count or on scheduling (bitwise deterministic).
+  const int64_t nblk = (M + kSumRows - 1) / kSumRows;
+
+  // fc2: dW2 = dy^T h, db2 = colsum(dy), dh = dy W2; then d pre (M, P) row by row: the plain
+  // MLP's dh * act'(pre) in place, the gated MLP's two halves into their own buffer.
   Tensor dw2 = mm(transposed(dy), h);
   Tensor db2 = sum0(dy);
   Tensor dh = mm(dy, w2);
-  Tensor dpre = empty({M, H2});
+  Tensor dpre = gated ? empty({M, P}) : dh;
   const float* dhp = f32_ptr(dh);
   float* dpp = f32_ptr(dpre);
-  Tensor db1_part = empty({nblk, H2});
+  Tensor db1_part = empty({nblk, P});
   float* db1p = f32_ptr(db1_part);
   parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t r0 = blk * kSumRows, r1 = std::min(M, r0 + kSumRows);
-      float* acc = db1p + blk * H2;
-      std::fill(acc, acc + H2, 0.f);
+      float* acc = db1p + blk * P;
+      std::fill(acc, acc + P, 0.f);
       for (int64_t r = r0; r < r1; ++r) {
-        const float* pr = prep + r * H2;
-        float* dr = dpp + r * H2;
-        gated_row_backward(pr + goff, pr + voff, dhp + r * Hd, dr + voff, dr + goff, Hd, act);
-        add_to(acc, dr, H2);
+        const float* pr = prep + r * P;
+        float* dr = dpp + r * P;
+        if (gated) {
+          gated_row_backward(pr + goff, pr + voff, dhp + r * Hd, dr + voff, dr + goff, Hd, act);
+        } else {
+          simd::act_fwd_bwd(pr, nullptr, dr, Hd, act);
+        }
+        add_to(acc, dr, P);
       }
     }
   });
@@ -426,7 +336,7 @@ std::vector<Tensor> layernorm_glu_backward_cpu(const Tensor& dout_in, const Tens
   if (split) {
     const Tensor w1a = f32c(w1a_in), w1b = f32c(*w1b_in);
     // The gate and value halves of d pre as strided views (row stride 2H) of dpre's memory.
-    const Tensor dg = from_blob(dpp, {M, Hd}, {H2, 1}), dv = from_blob(dpp + Hd, {M, Hd}, {H2, 1});
+    const Tensor dg = from_blob(dpp, {M, Hd}, {P, 1}), dv = from_blob(dpp + Hd, {M, Hd}, {P, 1});
     dw1a = mm(transposed(dg), hn);
     dw1b = mm(transposed(dv), hn);
     dhn = mm(dg, w1a);
@@ -436,12 +346,14 @@ std::vector<Tensor> layernorm_glu_backward_cpu(const Tensor& dout_in, const Tens
     db1b = empty({Hd});
     const float* db1s = f32_ptr(db1);
     std::copy(db1s, db1s + Hd, f32_ptr(db1a));
-    std::copy(db1s + Hd, db1s + H2, f32_ptr(db1b));
+    std::copy(db1s + Hd, db1s + P, f32_ptr(db1b));
   } else {
     dw1a = mm(transposed(dpre), hn);
     dhn = mm(dpre, f32c(w1a_in));
     db1a = db1;
   }
+  // LayerNorm backward, row by row: dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)), dxh = dhn * w;
+  // d ln_weight = colsum(dhn * xhat), d ln_bias = colsum(dhn) in the same pass.
   auto [dx, dlnw, dlnb] = ln_backward_all(xp, f32_ptr(dhn), residual ? f32_ptr(dy) : nullptr, mp, rp, lnwp,
                                           lnb_in.has_value(), rms, M, D);
   const auto dt = x_in.scalar_type();

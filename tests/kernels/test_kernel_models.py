@@ -86,14 +86,14 @@ def test_triton_custom_ops_pass_opcheck(device, seed):
     torch.library.opcheck(_patch_embed_op, (img, w, b, pos, "triton"))
     xs = r(10, 16)
     params = [r(*s) for s in ((16,), (16,), (32, 16), (32,), (16, 32), (16,))]
-    torch.library.opcheck(_layernorm_mlp_op, (xs, *params, 1e-6, 1, False, True, True, "triton"))
+    plain = (*params[:4], None, None, *params[4:])  # the plain MLP: no second fc1 weight, glu 0
+    torch.library.opcheck(_layernorm_mlp_op, (xs, *plain, 1e-6, 1, False, 0, True, True, "triton"))
     # RMSNorm (no LN bias) with QuickGELU, no residual
-    torch.library.opcheck(_layernorm_mlp_op, (xs, params[0], None, *params[2:], 1e-5, 3, True, False, True, "triton"))
-    # The gated custom op: packed fc1 (gate last) and split fc1 (SiLU, RMSNorm).
-    from vitkern.ops.layernorm_glu import _layernorm_glu_op
+    torch.library.opcheck(_layernorm_mlp_op, (xs, params[0], None, *plain[2:], 1e-5, 3, True, 0, False, True, "triton"))
+    # The gated MLP: packed fc1 (gate last, glu 2) and split fc1 (gate first, glu 1; SiLU, RMSNorm).
 
     x, lw, lb, w2, b2 = r(10, 16), r(16), r(16), r(16, 24), r(16)
-    packed = (x, lw, lb, r(48, 16), r(48), None, None, w2, b2, 1e-6, 1, False, False, True, True, "triton")
-    split = (x, lw, None, r(24, 16), None, r(24, 16), r(24), w2, None, 1e-5, 4, True, True, False, True, "triton")
-    torch.library.opcheck(_layernorm_glu_op, packed)
-    torch.library.opcheck(_layernorm_glu_op, split)
+    packed = (x, lw, lb, r(48, 16), r(48), None, None, w2, b2, 1e-6, 1, False, 2, True, True, "triton")
+    split = (x, lw, None, r(24, 16), None, r(24, 16), r(24), w2, None, 1e-5, 4, True, 1, False, True, "triton")
+    torch.library.opcheck(_layernorm_mlp_op, packed)
+    torch.library.opcheck(_layernorm_mlp_op, split)

@@ -234,8 +234,8 @@ def _gated_mlp_case(x, params, gate_w, gate_b, gated, flops, compile) -> Case:
     kw = dict(gated=gated, fc1_gate_weight=gate_w, fc1_gate_bias=gate_b, activation="silu")
     case = Case("layernorm_mlp", dict(D=dim, M=M, gated=gated), dtype, device, backward, flops, floor="GEMMs alone")
     leaves = [x, *params, gate_w, gate_b]
-    # The internal arguments the backends' support checks take (split: gate first, then value).
-    internal = (x, *params[:2], gate_w, gate_b, *params[2:], 1e-6, 4, False, True, True)
+    # The internal arguments the backends' support checks take (split: gate first, then value; glu 1).
+    internal = (x, *params[:2], gate_w, gate_b, *params[2:], 1e-6, 4, False, 1, True)
     for b in vitkern_backends("layernorm_mlp_gated", *internal):
         case.providers[f"vitkern[{b}]"] = _runner(
             lambda b=b: layernorm_mlp(x, *params, backend=b, **kw), backward, leaves
