@@ -49,3 +49,16 @@ def test_cpu_kernels_on_the_avx2_path():
     r = subprocess.run(cmd, env=subprocess_env(VITKERN_SIMD="avx2"), cwd=SUBPROCESS_CWD, capture_output=True, text=True)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+
+
+def test_an_unknown_simd_cap_is_named_in_a_warning():
+    code = "import vitkern"
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(VITKERN_SIMD="avx-2"),
+        cwd=SUBPROCESS_CWD,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "RuntimeWarning" in r.stderr and "VITKERN_SIMD='avx-2'" in r.stderr and "'avx2'" in r.stderr, r.stderr

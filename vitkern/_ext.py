@@ -156,9 +156,21 @@ def load_extension() -> CompiledExtension | None:
                 RuntimeWarning,
                 stacklevel=3,
             )
+    simd = os.environ.get("VITKERN_SIMD", "")
+    if ext is not None and simd not in _SIMD_CAPS:
+        warnings.warn(
+            f"vitkern: VITKERN_SIMD={simd!r} is not one of {', '.join(repr(c) for c in _SIMD_CAPS if c)}; "
+            "the cpu kernels ignore it and take the best SIMD path the CPU has",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     _state["module"] = ext
     _state["error"] = error
     return ext
+
+
+# Values of VITKERN_SIMD the extension understands (csrc/vitkern/simd.h, simd_cap).
+_SIMD_CAPS = ("", "avx512", "avx2", "scalar")
 
 
 def extension_error() -> str | None:
