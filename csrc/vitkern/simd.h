@@ -293,25 +293,6 @@ __attribute__((target("avx512f"))) inline __m512 copysign_avx512(__m512 mag, __m
 #define v_storem(p, m, v) _mm512_mask_storeu_ps(p, m, v)
 #define v_copysign copysign_avx512
 #include "simd_rows.inc"
-#undef VK_TGT
-#undef VK_NAME
-#undef VF
-#undef VW
-#undef v_set1
-#undef v_load
-#undef v_store
-#undef v_add
-#undef v_sub
-#undef v_mul
-#undef v_div
-#undef v_fmadd
-#undef v_fnmadd
-#undef v_abs
-#undef v_copysign
-#undef v_exp
-#undef v_mask
-#undef v_loadm
-#undef v_storem
 
 // AVX2: masked tails through vmaskmovps (a lane mask of n leading ones).
 __attribute__((target("avx2,fma"))) inline __m256i mask_avx2(int64_t n) {
@@ -344,25 +325,6 @@ __attribute__((target("avx2,fma"))) inline __m256 abs_avx2(__m256 x) {
 #define v_loadm(p, m) _mm256_maskload_ps(p, m)
 #define v_storem(p, m, v) _mm256_maskstore_ps(p, m, v)
 #include "simd_rows.inc"
-#undef VK_TGT
-#undef VK_NAME
-#undef VF
-#undef VW
-#undef v_set1
-#undef v_load
-#undef v_store
-#undef v_add
-#undef v_sub
-#undef v_mul
-#undef v_div
-#undef v_fmadd
-#undef v_fnmadd
-#undef v_abs
-#undef v_copysign
-#undef v_exp
-#undef v_mask
-#undef v_loadm
-#undef v_storem
 #endif
 
 inline void mul_scaled(float* d, const float* f, int64_t n, float k) {
