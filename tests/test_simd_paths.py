@@ -44,7 +44,7 @@ def test_the_simd_cap_is_honoured():
 def test_cpu_kernels_on_the_avx2_path():
     if "scalar only" in load_extension().simd_paths():
         pytest.skip("generic build: no x86 vector code")
-    files = [os.path.join(HERE, f) for f in ("test_cpu_kernels.py", "test_cpu_sp_attention.py")]
+    files = [os.path.join(HERE, f) for f in ("test_cpu_kernels.py", "test_cpu_sp_attention.py", "test_packed_gemm.py")]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *files]
     r = subprocess.run(cmd, env=subprocess_env(VITKERN_SIMD="avx2"), cwd=SUBPROCESS_CWD, capture_output=True, text=True)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

@@ -56,6 +56,12 @@ class CompiledExtension:
     def blas_backend(self) -> str:
         return self.module.blas_backend()
 
+    def gemm_route(self) -> str:
+        return self.module.gemm_route()
+
+    def packed_gemm_active(self) -> bool:
+        return bool(self.module.packed_gemm_active())
+
     def abi(self) -> str:
         """One line: which ABIs the binary uses, for ``vitkern info``."""
         limited = getattr(self.module, "PY_LIMITED_API", 0)
@@ -164,6 +170,14 @@ def load_extension() -> CompiledExtension | None:
             RuntimeWarning,
             stacklevel=3,
         )
+    gemm = os.environ.get("VITKERN_GEMM", "")
+    if ext is not None and gemm not in _GEMM_ROUTES:
+        warnings.warn(
+            f"vitkern: VITKERN_GEMM={gemm!r} is not one of {', '.join(repr(c) for c in _GEMM_ROUTES if c)}; "
+            "the cpu kernels ignore it and pick the weight GEMM route for this CPU",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     _state["module"] = ext
     _state["error"] = error
     return ext
@@ -171,6 +185,8 @@ def load_extension() -> CompiledExtension | None:
 
 # Values of VITKERN_SIMD the extension understands (csrc/vitkern/simd.h, simd_cap).
 _SIMD_CAPS = ("", "avx512", "avx2", "scalar")
+# Values of VITKERN_GEMM (csrc/vitkern/gemm.cpp, gemm_env): the weight GEMMs' route.
+_GEMM_ROUTES = ("", "auto", "blas", "vitkern")
 
 
 def extension_error() -> str | None:

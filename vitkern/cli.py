@@ -50,6 +50,7 @@ def _info() -> int:
     ext = load_extension()
     if ext is not None:
         print(f"vitkern._C: {ext.__file__}; CPU BLAS: {ext.blas_backend()}; SIMD paths: {ext.simd_paths()}")
+        print(f"vitkern._C weight GEMMs: {ext.gemm_route()}")
         print(f"vitkern._C ABI: {ext.abi()}")
         print(f"vitkern._C build: {build_info_line()}")
     return 0

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "gemm.h"
 #include "layernorm_mlp.h"
 #include "patch_embed.h"
 #include "sp_attention.h"
@@ -43,7 +44,12 @@ STABLE_TORCH_LIBRARY(vitkern_C, m) {
   m.def(
       "layernorm_mlp_forward(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor w1a, Tensor? b1a, Tensor? w1b, "
       "Tensor? b1b, Tensor fc2_weight, Tensor? fc2_bias, float eps, int act, bool rms, int glu, "
-      "bool residual, bool save_for_backward) -> Tensor[]");
+      "bool residual, bool save_for_backward, Tensor? w1a_packed, Tensor? w1b_packed, Tensor? w2_packed) "
+      "-> Tensor[]");
+  // an (n, k) weight packed for the GEMMs' packed route (gemm.h) -> fp32 (ceil(n / 16) * 16 * k,)
+  m.def("pack_gemm_weight(Tensor weight) -> Tensor");
+  // x (M, K) . weight (N, K)^T + bias on the packed route (gemm.h) -> (M, N); inference only
+  m.def("linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? weight_packed) -> Tensor");
   m.def(
       "layernorm_mlp_backward(Tensor dout, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor w1a, Tensor? w1b, "
       "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, Tensor act_out, Tensor ln_out, int act, bool rms, "
@@ -63,6 +69,8 @@ STABLE_TORCH_LIBRARY_IMPL(vitkern_C, CPU, m) {
   m.impl("sp_attention_forward", TORCH_BOX(&vitkern::sp_attention_forward_cpu));
   m.impl("sp_attention_backward", TORCH_BOX(&vitkern::sp_attention_backward_cpu));
   m.impl("layernorm_mlp_forward", TORCH_BOX(&vitkern::layernorm_mlp_forward_cpu));
+  m.impl("pack_gemm_weight", TORCH_BOX(&vitkern::pack_gemm_weight_cpu));
+  m.impl("linear_forward", TORCH_BOX(&vitkern::linear_forward_cpu));
   m.impl("layernorm_mlp_backward", TORCH_BOX(&vitkern::layernorm_mlp_backward_cpu));
   m.impl("patch_embed_forward", TORCH_BOX(&vitkern::patch_embed_forward_cpu));
   m.impl("patch_embed_backward", TORCH_BOX(&vitkern::patch_embed_backward_cpu));

@@ -14,14 +14,16 @@ namespace vitkern {
 // w1a = gate and w1b = value, (H, D) each (kGluGateFirst).
 constexpr int64_t kGluNone = 0, kGluGateFirst = 1, kGluGateLast = 2;
 
-// x: (M, D). Returns {out (M, D) in x's dtype, mean (M), rstd (M), and when saving for backward
+// w1a_packed / w1b_packed / w2_packed: the weights packed by pack_gemm_weight (gemm.h), or None
+// (then the GEMMs call BLAS). x: (M, D). Returns {out (M, D) in x's dtype, mean (M), rstd (M), and when saving for backward
 // the pre-activation (M, H) plain or (M, 2H) gated, the activation output (M, H) (act(pre) or
 // act(gate) * value), the LN output (M, D) (else (0,) each)}.
 std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
                                               const Tensor& w1a, const OptTensor& b1a, const OptTensor& w1b,
                                               const OptTensor& b1b, const Tensor& fc2_weight, const OptTensor& fc2_bias,
                                               double eps, int64_t act, bool rms, int64_t glu, bool residual,
-                                              bool save_for_backward);
+                                              bool save_for_backward, const OptTensor& w1a_packed,
+                                              const OptTensor& w1b_packed, const OptTensor& w2_packed);
 
 // Returns {dx, d ln_weight, d ln_bias, d w1a, d b1a, d w1b, d b1b, d fc2_weight, d fc2_bias}
 // (undefined where there is no such parameter).

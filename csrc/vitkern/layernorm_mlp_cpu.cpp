@@ -23,15 +23,18 @@
 
 #include "blas.h"
 #include "checks.h"
+#include "gemm.h"
 #include "layernorm_mlp.h"
 #include "simd.h"
 
 namespace vitkern {
 namespace {
 
-// Row tiles: one per thread (up to 1024 rows). Small tiles re-pack the weights
-// for every tile and run the GEMMs at a fraction of their speed (benchmarks/NOTES.md).
-inline int64_t tile_rows(int64_t m) {
+// Rows per tile of the forward. BLAS route: one tile per thread (64 to 1024 rows; MKL repacks the
+// weights on every call, so fewer, larger calls). Packed route (gemm.h, packed_tile_rows): up to
+// 256 rows, which keeps a tile's hidden activations (rows x H) nearer the core between fc1 and fc2.
+inline int64_t tile_rows(int64_t m, bool packed) {
+  if (packed) return packed_tile_rows(m);
   const int64_t threads = std::max<int64_t>(1, num_threads());
   return std::clamp<int64_t>((m + threads - 1) / threads, 64, 1024);
 }
@@ -208,7 +211,8 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
                                               const Tensor& w1a_in, const OptTensor& b1a_in, const OptTensor& w1b_in,
                                               const OptTensor& b1b_in, const Tensor& w2_in, const OptTensor& b2_in,
                                               double eps_d, int64_t act, bool rms, int64_t glu, bool residual,
-                                              bool save_for_backward) {
+                                              bool save_for_backward, const OptTensor& w1a_packed,
+                                              const OptTensor& w1b_packed, const OptTensor& w2_packed) {
   const int64_t Hd = check_args(x_in, w1a_in, w1b_in, w2_in, act, glu);
   const bool gated = glu != kGluNone, split = w1b_in.has_value();
   const int64_t M = x_in.size(0), D = x_in.size(1), P = gated ? 2 * Hd : Hd;
@@ -229,7 +233,11 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
   float* prep = save_for_backward ? f32_ptr(pre) : nullptr;
   float* hsp = save_for_backward ? f32_ptr(hsave) : nullptr;
   float* hnsp = save_for_backward ? f32_ptr(hnsave) : nullptr;
-  const int64_t kTileM = tile_rows(M);
+  // Prepacked weights (gemm.h; vitkern/ops/_packed.py caches them per weight): the packed GEMM route.
+  const float* w1a_pk = packed_ptr(w1a_packed, "w1a_packed", w1ap, w1a.size(0), D);
+  const float* w1b_pk = packed_ptr(w1b_packed, "w1b_packed", w1bp, Hd, D);
+  const float* w2_pk = packed_ptr(w2_packed, "w2_packed", w2p, D, Hd);
+  const int64_t kTileM = tile_rows(M, w1a_pk != nullptr);
   const int64_t tiles = (M + kTileM - 1) / kTileM;
   const int64_t goff = glu == kGluGateLast ? Hd : 0, voff = glu == kGluGateFirst ? Hd : 0;
 
@@ -248,7 +256,7 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
       ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
       if (!gated) {
         // fc1: hid (rows x Hd) = hn . W1^T, then bias + activation in place (epilogue).
-        sgemm(true, false, Hd, rows, D, 1.f, w1ap, D, hn, D, 0.f, hid, Hd);
+        gemm_nt(rows, Hd, D, hn, D, w1ap, w1a_pk, hid, Hd, false);
         for (int64_t r = 0; r < rows; ++r) {
           simd::bias_act(hid + r * Hd, b1ap, Hd, act, prep ? prep + (r0 + r) * Hd : nullptr);
         }
@@ -257,10 +265,10 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
         // then bias and act(gate) * value into hid.
         float* pt = save_for_backward ? prep + r0 * P : pre_buf.get();
         if (split) {
-          sgemm(true, false, Hd, rows, D, 1.f, w1ap, D, hn, D, 0.f, pt, P);
-          sgemm(true, false, Hd, rows, D, 1.f, w1bp, D, hn, D, 0.f, pt + Hd, P);
+          gemm_nt(rows, Hd, D, hn, D, w1ap, w1a_pk, pt, P, false);
+          gemm_nt(rows, Hd, D, hn, D, w1bp, w1b_pk, pt + Hd, P, false);
         } else {
-          sgemm(true, false, P, rows, D, 1.f, w1ap, D, hn, D, 0.f, pt, P);
+          gemm_nt(rows, P, D, hn, D, w1ap, w1a_pk, pt, P, false);
         }
         for (int64_t r = 0; r < rows; ++r) {
           float* pr = pt + r * P;
@@ -272,7 +280,7 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
       // fc2 with bias and residual: out rows start as x + b2, GEMM accumulates (beta = 1).
       float* o = op + r0 * D;
       init_rows(o, residual ? xp + r0 * D : nullptr, b2p, rows, D);
-      sgemm(true, false, D, rows, Hd, 1.f, w2p, Hd, hid, Hd, 1.f, o, D);
+      gemm_nt(rows, D, Hd, hid, Hd, w2p, w2_pk, o, D, true);
     }
   });
   return {to(out, x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};

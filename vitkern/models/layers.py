@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from vitkern.ops import layernorm_mlp, sp_attention
 from vitkern.ops._autograd import no_autocast
+from vitkern.ops._packed import linear
 
 
 class LayerScale(nn.Module):
@@ -127,7 +128,7 @@ class Attention(nn.Module):
 
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear(self.qkv, x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # strided (B, H, N, Dh) views, no copy
         if self.q_norm is not None:
             q = self.q_norm(q)
@@ -153,7 +154,7 @@ class Attention(nn.Module):
             out = self.norm(out)
         if self.gate is not None:
             out = out * self.gate(x).sigmoid()
-        return self.proj(out)
+        return linear(self.proj, out)
 
 
 class Mlp(nn.Module):

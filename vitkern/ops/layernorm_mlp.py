@@ -31,6 +31,7 @@ from vitkern import _backend
 from vitkern._ext import load_extension
 from vitkern.ops._autograd import autocast_dtype, autocast_inputs, mark_saved_outputs, no_autocast
 from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
+from vitkern.ops._packed import packed_weight
 from vitkern.ops._validate import check_same, check_tensor, cpu_gemm_kernel_auto_skip
 
 __all__ = ["layernorm_mlp", "layernorm_mlp_reference", "ACTIVATIONS", "NORMS", "GATED"]
@@ -223,8 +224,10 @@ if _backend.backend_status("triton") is None:
 # backward(dout, x, ln_weight, ln_bias, w1a, w1b, fc2_weight, mean, rstd, pre, act_out, ln_out, act, rms,
 # glu, residual) -> (dx, dlnw, dlnb, dw1a, db1a, dw1b, db1b, dw2, db2), None where no gradient applies.
 # Triton's are imported on first use: they also run CPU tensors under the interpreter (TRITON_INTERPRET=1).
-def _cpu_forward(*args):
-    return load_extension().layernorm_mlp_forward(*args)
+def _cpu_forward(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, *rest):
+    # the weights packed for the packed GEMM route (vitkern/ops/_packed.py), or None: BLAS
+    packed = [packed_weight(w) for w in (w1a, w1b, fc2_weight)]
+    return load_extension().layernorm_mlp_forward(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, *rest, *packed)
 
 
 def _cpu_backward(*args):

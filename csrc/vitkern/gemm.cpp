@@ -1,0 +1,222 @@
+// vitkern's own fp32 weight GEMM (gemm.h): BLIS-style blocking over a prepacked weight.
+//
+// Loops: K in blocks of kKC, rows of A in blocks of kMC (the A block, kMC x kKC = 144 KB,
+// stays in L2), weight panels of 16 columns (one panel's kKC x 16 block, 24 KB, stays in L1
+// while the rows stream past it), then the 6 x 16 micro-kernel: 12 ymm accumulators, two
+// panel loads and six broadcasts of A per k. Row tails use the same kernel with fewer rows
+// (a template per row count); a partial last panel computes into a 6 x 16 buffer.
+#include "gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "blas.h"
+#include "stable.h"
+#include "simd.h"
+
+namespace vitkern {
+
+namespace {
+
+constexpr int64_t kMR = 6, kKC = 384, kMC = 96;
+
+#if VK_X86_SIMD
+// C rows (ldc) = or += the MR x 16 block of A (MR rows of kc, lda) . panel (kc x 16).
+template <int MR>
+__attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* b,
+                                                      float* c, int64_t ldc, bool accumulate) {
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = _mm256_setzero_ps();
+    c1[r] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * kGemmNR), b1 = _mm256_loadu_ps(b + k * kGemmNR + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + r * ldc;
+    if (accumulate) {
+      c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(cr));
+      c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(cr + 8));
+    }
+    _mm256_storeu_ps(cr, c0[r]);
+    _mm256_storeu_ps(cr + 8, c1[r]);
+  }
+}
+
+using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, bool);
+constexpr MicroKernel kMicro[kMR + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>, micro_kernel<3>,
+                                         micro_kernel<4>, micro_kernel<5>, micro_kernel<6>};
+
+// rows x (up to) 16 columns of C from one panel; cols < 16 (the last panel) goes through a buffer.
+void panel_rows(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t lda, const float* b, float* c,
+                int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  if (cols == kGemmNR) {
+    for (; i + kMR <= rows; i += kMR) micro_kernel<kMR>(kc, a + i * lda, lda, b, c + i * ldc, ldc, accumulate);
+    if (i < rows) kMicro[rows - i](kc, a + i * lda, lda, b, c + i * ldc, ldc, accumulate);
+    return;
+  }
+  float buf[kMR * kGemmNR];
+  for (; i < rows; i += kMR) {
+    const int64_t mr = std::min(kMR, rows - i);
+    kMicro[mr](kc, a + i * lda, lda, b, buf, kGemmNR, false);
+    for (int64_t r = 0; r < mr; ++r) {
+      float* cr = c + (i + r) * ldc;
+      for (int64_t j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + buf[r * kGemmNR + j] : buf[r * kGemmNR + j];
+    }
+  }
+}
+
+void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
+                 int64_t ldc, bool accumulate) {
+  const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
+  for (int64_t pc = 0; pc < k; pc += kKC) {
+    const int64_t kc = std::min(kKC, k - pc);
+    const bool acc = accumulate || pc > 0;
+    for (int64_t ic = 0; ic < m; ic += kMC) {
+      const int64_t mc = std::min(kMC, m - ic);
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t cols = std::min(kGemmNR, n - p * kGemmNR);
+        panel_rows(mc, cols, kc, a + ic * lda + pc, lda, wp + p * kGemmNR * k + pc * kGemmNR,
+                   c + ic * ldc + p * kGemmNR, ldc, acc);
+      }
+    }
+  }
+}
+#endif
+
+int gemm_env() {  // 0 auto, 1 blas, 2 vitkern
+  const char* env = std::getenv("VITKERN_GEMM");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return 0;
+  if (std::strcmp(env, "blas") == 0) return 1;
+  if (std::strcmp(env, "vitkern") == 0) return 2;
+  return 0;  // vitkern/_ext.py warns about other values
+}
+
+}  // namespace
+
+void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* wp) {
+  const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* dst = wp + p * kGemmNR * k;
+    for (int64_t cidx = 0; cidx < kGemmNR; ++cidx) {
+      const int64_t row = p * kGemmNR + cidx;
+      if (row < n) {
+        const float* src = w + row * ldw;
+        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kGemmNR + cidx] = src[kk];
+      } else {
+        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kGemmNR + cidx] = 0.f;
+      }
+    }
+  }
+}
+
+bool packed_gemm_active() {
+  static const bool active = [] {
+    const int env = gemm_env();
+    if (env == 1 || !simd::has_avx2()) return false;
+    return env == 2 || !simd::has_avx512();
+  }();
+  return active;
+}
+
+Tensor pack_gemm_weight_cpu(const Tensor& w_in) {
+  VK_CHECK_CPU(w_in);
+  VK_CHECK_FLOATING(w_in);
+  VK_CHECK(w_in.dim() == 2, "weight must be 2-D (out_features, in_features), got ", shape_str(w_in));
+  const Tensor w = f32c(w_in);
+  const int64_t n = w.size(0), k = w.size(1);
+  Tensor out = empty({packed_weight_numel(n, k)});
+  pack_weight(f32_ptr(w), n, k, k, f32_ptr(out));
+  return out;
+}
+
+const float* packed_ptr(const OptTensor& p, const char* name, const float* w, int64_t n, int64_t k) {
+  if (!p.has_value() || !packed_gemm_active()) return nullptr;
+  const Tensor& t = *p;
+  VK_CHECK_CPU(t);
+  VK_CHECK(t.scalar_type() == ScalarType::Float && t.dim() == 1 && t.is_contiguous() &&
+               t.numel() == packed_weight_numel(n, k),
+           name, " must be a contiguous fp32 1-D tensor of ", packed_weight_numel(n, k),
+           " elements (pack_gemm_weight of a ", n, " x ", k, " weight), got ", dtype_name(t.scalar_type()), " ",
+           shape_str(t));
+  const float* wp = f32_ptr(t);
+  const int64_t total = n * k;
+  for (int64_t s = 0; s < 16 && total > 0; ++s) {
+    const int64_t idx = s == 15 ? total - 1 : (s * 7919 * 104729) % total;  // spread, first and last
+    const int64_t row = idx / k, col = idx % k;
+    const float packed = wp[row / kGemmNR * kGemmNR * k + col * kGemmNR + row % kGemmNR];
+    if (std::memcmp(&packed, w + idx, sizeof(float)) != 0) return nullptr;
+  }
+  return wp;
+}
+
+int64_t packed_tile_rows(int64_t m) {
+  const int64_t threads = std::max<int64_t>(1, num_threads());
+  const int64_t per_thread = std::max<int64_t>(1, (m + threads * kPackedTileRows - 1) / (threads * kPackedTileRows));
+  const int64_t tiles = threads * per_thread;
+  return std::max<int64_t>(1, (m + tiles - 1) / tiles);
+}
+
+Tensor linear_forward_cpu(const Tensor& x_in, const Tensor& w_in, const OptTensor& bias_in, const OptTensor& w_packed) {
+  VK_CHECK_CPU(x_in);
+  VK_CHECK_CPU(w_in);
+  VK_CHECK_FLOATING(x_in);
+  VK_CHECK_FLOATING(w_in);
+  VK_CHECK(x_in.dim() == 2, "x must be 2-D (rows, in_features), got ", shape_str(x_in));
+  VK_CHECK(w_in.dim() == 2 && w_in.size(1) == x_in.size(1), "weight must have shape (out_features, ", x_in.size(1),
+           "), got ", shape_str(w_in));
+  const int64_t m = x_in.size(0), k = x_in.size(1), n = w_in.size(0);
+  if (bias_in.has_value()) check_shape(*bias_in, "bias", {n});
+  const Tensor x = f32c(x_in), w = f32c(w_in), bias = bias_in.has_value() ? f32c(*bias_in) : Tensor();
+  const float *xp = f32_ptr(x), *wptr = f32_ptr(w), *bp = f32_ptr_or_null(bias);
+  const float* wpk = packed_ptr(w_packed, "weight_packed", wptr, n, k);
+  Tensor out = empty({m, n});
+  float* op = f32_ptr(out);
+  const int64_t tile = wpk != nullptr ? packed_tile_rows(m) : std::max<int64_t>(1, m);
+  parallel_for(0, (m + tile - 1) / tile, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * tile, rows = std::min(tile, m - r0);
+      float* o = op + r0 * n;
+      if (bp != nullptr) {
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * n, bp, sizeof(float) * n);
+      }
+      gemm_nt(rows, n, k, xp + r0 * k, k, wptr, wpk, o, n, bp != nullptr);
+    }
+  });
+  return to(out, x_in.scalar_type());
+}
+
+const char* gemm_route() {
+  return packed_gemm_active() ? "vitkern packed AVX2 micro-kernel (prepacked weights)" : blas_backend();
+}
+
+void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, const float* wp, float* c,
+             int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+#if VK_X86_SIMD
+  if (wp != nullptr && packed_gemm_active()) {
+    if (k == 0) {
+      if (!accumulate)
+        for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
+      return;
+    }
+    gemm_packed(m, n, k, a, lda, wp, c, ldc, accumulate);
+    return;
+  }
+#endif
+  // Column-major view: C^T (n x m, ldc) = W (k x n column-major, transposed) . A^T (k x m, lda).
+  sgemm(true, false, n, m, k, 1.f, w, k, a, lda, accumulate ? 1.f : 0.f, c, ldc);
+}
+
+}  // namespace vitkern

@@ -1,0 +1,61 @@
+// vitkern's own fp32 GEMM for the CPU kernels' weight products, C = A . W^T, with the weight
+// W (n x k, row-major: an nn.Linear weight) prepacked once into column panels.
+//
+// Why: on CPUs without AVX-512 (AMD Zen 2/3) torch's bundled MKL runs `sgemm` on its generic
+// path, 50-80% of the core's FMA peak at ViT shapes; this 6 x 16 AVX2+FMA micro-kernel over a
+// prepacked weight reaches 85-94% (benchmarks/NOTES.md, "vitkern's own GEMM"). On AVX-512 CPUs
+// MKL (and oneDNN) have kernels for the wider registers, so the route stays on BLAS there.
+//
+// Packed layout: panels of kGemmNR = 16 output columns (weight rows); panel p holds, for each
+// k, W[16p .. 16p+15][k] contiguously (zero-filled past n). numel = ceil(n / 16) * 16 * k.
+#pragma once
+
+#include <cstdint>
+
+#include "checks.h"
+
+namespace vitkern {
+
+constexpr int64_t kGemmNR = 16;
+
+inline int64_t packed_weight_numel(int64_t n, int64_t k) { return (n + kGemmNR - 1) / kGemmNR * kGemmNR * k; }
+
+// W (n x k, row-major, leading dimension ldw) -> packed panels (packed_weight_numel(n, k) floats).
+void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* wp);
+
+// Whether the weight GEMMs take the packed route: this build has x86 SIMD, the CPU has AVX2+FMA
+// (within the VITKERN_SIMD cap) and no AVX-512 path is active, unless VITKERN_GEMM says
+// otherwise ("blas": never; "vitkern": wherever AVX2+FMA is available). Read once.
+bool packed_gemm_active();
+const char* gemm_route();
+
+// C (m x n, leading dimension ldc) = A (m x k, lda) . W^T, or C += A . W^T when accumulate.
+// wp: W packed (pack_weight) -> the packed route; null -> BLAS on w (ldw = k). The packed route
+// must be active when wp is given.
+void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, const float* wp, float* c,
+             int64_t ldc, bool accumulate);
+
+// The packed weight of an op argument for the weight w (n x k, row-major fp32): null when absent
+// or the packed route is off (then the op calls BLAS on w). Otherwise it must be an fp32
+// contiguous 1-D tensor of packed_weight_numel(n, k) elements (else RuntimeError). The Python
+// cache repacks on every tracked change of w (vitkern/ops/_packed.py); as a tripwire for an
+// untracked one (an in-place change through `w.data`, which has its own version counter),
+// 16 elements spread over w are compared with their packed copies, and on a mismatch this call
+// computes with w itself (null).
+const float* packed_ptr(const OptTensor& p, const char* name, const float* w, int64_t n, int64_t k);
+
+// pack_gemm_weight(w (n, k)) -> the packed fp32 panels (packed_weight_numel(n, k),).
+Tensor pack_gemm_weight_cpu(const Tensor& w);
+
+// linear_forward(x (m, k), w (n, k), bias (n,) or None, w packed or None) -> x . w^T + bias, (m, n),
+// in x's dtype (fp32 inside), threaded over row tiles: the inference path of the models'
+// nn.Linear layers on the packed route (vitkern/ops/_packed.py: linear).
+Tensor linear_forward_cpu(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& w_packed);
+
+// Row tiles of a packed-route GEMM over m rows: at most kPackedTileRows rows, spread evenly over
+// the threads (the weights are packed once, so tiles can be small; for ViT-S, one thread, 1576
+// rows run as 7 tiles of 226).
+constexpr int64_t kPackedTileRows = 256;
+int64_t packed_tile_rows(int64_t m);
+
+}  // namespace vitkern

@@ -1,0 +1,271 @@
+"""vitkern's own GEMM on prepacked weights (csrc/vitkern/gemm.h, vitkern/ops/_packed.py).
+
+On CPUs with AVX2 but no AVX-512 the cpu kernels' weight GEMMs (layernorm_mlp's fc1/fc2, the
+models' attention qkv/proj in eager inference) run a 6 x 16 AVX2 micro-kernel over weights
+packed once and cached per weight. These tests check the GEMM against float64 on ragged
+shapes, that the cache follows every change of a weight, that the qkv/proj shortcut steps
+aside wherever it must (hooks, subclasses, training, autocast, the reference backend), and that
+bad inputs raise. On an AVX-512 CPU the route is off by default: tests/test_simd_paths.py
+reruns this file with VITKERN_SIMD=avx2, and the last test here reruns the cpu-kernel tests on
+whichever route is not the default.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import SUBPROCESS_CWD, TOL, assert_close_rel, randn, subprocess_env
+
+import vitkern
+from vitkern._ext import extension_error, load_extension
+from vitkern.ops import _packed
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+needs_ext = pytest.mark.skipif(load_extension() is None, reason=f"_C not built: {extension_error()}")
+needs_route = pytest.mark.skipif(
+    load_extension() is None or not load_extension().packed_gemm_active(),
+    reason="the packed GEMM route is off on this CPU (AVX-512 or no AVX2); "
+    "tests/test_simd_paths.py reruns this file with VITKERN_SIMD=avx2",
+)
+
+
+def _linear(x, w, b):
+    ext = load_extension()
+    return ext.linear_forward(x, w, b, ext.pack_gemm_weight(w))
+
+
+@needs_route
+@pytest.mark.parametrize(
+    "M,K,N",
+    [
+        (1, 24, 1),  # batch-1 row, one output column
+        (5, 40, 17),  # fewer rows than the micro-kernel, one column past a panel
+        (197, 384, 1152),  # ViT-S qkv at N = 197
+        (197, 1536, 384),  # fc2: K in four blocks
+        (300, 777, 100),  # K not a multiple of the block, ragged last panel, two row tiles
+        (1000, 64, 16),  # many row tiles, exactly one panel
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_forward_matches_float64(M, K, N, bias, gen, poison_empty):
+    x, w = randn(M, K, gen=gen), randn(N, K, gen=gen) * K**-0.5
+    b = randn(N, gen=gen) if bias else None
+    out = _linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), b.double() if bias else None)
+    assert out.dtype == torch.float32 and out.shape == (M, N)
+    assert_close_rel(out, ref, TOL[torch.float32], "linear_forward")
+
+
+@needs_route
+def test_linear_forward_with_threads_matches_one_thread(gen):
+    x, w, b = randn(1576, 384, gen=gen), randn(1536, 384, gen=gen) * 0.05, randn(1536, gen=gen)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _linear(x, w, b)
+        torch.set_num_threads(2)
+        two = _linear(x, w, b)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, two)  # row tiles are independent: bitwise the same
+
+
+@needs_route
+def test_packed_weights_are_cached_and_follow_every_change(gen):
+    m = nn.Linear(64, 48)
+    x = randn(7, 64, gen=gen)
+
+    def check(what):
+        with torch.no_grad():
+            out = _packed.linear(m, x)
+            ref = F.linear(x.double(), m.weight.double(), m.bias.double())
+        assert_close_rel(out, ref, TOL[torch.float32], what)
+
+    check("first call")
+    first = _packed.packed_weight(m.weight)
+    assert _packed.packed_weight(m.weight) is first  # cached: no repack while the weight is unchanged
+    with torch.no_grad():
+        m.weight.mul_(2)  # tracked in-place change: the version counter moves
+    assert _packed.packed_weight(m.weight) is not first
+    check("after an in-place change")
+    with torch.no_grad():
+        m.weight.data.mul_(0.5)  # untracked (own version counter): the kernel's tripwire sees it
+    check("after a change through .data")
+    m.weight = nn.Parameter(randn(48, 64, gen=gen))
+    check("after a new Parameter")
+    m.load_state_dict({"weight": randn(48, 64, gen=gen), "bias": randn(48, gen=gen)})
+    check("after load_state_dict")
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(x).square().sum().backward()
+    opt.step()
+    check("after an optimizer step")
+
+
+@needs_route
+def test_cache_entries_go_with_their_weights_and_inference_tensors_are_not_cached(gen):
+    _packed.clear_packed_weights()
+    m = nn.Linear(32, 16)
+    _packed.packed_weight(m.weight)
+    assert len(_packed._CACHE) == 1
+    del m
+    gc.collect()
+    assert len(_packed._CACHE) == 0
+    with torch.inference_mode():
+        inf = nn.Linear(32, 16)
+        x = randn(3, 32, gen=gen)
+        assert _packed.packed_weight(inf.weight) is None  # no version counter to watch
+        out = _packed.linear(inf, x)
+        assert_close_rel(out, F.linear(x.double(), inf.weight.double(), inf.bias.double()), 1e-5, "inference")
+    assert len(_packed._CACHE) == 0
+
+
+@needs_route
+def test_the_qkv_shortcut_steps_aside(gen):
+    x = randn(2, 9, 32, gen=gen)
+    calls = []
+
+    class Lora(nn.Linear):
+        def forward(self, t):
+            calls.append("subclass")
+            return super().forward(t) + 1.0
+
+    hooked = nn.Linear(32, 24)
+    hooked.register_forward_hook(lambda mod, inp, out: calls.append("hook"))
+    with torch.no_grad():
+        _packed.linear(hooked, x)
+        sub = Lora(32, 24)
+        assert torch.equal(_packed.linear(sub, x), sub(x))
+    assert calls == ["hook", "subclass", "subclass"]
+    # The reference backend is plain PyTorch: no packed GEMM, bitwise F.linear.
+    m = nn.Linear(32, 24)
+    with torch.no_grad(), vitkern.use_backend("reference"):
+        assert torch.equal(_packed.linear(m, x), F.linear(x, m.weight, m.bias))
+    # Training: F.linear, so the gradient flows.
+    out = _packed.linear(m, x)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert m.weight.grad is not None
+    # Autocast: the module itself, in bf16.
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert _packed.linear(m, x).dtype == torch.bfloat16
+
+
+@needs_route
+def test_model_inference_matches_the_blas_route(gen, monkeypatch):
+    torch.manual_seed(0)
+    model = vitkern.ViT(img_size=(48, 80), patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=5).eval()
+    blas_model = copy.deepcopy(model)
+    x = randn(2, 3, 48, 80, gen=gen)
+    with torch.no_grad():
+        packed = model(x)
+        monkeypatch.setattr(_packed, "packed_route", lambda: False)
+        blas = blas_model(x)
+        with vitkern.use_backend("reference"):
+            ref = blas_model.double()(x.double())
+    assert_close_rel(packed, ref, 1e-5, "packed route vs float64 reference")
+    assert_close_rel(blas, ref, 1e-5, "BLAS route vs float64 reference")
+
+
+@needs_ext
+def test_bad_inputs_raise_clear_errors(gen):
+    ext = load_extension()
+    with pytest.raises(RuntimeError, match="weight must be 2-D"):
+        ext.pack_gemm_weight(torch.randn(8))
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(out_features, 4\)"):
+        ext.linear_forward(torch.randn(3, 4), torch.randn(5, 6), None, None)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        ext.linear_forward(torch.randn(3, 4), torch.randn(5, 4), torch.randn(4), None)
+    if ext.packed_gemm_active():
+        x, w = torch.randn(3, 4), torch.randn(5, 4)
+        with pytest.raises(RuntimeError, match="weight_packed must be a contiguous fp32 1-D tensor of 64 elements"):
+            ext.linear_forward(x, w, None, torch.zeros(20))
+        D, H = 8, 16
+        args = (torch.randn(3, D), None, None, torch.randn(H, D), None, None, None, torch.randn(D, H), None)
+        with pytest.raises(RuntimeError, match="w2_packed must be"):
+            ext.layernorm_mlp_forward(*args, 1e-6, 1, False, 0, True, False, None, None, torch.zeros(3))
+
+
+@needs_ext
+def test_vitkern_gemm_env_is_honoured_and_unknown_values_warn():
+    code = "import vitkern._ext as e; print(e.load_extension().gemm_route())"
+
+    def route(value):
+        r = subprocess.run(
+            [sys.executable, "-W", "always", "-c", code],
+            env=subprocess_env(VITKERN_GEMM=value),
+            cwd=SUBPROCESS_CWD,
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.strip(), r.stderr
+
+    assert "packed" not in route("blas")[0]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and "scalar only" not in (
+        load_extension().simd_paths()
+    ):
+        assert "packed AVX2" in route("vitkern")[0]
+    _, err = route("mkl")
+    assert "VITKERN_GEMM='mkl'" in err
+
+
+@needs_ext
+def test_the_other_route_passes_the_cpu_kernel_tests():
+    """The layernorm_mlp cpu-kernel tests (outputs and every gradient against float64) on the
+    weight-GEMM route this CPU does not take by default."""
+    if load_extension().packed_gemm_active():
+        other = "blas"
+    elif torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and "scalar only" not in (
+        load_extension().simd_paths()
+    ):
+        other = "vitkern"
+    else:
+        pytest.skip("no AVX2: the packed route cannot run on this CPU")
+    files = [os.path.join(HERE, "test_cpu_kernels.py"), os.path.join(HERE, "test_cpu_model.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *files]
+    r = subprocess.run(cmd, env=subprocess_env(VITKERN_GEMM=other), cwd=SUBPROCESS_CWD, capture_output=True, text=True)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+
+
+_COLD = r"""
+import torch, timm, vitkern
+from vitkern._ext import load_extension
+torch.manual_seed(0)
+ref = timm.create_model("vit_small_patch16_224", num_classes=10).eval()
+model = vitkern.ViT.from_timm(ref).eval()
+x = torch.randn(2, 3, 224, 224)
+with torch.no_grad():
+    out, want = model(x), ref(x)
+err = ((out - want).norm() / want.norm()).item()
+print(load_extension().gemm_route(), err)
+assert "packed" in load_extension().gemm_route()
+assert err < 1e-5, err
+"""
+
+
+@needs_ext
+def test_cold_process_first_call_is_packed_inference_matching_timm():
+    """A fresh process whose first call is a timm-converted ViT-S forward on the packed route."""
+    pytest.importorskip("timm")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or "scalar only" in (
+        load_extension().simd_paths()
+    ):
+        pytest.skip("no AVX2: the packed route cannot run on this CPU")
+    r = subprocess.run(
+        [sys.executable, "-c", _COLD],
+        env=subprocess_env(VITKERN_GEMM="vitkern"),
+        cwd=SUBPROCESS_CWD,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

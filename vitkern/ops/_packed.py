@@ -1,0 +1,107 @@
+"""Prepacked weights for the cpu kernels' packed GEMM route (csrc/vitkern/gemm.h).
+
+Where vitkern's own GEMM is the route (CPUs with AVX2 but no AVX-512, or ``VITKERN_GEMM=vitkern``),
+the cpu kernels take each weight packed into 16-column panels. Packing a ViT-S fc1 weight costs
+about a fifth of one batch-1 GEMM, so it is done once per weight and cached here, keyed by the
+weight tensor object (weakly: the entry goes when the weight does) and checked on every call
+against the weight's storage pointer, in-place version counter, shape and dtype — an optimizer
+step, ``load_state_dict`` or ``.data =`` all repack on the next call. A weight whose version is
+not tracked (an inference tensor) is not packed: the kernel calls BLAS on it instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from vitkern import _backend
+from vitkern._ext import load_extension
+
+_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def packed_route() -> bool:
+    """Whether the cpu kernels' weight GEMMs take prepacked weights on this machine."""
+    ext = load_extension()
+    return ext is not None and ext.packed_gemm_active()
+
+
+def packed_weight(w: torch.Tensor | None) -> torch.Tensor | None:
+    """``w`` (out_features, in_features) packed for the packed GEMM route, from the cache when
+    the weight has not changed since it was packed; ``None`` where the route is off or the
+    weight cannot be cached."""
+    if w is None or w.device.type != "cpu" or not packed_route():
+        return None
+    if w.is_inference():
+        return None  # no version counter: an in-place change could not be seen
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+    hit = _CACHE.get(w)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        packed = load_extension().pack_gemm_weight(w.detach())
+    _CACHE[w] = (key, packed)
+    return packed
+
+
+def clear_packed_weights() -> None:
+    """Drop every cached packed weight (they are rebuilt on the next call)."""
+    _CACHE.clear()
+
+
+def eager_inference(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call with these tensors is plain eager inference: no gradient wanted, no
+    torch.compile / export / jit trace, no torch function or dispatch mode (FakeTensor,
+    FlopCounter, ...), plain tensors or Parameters only. There a cpu kernel can be called
+    directly, outside the custom op's machinery; everywhere else the custom op runs."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False
+        if grad and t.requires_grad:
+            return False
+    return True
+
+
+def _plain_linear(m: torch.nn.Module) -> bool:
+    """An nn.Linear whose forward is F.linear: the exact class, no hooks of its own or global."""
+    from torch.nn.modules import module as _module
+
+    return (
+        type(m) is torch.nn.Linear
+        and not m._forward_hooks
+        and not m._forward_pre_hooks
+        and not _module._global_forward_hooks
+        and not _module._global_forward_pre_hooks
+    )
+
+
+def linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m(x)`` for a model's nn.Linear (attention qkv / proj). In eager fp32 CPU inference on the
+    packed GEMM route, with the "auto" or "cpu" backend requested, it runs vitkern's GEMM on the
+    cached packed weight (the same sum in fp32, rounding order aside); everywhere else — the
+    reference or triton backend, training, autocast, torch.compile, other devices and dtypes, a
+    subclass or a hooked module (LoRA, feature hooks) — it is ``m(x)`` itself."""
+    if (
+        x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or x.dim() < 2
+        or not _plain_linear(m)
+        or m.weight.dtype != torch.float32
+        or torch.is_autocast_enabled("cpu")
+        or not eager_inference(x, m.weight, m.bias)
+        or _backend.requested_backend() not in ("auto", "cpu")
+    ):
+        return m(x)
+    wp = packed_weight(m.weight)
+    if wp is None:
+        return m(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = load_extension().linear_forward(x2.contiguous(), m.weight, m.bias, wp)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
