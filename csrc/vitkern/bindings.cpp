@@ -55,7 +55,9 @@ STABLE_TORCH_LIBRARY(vitkern_C, m) {
       "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, Tensor act_out, Tensor ln_out, int act, bool rms, "
       "int glu, bool residual) -> Tensor[]");
   // fused patchify + projection + bias + pos_embed -> (B, N, D); backward -> [d images, d weight]
-  m.def("patch_embed_forward(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed) -> Tensor");
+  m.def(
+      "patch_embed_forward(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? weight_packed) "
+      "-> Tensor");
   m.def(
       "patch_embed_backward(Tensor dout, Tensor images, Tensor weight, bool need_images, bool need_weight) "
       "-> Tensor[]");

@@ -16,6 +16,7 @@
 
 #include "blas.h"
 #include "checks.h"
+#include "gemm.h"
 #include "patch_embed.h"
 
 namespace vitkern {
@@ -87,7 +88,7 @@ void scatter(const Geometry& g, const float* tile, int64_t r0, int64_t rows, flo
 }  // namespace
 
 Tensor patch_embed_forward_cpu(const Tensor& images_in, const Tensor& weight_in, const OptTensor& bias_in,
-                               const OptTensor& pos_in) {
+                               const OptTensor& pos_in, const OptTensor& weight_packed) {
   const Geometry g = geometry(images_in, weight_in);
   const Tensor img = f32c(images_in);
   const Tensor w = view_of(f32c(weight_in), {g.D, g.K});
@@ -98,6 +99,7 @@ Tensor patch_embed_forward_cpu(const Tensor& images_in, const Tensor& weight_in,
   const float *ip = f32_ptr(img), *wp = f32_ptr(w);
   const float* bp = f32_ptr_or_null(bias);
   const float* pp = f32_ptr_or_null(pos);
+  const float* wpk = packed_ptr(weight_packed, "weight_packed", wp, g.D, g.K);
   float* op = f32_ptr(out);
   const int64_t total = g.B * g.N, chunk = chunk_rows(total), chunks = (total + chunk - 1) / chunk;
   parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -110,7 +112,7 @@ Tensor patch_embed_forward_cpu(const Tensor& images_in, const Tensor& weight_in,
         const float* pr = pp ? pp + ((r0 + r) % g.N) * g.D : nullptr;
         for (int64_t t = 0; t < g.D; ++t) o[r * g.D + t] = (bp ? bp[t] : 0.f) + (pr ? pr[t] : 0.f);
       }
-      sgemm(true, false, g.D, rows, g.K, 1.f, wp, g.K, tile.get(), g.K, 1.f, o, g.D);
+      gemm_nt(rows, g.D, g.K, tile.get(), g.K, wp, wpk, o, g.D, true);
     }
   });
   return to(out, images_in.scalar_type());

@@ -17,6 +17,26 @@ def mark_saved_outputs(ctx, output) -> None:
     ctx.set_materialize_grads(False)
 
 
+def eager_inference(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call with these tensors is plain eager inference: no gradient wanted, no
+    torch.compile / export / jit trace, no torch function or dispatch mode (FakeTensor,
+    FlopCounter, ...), plain tensors or Parameters only. There a cpu kernel can be called
+    directly, outside the custom op's machinery; everywhere else the custom op runs."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False
+        if grad and t.requires_grad:
+            return False
+    return True
+
+
 # ----------------------------------------------------------------------------- autocast
 # The rule every vitkern op follows inside a ``torch.autocast`` region for its inputs' device:
 # floating inputs other than float64 are cast to the autocast dtype (weights too, as autocast

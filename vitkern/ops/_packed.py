@@ -16,6 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from vitkern import _backend
 from vitkern._ext import load_extension
+from vitkern.ops._autograd import eager_inference
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -27,9 +28,9 @@ def packed_route() -> bool:
 
 
 def packed_weight(w: torch.Tensor | None) -> torch.Tensor | None:
-    """``w`` (out_features, in_features) packed for the packed GEMM route, from the cache when
-    the weight has not changed since it was packed; ``None`` where the route is off or the
-    weight cannot be cached."""
+    """``w`` (out_features, in_features), or (out_features, ...) read as (out_features, rest),
+    packed for the packed GEMM route: from the cache when the weight has not changed since it
+    was packed; ``None`` where the route is off or the weight cannot be cached."""
     if w is None or w.device.type != "cpu" or not packed_route():
         return None
     if w.is_inference():
@@ -39,7 +40,7 @@ def packed_weight(w: torch.Tensor | None) -> torch.Tensor | None:
     if hit is not None and hit[0] == key:
         return hit[1]
     with torch.no_grad():
-        packed = load_extension().pack_gemm_weight(w.detach())
+        packed = load_extension().pack_gemm_weight(w.detach().reshape(w.shape[0], -1))
     _CACHE[w] = (key, packed)
     return packed
 
@@ -47,26 +48,6 @@ def packed_weight(w: torch.Tensor | None) -> torch.Tensor | None:
 def clear_packed_weights() -> None:
     """Drop every cached packed weight (they are rebuilt on the next call)."""
     _CACHE.clear()
-
-
-def eager_inference(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call with these tensors is plain eager inference: no gradient wanted, no
-    torch.compile / export / jit trace, no torch function or dispatch mode (FakeTensor,
-    FlopCounter, ...), plain tensors or Parameters only. There a cpu kernel can be called
-    directly, outside the custom op's machinery; everywhere else the custom op runs."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
-            return False
-        if grad and t.requires_grad:
-            return False
-    return True
 
 
 def _plain_linear(m: torch.nn.Module) -> bool:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
-from vitkern.ops._autograd import autocast_dtype, autocast_inputs, mark_saved_outputs, no_autocast
+from vitkern.ops._autograd import autocast_dtype, autocast_inputs, eager_inference, mark_saved_outputs, no_autocast
 from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
 from vitkern.ops._packed import packed_weight
 from vitkern.ops._validate import check_same, check_tensor, cpu_gemm_kernel_auto_skip
@@ -385,6 +385,10 @@ def _call(backend, x, *args):
     x2 = x.reshape(-1, x.shape[-1])
     if kernels_of(_KERNELS, backend).contiguous_rows and x2.stride(-1) != 1:
         x2 = x2.contiguous()  # a view where possible, copied when the kernel needs unit-stride rows
+    if eager_inference(x2, *params):  # the kernel itself, without the custom op's dispatch
+        with no_autocast(x.device.type):
+            out = kernels_of(_KERNELS, backend).forward(x2, *params, *flags, False)[0]
+        return out.reshape(x.shape)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
     out = _layernorm_mlp_op(x2, *params, *flags, save, backend)[0]
     return out.reshape(x.shape)

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
-from vitkern.ops._autograd import autocast_dtype, autocast_inputs, no_autocast
+from vitkern.ops._autograd import autocast_dtype, autocast_inputs, eager_inference, no_autocast
 from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
+from vitkern.ops._packed import packed_weight
 from vitkern.ops._validate import check_same, check_tensor, cpu_gemm_kernel_auto_skip
 
 __all__ = ["patch_embed", "patch_embed_reference"]
@@ -38,7 +39,8 @@ _backend.register_impl("patch_embed", "reference", patch_embed_reference)
 # need_images, need_weight) -> (d images or None, d weight or None). Triton's are imported on
 # first use: they also run CPU tensors under the interpreter (TRITON_INTERPRET=1).
 def _cpu_forward(images, weight, bias, pos_embed):
-    return load_extension().patch_embed_forward(images, weight, bias, pos_embed)
+    # the weight packed for the packed GEMM route (vitkern/ops/_packed.py), or None: BLAS
+    return load_extension().patch_embed_forward(images, weight, bias, pos_embed, packed_weight(weight))
 
 
 def _cpu_backward(dout, images, weight, need_images, need_weight):
@@ -119,6 +121,9 @@ _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _call(backend, images, weight, bias, pos_embed):
+    if eager_inference(images, weight, bias, pos_embed):  # the kernel itself, without the custom op's dispatch
+        with no_autocast(images.device.type):
+            return kernels_of(_KERNELS, backend).forward(images, weight, bias, pos_embed)
     return _patch_embed_op(images, weight, bias, pos_embed, backend)
 
 

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
-from vitkern.ops._autograd import autocast_cast, autocast_dtype, autocast_inputs, mark_saved_outputs, no_autocast
+from vitkern.ops._autograd import (
+    autocast_cast,
+    autocast_dtype,
+    autocast_inputs,
+    eager_inference,
+    mark_saved_outputs,
+    no_autocast,
+)
 from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
 from vitkern.ops._validate import check_same, check_tensor
 from vitkern.ops.spatial_prior import resolve_grid, spatial_prior_reference
@@ -205,6 +212,9 @@ _sp_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _call(backend, q, k, v, omega, grid, num_prefix_tokens, scale):
     gh, gw = grid if grid is not None else (1, 1)
+    if eager_inference(q, k, v, omega):  # the kernel itself, without the custom op's dispatch
+        with no_autocast(q.device.type):
+            return kernels_of(_KERNELS, backend).forward(q, k, v, omega, gh, gw, num_prefix_tokens, scale)[0]
     return _sp_attention_op(q, k, v, omega, gh, gw, num_prefix_tokens, scale, backend)[0]
 
 
