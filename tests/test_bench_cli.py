@@ -60,3 +60,26 @@ def test_vitkern_info():
     if ext is not None and f"vitkern._C: {ext.__file__}" in res.stdout:  # the same build as this process
         assert "vitkern._C ABI: LibTorch stable ABI (torch>=" in res.stdout, res.stdout
         assert "abi3" in res.stdout and "torch.ops.vitkern_C" in res.stdout, res.stdout
+
+
+def test_interleaved_timing_pauses_between_timed_calls():
+    """``settle_s`` (the models suite sets it when a peer engine runs: ONNX Runtime's workers
+    keep spinning after a run) separates every timed call from the previous one."""
+    import time
+
+    from vitkern.bench.timing import time_interleaved
+
+    stamps: list[tuple[str, float, float]] = []
+
+    def fn(name):
+        def run():
+            t0 = time.perf_counter()
+            time.sleep(0.001)
+            stamps.append((name, t0, time.perf_counter()))
+
+        return run
+
+    out = time_interleaved({"a": fn("a"), "b": fn("b")}, "cpu", warmup=0, repeats=3, settle_s=0.05)
+    assert [len(t.samples_ms) for t in out.values()] == [3, 3]
+    gaps = [nxt[1] - prev[2] for prev, nxt in zip(stamps[:-1], stamps[1:], strict=True)]
+    assert len(gaps) == 5 and min(gaps) >= 0.05, gaps

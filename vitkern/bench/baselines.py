@@ -60,6 +60,9 @@ def add_peer_providers(case: Case, model: torch.nn.Module, x: torch.Tensor, dtyp
     from vitkern import peers
 
     threads = case.threads or torch.get_num_threads()
+    # ONNX Runtime's workers spin for tens of ms after a run: pause before each timed call so
+    # the next provider is not billed for it (timing.time_interleaved).
+    case.settle_s = 0.1
     fp32 = copy.deepcopy(model).float().eval()
     xf = x.float()
     for label, runner in (("OpenVINO", peers.openvino_runner), ("ONNX Runtime", peers.onnxruntime_runner)):

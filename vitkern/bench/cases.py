@@ -35,6 +35,7 @@ class Case:
     compile_s: dict[str, float] = field(default_factory=dict)
     notes: dict[str, object] = field(default_factory=dict)  # e.g. the peers' logits errors
     threads: int | None = None  # intra-op threads to time it with (None: the process setting)
+    settle_s: float = 0.0  # pause before each timed call (peer engines' spinning threads; timing.py)
 
     @property
     def name(self) -> str:

@@ -44,8 +44,16 @@ def time_interleaved(
     device: torch.device | str = "cpu",
     warmup: int = 2,
     repeats: int = 7,
+    settle_s: float = 0.0,
 ) -> dict[str, Timing]:
-    """Time each zero-argument callable ``repeats`` times, interleaved, after ``warmup`` rounds."""
+    """Time each zero-argument callable ``repeats`` times, interleaved, after ``warmup`` rounds.
+
+    With ``settle_s`` each timed call starts that long after the previous one ended (the models
+    suite: ``Case.settle_s``, 0.1 s where a peer engine is among the CPU providers):
+    ONNX Runtime's worker threads keep spinning for tens of milliseconds after a run returns and
+    slow down whatever runs next on the other cores (measured, 2 threads, ViT-S batch 1: the next
+    forward 1.6-2x slower; with a 50 ms pause, not at all), and in a fixed cyclic order that is
+    always the same provider (benchmarks/NOTES.md, "A spinning thread pool")."""
     device = torch.device(device)
     names = list(fns)
     for _ in range(warmup):
@@ -66,6 +74,8 @@ def time_interleaved(
                 end.synchronize()
                 out[n].samples_ms.append(start.elapsed_time(end))
             else:
+                if settle_s:
+                    time.sleep(settle_s)
                 t0 = time.perf_counter()
                 fns[n]()
                 out[n].samples_ms.append((time.perf_counter() - t0) * 1e3)
@@ -155,7 +165,9 @@ def run_case(case, repeats: int, peak_gflops: float) -> dict:
     if case.threads:
         torch.set_num_threads(case.threads)
     try:
-        timings = time_interleaved(case.providers, case.device, warmup=1 if repeats <= 3 else 2, repeats=repeats)
+        timings = time_interleaved(
+            case.providers, case.device, warmup=1 if repeats <= 3 else 2, repeats=repeats, settle_s=case.settle_s
+        )
     finally:
         torch.set_num_threads(default_threads)
     base = timings.get(case.baseline)
