@@ -38,6 +38,20 @@ needs_route = pytest.mark.skipif(
 )
 
 
+def _avx2_here() -> bool:
+    """Whether this CPU and build can run the packed route (AVX2+FMA, x86 SIMD compiled in)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and "scalar only" not in (
+        load_extension().simd_paths()
+    )
+
+
+def _python(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """A fresh Python running ``args`` with ``env`` added, from SUBPROCESS_CWD."""
+    return subprocess.run(
+        [sys.executable, *args], env=subprocess_env(**env), cwd=SUBPROCESS_CWD, capture_output=True, text=True
+    )
+
+
 def _linear(x, w, b):
     ext = load_extension()
     return ext.linear_forward(x, w, b, ext.pack_gemm_weight(w))
@@ -199,20 +213,12 @@ def test_vitkern_gemm_env_is_honoured_and_unknown_values_warn():
     code = "import vitkern._ext as e; print(e.load_extension().gemm_route())"
 
     def route(value):
-        r = subprocess.run(
-            [sys.executable, "-W", "always", "-c", code],
-            env=subprocess_env(VITKERN_GEMM=value),
-            cwd=SUBPROCESS_CWD,
-            capture_output=True,
-            text=True,
-        )
+        r = _python(["-W", "always", "-c", code], VITKERN_GEMM=value)
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout.strip(), r.stderr
 
     assert "packed" not in route("blas")[0]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and "scalar only" not in (
-        load_extension().simd_paths()
-    ):
+    if _avx2_here():
         assert "packed AVX2" in route("vitkern")[0]
     _, err = route("mkl")
     assert "VITKERN_GEMM='mkl'" in err
@@ -224,15 +230,12 @@ def test_the_other_route_passes_the_cpu_kernel_tests():
     weight-GEMM route this CPU does not take by default."""
     if load_extension().packed_gemm_active():
         other = "blas"
-    elif torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and "scalar only" not in (
-        load_extension().simd_paths()
-    ):
+    elif _avx2_here():
         other = "vitkern"
     else:
         pytest.skip("no AVX2: the packed route cannot run on this CPU")
     files = [os.path.join(HERE, "test_cpu_kernels.py"), os.path.join(HERE, "test_cpu_model.py")]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *files]
-    r = subprocess.run(cmd, env=subprocess_env(VITKERN_GEMM=other), cwd=SUBPROCESS_CWD, capture_output=True, text=True)
+    r = _python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *files], VITKERN_GEMM=other)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
 
@@ -257,15 +260,7 @@ assert err < 1e-5, err
 def test_cold_process_first_call_is_packed_inference_matching_timm():
     """A fresh process whose first call is a timm-converted ViT-S forward on the packed route."""
     pytest.importorskip("timm")
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or "scalar only" in (
-        load_extension().simd_paths()
-    ):
+    if not _avx2_here():
         pytest.skip("no AVX2: the packed route cannot run on this CPU")
-    r = subprocess.run(
-        [sys.executable, "-c", _COLD],
-        env=subprocess_env(VITKERN_GEMM="vitkern"),
-        cwd=SUBPROCESS_CWD,
-        capture_output=True,
-        text=True,
-    )
+    r = _python(["-c", _COLD], VITKERN_GEMM="vitkern")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

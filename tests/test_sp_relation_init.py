@@ -25,3 +25,31 @@ def test_relation_mlp_initialisation():
         # so the table is all ones on any grid: the layer starts as plain attention
         assert torch.equal(rel((4, 5)), torch.ones(6, 7, 9))
     assert model.blocks[2].attn.spatial_relation is None
+
+
+def test_eval_table_cache_follows_every_parameter_change_and_grid():
+    """The relation MLP's table is reused across eager no-grad calls only while the grid and
+    every parameter value are the same (a write through .data included); with autograd it is
+    recomputed and differentiable."""
+    rel = vitkern.models.layers.SpatialRelation(num_heads=3, hidden=8)
+    with torch.no_grad():
+        rel.w2.normal_()
+
+    def fresh(grid):
+        return rel._table(grid)
+
+    with torch.no_grad():
+        first = rel((5, 7))
+        assert rel((5, 7)) is first  # cached
+        torch.testing.assert_close(first, fresh((5, 7)), rtol=0, atol=0)
+        rel.w2.data.mul_(3.0)  # untracked by the version counter: still seen
+        second = rel((5, 7))
+        assert second is not first
+        torch.testing.assert_close(second, fresh((5, 7)), rtol=0, atol=0)
+        other = rel((4, 4))
+        assert other.shape == (3, 7, 7)
+        torch.testing.assert_close(other, fresh((4, 4)), rtol=0, atol=0)
+    table = rel((5, 7))  # grad enabled, parameters require grad: computed, differentiable
+    assert table.grad_fn is not None
+    table.sum().backward()
+    assert rel.w2.grad is not None and rel.w2.grad.abs().sum() > 0

@@ -162,31 +162,27 @@ def load_extension() -> CompiledExtension | None:
                 RuntimeWarning,
                 stacklevel=3,
             )
-    simd = os.environ.get("VITKERN_SIMD", "")
-    if ext is not None and simd not in _SIMD_CAPS:
-        warnings.warn(
-            f"vitkern: VITKERN_SIMD={simd!r} is not one of {', '.join(repr(c) for c in _SIMD_CAPS if c)}; "
-            "the cpu kernels ignore it and take the best SIMD path the CPU has",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    gemm = os.environ.get("VITKERN_GEMM", "")
-    if ext is not None and gemm not in _GEMM_ROUTES:
-        warnings.warn(
-            f"vitkern: VITKERN_GEMM={gemm!r} is not one of {', '.join(repr(c) for c in _GEMM_ROUTES if c)}; "
-            "the cpu kernels ignore it and pick the weight GEMM route for this CPU",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    for var, values, fallback in _SWITCHES:
+        value = os.environ.get(var, "")
+        if ext is not None and value not in values:
+            warnings.warn(
+                f"vitkern: {var}={value!r} is not one of {', '.join(repr(c) for c in values if c)}; "
+                f"the cpu kernels ignore it and {fallback}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     _state["module"] = ext
     _state["error"] = error
     return ext
 
 
-# Values of VITKERN_SIMD the extension understands (csrc/vitkern/simd.h, simd_cap).
-_SIMD_CAPS = ("", "avx512", "avx2", "scalar")
-# Values of VITKERN_GEMM (csrc/vitkern/gemm.cpp, gemm_env): the weight GEMMs' route.
-_GEMM_ROUTES = ("", "auto", "blas", "vitkern")
+# The run-time switches the extension reads, their values and what an unknown value means:
+# VITKERN_SIMD caps the SIMD path (csrc/vitkern/simd.h, simd_cap), VITKERN_GEMM picks the weight
+# GEMMs' route (csrc/vitkern/gemm.cpp, gemm_env).
+_SWITCHES = (
+    ("VITKERN_SIMD", ("", "avx512", "avx2", "scalar"), "take the best SIMD path the CPU has"),
+    ("VITKERN_GEMM", ("", "auto", "blas", "vitkern"), "pick the weight GEMM route for this CPU"),
+)
 
 
 def extension_error() -> str | None:
