@@ -83,7 +83,9 @@ def gemm_routes_gflops(device: torch.device | str = "cpu", dtype=torch.float32, 
 
     CPU routes: ``torch.mm`` (fp32: MKL ``sgemm`` when torch has MKL; bf16/fp16: oneDNN,
     which uses AMX or AVX512-BF16 where the CPU has them) and oneDNN's own fp32 matmul
-    through ``mkldnn_linear`` on a prepacked weight. GPU: ``torch.mm`` (cuBLAS)."""
+    through ``mkldnn_linear`` on a prepacked weight; where the cpu kernels' weight GEMMs take
+    vitkern's packed route (csrc/vitkern/gemm.h), that kernel on a prepacked weight too. GPU:
+    ``torch.mm`` (cuBLAS)."""
     from vitkern.bench.timing import time_interleaved
 
     device = torch.device(device)
@@ -100,6 +102,15 @@ def gemm_routes_gflops(device: torch.device | str = "cpu", dtype=torch.float32, 
                 routes["oneDNN (mkldnn_linear, packed)"] = lambda: torch._C._nn.mkldnn_linear(a_mk, w_mk, None)
             except RuntimeError:  # a torch build without the op for this dtype
                 pass
+        from vitkern.ops._packed import packed_route
+
+        if dtype == torch.float32 and packed_route():  # vitkern's own GEMM, where it is the cpu kernels' route
+            from vitkern._ext import load_extension
+
+            ext = load_extension()
+            w = b.t().contiguous()
+            wp = ext.pack_gemm_weight(w)
+            routes["vitkern packed (gemm.h)"] = lambda: ext.linear_forward(a, w, None, wp)
     else:
         routes["torch.mm (cuBLAS)"] = lambda: torch.mm(a, b)
     t = time_interleaved(routes, device, warmup=2, repeats=5)
