@@ -161,13 +161,6 @@ const float* packed_ptr(const OptTensor& p, const char* name, const float* w, in
   return wp;
 }
 
-int64_t packed_tile_rows(int64_t m) {
-  const int64_t threads = std::max<int64_t>(1, num_threads());
-  const int64_t per_thread = std::max<int64_t>(1, (m + threads * kPackedTileRows - 1) / (threads * kPackedTileRows));
-  const int64_t tiles = threads * per_thread;
-  return std::max<int64_t>(1, (m + tiles - 1) / tiles);
-}
-
 Tensor linear_forward_cpu(const Tensor& x_in, const Tensor& w_in, const OptTensor& bias_in, const OptTensor& w_packed) {
   VK_CHECK_CPU(x_in);
   VK_CHECK_CPU(w_in);

@@ -56,6 +56,6 @@ Tensor linear_forward_cpu(const Tensor& x, const Tensor& w, const OptTensor& bia
 // the threads (the weights are packed once, so tiles can be small; for ViT-S, one thread, 1576
 // rows run as 7 tiles of 226).
 constexpr int64_t kPackedTileRows = 256;
-int64_t packed_tile_rows(int64_t m);
+inline int64_t packed_tile_rows(int64_t m) { return even_tile_rows(m, kPackedTileRows); }
 
 }  // namespace vitkern

@@ -15,8 +15,8 @@ namespace vitkern {
 constexpr int64_t kGluNone = 0, kGluGateFirst = 1, kGluGateLast = 2;
 
 // w1a_packed / w1b_packed / w2_packed: the weights packed by pack_gemm_weight (gemm.h), or None
-// (then the GEMMs call BLAS). x: (M, D). Returns {out (M, D) in x's dtype, mean (M), rstd (M), and when saving for backward
-// the pre-activation (M, H) plain or (M, 2H) gated, the activation output (M, H) (act(pre) or
+// (then the GEMMs call BLAS). x: (M, D). Returns {out (M, D) in x's dtype, mean (M), rstd (M),
+// and when saving for backward the pre-activation (M, H) plain or (M, 2H) gated, the activation output (M, H) (act(pre) or
 // act(gate) * value), the LN output (M, D) (else (0,) each)}.
 std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x, const OptTensor& ln_weight, const OptTensor& ln_bias,
                                               const Tensor& w1a, const OptTensor& b1a, const OptTensor& w1b,

@@ -50,15 +50,10 @@ Geometry geometry(const Tensor& images, const Tensor& weight) {
   return g;
 }
 
-// Rows per chunk: a multiple of the thread count of equal chunks (no straggler),
-// each at most 1024 rows. Smaller chunks re-pack W per chunk and run the GEMM
-// below its speed (measured: 256-row chunks cost 1.76x the plain GEMM).
-int64_t chunk_rows(int64_t rows) {
-  const int64_t threads = std::max<int64_t>(1, num_threads());
-  const int64_t per_thread = (rows + threads * 1024 - 1) / (threads * 1024);
-  const int64_t chunks = threads * std::max<int64_t>(1, per_thread);
-  return std::max<int64_t>(1, (rows + chunks - 1) / chunks);
-}
+// Rows per chunk: equal chunks, a multiple of the thread count, each at most 1024 rows. Smaller
+// chunks re-pack W per chunk on the BLAS route and run the GEMM below its speed (measured:
+// 256-row chunks cost 1.76x the plain GEMM).
+int64_t chunk_rows(int64_t rows) { return even_tile_rows(rows, 1024); }
 
 // Copies patch rows [r0, r0 + rows) (row = b * N + n) into tile (rows x K), (c, py, px) order.
 void gather(const Geometry& g, const float* img, int64_t r0, int64_t rows, float* tile) {

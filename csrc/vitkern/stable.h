@@ -130,6 +130,16 @@ inline float* f32_ptr_or_null(const Tensor& x) { return x.defined() ? f32_ptr(x)
 
 inline int64_t num_threads() { return static_cast<int64_t>(torch::stable::get_num_threads()); }
 
+// Rows per tile when m rows are cut into equal tiles of at most max_rows, a multiple of the
+// thread count of them (no thread gets a straggler tile).
+inline int64_t even_tile_rows(int64_t m, int64_t max_rows) {
+  const int64_t threads = num_threads() > 1 ? num_threads() : 1;
+  const int64_t per_thread = (m + threads * max_rows - 1) / (threads * max_rows);
+  const int64_t tiles = threads * (per_thread > 1 ? per_thread : 1);
+  const int64_t rows = (m + tiles - 1) / tiles;
+  return rows > 1 ? rows : 1;
+}
+
 // torch's intra-op thread pool (at::parallel_for behind the stable C shim).
 template <class F>
 inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {

@@ -257,8 +257,7 @@ _KERNELS: dict[str, LnMlpKernels] = {
 # ----------------------------------------------------------------------------- the custom ops
 # One forward and one backward custom op for every backend in _KERNELS and both MLP forms:
 # torch.compile and torch.export see one op (no graph break), autograd goes through register_autograd.
-@torch.library.custom_op("vitkern::layernorm_mlp", mutates_args=())
-def _layernorm_mlp_op(
+def _layernorm_mlp_body(
     x: torch.Tensor,
     ln_weight: Opt,
     ln_bias: Opt,
@@ -281,6 +280,9 @@ def _layernorm_mlp_op(
     with no_autocast(x.device.type):
         # a tuple: vitkern._C returns a list, which autograd would not see as six outputs
         return tuple(kernels_of(_KERNELS, backend).forward(x, *args))
+
+
+_layernorm_mlp_op = torch.library.custom_op("vitkern::layernorm_mlp", mutates_args=())(_layernorm_mlp_body)
 
 
 @_layernorm_mlp_op.register_fake
@@ -385,10 +387,8 @@ def _call(backend, x, *args):
     x2 = x.reshape(-1, x.shape[-1])
     if kernels_of(_KERNELS, backend).contiguous_rows and x2.stride(-1) != 1:
         x2 = x2.contiguous()  # a view where possible, copied when the kernel needs unit-stride rows
-    if eager_inference(x2, *params):  # the kernel itself, without the custom op's dispatch
-        with no_autocast(x.device.type):
-            out = kernels_of(_KERNELS, backend).forward(x2, *params, *flags, False)[0]
-        return out.reshape(x.shape)
+    if eager_inference(x2, *params):  # plain eager inference: the body without the custom op's dispatch
+        return _layernorm_mlp_body(x2, *params, *flags, False, backend)[0].reshape(x.shape)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
     out = _layernorm_mlp_op(x2, *params, *flags, save, backend)[0]
     return out.reshape(x.shape)

@@ -67,12 +67,14 @@ _KERNELS: dict[str, Kernels] = {
 
 # ----------------------------------------------------------------------------- the custom ops
 # One forward and one backward custom op for every backend in _KERNELS.
-@torch.library.custom_op("vitkern::patch_embed", mutates_args=())
-def _patch_embed_op(
+def _patch_embed_body(
     images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
     with no_autocast(images.device.type):
         return kernels_of(_KERNELS, backend).forward(images, weight, bias, pos_embed)
+
+
+_patch_embed_op = torch.library.custom_op("vitkern::patch_embed", mutates_args=())(_patch_embed_body)
 
 
 @_patch_embed_op.register_fake
@@ -121,10 +123,9 @@ _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _call(backend, images, weight, bias, pos_embed):
-    if eager_inference(images, weight, bias, pos_embed):  # the kernel itself, without the custom op's dispatch
-        with no_autocast(images.device.type):
-            return kernels_of(_KERNELS, backend).forward(images, weight, bias, pos_embed)
-    return _patch_embed_op(images, weight, bias, pos_embed, backend)
+    # plain eager inference: the op's body without the custom op's dispatch (ops/_autograd.py)
+    op = _patch_embed_body if eager_inference(images, weight, bias, pos_embed) else _patch_embed_op
+    return op(images, weight, bias, pos_embed, backend)
 
 
 register_kernels("patch_embed", _KERNELS, _call)

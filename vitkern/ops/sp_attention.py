@@ -134,8 +134,7 @@ _KERNELS: dict[str, _AttentionKernels] = {
 # ----------------------------------------------------------------------------- the custom ops
 # One forward and one backward custom op for every backend in _KERNELS: torch.compile and
 # torch.export see one op (no graph break), autograd goes through register_autograd.
-@torch.library.custom_op("vitkern::sp_attention", mutates_args=())
-def _sp_attention_op(
+def _sp_attention_body(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -149,6 +148,9 @@ def _sp_attention_op(
     with no_autocast(q.device.type):
         out, lse = kernels_of(_KERNELS, backend).forward(q, k, v, omega, gh, gw, num_prefix, scale)
     return out, lse  # a tuple: vitkern._C returns a list, which autograd would not see as two outputs
+
+
+_sp_attention_op = torch.library.custom_op("vitkern::sp_attention", mutates_args=())(_sp_attention_body)
 
 
 @_sp_attention_op.register_fake
@@ -212,10 +214,9 @@ _sp_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _call(backend, q, k, v, omega, grid, num_prefix_tokens, scale):
     gh, gw = grid if grid is not None else (1, 1)
-    if eager_inference(q, k, v, omega):  # the kernel itself, without the custom op's dispatch
-        with no_autocast(q.device.type):
-            return kernels_of(_KERNELS, backend).forward(q, k, v, omega, gh, gw, num_prefix_tokens, scale)[0]
-    return _sp_attention_op(q, k, v, omega, gh, gw, num_prefix_tokens, scale, backend)[0]
+    # plain eager inference: the op's body without the custom op's dispatch (ops/_autograd.py)
+    op = _sp_attention_body if eager_inference(q, k, v, omega) else _sp_attention_op
+    return op(q, k, v, omega, gh, gw, num_prefix_tokens, scale, backend)[0]
 
 
 register_kernels("sp_attention", _KERNELS, _call)
