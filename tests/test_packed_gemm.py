@@ -94,6 +94,46 @@ def test_linear_forward_with_threads_matches_one_thread(gen):
 
 
 @needs_route
+@pytest.mark.parametrize("rows", [1, 197, 1576])
+def test_every_op_is_bitwise_the_same_on_any_thread_count(rows, gen):
+    """The cpu kernels hand their row tiles / query blocks out dynamically (parallel_tasks) and
+    size them by the thread count; what a task computes must not depend on either."""
+    from vitkern.ops import layernorm_mlp, patch_embed, sp_attention
+
+    D, Hd, heads = 384, 1536, 6
+    x = randn(rows, D, gen=gen)
+    lnw, lnb = 1 + 0.1 * randn(D, gen=gen), 0.1 * randn(D, gen=gen)
+    w1, b1 = randn(Hd, D, gen=gen) * D**-0.5, randn(Hd, gen=gen)
+    w2, b2 = randn(D, Hd, gen=gen) * Hd**-0.5, randn(D, gen=gen)
+    wl, bl = randn(3 * D, D, gen=gen) * D**-0.5, randn(3 * D, gen=gen)
+    n = min(rows, 197)
+    q, k, v = (randn(2, heads, n, 64, gen=gen) for _ in range(3))
+    omega = 1 + 0.3 * randn(heads, 27, 27, gen=gen) if n == 197 else None
+    imgs, wp = randn(max(1, rows // 196), 3, 224, 224, gen=gen), randn(D, 3, 16, 16, gen=gen) * 0.03
+    ops = {
+        "layernorm_mlp": lambda: layernorm_mlp(x, lnw, lnb, w1, b1, w2, b2, backend="cpu"),
+        "linear": lambda: _linear(x, wl, bl),
+        "sp_attention": lambda: sp_attention(
+            q, k, v, omega, grid=(14, 14) if omega is not None else None, num_prefix_tokens=1 if omega is not None else 0,
+            backend="cpu",
+        ),
+        "patch_embed": lambda: patch_embed(imgs, wp, None, backend="cpu"),
+    }
+    prev = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                results[threads] = {name: f() for name, f in ops.items()}
+    finally:
+        torch.set_num_threads(prev)
+    for threads in (2, 3):
+        for name in ops:
+            assert torch.equal(results[1][name], results[threads][name]), (name, threads)
+
+
+@needs_route
 def test_packed_weights_are_cached_and_follow_every_change(gen):
     m = nn.Linear(64, 48)
     x = randn(7, 64, gen=gen)
@@ -226,15 +266,15 @@ def test_vitkern_gemm_env_is_honoured_and_unknown_values_warn():
 
 @needs_ext
 def test_the_other_route_passes_the_cpu_kernel_tests():
-    """The layernorm_mlp cpu-kernel tests (outputs and every gradient against float64) on the
-    weight-GEMM route this CPU does not take by default."""
+    """The cpu-kernel tests (layernorm_mlp, patch_embed, sp_attention: outputs and every gradient
+    against float64) and the cpu model tests on the GEMM route this CPU does not take by default."""
     if load_extension().packed_gemm_active():
         other = "blas"
     elif _avx2_here():
         other = "vitkern"
     else:
         pytest.skip("no AVX2: the packed route cannot run on this CPU")
-    files = [os.path.join(HERE, "test_cpu_kernels.py"), os.path.join(HERE, "test_cpu_model.py")]
+    files = [os.path.join(HERE, f) for f in ("test_cpu_kernels.py", "test_cpu_model.py", "test_cpu_sp_attention.py")]
     r = _python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *files], VITKERN_GEMM=other)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]

@@ -22,10 +22,11 @@ namespace {
 constexpr int64_t kMR = 6, kKC = 384, kMC = 96;
 
 #if VK_X86_SIMD
-// C rows (ldc) = or += the MR x 16 block of A (MR rows of kc, lda) . panel (kc x 16).
+// C rows (ldc) = or += the MR x 16 block of A (MR rows of kc, lda) . B (kc x 16, row k at b + k * ldb:
+// a packed panel has ldb 16, a row-major matrix read in place its leading dimension).
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* b,
-                                                      float* c, int64_t ldc, bool accumulate) {
+                                                      int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
@@ -33,7 +34,7 @@ __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a
     c1[r] = _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * kGemmNR), b1 = _mm256_loadu_ps(b + k * kGemmNR + 8);
+    const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
@@ -53,23 +54,24 @@ __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a
   }
 }
 
-using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, bool);
+using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
 constexpr MicroKernel kMicro[kMR + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>, micro_kernel<3>,
                                          micro_kernel<4>, micro_kernel<5>, micro_kernel<6>};
 
-// rows x (up to) 16 columns of C from one panel; cols < 16 (the last panel) goes through a buffer.
-void panel_rows(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t lda, const float* b, float* c,
-                int64_t ldc, bool accumulate) {
+// rows x (up to) 16 columns of C from one panel (ldb as for micro_kernel); cols < 16 (the last
+// panel) goes through a buffer.
+void panel_rows(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t lda, const float* b, int64_t ldb,
+                float* c, int64_t ldc, bool accumulate) {
   int64_t i = 0;
   if (cols == kGemmNR) {
-    for (; i + kMR <= rows; i += kMR) micro_kernel<kMR>(kc, a + i * lda, lda, b, c + i * ldc, ldc, accumulate);
-    if (i < rows) kMicro[rows - i](kc, a + i * lda, lda, b, c + i * ldc, ldc, accumulate);
+    for (; i + kMR <= rows; i += kMR) micro_kernel<kMR>(kc, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
+    if (i < rows) kMicro[rows - i](kc, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
     return;
   }
   float buf[kMR * kGemmNR];
   for (; i < rows; i += kMR) {
     const int64_t mr = std::min(kMR, rows - i);
-    kMicro[mr](kc, a + i * lda, lda, b, buf, kGemmNR, false);
+    kMicro[mr](kc, a + i * lda, lda, b, ldb, buf, kGemmNR, false);
     for (int64_t r = 0; r < mr; ++r) {
       float* cr = c + (i + r) * ldc;
       for (int64_t j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + buf[r * kGemmNR + j] : buf[r * kGemmNR + j];
@@ -87,8 +89,23 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
       const int64_t mc = std::min(kMC, m - ic);
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t cols = std::min(kGemmNR, n - p * kGemmNR);
-        panel_rows(mc, cols, kc, a + ic * lda + pc, lda, wp + p * kGemmNR * k + pc * kGemmNR,
+        panel_rows(mc, cols, kc, a + ic * lda + pc, lda, wp + p * kGemmNR * k + pc * kGemmNR, kGemmNR,
                    c + ic * ldc + p * kGemmNR, ldc, acc);
+      }
+    }
+  }
+}
+
+// C (m x n, ldc) = or += A (m x k, lda) . B (k x n, ldb), B row-major read in place, n % 16 == 0.
+void gemm_nn_in_place(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                      float* c, int64_t ldc, bool accumulate) {
+  for (int64_t pc = 0; pc < k; pc += kKC) {
+    const int64_t kc = std::min(kKC, k - pc);
+    const bool acc = accumulate || pc > 0;
+    for (int64_t ic = 0; ic < m; ic += kMC) {
+      const int64_t mc = std::min(kMC, m - ic);
+      for (int64_t p = 0; p < n; p += kGemmNR) {
+        panel_rows(mc, kGemmNR, kc, a + ic * lda + pc, lda, b + pc * ldb + p, ldb, c + ic * ldc + p, ldc, acc);
       }
     }
   }
@@ -105,7 +122,7 @@ int gemm_env() {  // 0 auto, 1 blas, 2 vitkern
 
 }  // namespace
 
-void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* wp) {
+void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* wp, float scale) {
   const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
   for (int64_t p = 0; p < panels; ++p) {
     float* dst = wp + p * kGemmNR * k;
@@ -113,7 +130,11 @@ void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* wp) {
       const int64_t row = p * kGemmNR + cidx;
       if (row < n) {
         const float* src = w + row * ldw;
-        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kGemmNR + cidx] = src[kk];
+        if (scale == 1.f) {
+          for (int64_t kk = 0; kk < k; ++kk) dst[kk * kGemmNR + cidx] = src[kk];
+        } else {
+          for (int64_t kk = 0; kk < k; ++kk) dst[kk * kGemmNR + cidx] = src[kk] * scale;
+        }
       } else {
         for (int64_t kk = 0; kk < k; ++kk) dst[kk * kGemmNR + cidx] = 0.f;
       }
@@ -137,7 +158,7 @@ Tensor pack_gemm_weight_cpu(const Tensor& w_in) {
   const Tensor w = f32c(w_in);
   const int64_t n = w.size(0), k = w.size(1);
   Tensor out = empty({packed_weight_numel(n, k)});
-  pack_weight(f32_ptr(w), n, k, k, f32_ptr(out));
+  pack_weight(f32_ptr(w), n, k, k, f32_ptr(out), 1.f);
   return out;
 }
 
@@ -177,8 +198,8 @@ Tensor linear_forward_cpu(const Tensor& x_in, const Tensor& w_in, const OptTenso
   Tensor out = empty({m, n});
   float* op = f32_ptr(out);
   const int64_t tile = wpk != nullptr ? packed_tile_rows(m) : std::max<int64_t>(1, m);
-  parallel_for(0, (m + tile - 1) / tile, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
+  parallel_tasks((m + tile - 1) / tile, [&](auto& queue) {
+    for (int64_t t; (t = queue.next()) >= 0;) {
       const int64_t r0 = t * tile, rows = std::min(tile, m - r0);
       float* o = op + r0 * n;
       if (bp != nullptr) {
@@ -210,6 +231,33 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
 #endif
   // Column-major view: C^T (n x m, ldc) = W (k x n column-major, transposed) . A^T (k x m, lda).
   sgemm(true, false, n, m, k, 1.f, w, k, a, lda, accumulate ? 1.f : 0.f, c, ldc);
+}
+
+void gemm_packed_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
+                    int64_t ldc, bool accumulate) {
+  VK_CHECK(packed_gemm_active(), "gemm_packed_nt: the packed GEMM route is not active");
+  if (m == 0 || n == 0) return;
+#if VK_X86_SIMD
+  if (k == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
+    return;
+  }
+  gemm_packed(m, n, k, a, lda, wp, c, ldc, accumulate);
+#endif
+}
+
+void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+             int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+#if VK_X86_SIMD
+  if (packed_gemm_active() && n % kGemmNR == 0 && k > 0) {
+    gemm_nn_in_place(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+    return;
+  }
+#endif
+  // Column-major view: C^T (n x m, ldc) = B^T (n x k, ldb) . A^T (k x m, lda).
+  sgemm(false, false, n, m, k, 1.f, b, ldb, a, lda, accumulate ? 1.f : 0.f, c, ldc);
 }
 
 }  // namespace vitkern

@@ -20,8 +20,8 @@ constexpr int64_t kGemmNR = 16;
 
 inline int64_t packed_weight_numel(int64_t n, int64_t k) { return (n + kGemmNR - 1) / kGemmNR * kGemmNR * k; }
 
-// W (n x k, row-major, leading dimension ldw) -> packed panels (packed_weight_numel(n, k) floats).
-void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* wp);
+// W (n x k, row-major, leading dimension ldw) times scale -> packed panels (packed_weight_numel(n, k) floats).
+void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* wp, float scale = 1.f);
 
 // Whether the weight GEMMs take the packed route: this build has x86 SIMD, the CPU has AVX2+FMA
 // (within the VITKERN_SIMD cap) and no AVX-512 path is active, unless VITKERN_GEMM says
@@ -33,6 +33,16 @@ const char* gemm_route();
 // wp: W packed (pack_weight) -> the packed route; null -> BLAS on w (ldw = k). The packed route
 // must be active when wp is given.
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, const float* wp, float* c,
+             int64_t ldc, bool accumulate);
+
+// C (m x n, ldc) (+)= A (m x k, lda) . W^T on the packed route with W given only packed (pack_weight);
+// the route must be active (RuntimeError otherwise). sp_attention's Q . K^T.
+void gemm_packed_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
+                    int64_t ldc, bool accumulate);
+
+// C (m x n, ldc) = or += A (m x k, lda) . B (k x n, row-major, ldb): on the packed route the
+// micro-kernel reads B in place when n is a multiple of 16 (sp_attention's P . V), else BLAS.
+void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
              int64_t ldc, bool accumulate);
 
 // The packed weight of an op argument for the weight w (n x k, row-major fp32): null when absent
@@ -52,10 +62,13 @@ Tensor pack_gemm_weight_cpu(const Tensor& w);
 // nn.Linear layers on the packed route (vitkern/ops/_packed.py: linear).
 Tensor linear_forward_cpu(const Tensor& x, const Tensor& w, const OptTensor& bias, const OptTensor& w_packed);
 
-// Row tiles of a packed-route GEMM over m rows: at most kPackedTileRows rows, spread evenly over
-// the threads (the weights are packed once, so tiles can be small; for ViT-S, one thread, 1576
-// rows run as 7 tiles of 226).
+// Row tiles of a packed-route GEMM over m rows, the tasks of parallel_tasks: at most
+// kPackedTileRows rows (the weights are packed once, so tiles can be small), with more than one
+// thread about four tasks per thread of at least 24 rows, in multiples of the micro-kernel's 6
+// rows. ViT-S batch 1 (197 rows): one tile on one thread, 7 tiles of 30 on two.
 constexpr int64_t kPackedTileRows = 256;
-inline int64_t packed_tile_rows(int64_t m) { return even_tile_rows(m, kPackedTileRows); }
+inline int64_t packed_tile_rows(int64_t m) {
+  return task_rows(m, kPackedTileRows, 24, 6);
+}
 
 }  // namespace vitkern

@@ -241,14 +241,14 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
   const int64_t tiles = (M + kTileM - 1) / kTileM;
   const int64_t goff = glu == kGluGateLast ? Hd : 0, voff = glu == kGluGateFirst ? Hd : 0;
 
-  parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(tiles, [&](auto& queue) {
     // Without a gradient the tile lives in per-thread buffers; with one, the LN output, the
     // pre-activation and the activation output are written straight into the tensors saved for
     // the backward (same row-major layout), so keeping them costs no copy. The plain MLP's
     // pre-activation needs no tile of its own (its epilogue stores it on the way).
     const int64_t own = save_for_backward ? 0 : kTileM;
     Scratch hn_buf = scratch(own * D), pre_buf = scratch(gated ? own * P : 0), hid_buf = scratch(own * Hd);
-    for (int64_t tile = begin; tile < end; ++tile) {
+    for (int64_t tile; (tile = queue.next()) >= 0;) {
       const int64_t r0 = tile * kTileM, rows = std::min(kTileM, M - r0);
       float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.get();
       float* hid = save_for_backward ? hsp + r0 * Hd : hid_buf.get();

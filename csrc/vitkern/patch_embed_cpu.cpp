@@ -96,10 +96,12 @@ Tensor patch_embed_forward_cpu(const Tensor& images_in, const Tensor& weight_in,
   const float* pp = f32_ptr_or_null(pos);
   const float* wpk = packed_ptr(weight_packed, "weight_packed", wp, g.D, g.K);
   float* op = f32_ptr(out);
-  const int64_t total = g.B * g.N, chunk = chunk_rows(total), chunks = (total + chunk - 1) / chunk;
-  parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  // BLAS repacks the weight per call: one chunk per thread; the packed route takes smaller tasks.
+  const int64_t total = g.B * g.N, chunk = wpk ? packed_tile_rows(total) : chunk_rows(total);
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  parallel_tasks(chunks, [&](auto& queue) {
     Scratch tile = scratch(chunk * g.K);
-    for (int64_t ch = begin; ch < end; ++ch) {
+    for (int64_t ch; (ch = queue.next()) >= 0;) {
       const int64_t r0 = ch * chunk, rows = std::min(chunk, total - r0);
       gather(g, ip, r0, rows, tile.get());
       float* o = op + r0 * g.D;

@@ -106,14 +106,17 @@ __attribute__((target("avx2,fma"))) inline float exp_sub_sum_avx2(float* x, int6
     _mm256_storeu_ps(x + i, y);
     acc = _mm256_add_ps(acc, y);
   }
+  if (i < n) {  // masked tail (a scalar std::exp per element cost more than the vector loop
+               // on 197-token rows)
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)), lane);
+    const __m256 y = exp_avx2(_mm256_sub_ps(_mm256_maskload_ps(x + i, mask), sh));
+    _mm256_maskstore_ps(x + i, mask, y);
+    acc = _mm256_add_ps(acc, _mm256_and_ps(y, _mm256_castsi256_ps(mask)));
+  }
   alignas(32) float buf[8];
   _mm256_store_ps(buf, acc);
-  float s = ((buf[0] + buf[1]) + (buf[2] + buf[3])) + ((buf[4] + buf[5]) + (buf[6] + buf[7]));
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - shift);
-    s += x[i];
-  }
-  return s;
+  return ((buf[0] + buf[1]) + (buf[2] + buf[3])) + ((buf[4] + buf[5]) + (buf[6] + buf[7]));
 }
 
 // AVX-512: 16 lanes, and vscalefps does the 2^n scaling with correct

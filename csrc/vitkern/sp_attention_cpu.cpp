@@ -19,6 +19,7 @@
 
 #include "blas.h"
 #include "checks.h"
+#include "gemm.h"
 #include "simd.h"
 #include "sp_attention.h"
 
@@ -30,6 +31,14 @@ namespace {
 // resident in L2; a 196- or 576-token sequence is one or two key blocks.
 constexpr int64_t kBlockM = 64;   // queries per tile
 constexpr int64_t kBlockN = 512;  // keys per tile
+
+// Rows per query block of the forward: n queries in ceil(n / kBlockM) blocks of equal size,
+// rounded up to a multiple of 6 (the packed GEMM's micro-kernel rows).
+inline int64_t query_block_rows(int64_t n) {
+  const int64_t blocks = std::max<int64_t>(1, (n + kBlockM - 1) / kBlockM);
+  const int64_t rows = (n + blocks - 1) / blocks;
+  return std::max<int64_t>(1, (rows + 5) / 6 * 6);
+}
 
 // Prior geometry. The factor of patch query (ri, ci) and patch key (rj, cj) is
 // tab[rj - ri + gh - 1][cj - ci + gw - 1]. Unrolled once per call into an
@@ -181,16 +190,34 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
   Tensor out_tok = empty({B, N, H, Dh});  // fp32; cast at the end if needed
   Tensor out = permuted(out_tok, {0, 2, 1, 3});
   Tensor lse = empty({B, H, N});
-  const int64_t n_qblk = (N + kBlockM - 1) / kBlockM;
+  // Query blocks of about kBlockM rows, equal in size (197 tokens: 54, 54, 54, 35, not 64, 64,
+  // 64, 5), in multiples of the GEMM micro-kernel's 6 rows.
+  const int64_t bm = query_block_rows(N);
+  const int64_t n_qblk = (N + bm - 1) / bm;
   float* out_p = f32_ptr(out_tok);
   float* lse_p = f32_ptr(lse);
+  // Packed GEMM route (gemm.h): K times the logit scale is packed into 16-key panels once per
+  // (batch, head), so the score tile Q . K^T runs on the micro-kernel; P . V reads V in place
+  // (gemm_nn). Elsewhere both are sgemm calls, the scale riding on alpha.
+  const bool packed = packed_gemm_active();
+  const int64_t kpk_size = packed_weight_numel(N, Dh);
+  Tensor kpk = packed ? empty({B * H * kpk_size}) : Tensor();
+  float* kpk_p = packed ? f32_ptr(kpk) : nullptr;
+  if (packed) {
+    parallel_tasks(B * H, [&](auto& queue) {
+      for (int64_t bh; (bh = queue.next()) >= 0;) {
+        const Mat km = slice(k, bh / H, bh % H);
+        pack_weight(km.p, N, Dh, km.ld, kpk_p + bh * kpk_size, scale);
+      }
+    });
+  }
 
-  parallel_for(0, B * H * n_qblk, 1, [&](int64_t begin, int64_t end) {
-    Scratch s_buf = scratch(kBlockM * kBlockN);
-    std::vector<float> acc(kBlockM * Dh), m(kBlockM), l(kBlockM);
-    for (int64_t task = begin; task < end; ++task) {
+  parallel_tasks(B * H * n_qblk, [&](auto& queue) {
+    Scratch s_buf = scratch(bm * kBlockN);
+    std::vector<float> acc(bm * Dh), m(bm), l(bm);
+    for (int64_t task; (task = queue.next()) >= 0;) {
       const int64_t qb = task % n_qblk, bh = task / n_qblk, b = bh / H, h = bh % H;
-      const int64_t i0 = qb * kBlockM, rows = std::min(kBlockM, N - i0);
+      const int64_t i0 = qb * bm, rows = std::min(bm, N - i0);
       Prior prior{expanded_p ? expanded_p + h * esize : nullptr, gh, gw, num_prefix};
       Mat qm = slice(q, b, h), km = slice(k, b, h), vm = slice(v, b, h);
       qm.p += i0 * qm.ld;
@@ -199,8 +226,12 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j0 = 0; j0 < N; j0 += kBlockN) {
         const int64_t cols = std::min(kBlockN, N - j0);
-        // The logit scale rides on the GEMM's alpha: no separate pass.
-        gemm_abt(rows, cols, Dh, qm, {km.p + j0 * km.ld, km.ld}, s_buf.get(), kBlockN, scale);
+        if (packed) {
+          gemm_packed_nt(rows, cols, Dh, qm.p, qm.ld, kpk_p + bh * kpk_size + j0 * Dh, s_buf.get(), kBlockN, false);
+        } else {
+          // The logit scale rides on the GEMM's alpha: no separate pass.
+          gemm_abt(rows, cols, Dh, qm, {km.p + j0 * km.ld, km.ld}, s_buf.get(), kBlockN, scale);
+        }
         for (int64_t r = 0; r < rows; ++r) {
           float* s = s_buf.get() + r * kBlockN;
           prior.apply_row(s, i0 + r, j0, j0 + cols, 1.f);
@@ -217,7 +248,7 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
             for (int64_t t = 0; t < Dh; ++t) a[t] *= alpha;
           }
         }
-        gemm_ab(rows, cols, Dh, s_buf.get(), kBlockN, {vm.p + j0 * vm.ld, vm.ld}, 1.f, acc.data(), Dh);
+        gemm_nn(rows, Dh, cols, s_buf.get(), kBlockN, vm.p + j0 * vm.ld, vm.ld, acc.data(), Dh, true);
       }
       float* o = out_p + ((b * N + i0) * H + h) * Dh;  // token-major rows, stride H * Dh
       float* ls = lse_p + (b * H + h) * N + i0;

@@ -16,7 +16,9 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <sstream>
@@ -144,6 +146,56 @@ inline int64_t even_tile_rows(int64_t m, int64_t max_rows) {
 template <class F>
 inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   torch::stable::parallel_for(begin, end, grain, f);
+}
+
+// Task indices [0, n) handed out one at a time (parallel_tasks).
+class TaskQueue {
+ public:
+  explicit TaskQueue(int64_t n) : n_(n) {}
+  // The next task, or -1 when none is left.
+  int64_t next() {
+    const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
+    return t < n_ ? t : -1;
+  }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t n_;
+};
+
+// Runs worker(queue) once on each of up to min(threads, n) of torch's intra-op threads; the
+// workers pull task indices from the shared queue until it is empty. Unlike parallel_for's
+// fixed shares, a thread that starts late or is descheduled (2 vCPUs on a shared host lose
+// milliseconds at a time) holds up only the task it is running: the other threads take the
+// rest. A worker sets up its per-thread scratch once, then loops
+// `for (int64_t t; (t = q.next()) >= 0;)`. Which thread runs a task never changes what the
+// task computes, so results do not depend on the schedule.
+template <class W>
+inline void parallel_tasks(int64_t n, const W& worker) {
+  if (n <= 0) return;
+  TaskQueue queue(n);
+  const int64_t workers = std::min(num_threads(), n);
+  if (workers <= 1) {
+    worker(queue);
+    return;
+  }
+  parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) worker(queue);
+  });
+}
+
+// Rows per task when m rows are cut into tasks for parallel_tasks: at most max_rows, and with
+// more than one thread about kTasksPerThread tasks per thread (so a late thread's share is
+// small) but not under min_rows; a multiple of `multiple` (the GEMM micro-kernel's rows).
+constexpr int64_t kTasksPerThread = 4;
+inline int64_t task_rows(int64_t m, int64_t max_rows, int64_t min_rows, int64_t multiple) {
+  const int64_t threads = num_threads() > 1 ? num_threads() : 1;
+  int64_t tasks = (m + max_rows - 1) / max_rows;
+  if (threads > 1) tasks = std::max(tasks, threads * kTasksPerThread);
+  int64_t rows = (m + tasks - 1) / tasks;
+  rows = (rows + multiple - 1) / multiple * multiple;
+  rows = std::min(std::max(rows, min_rows), max_rows);
+  return std::max<int64_t>(1, std::min(rows, m));
 }
 
 }  // namespace vitkern
