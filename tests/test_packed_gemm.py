@@ -109,14 +109,12 @@ def test_every_op_is_bitwise_the_same_on_any_thread_count(rows, gen):
     n = min(rows, 197)
     q, k, v = (randn(2, heads, n, 64, gen=gen) for _ in range(3))
     omega = 1 + 0.3 * randn(heads, 27, 27, gen=gen) if n == 197 else None
+    grid, prefix = ((14, 14), 1) if omega is not None else (None, 0)
     imgs, wp = randn(max(1, rows // 196), 3, 224, 224, gen=gen), randn(D, 3, 16, 16, gen=gen) * 0.03
     ops = {
         "layernorm_mlp": lambda: layernorm_mlp(x, lnw, lnb, w1, b1, w2, b2, backend="cpu"),
         "linear": lambda: _linear(x, wl, bl),
-        "sp_attention": lambda: sp_attention(
-            q, k, v, omega, grid=(14, 14) if omega is not None else None, num_prefix_tokens=1 if omega is not None else 0,
-            backend="cpu",
-        ),
+        "sp_attention": lambda: sp_attention(q, k, v, omega, grid=grid, num_prefix_tokens=prefix, backend="cpu"),
         "patch_embed": lambda: patch_embed(imgs, wp, None, backend="cpu"),
     }
     prev = torch.get_num_threads()
