@@ -137,6 +137,7 @@ _OPS = (
     "spatial_prior_backward",
     "pack_gemm_weight",
     "linear_forward",
+    "block_forward",
 )
 
 

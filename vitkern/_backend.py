@@ -337,6 +337,14 @@ def select(op: str, backend: str | None, device: torch.device, *args, **kwargs) 
     return _REGISTRY[op][chosen].fn
 
 
+def record_choice(op: str, backend: str) -> None:
+    """Record that ``backend`` ran ``op`` where a caller ran its kernel without ``select`` (the
+    models' one-call inference block), so that ``last_backend`` stays true."""
+    if not torch.compiler.is_compiling():
+        _records()[op] = DispatchRecord(op, requested_backend(), backend)
+        _local.last_op = op
+
+
 def last_backend(op: str | None = None) -> str | None:
     """Name of the backend that ran the last call of ``op`` (or of any op) in this thread."""
     records = _records()

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "block.h"
 #include "checks.h"
 #include "gemm.h"
 #include "layernorm_mlp.h"
@@ -50,6 +51,13 @@ STABLE_TORCH_LIBRARY(vitkern_C, m) {
   m.def("pack_gemm_weight(Tensor weight) -> Tensor");
   // x (M, K) . weight (N, K)^T + bias on the packed route (gemm.h) -> (M, N); inference only
   m.def("linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? weight_packed) -> Tensor");
+  // one pre-norm ViT block for eager inference: x + proj(attn(qkv(LN1(x)))), then + fc2(act(fc1(LN2(.))))
+  m.def(
+      "block_forward(Tensor x, Tensor? ln1_weight, Tensor? ln1_bias, float eps1, Tensor qkv_weight, "
+      "Tensor? qkv_bias, Tensor? qkv_packed, Tensor proj_weight, Tensor? proj_bias, Tensor? proj_packed, "
+      "Tensor? omega, int gh, int gw, int num_prefix, int heads, float scale, Tensor? ln2_weight, "
+      "Tensor? ln2_bias, float eps2, Tensor fc1_weight, Tensor? fc1_bias, Tensor? fc1_packed, "
+      "Tensor fc2_weight, Tensor? fc2_bias, Tensor? fc2_packed, int act) -> Tensor");
   m.def(
       "layernorm_mlp_backward(Tensor dout, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor w1a, Tensor? w1b, "
       "Tensor fc2_weight, Tensor mean, Tensor rstd, Tensor pre, Tensor act_out, Tensor ln_out, int act, bool rms, "
@@ -73,6 +81,7 @@ STABLE_TORCH_LIBRARY_IMPL(vitkern_C, CPU, m) {
   m.impl("layernorm_mlp_forward", TORCH_BOX(&vitkern::layernorm_mlp_forward_cpu));
   m.impl("pack_gemm_weight", TORCH_BOX(&vitkern::pack_gemm_weight_cpu));
   m.impl("linear_forward", TORCH_BOX(&vitkern::linear_forward_cpu));
+  m.impl("block_forward", TORCH_BOX(&vitkern::block_forward_cpu));
   m.impl("layernorm_mlp_backward", TORCH_BOX(&vitkern::layernorm_mlp_backward_cpu));
   m.impl("patch_embed_forward", TORCH_BOX(&vitkern::patch_embed_forward_cpu));
   m.impl("patch_embed_backward", TORCH_BOX(&vitkern::patch_embed_backward_cpu));

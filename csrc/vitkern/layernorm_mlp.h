@@ -25,6 +25,13 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x, const OptTensor& 
                                               bool save_for_backward, const OptTensor& w1a_packed,
                                               const OptTensor& w1b_packed, const OptTensor& w2_packed);
 
+// The forward's row passes, shared with block_cpu.cpp. ln_rows: LayerNorm (RMSNorm when rms) of
+// `rows` rows of d: mean and 1/std into mean / rstd, the normalised rows times w plus b (either
+// may be null) into h. init_rows: o rows = x rows (null: 0) + bias (null: 0).
+void ln_rows(const float* x, int64_t rows, int64_t d, float eps, const float* w, const float* b, bool rms, float* mean,
+             float* rstd, float* h);
+void init_rows(float* o, const float* x, const float* bias, int64_t rows, int64_t d);
+
 // Returns {dx, d ln_weight, d ln_bias, d w1a, d b1a, d w1b, d b1b, d fc2_weight, d fc2_bias}
 // (undefined where there is no such parameter).
 std::vector<Tensor> layernorm_mlp_backward_cpu(const Tensor& dout, const Tensor& x, const OptTensor& ln_weight,

@@ -28,21 +28,6 @@
 #include "simd.h"
 
 namespace vitkern {
-namespace {
-
-// Rows per tile of the forward. BLAS route: one tile per thread (64 to 1024 rows; MKL repacks the
-// weights on every call, so fewer, larger calls). Packed route (gemm.h, packed_tile_rows): up to
-// 256 rows, which keeps a tile's hidden activations (rows x H) nearer the core between fc1 and fc2.
-inline int64_t tile_rows(int64_t m, bool packed) {
-  if (packed) return packed_tile_rows(m);
-  const int64_t threads = std::max<int64_t>(1, num_threads());
-  return std::clamp<int64_t>((m + threads - 1) / threads, 64, 1024);
-}
-
-// Rows per partial column sum in the backward (fixed, so the sums are deterministic).
-constexpr int64_t kSumRows = 32;
-
-const float* ptr_or_null(const Tensor& t) { return f32_ptr_or_null(t); }
 
 // LayerNorm of `rows` rows: mean and 1/std (biased variance, two-pass, fp32) into
 // mean/rstd, normalised and affine rows into h. RMSNorm (rms): mean 0, 1/sqrt(mean(x^2) + eps).
@@ -77,6 +62,22 @@ VK_TARGET_CLONES void init_rows(float* o, const float* x, const float* bias, int
     for (int64_t t = 0; t < d; ++t) orow[t] = (xr ? xr[t] : 0.f) + (bias ? bias[t] : 0.f);
   }
 }
+
+namespace {
+
+// Rows per tile of the forward. BLAS route: one tile per thread (64 to 1024 rows; MKL repacks the
+// weights on every call, so fewer, larger calls). Packed route (gemm.h, packed_tile_rows): up to
+// 256 rows, which keeps a tile's hidden activations (rows x H) nearer the core between fc1 and fc2.
+inline int64_t tile_rows(int64_t m, bool packed) {
+  if (packed) return packed_tile_rows(m);
+  const int64_t threads = std::max<int64_t>(1, num_threads());
+  return std::clamp<int64_t>((m + threads - 1) / threads, 64, 1024);
+}
+
+// Rows per partial column sum in the backward (fixed, so the sums are deterministic).
+constexpr int64_t kSumRows = 32;
+
+const float* ptr_or_null(const Tensor& t) { return f32_ptr_or_null(t); }
 
 // acc[t] += a[t]
 VK_TARGET_CLONES void add_to(float* acc, const float* a, int64_t n) {

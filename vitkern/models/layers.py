@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as _module
 
+from vitkern import _backend
+from vitkern._ext import load_extension
 from vitkern.ops import layernorm_mlp, sp_attention
 from vitkern.ops._autograd import eager_inference, no_autocast
-from vitkern.ops._packed import linear
+from vitkern.ops._packed import linear, packed_weight
+from vitkern.ops.layernorm_mlp import ACTIVATIONS
 
 
 class LayerScale(nn.Module):
@@ -267,10 +271,93 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+        y = inference_block(self, x, grid, num_prefix_tokens)  # eager CPU inference: one C++ call
+        if y is not None:
+            return y
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid, num_prefix_tokens)))
         if not fusable_mlp(self.norm2, self.mlp):  # an MLP kept unfused by ViT.from_timm
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return mlp_residual(x, self.ls2, self.drop_path2, lambda r: fused_norm_mlp(self.norm2, self.mlp, x, r))
+
+
+def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
+    """The modules and parameters ``block_forward`` takes for ``blk(x, ...)``, or None where the
+    block must run module by module. The one-call path needs plain eager fp32 CPU inference (no
+    gradient wanted, no autocast, no compile / trace / torch function or dispatch mode), the
+    "auto" or "cpu" backend, and the block as vitkern builds it for a timm ViT: LayerNorms, the
+    Attention without q/k norm, output norm or gate, the plain GELU-family Mlp, no LayerScale,
+    drop path inert, plain nn.Linear layers, plain fp32 CPU parameters, and no forward hook or
+    pre-hook on any of those modules nor a global one (a hook must see its module run).
+    Everything else takes the module-by-module forward, with the same result.
+
+    Called once per block per forward, so it reads the modules' ``_modules`` / ``_parameters``
+    dicts directly (nn.Module attribute lookup costs ~1 us a step)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3:
+        return None
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks or torch.is_autocast_enabled("cpu"):
+        return None
+    mods = blk._modules
+    attn, mlp, n1, n2 = mods["attn"], mods["mlp"], mods["norm1"], mods["norm2"]
+    if type(attn) is not Attention or type(mlp) is not Mlp or type(n1) is not _LN or type(n2) is not _LN:
+        return None
+    am, mm = attn._modules, mlp._modules
+    # (None is a plain attribute, found without nn.Module.__getattr__)
+    if attn.q_norm is not None or attn.k_norm is not None or attn.norm is not None or attn.gate is not None:
+        return None
+    qkv, proj, fc1, fc2 = am["qkv"], am["proj"], mm["fc1"], mm["fc2"]
+    if type(qkv) is not _LIN or type(proj) is not _LIN or type(fc1) is not _LIN or type(fc2) is not _LIN:
+        return None
+    for m in (mods["ls1"], mods["ls2"], mods["drop_path1"], mods["drop_path2"]):
+        if type(m) is not nn.Identity and not (type(m) is DropPath and (not m.training or m.drop_prob == 0.0)):
+            return None
+    for m in (blk, n1, attn, n2, mlp, qkv, proj, fc1, fc2):
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+    params = []
+    for m in (n1, qkv, proj, n2, fc1, fc2):
+        p = m._parameters
+        params += (p["weight"], p["bias"])
+    # Parameter attributes (dtype, device) go through __torch_function__ (~2.5 us each): only the
+    # types are checked here; block_forward requires fp32 CPU parameters (as F.linear would
+    # refuse an fp32 input with others) and raises if one is not.
+    grad = torch.is_grad_enabled()
+    for p in params:
+        if p is not None and ((type(p) is not _PARAM and type(p) is not torch.Tensor) or (grad and p.requires_grad)):
+            return None
+    if not eager_inference(x) or _backend.requested_backend() not in ("auto", "cpu"):
+        return None
+    return attn, mlp, n1, n2, params
+
+
+_LN, _LIN, _PARAM = nn.LayerNorm, nn.Linear, nn.Parameter
+
+
+def inference_block_ok(blk: Block, x: torch.Tensor) -> bool:
+    """Whether ``blk(x, ...)`` runs as one ``block_forward`` call (see ``_block_args``)."""
+    return load_extension() is not None and _block_args(blk, x) is not None
+
+
+def inference_block(blk: Block, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor | None:
+    """``blk(x, grid, num_prefix_tokens)`` as one C++ call (csrc/vitkern/block_cpu.cpp), or None
+    where it cannot run that way (``_block_args``): the attention half with norm1 as the qkv
+    GEMM's prologue and the residual in proj's epilogue, then the fused MLP half, on the cpu
+    kernels and their packed weights."""
+    ext = load_extension()
+    args = _block_args(blk, x) if ext is not None else None
+    if args is None:
+        return None
+    attn, mlp, n1, n2, (n1w, n1b, qw, qb, pw_, pb, n2w, n2b, w1, b1, w2, b2) = args
+    omega = attn.omega(grid)
+    gh, gw = grid if omega is not None else (1, 1)
+    pk = packed_weight
+    y = ext.block_forward(
+        x, n1w, n1b, n1.eps, qw, qb, pk(qw), pw_, pb, pk(pw_),
+        omega, gh, gw, num_prefix_tokens, attn.num_heads, attn.scale,
+        n2w, n2b, n2.eps, w1, b1, pk(w1), w2, b2, pk(w2), ACTIVATIONS[mlp.activation],
+    )  # fmt: skip
+    _backend.record_choice("sp_attention", "cpu")
+    _backend.record_choice("layernorm_mlp", "cpu")
+    return y
 
 
 def mlp_residual(x: torch.Tensor, ls: nn.Module, drop_path: nn.Module, fused_mlp) -> torch.Tensor:

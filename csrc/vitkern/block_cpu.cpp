@@ -1,0 +1,130 @@
+// One pre-norm ViT block for eager CPU inference in a single call (block.h):
+//
+//   a = x + proj(attention(qkv(LayerNorm1(x))))     attention: sp_attention_forward_cpu, with the
+//                                                   spatial prior when omega is given
+//   y = a + fc2(act(fc1(LayerNorm2(a))))            layernorm_mlp_forward_cpu
+//
+// Why: the block's kernels take ~10 ms at ViT-S batch 1 on one core, and the Python around them
+// (module calls, argument checks, dispatch, norm1 and the residual add as separate torch ops)
+// took ~0.9 ms per block on top (benchmarks/NOTES.md, "The block in one call"). Here norm1 is the
+// qkv GEMM's prologue (per row tile, the normalised rows never leave the tile buffer) and the
+// residual and proj bias are the proj GEMM's starting value, as fc2's are in layernorm_mlp.
+#include "block.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "blas.h"
+#include "checks.h"
+#include "gemm.h"
+#include "layernorm_mlp.h"
+#include "sp_attention.h"
+
+namespace vitkern {
+namespace {
+
+// Rows per task: the packed route's small tiles; on BLAS one tile per thread (MKL repacks the
+// weight on every call), as layernorm_mlp does.
+int64_t block_tile_rows(int64_t m, bool packed) {
+  if (packed) return packed_tile_rows(m);
+  const int64_t threads = std::max<int64_t>(1, num_threads());
+  return std::clamp<int64_t>((m + threads - 1) / threads, 64, 1024);
+}
+
+// The module-by-module forward this call replaces would refuse an fp32 input with parameters of
+// another dtype or device (F.linear, F.layer_norm): so does this.
+void check_param(const OptTensor& t, const char* name) {
+  if (!t.has_value()) return;
+  VK_CHECK(t->is_cpu(), "block_forward: ", name, " must be on the CPU, got ", device_str(*t));
+  VK_CHECK(t->scalar_type() == kFloat, "block_forward: ", name, " must be float32 like x, got ",
+           dtype_name(t->scalar_type()));
+}
+
+}  // namespace
+
+Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const OptTensor& ln1_b_in, double eps1,
+                         const Tensor& qkv_w_in, const OptTensor& qkv_b_in, const OptTensor& qkv_packed,
+                         const Tensor& proj_w_in, const OptTensor& proj_b_in, const OptTensor& proj_packed,
+                         const OptTensor& omega, int64_t gh, int64_t gw, int64_t num_prefix, int64_t heads,
+                         double scale, const OptTensor& ln2_w, const OptTensor& ln2_b, double eps2,
+                         const Tensor& fc1_w, const OptTensor& fc1_b, const OptTensor& fc1_packed, const Tensor& fc2_w,
+                         const OptTensor& fc2_b, const OptTensor& fc2_packed, int64_t act) {
+  VK_CHECK_CPU(x_in);
+  VK_CHECK_FLOATING(x_in);
+  VK_CHECK(x_in.dim() == 3, "x must have shape (batch, tokens, dim), got ", shape_str(x_in));
+  VK_CHECK(x_in.scalar_type() == kFloat, "block_forward: x must be float32, got ", dtype_name(x_in.scalar_type()));
+  const std::pair<const OptTensor*, const char*> params[] = {
+      {&ln1_w_in, "norm1_weight"}, {&ln1_b_in, "norm1_bias"}, {&qkv_b_in, "qkv_bias"}, {&proj_b_in, "proj_bias"},
+      {&omega, "omega"},           {&ln2_w, "norm2_weight"},  {&ln2_b, "norm2_bias"},  {&fc1_b, "fc1_bias"},
+      {&fc2_b, "fc2_bias"}};
+  for (const auto& [t, name] : params) check_param(*t, name);
+  check_param(qkv_w_in, "qkv_weight");
+  check_param(proj_w_in, "proj_weight");
+  check_param(fc1_w, "fc1_weight");
+  check_param(fc2_w, "fc2_weight");
+  const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2), M = B * N;
+  VK_CHECK(heads > 0 && D % heads == 0, "heads must divide dim ", D, ", got ", heads);
+  check_shape(qkv_w_in, "qkv_weight", {3 * D, D});
+  check_shape(proj_w_in, "proj_weight", {D, D});
+  if (qkv_b_in.has_value()) check_shape(*qkv_b_in, "qkv_bias", {3 * D});
+  if (proj_b_in.has_value()) check_shape(*proj_b_in, "proj_bias", {D});
+  if (ln1_w_in.has_value()) check_shape(*ln1_w_in, "norm1_weight", {D});
+  if (ln1_b_in.has_value()) check_shape(*ln1_b_in, "norm1_bias", {D});
+  const int64_t Dh = D / heads;
+  const Tensor x = f32c(x_in), qkv_w = f32c(qkv_w_in), proj_w = f32c(proj_w_in);
+  const Tensor qkv_b = opt_f32(qkv_b_in), proj_b = opt_f32(proj_b_in), ln1_w = opt_f32(ln1_w_in),
+               ln1_b = opt_f32(ln1_b_in);
+  const float *xp = f32_ptr(x), *qwp = f32_ptr(qkv_w), *pwp = f32_ptr(proj_w);
+  const float *qbp = f32_ptr_or_null(qkv_b), *pbp = f32_ptr_or_null(proj_b);
+  const float *l1w = f32_ptr_or_null(ln1_w), *l1b = f32_ptr_or_null(ln1_b);
+  const float* qkv_pk = packed_ptr(qkv_packed, "qkv_packed", qwp, 3 * D, D);
+  const float* proj_pk = packed_ptr(proj_packed, "proj_packed", pwp, D, D);
+  const float e1 = static_cast<float>(eps1);
+
+  // 1. qkv (M, 3D) = LayerNorm1(x) . Wqkv^T + b, per row tile.
+  Tensor qkv = empty({B, N, 3 * D});
+  float* qkvp = f32_ptr(qkv);
+  {
+    const int64_t tile = block_tile_rows(M, qkv_pk != nullptr), tiles = (M + tile - 1) / tile;
+    parallel_tasks(tiles, [&](auto& queue) {
+      Scratch hn = scratch(tile * D), stats = scratch(2 * tile);
+      for (int64_t t; (t = queue.next()) >= 0;) {
+        const int64_t r0 = t * tile, rows = std::min(tile, M - r0);
+        ln_rows(xp + r0 * D, rows, D, e1, l1w, l1b, false, stats.get(), stats.get() + tile, hn.get());
+        float* o = qkvp + r0 * 3 * D;
+        if (qbp != nullptr) init_rows(o, nullptr, qbp, rows, 3 * D);
+        gemm_nt(rows, 3 * D, D, hn.get(), D, qwp, qkv_pk, o, 3 * D, qbp != nullptr);
+      }
+    });
+  }
+
+  // 2. attention on strided (B, H, N, Dh) views of qkv; the output is token-major (M, D) rows.
+  const Sizes view_sizes{B, heads, N, Dh}, view_strides{N * 3 * D, Dh, 3 * D, 1};
+  const Tensor q = from_blob(qkvp, view_sizes, view_strides);
+  const Tensor k = from_blob(qkvp + D, view_sizes, view_strides);
+  const Tensor v = from_blob(qkvp + 2 * D, view_sizes, view_strides);
+  const Tensor attn = sp_attention_forward_cpu(q, k, v, omega, gh, gw, num_prefix, scale)[0];
+  const float* ap = f32_ptr(attn);  // (B, H, N, Dh) view of (B, N, H, Dh) storage: row r at ap + r * D
+
+  // 3. a = x + attn . Wproj^T + b: rows start as x + b, the GEMM accumulates.
+  Tensor a = empty({M, D});
+  float* app = f32_ptr(a);
+  {
+    const int64_t tile = block_tile_rows(M, proj_pk != nullptr), tiles = (M + tile - 1) / tile;
+    parallel_tasks(tiles, [&](auto& queue) {
+      for (int64_t t; (t = queue.next()) >= 0;) {
+        const int64_t r0 = t * tile, rows = std::min(tile, M - r0);
+        init_rows(app + r0 * D, xp + r0 * D, pbp, rows, D);
+        gemm_nt(rows, D, D, ap + r0 * D, D, pwp, proj_pk, app + r0 * D, D, true);
+      }
+    });
+  }
+
+  // 4. y = a + fc2(act(fc1(LayerNorm2(a)))).
+  const Tensor y = layernorm_mlp_forward_cpu(a, ln2_w, ln2_b, fc1_w, fc1_b, std::nullopt, std::nullopt, fc2_w, fc2_b,
+                                             eps2, act, false, kGluNone, true, false, fc1_packed, std::nullopt,
+                                             fc2_packed)[0];
+  return to(view_of(y, {B, N, D}), x_in.scalar_type());
+}
+
+}  // namespace vitkern

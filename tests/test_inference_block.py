@@ -1,0 +1,235 @@
+"""The one-call inference block (csrc/vitkern/block_cpu.cpp, vitkern.models.layers.inference_block).
+
+In plain eager fp32 CPU inference each vitkern Block runs as one ``block_forward`` call: norm1 as
+the qkv GEMM's prologue, the attention, proj with the residual, then the fused MLP. These tests
+check it against float64 on ragged configurations (odd grids, prefix and register tokens, SP-ViT
+prior blocks, head dims 16-80, no biases, batch 1), that it steps aside wherever the
+module-by-module forward must run (hooks, training, autograd, autocast, the reference backend,
+LayerScale, q/k norm, a subclassed Linear), that parameters it cannot take raise a clear error,
+that thread counts do not change a bit, and a cold process whose first call is a timm model.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import SUBPROCESS_CWD, TOL, assert_close_rel, subprocess_env
+
+import vitkern
+from vitkern._ext import extension_error, load_extension
+
+pytestmark = pytest.mark.skipif(load_extension() is None, reason=f"_C not built: {extension_error()}")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts block_forward calls (the ext object's attribute shadows its op lookup)."""
+    ext = load_extension()
+    real = ext.block_forward
+    count = [0]
+
+    def counting(*args):
+        count[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(ext, "block_forward", counting, raising=False)
+    return count
+
+
+CONFIGS = [
+    # name, ViT kwargs, batch, image
+    ("vit_tiny_197", dict(embed_dim=96, depth=2, num_heads=3), 1, 224),  # N = 197, Dh 32
+    ("odd_grid_registers", dict(embed_dim=64, depth=2, num_heads=4, reg_tokens=4, img_size=(80, 112)), 3, (80, 112)),
+    ("no_class_token_avg", dict(embed_dim=80, depth=2, num_heads=1, class_token=False, global_pool="avg"), 2, 96),
+    ("no_biases", dict(embed_dim=48, depth=2, num_heads=3, qkv_bias=False, proj_bias=False), 2, 64),
+    ("sp_vit", dict(embed_dim=64, depth=3, num_heads=2, spatial_prior=True, sp_layers=2), 2, 112),
+    ("sp_vit_batch1_odd", dict(embed_dim=96, depth=2, num_heads=2, spatial_prior=True, img_size=(48, 80)), 1, (48, 80)),
+]
+
+
+def _model(kwargs, img):
+    torch.manual_seed(0)
+    model = vitkern.ViT(**{"img_size": img, "patch_size": 16, "num_classes": 7, **kwargs}).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _image(batch, img):
+    h, w = (img, img) if isinstance(img, int) else img
+    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name,kwargs,batch,img", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_block_forward_matches_float64(name, kwargs, batch, img, calls, poison_empty):
+    model = _model(kwargs, img)
+    x = _image(batch, img)
+    with torch.no_grad():
+        out = model(x)
+        assert calls[0] == len(model.blocks), "every block should have run as one call"
+        assert vitkern.last_backend("sp_attention") == "cpu"
+        with vitkern.use_backend("reference"):
+            want = model.double()(x.double())
+    assert_close_rel(out, want, TOL[torch.float32], name)
+
+
+def _hooked(model):
+    fired = []
+    model.blocks[0].attn.register_forward_hook(lambda m, a, o: fired.append(o.shape))
+    return fired
+
+
+STEP_ASIDE = {
+    "forward_hook_on_attn": lambda m: _hooked(m),
+    "pre_hook_on_norm1": lambda m: m.blocks[1].norm1.register_forward_pre_hook(lambda mod, a: None),
+    "hook_on_fc2": lambda m: m.blocks[0].mlp.fc2.register_forward_hook(lambda mod, a, o: None),
+    "subclassed_qkv": lambda m: setattr(m.blocks[0].attn, "qkv", _Lora.of(m.blocks[0].attn.qkv)),
+}
+
+
+class _Lora(nn.Linear):
+    @classmethod
+    def of(cls, lin):
+        new = cls(lin.in_features, lin.out_features)
+        new.load_state_dict(lin.state_dict())
+        return new
+
+    def forward(self, x):
+        return super().forward(x) + 0.0
+
+
+@pytest.mark.parametrize("case", sorted(STEP_ASIDE))
+def test_hooked_or_subclassed_modules_take_the_module_path(case, calls):
+    model = _model(dict(embed_dim=64, depth=2, num_heads=2), 64)
+    x = _image(2, 64)
+    with torch.no_grad():
+        want = model(x)
+        calls[0] = 0
+        STEP_ASIDE[case](model)
+        out = model(x)
+    # the hooked / replaced block runs module by module, the other one still in one call
+    assert calls[0] == 1, calls[0]
+    assert_close_rel(out, want, TOL[torch.float32], case)
+
+
+def test_global_hooks_training_autograd_autocast_and_backends_take_the_module_path(calls):
+    model = _model(dict(embed_dim=64, depth=2, num_heads=2), 64)
+    x = _image(2, 64)
+    with torch.no_grad():
+        want = model(x)
+    calls[0] = 0
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(type(m)))
+    try:
+        with torch.no_grad():
+            assert_close_rel(model(x), want, TOL[torch.float32], "global hook")
+    finally:
+        handle.remove()
+    assert vitkern.models.layers.Attention in seen
+    out = model(x)  # autograd: parameters require grad
+    assert out.requires_grad
+    assert_close_rel(out.detach(), want, TOL[torch.float32], "autograd")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16
+    with torch.no_grad(), vitkern.use_backend("reference"):
+        assert_close_rel(model(x), want, TOL[torch.float32], "reference backend")
+    model.train()
+    with torch.no_grad():
+        assert_close_rel(model(x), want, TOL[torch.float32], "train mode, no drop path")
+    assert calls[0] == len(model.blocks), calls[0]  # only the train-mode forward (dropout 0, drop path inert)
+    calls[0] = 0
+    other = _model(dict(embed_dim=64, depth=2, num_heads=2, init_values=0.5), 64)  # LayerScale
+    with torch.no_grad():
+        other(x)
+    assert calls[0] == 0, "LayerScale"
+    model.eval().blocks[0].attn.q_norm = nn.LayerNorm(32)  # timm's qk_norm, as from_timm sets it
+    with torch.no_grad():
+        model(x)
+    assert calls[0] == 1, "q_norm: that block runs module by module, the other in one call"
+    calls[0] = 0
+    dp = _model(dict(embed_dim=64, depth=2, num_heads=2, drop_path_rate=0.5), 64).train()
+    with torch.no_grad():
+        dp(x)
+    # the linear schedule gives block 0 rate 0 (one call); block 1 drops paths in training
+    assert calls[0] == 1, "drop path in training must not be skipped"
+
+
+def test_parameters_of_another_dtype_raise_a_clear_error():
+    model = _model(dict(embed_dim=64, depth=1, num_heads=2), 64)
+    model.blocks[0].mlp.fc1.bias.data = model.blocks[0].mlp.fc1.bias.data.double()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="fc1_bias must be float32"):
+        model(_image(1, 64))
+
+
+def test_bad_block_forward_arguments_raise():
+    ext = load_extension()
+    D = 32
+    w = lambda *s: torch.randn(*s)  # noqa: E731
+    args = [w(1, 5, D), None, None, 1e-6, w(3 * D, D), None, None, w(D, D), None, None, None, 1, 1, 0, 4, 0.3]
+    args += [None, None, 1e-6, w(64, D), None, None, w(D, 64), None, None, 1]
+    assert ext.block_forward(*args).shape == (1, 5, D)
+    bad = list(args)
+    bad[4] = w(3 * D, D + 1)
+    with pytest.raises(RuntimeError, match=r"qkv_weight"):
+        ext.block_forward(*bad)
+    bad = list(args)
+    bad[14] = 5
+    with pytest.raises(RuntimeError, match=r"heads must divide dim 32"):
+        ext.block_forward(*bad)
+    bad = list(args)
+    bad[10], bad[11], bad[12] = torch.ones(4, 3, 3), 2, 2  # a prior whose grid does not match 5 tokens
+    with pytest.raises(RuntimeError, match=r"grid"):
+        ext.block_forward(*bad)
+
+
+def test_block_forward_is_bitwise_the_same_on_any_thread_count(calls):
+    model = _model(dict(embed_dim=192, depth=2, num_heads=3, spatial_prior=True, sp_layers=1), 224)
+    x = _image(2, 224)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outs.append(model(x))
+    finally:
+        torch.set_num_threads(prev)
+    assert calls[0] == 3 * len(model.blocks)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+_COLD = r"""
+import torch, timm, vitkern
+from vitkern._ext import load_extension
+ext = load_extension()
+real, n = ext.block_forward, [0]
+def counting(*a):
+    n[0] += 1
+    return real(*a)
+ext.block_forward = counting
+torch.manual_seed(0)
+ref = timm.create_model("vit_small_patch16_224", num_classes=10).eval()
+model = vitkern.ViT.from_timm(ref).eval()
+with torch.inference_mode():
+    x = torch.randn(1, 3, 224, 224)
+    out, want = model(x), ref(x)
+err = ((out - want).norm() / want.norm()).item()
+print(n[0], err)
+assert n[0] == 12, n[0]
+assert err < 1e-5, err
+"""
+
+
+def test_cold_process_first_call_is_the_one_call_block_matching_timm():
+    r = subprocess.run(
+        [sys.executable, "-c", _COLD], env=subprocess_env(), cwd=SUBPROCESS_CWD, capture_output=True, text=True
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
