@@ -292,6 +292,8 @@ def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
 
     Called once per block per forward, so it reads the modules' ``_modules`` / ``_parameters``
     dicts directly (nn.Module attribute lookup costs ~1 us a step)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: dynamo folds it, traces none of the rest
+        return None
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3:
         return None
     if _module._global_forward_hooks or _module._global_forward_pre_hooks or torch.is_autocast_enabled("cpu"):
@@ -332,19 +334,14 @@ def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
 _LN, _LIN, _PARAM = nn.LayerNorm, nn.Linear, nn.Parameter
 
 
-def inference_block_ok(blk: Block, x: torch.Tensor) -> bool:
-    """Whether ``blk(x, ...)`` runs as one ``block_forward`` call (see ``_block_args``)."""
-    return load_extension() is not None and _block_args(blk, x) is not None
-
-
 def inference_block(blk: Block, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor | None:
     """``blk(x, grid, num_prefix_tokens)`` as one C++ call (csrc/vitkern/block_cpu.cpp), or None
     where it cannot run that way (``_block_args``): the attention half with norm1 as the qkv
     GEMM's prologue and the residual in proj's epilogue, then the fused MLP half, on the cpu
     kernels and their packed weights."""
-    ext = load_extension()
-    args = _block_args(blk, x) if ext is not None else None
-    if args is None:
+    args = _block_args(blk, x)
+    ext = load_extension() if args is not None else None
+    if ext is None:
         return None
     attn, mlp, n1, n2, (n1w, n1b, qw, qb, pw_, pb, n2w, n2b, w1, b1, w2, b2) = args
     omega = attn.omega(grid)
