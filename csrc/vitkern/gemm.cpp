@@ -79,8 +79,10 @@ void panel_rows(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t 
   }
 }
 
+// pstride: floats from one panel to the next (kGemmNR * k for a packed weight; more when the
+// product uses a k-range of longer panels, as sp_attention's P . V does per key block).
 void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
-                 int64_t ldc, bool accumulate) {
+                 int64_t ldc, bool accumulate, int64_t pstride) {
   const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
   for (int64_t pc = 0; pc < k; pc += kKC) {
     const int64_t kc = std::min(kKC, k - pc);
@@ -89,27 +91,13 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
       const int64_t mc = std::min(kMC, m - ic);
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t cols = std::min(kGemmNR, n - p * kGemmNR);
-        panel_rows(mc, cols, kc, a + ic * lda + pc, lda, wp + p * kGemmNR * k + pc * kGemmNR, kGemmNR,
+        panel_rows(mc, cols, kc, a + ic * lda + pc, lda, wp + p * pstride + pc * kGemmNR, kGemmNR,
                    c + ic * ldc + p * kGemmNR, ldc, acc);
       }
     }
   }
 }
 
-// C (m x n, ldc) = or += A (m x k, lda) . B (k x n, ldb), B row-major read in place, n % 16 == 0.
-void gemm_nn_in_place(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                      float* c, int64_t ldc, bool accumulate) {
-  for (int64_t pc = 0; pc < k; pc += kKC) {
-    const int64_t kc = std::min(kKC, k - pc);
-    const bool acc = accumulate || pc > 0;
-    for (int64_t ic = 0; ic < m; ic += kMC) {
-      const int64_t mc = std::min(kMC, m - ic);
-      for (int64_t p = 0; p < n; p += kGemmNR) {
-        panel_rows(mc, kGemmNR, kc, a + ic * lda + pc, lda, b + pc * ldb + p, ldb, c + ic * ldc + p, ldc, acc);
-      }
-    }
-  }
-}
 #endif
 
 int gemm_env() {  // 0 auto, 1 blas, 2 vitkern
@@ -225,7 +213,7 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
         for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
       return;
     }
-    gemm_packed(m, n, k, a, lda, wp, c, ldc, accumulate);
+    gemm_packed(m, n, k, a, lda, wp, c, ldc, accumulate, kGemmNR * k);
     return;
   }
 #endif
@@ -234,7 +222,7 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
 }
 
 void gemm_packed_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
-                    int64_t ldc, bool accumulate) {
+                    int64_t ldc, bool accumulate, int64_t panel_stride) {
   VK_CHECK(packed_gemm_active(), "gemm_packed_nt: the packed GEMM route is not active");
   if (m == 0 || n == 0) return;
 #if VK_X86_SIMD
@@ -243,21 +231,20 @@ void gemm_packed_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
       for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
     return;
   }
-  gemm_packed(m, n, k, a, lda, wp, c, ldc, accumulate);
+  gemm_packed(m, n, k, a, lda, wp, c, ldc, accumulate, panel_stride > 0 ? panel_stride : kGemmNR * k);
 #endif
 }
 
-void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-             int64_t ldc, bool accumulate) {
-  if (m == 0 || n == 0) return;
-#if VK_X86_SIMD
-  if (packed_gemm_active() && n % kGemmNR == 0 && k > 0) {
-    gemm_nn_in_place(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
-    return;
+void pack_columns(const float* b, int64_t k, int64_t n, int64_t ldb, float* bp) {
+  const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t c0 = p * kGemmNR, cols = std::min(kGemmNR, n - c0);
+    float* dst = bp + p * kGemmNR * k;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      std::memcpy(dst + kk * kGemmNR, b + kk * ldb + c0, sizeof(float) * cols);
+      if (cols < kGemmNR) std::memset(dst + kk * kGemmNR + cols, 0, sizeof(float) * (kGemmNR - cols));
+    }
   }
-#endif
-  // Column-major view: C^T (n x m, ldc) = B^T (n x k, ldb) . A^T (k x m, lda).
-  sgemm(false, false, n, m, k, 1.f, b, ldb, a, lda, accumulate ? 1.f : 0.f, c, ldc);
 }
 
 }  // namespace vitkern

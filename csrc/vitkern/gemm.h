@@ -35,15 +35,17 @@ const char* gemm_route();
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, const float* wp, float* c,
              int64_t ldc, bool accumulate);
 
-// C (m x n, ldc) (+)= A (m x k, lda) . W^T on the packed route with W given only packed (pack_weight);
-// the route must be active (RuntimeError otherwise). sp_attention's Q . K^T.
+// C (m x n, ldc) (+)= A (m x k, lda) . W^T on the packed route with W given only packed (pack_weight,
+// or pack_columns of W^T); the route must be active (RuntimeError otherwise). panel_stride: floats
+// between panels, 0 for 16 * k (a whole packed matrix); larger when the product takes k-range
+// [k0, k0 + k) of panels packed over a longer K (then wp points at row k0 of the first panel).
+// sp_attention's Q . K^T and P . V.
 void gemm_packed_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
-                    int64_t ldc, bool accumulate);
+                    int64_t ldc, bool accumulate, int64_t panel_stride = 0);
 
-// C (m x n, ldc) = or += A (m x k, lda) . B (k x n, row-major, ldb): on the packed route the
-// micro-kernel reads B in place when n is a multiple of 16 (sp_attention's P . V), else BLAS.
-void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-             int64_t ldc, bool accumulate);
+// B (k x n, row-major, ldb) -> panels of 16 columns (packed_weight_numel(n, k) floats, zero-filled
+// past n): the packed form of W = B^T, so that A . B = gemm_packed_nt(A, packed).
+void pack_columns(const float* b, int64_t k, int64_t n, int64_t ldb, float* bp);
 
 // The packed weight of an op argument for the weight w (n x k, row-major fp32): null when absent
 // or the packed route is off (then the op calls BLAS on w). Otherwise it must be an fp32

@@ -196,18 +196,21 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
   const int64_t n_qblk = (N + bm - 1) / bm;
   float* out_p = f32_ptr(out_tok);
   float* lse_p = f32_ptr(lse);
-  // Packed GEMM route (gemm.h): K times the logit scale is packed into 16-key panels once per
-  // (batch, head), so the score tile Q . K^T runs on the micro-kernel; P . V reads V in place
-  // (gemm_nn). Elsewhere both are sgemm calls, the scale riding on alpha.
+  // Packed GEMM route (gemm.h): per (batch, head), K times the logit scale is packed once into
+  // 16-key panels and V into 16-column panels, so both tile products, Q . K^T and P . V, run on
+  // the micro-kernel over contiguous panels (V read in place had a row stride of 3 * H * Dh floats
+  // from the fused qkv: a page per key). Elsewhere both are sgemm calls, the scale riding on alpha.
   const bool packed = packed_gemm_active();
-  const int64_t kpk_size = packed_weight_numel(N, Dh);
-  Tensor kpk = packed ? empty({B * H * kpk_size}) : Tensor();
-  float* kpk_p = packed ? f32_ptr(kpk) : nullptr;
+  const int64_t kpk_size = packed_weight_numel(N, Dh), vpk_size = packed_weight_numel(Dh, N);
+  Tensor kvpk = packed ? empty({B * H * (kpk_size + vpk_size)}) : Tensor();
+  float* kpk_p = packed ? f32_ptr(kvpk) : nullptr;
+  float* vpk_p = packed ? kpk_p + B * H * kpk_size : nullptr;
   if (packed) {
     parallel_tasks(B * H, [&](auto& queue) {
       for (int64_t bh; (bh = queue.next()) >= 0;) {
-        const Mat km = slice(k, bh / H, bh % H);
+        const Mat km = slice(k, bh / H, bh % H), vm = slice(v, bh / H, bh % H);
         pack_weight(km.p, N, Dh, km.ld, kpk_p + bh * kpk_size, scale);
+        pack_columns(vm.p, N, Dh, vm.ld, vpk_p + bh * vpk_size);
       }
     });
   }
@@ -248,7 +251,12 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
             for (int64_t t = 0; t < Dh; ++t) a[t] *= alpha;
           }
         }
-        gemm_nn(rows, Dh, cols, s_buf.get(), kBlockN, vm.p + j0 * vm.ld, vm.ld, acc.data(), Dh, true);
+        if (packed) {
+          gemm_packed_nt(rows, Dh, cols, s_buf.get(), kBlockN, vpk_p + bh * vpk_size + j0 * kGemmNR, acc.data(), Dh,
+                         true, kGemmNR * N);
+        } else {
+          gemm_ab(rows, cols, Dh, s_buf.get(), kBlockN, {vm.p + j0 * vm.ld, vm.ld}, 1.f, acc.data(), Dh);
+        }
       }
       float* o = out_p + ((b * N + i0) * H + h) * Dh;  // token-major rows, stride H * Dh
       float* ls = lse_p + (b * H + h) * N + i0;
