@@ -192,11 +192,14 @@ def test_the_qkv_shortcut_steps_aside(gen):
 
     hooked = nn.Linear(32, 24)
     hooked.register_forward_hook(lambda mod, inp, out: calls.append("hook"))
+    patched = nn.Linear(32, 24)
+    patched.forward = lambda t: (calls.append("patched"), F.linear(t, patched.weight, patched.bias))[1]
     with torch.no_grad():
         _packed.linear(hooked, x)
         sub = Lora(32, 24)
         assert torch.equal(_packed.linear(sub, x), sub(x))
-    assert calls == ["hook", "subclass", "subclass"]
+        _packed.linear(patched, x)  # a forward replaced on the instance runs too
+    assert calls == ["hook", "subclass", "subclass", "patched"]
     # The reference backend is plain PyTorch: no packed GEMM, bitwise F.linear.
     m = nn.Linear(32, 24)
     with torch.no_grad(), vitkern.use_backend("reference"):

@@ -286,8 +286,9 @@ def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
     gradient wanted, no autocast, no compile / trace / torch function or dispatch mode), the
     "auto" or "cpu" backend, and the block as vitkern builds it for a timm ViT: LayerNorms, the
     Attention without q/k norm, output norm or gate, the plain GELU-family Mlp, no LayerScale,
-    drop path inert, plain nn.Linear layers, plain fp32 CPU parameters, and no forward hook or
-    pre-hook on any of those modules nor a global one (a hook must see its module run).
+    drop path inert, plain nn.Linear layers, plain fp32 CPU parameters, and no forward hook,
+    pre-hook or instance-level ``forward`` replacement on any of those modules, nor a global hook
+    (a hook or a patched forward must see its module run).
     Everything else takes the module-by-module forward, with the same result.
 
     Called once per block per forward, so it reads the modules' ``_modules`` / ``_parameters``
@@ -309,11 +310,14 @@ def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
     qkv, proj, fc1, fc2 = am["qkv"], am["proj"], mm["fc1"], mm["fc2"]
     if type(qkv) is not _LIN or type(proj) is not _LIN or type(fc1) is not _LIN or type(fc2) is not _LIN:
         return None
-    for m in (mods["ls1"], mods["ls2"], mods["drop_path1"], mods["drop_path2"]):
+    residual_path = (mods["ls1"], mods["ls2"], mods["drop_path1"], mods["drop_path2"])
+    for m in residual_path:
         if type(m) is not nn.Identity and not (type(m) is DropPath and (not m.training or m.drop_prob == 0.0)):
             return None
-    for m in (blk, n1, attn, n2, mlp, qkv, proj, fc1, fc2):
-        if m._forward_hooks or m._forward_pre_hooks:
+    # A hook, or a forward replaced on the instance (``m.forward = ...``: a patched attention such as
+    # the public-code SP-ViT baseline), must run: such a block goes module by module.
+    for m in (blk, n1, attn, n2, mlp, qkv, proj, fc1, fc2, *residual_path):
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
             return None
     params = []
     for m in (n1, qkv, proj, n2, fc1, fc2):

@@ -51,11 +51,13 @@ def clear_packed_weights() -> None:
 
 
 def _plain_linear(m: torch.nn.Module) -> bool:
-    """An nn.Linear whose forward is F.linear: the exact class, no hooks of its own or global."""
+    """An nn.Linear whose forward is F.linear: the exact class, no forward replaced on the instance, no
+    hooks of its own or global."""
     from torch.nn.modules import module as _module
 
     return (
         type(m) is torch.nn.Linear
+        and "forward" not in m.__dict__  # no forward replaced on the instance
         and not m._forward_hooks
         and not m._forward_pre_hooks
         and not _module._global_forward_hooks
