@@ -331,17 +331,16 @@ def select(op: str, backend: str | None, device: torch.device, *args, **kwargs) 
             skipped[name] = reason
         if not chosen:  # pragma: no cover - reference is registered for every op
             raise BackendError(f"no backend can run vitkern.ops.{op}: {skipped}")
-    if not torch.compiler.is_compiling():
-        _records()[op] = DispatchRecord(op, requested, chosen, skipped)
-        _local.last_op = op
+    record_choice(op, chosen, requested, skipped)
     return _REGISTRY[op][chosen].fn
 
 
-def record_choice(op: str, backend: str) -> None:
-    """Record that ``backend`` ran ``op`` where a caller ran its kernel without ``select`` (the
-    models' one-call inference block), so that ``last_backend`` stays true."""
+def record_choice(op: str, backend: str, requested: str | None = None, skipped: dict[str, str] | None = None) -> None:
+    """Record that ``backend`` ran ``op`` (``select`` does; so does a caller that runs a kernel
+    without it, the models' one-call inference block), for ``last_backend`` / ``backend_report``."""
     if not torch.compiler.is_compiling():
-        _records()[op] = DispatchRecord(op, requested_backend(), backend)
+        req = requested if requested is not None else requested_backend()
+        _records()[op] = DispatchRecord(op, req, backend, dict(skipped or {}))
         _local.last_op = op
 
 

@@ -10,8 +10,8 @@ namespace vitkern {
 // row order, proj_weight (D, D); omega (H, 2gh-1, 2gw-1) or None (plain attention; then gh, gw and
 // num_prefix only need N = num_prefix + gh * gw when omega is given). norm1 / norm2: LayerNorm
 // with eps1 / eps2, affine parameters (D,) or None. MLP: fc1 (H, D), fc2 (D, H), activation code
-// act (simd.h). *_packed: the weight packed by pack_gemm_weight, or None (BLAS). Returns y
-// (B, N, D) in x's dtype (fp32 inside).
+// act (simd.h). *_packed: the weight packed by pack_gemm_weight, or None (BLAS). x and every
+// parameter must be fp32 CPU tensors (RuntimeError naming the argument otherwise). Returns y (B, N, D).
 Tensor block_forward_cpu(const Tensor& x, const OptTensor& ln1_weight, const OptTensor& ln1_bias, double eps1,
                          const Tensor& qkv_weight, const OptTensor& qkv_bias, const OptTensor& qkv_packed,
                          const Tensor& proj_weight, const OptTensor& proj_bias, const OptTensor& proj_packed,

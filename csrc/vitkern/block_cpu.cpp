@@ -23,14 +23,6 @@
 namespace vitkern {
 namespace {
 
-// Rows per task: the packed route's small tiles; on BLAS one tile per thread (MKL repacks the
-// weight on every call), as layernorm_mlp does.
-int64_t block_tile_rows(int64_t m, bool packed) {
-  if (packed) return packed_tile_rows(m);
-  const int64_t threads = std::max<int64_t>(1, num_threads());
-  return std::clamp<int64_t>((m + threads - 1) / threads, 64, 1024);
-}
-
 // The module-by-module forward this call replaces would refuse an fp32 input with parameters of
 // another dtype or device (F.linear, F.layer_norm): so does this.
 void check_param(const OptTensor& t, const char* name) {
@@ -50,7 +42,6 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
                          const Tensor& fc1_w, const OptTensor& fc1_b, const OptTensor& fc1_packed, const Tensor& fc2_w,
                          const OptTensor& fc2_b, const OptTensor& fc2_packed, int64_t act) {
   VK_CHECK_CPU(x_in);
-  VK_CHECK_FLOATING(x_in);
   VK_CHECK(x_in.dim() == 3, "x must have shape (batch, tokens, dim), got ", shape_str(x_in));
   VK_CHECK(x_in.scalar_type() == kFloat, "block_forward: x must be float32, got ", dtype_name(x_in.scalar_type()));
   const std::pair<const OptTensor*, const char*> params[] = {
@@ -85,7 +76,7 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   Tensor qkv = empty({B, N, 3 * D});
   float* qkvp = f32_ptr(qkv);
   {
-    const int64_t tile = block_tile_rows(M, qkv_pk != nullptr), tiles = (M + tile - 1) / tile;
+    const int64_t tile = forward_tile_rows(M, qkv_pk != nullptr), tiles = (M + tile - 1) / tile;
     parallel_tasks(tiles, [&](auto& queue) {
       Scratch hn = scratch(tile * D), stats = scratch(2 * tile);
       for (int64_t t; (t = queue.next()) >= 0;) {
@@ -110,7 +101,7 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   Tensor a = empty({M, D});
   float* app = f32_ptr(a);
   {
-    const int64_t tile = block_tile_rows(M, proj_pk != nullptr), tiles = (M + tile - 1) / tile;
+    const int64_t tile = forward_tile_rows(M, proj_pk != nullptr), tiles = (M + tile - 1) / tile;
     parallel_tasks(tiles, [&](auto& queue) {
       for (int64_t t; (t = queue.next()) >= 0;) {
         const int64_t r0 = t * tile, rows = std::min(tile, M - r0);
@@ -124,7 +115,7 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   const Tensor y = layernorm_mlp_forward_cpu(a, ln2_w, ln2_b, fc1_w, fc1_b, std::nullopt, std::nullopt, fc2_w, fc2_b,
                                              eps2, act, false, kGluNone, true, false, fc1_packed, std::nullopt,
                                              fc2_packed)[0];
-  return to(view_of(y, {B, N, D}), x_in.scalar_type());
+  return view_of(y, {B, N, D});
 }
 
 }  // namespace vitkern

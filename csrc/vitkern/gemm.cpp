@@ -22,11 +22,10 @@ namespace {
 constexpr int64_t kMR = 6, kKC = 384, kMC = 96;
 
 #if VK_X86_SIMD
-// C rows (ldc) = or += the MR x 16 block of A (MR rows of kc, lda) . B (kc x 16, row k at b + k * ldb:
-// a packed panel has ldb 16, a row-major matrix read in place its leading dimension).
+// C rows (ldc) = or += the MR x 16 block of A (MR rows of kc, lda) . panel (kc x 16).
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* b,
-                                                      int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+                                                      float* c, int64_t ldc, bool accumulate) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
@@ -34,7 +33,7 @@ __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a
     c1[r] = _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
+    const __m256 b0 = _mm256_loadu_ps(b + k * kGemmNR), b1 = _mm256_loadu_ps(b + k * kGemmNR + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
@@ -54,24 +53,23 @@ __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a
   }
 }
 
-using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
+using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, bool);
 constexpr MicroKernel kMicro[kMR + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>, micro_kernel<3>,
                                          micro_kernel<4>, micro_kernel<5>, micro_kernel<6>};
 
-// rows x (up to) 16 columns of C from one panel (ldb as for micro_kernel); cols < 16 (the last
-// panel) goes through a buffer.
-void panel_rows(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t lda, const float* b, int64_t ldb,
-                float* c, int64_t ldc, bool accumulate) {
+// rows x (up to) 16 columns of C from one panel; cols < 16 (the last panel) goes through a buffer.
+void panel_rows(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t lda, const float* b, float* c,
+                int64_t ldc, bool accumulate) {
   int64_t i = 0;
   if (cols == kGemmNR) {
-    for (; i + kMR <= rows; i += kMR) micro_kernel<kMR>(kc, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
-    if (i < rows) kMicro[rows - i](kc, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
+    for (; i + kMR <= rows; i += kMR) micro_kernel<kMR>(kc, a + i * lda, lda, b, c + i * ldc, ldc, accumulate);
+    if (i < rows) kMicro[rows - i](kc, a + i * lda, lda, b, c + i * ldc, ldc, accumulate);
     return;
   }
   float buf[kMR * kGemmNR];
   for (; i < rows; i += kMR) {
     const int64_t mr = std::min(kMR, rows - i);
-    kMicro[mr](kc, a + i * lda, lda, b, ldb, buf, kGemmNR, false);
+    kMicro[mr](kc, a + i * lda, lda, b, buf, kGemmNR, false);
     for (int64_t r = 0; r < mr; ++r) {
       float* cr = c + (i + r) * ldc;
       for (int64_t j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + buf[r * kGemmNR + j] : buf[r * kGemmNR + j];
@@ -91,13 +89,12 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
       const int64_t mc = std::min(kMC, m - ic);
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t cols = std::min(kGemmNR, n - p * kGemmNR);
-        panel_rows(mc, cols, kc, a + ic * lda + pc, lda, wp + p * pstride + pc * kGemmNR, kGemmNR,
+        panel_rows(mc, cols, kc, a + ic * lda + pc, lda, wp + p * pstride + pc * kGemmNR,
                    c + ic * ldc + p * kGemmNR, ldc, acc);
       }
     }
   }
 }
-
 #endif
 
 int gemm_env() {  // 0 auto, 1 blas, 2 vitkern
@@ -118,11 +115,7 @@ void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* wp, f
       const int64_t row = p * kGemmNR + cidx;
       if (row < n) {
         const float* src = w + row * ldw;
-        if (scale == 1.f) {
-          for (int64_t kk = 0; kk < k; ++kk) dst[kk * kGemmNR + cidx] = src[kk];
-        } else {
-          for (int64_t kk = 0; kk < k; ++kk) dst[kk * kGemmNR + cidx] = src[kk] * scale;
-        }
+        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kGemmNR + cidx] = src[kk] * scale;  // (x * 1 is x)
       } else {
         for (int64_t kk = 0; kk < k; ++kk) dst[kk * kGemmNR + cidx] = 0.f;
       }
@@ -206,17 +199,10 @@ const char* gemm_route() {
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, const float* wp, float* c,
              int64_t ldc, bool accumulate) {
   if (m == 0 || n == 0) return;
-#if VK_X86_SIMD
   if (wp != nullptr && packed_gemm_active()) {
-    if (k == 0) {
-      if (!accumulate)
-        for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
-      return;
-    }
-    gemm_packed(m, n, k, a, lda, wp, c, ldc, accumulate, kGemmNR * k);
+    gemm_packed_nt(m, n, k, a, lda, wp, c, ldc, accumulate);
     return;
   }
-#endif
   // Column-major view: C^T (n x m, ldc) = W (k x n column-major, transposed) . A^T (k x m, lda).
   sgemm(true, false, n, m, k, 1.f, w, k, a, lda, accumulate ? 1.f : 0.f, c, ldc);
 }

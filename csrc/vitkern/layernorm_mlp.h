@@ -31,6 +31,9 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x, const OptTensor& 
 void ln_rows(const float* x, int64_t rows, int64_t d, float eps, const float* w, const float* b, bool rms, float* mean,
              float* rstd, float* h);
 void init_rows(float* o, const float* x, const float* bias, int64_t rows, int64_t d);
+// Rows per row tile of a forward over m rows: the packed route's small tiles (packed_tile_rows), on
+// BLAS one tile per thread of 64 to 1024 rows (MKL repacks the weights on every call).
+int64_t forward_tile_rows(int64_t m, bool packed);
 
 // Returns {dx, d ln_weight, d ln_bias, d w1a, d b1a, d w1b, d b1b, d fc2_weight, d fc2_bias}
 // (undefined where there is no such parameter).

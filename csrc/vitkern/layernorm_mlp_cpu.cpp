@@ -63,16 +63,16 @@ VK_TARGET_CLONES void init_rows(float* o, const float* x, const float* bias, int
   }
 }
 
-namespace {
-
 // Rows per tile of the forward. BLAS route: one tile per thread (64 to 1024 rows; MKL repacks the
 // weights on every call, so fewer, larger calls). Packed route (gemm.h, packed_tile_rows): up to
 // 256 rows, which keeps a tile's hidden activations (rows x H) nearer the core between fc1 and fc2.
-inline int64_t tile_rows(int64_t m, bool packed) {
+int64_t forward_tile_rows(int64_t m, bool packed) {
   if (packed) return packed_tile_rows(m);
   const int64_t threads = std::max<int64_t>(1, num_threads());
   return std::clamp<int64_t>((m + threads - 1) / threads, 64, 1024);
 }
+
+namespace {
 
 // Rows per partial column sum in the backward (fixed, so the sums are deterministic).
 constexpr int64_t kSumRows = 32;
@@ -238,7 +238,7 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
   const float* w1a_pk = packed_ptr(w1a_packed, "w1a_packed", w1ap, w1a.size(0), D);
   const float* w1b_pk = packed_ptr(w1b_packed, "w1b_packed", w1bp, Hd, D);
   const float* w2_pk = packed_ptr(w2_packed, "w2_packed", w2p, D, Hd);
-  const int64_t kTileM = tile_rows(M, w1a_pk != nullptr);
+  const int64_t kTileM = forward_tile_rows(M, w1a_pk != nullptr);
   const int64_t tiles = (M + kTileM - 1) / kTileM;
   const int64_t goff = glu == kGluGateLast ? Hd : 0, voff = glu == kGluGateFirst ? Hd : 0;
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.nn.modules import module as _module
 
 from vitkern import _backend
 from vitkern._ext import load_extension
 from vitkern.ops import layernorm_mlp, sp_attention
 from vitkern.ops._autograd import eager_inference, no_autocast
-from vitkern.ops._packed import linear, packed_weight
+from vitkern.ops._packed import global_hooks, linear, packed_weight, skippable
 from vitkern.ops.layernorm_mlp import ACTIVATIONS
 
 
@@ -297,7 +296,7 @@ def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
         return None
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3:
         return None
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks or torch.is_autocast_enabled("cpu"):
+    if global_hooks() or torch.is_autocast_enabled("cpu"):
         return None
     mods = blk._modules
     attn, mlp, n1, n2 = mods["attn"], mods["mlp"], mods["norm1"], mods["norm2"]
@@ -316,9 +315,8 @@ def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
             return None
     # A hook, or a forward replaced on the instance (``m.forward = ...``: a patched attention such as
     # the public-code SP-ViT baseline), must run: such a block goes module by module.
-    for m in (blk, n1, attn, n2, mlp, qkv, proj, fc1, fc2, *residual_path):
-        if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
-            return None
+    if not all(skippable(m) for m in (blk, n1, attn, n2, mlp, qkv, proj, fc1, fc2, *residual_path)):
+        return None
     params = []
     for m in (n1, qkv, proj, n2, fc1, fc2):
         p = m._parameters
