@@ -3,6 +3,10 @@ float64 reference: output and every gradient, fp32 and bf16, ragged shapes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import TOL, assert_close_rel, randn
@@ -92,6 +96,7 @@ def test_backward_is_bitwise_deterministic(gen):
 
 
 def test_plain_attention_training_is_routed_to_sdpa(gen):
+    """Few (batch, head) pairs, or no packed GEMM route: SDPA's fused backward is the faster one."""
     q, k, v, _ = _inputs(1, 2, (4, 4), 0, 32, False, torch.float32, gen)
     with torch.no_grad():
         sp_attention(q, k, v)
@@ -101,6 +106,36 @@ def test_plain_attention_training_is_routed_to_sdpa(gen):
     assert rec.backend == "reference" and "SDPA" in rec.skipped["cpu"]
     sp_attention(q, k, v, backend="cpu")  # an explicit request still runs the kernel
     assert vitkern.last_backend("sp_attention") == "cpu"
+
+
+def test_plain_attention_training_with_many_heads_follows_the_gemm_route(gen):
+    """From 12 (batch, head) pairs up the kernel's packed-route backward beats SDPA's; where its
+    products are BLAS calls (VITKERN_GEMM=blas, or AVX-512 CPUs) SDPA keeps plain training."""
+    from vitkern.ops._packed import packed_route
+
+    q, k, v, _ = _inputs(2, 6, (4, 4), 0, 32, False, torch.float32, gen)
+    out = sp_attention(*(t.requires_grad_() for t in (q, k, v)))
+    rec = vitkern.backend_report()["sp_attention"]
+    if packed_route():
+        assert rec.backend == "cpu", rec.skipped
+        ref = sp_attention(q, k, v, backend="reference")
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        grads_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+        assert_close_rel(out, ref, TOL[torch.float32])
+        for a, b in zip(grads, grads_ref, strict=True):
+            assert_close_rel(a, b, TOL[torch.float32])
+    else:
+        assert rec.backend == "reference" and "SDPA" in rec.skipped["cpu"]
+    code = (
+        "import torch, vitkern\n"
+        "from vitkern.ops import sp_attention\n"
+        "q, k, v = (torch.randn(2, 6, 16, 32, requires_grad=True) for _ in range(3))\n"
+        "sp_attention(q, k, v)\n"
+        "rec = vitkern.backend_report()['sp_attention']\n"
+        "assert rec.backend == 'reference' and 'SDPA' in rec.skipped['cpu'], rec\n"
+    )
+    env = {**os.environ, "VITKERN_GEMM": "blas"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
 
 
 def test_auto_picks_cpu_for_cpu_tensors(gen):

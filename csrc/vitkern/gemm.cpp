@@ -22,8 +22,11 @@ namespace {
 constexpr int64_t kMR = 6, kKC = 384, kMC = 96;
 
 #if VK_X86_SIMD
-// C rows (ldc) = or += the MR x 16 block of A (MR rows of kc, lda) . panel (kc x 16).
-template <int MR>
+// C rows (ldc) = or += the MR x 16 block of A (MR rows of kc, lda) . panel (kc x 16). AT: A is
+// stored transposed (kc x MR, element (r, k) at a[k * lda + r]), as for the weight gradients'
+// dY^T . X and the attention backward's P^T . dO: the six broadcasts of a k step then read
+// adjacent floats.
+template <int MR, bool AT>
 __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* b,
                                                       float* c, int64_t ldc, bool accumulate) {
   __m256 c0[MR], c1[MR];
@@ -36,7 +39,7 @@ __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a
     const __m256 b0 = _mm256_loadu_ps(b + k * kGemmNR), b1 = _mm256_loadu_ps(b + k * kGemmNR + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      const __m256 av = _mm256_broadcast_ss(AT ? a + k * lda + r : a + r * lda + k);
       c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
       c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
     }
@@ -54,22 +57,37 @@ __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a
 }
 
 using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, bool);
-constexpr MicroKernel kMicro[kMR + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>, micro_kernel<3>,
-                                         micro_kernel<4>, micro_kernel<5>, micro_kernel<6>};
+template <bool AT>
+constexpr MicroKernel kMicro[kMR + 1] = {nullptr,
+                                         micro_kernel<1, AT>,
+                                         micro_kernel<2, AT>,
+                                         micro_kernel<3, AT>,
+                                         micro_kernel<4, AT>,
+                                         micro_kernel<5, AT>,
+                                         micro_kernel<6, AT>};
+
+// Offset of A's element (row i, column k): row-major, or transposed (AT).
+template <bool AT>
+inline int64_t a_at(int64_t i, int64_t k, int64_t lda) {
+  return AT ? k * lda + i : i * lda + k;
+}
 
 // rows x (up to) 16 columns of C from one panel; cols < 16 (the last panel) goes through a buffer.
+template <bool AT>
 void panel_rows(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t lda, const float* b, float* c,
                 int64_t ldc, bool accumulate) {
   int64_t i = 0;
   if (cols == kGemmNR) {
-    for (; i + kMR <= rows; i += kMR) micro_kernel<kMR>(kc, a + i * lda, lda, b, c + i * ldc, ldc, accumulate);
-    if (i < rows) kMicro[rows - i](kc, a + i * lda, lda, b, c + i * ldc, ldc, accumulate);
+    for (; i + kMR <= rows; i += kMR) {
+      micro_kernel<kMR, AT>(kc, a + a_at<AT>(i, 0, lda), lda, b, c + i * ldc, ldc, accumulate);
+    }
+    if (i < rows) kMicro<AT>[rows - i](kc, a + a_at<AT>(i, 0, lda), lda, b, c + i * ldc, ldc, accumulate);
     return;
   }
   float buf[kMR * kGemmNR];
   for (; i < rows; i += kMR) {
     const int64_t mr = std::min(kMR, rows - i);
-    kMicro[mr](kc, a + i * lda, lda, b, buf, kGemmNR, false);
+    kMicro<AT>[mr](kc, a + a_at<AT>(i, 0, lda), lda, b, buf, kGemmNR, false);
     for (int64_t r = 0; r < mr; ++r) {
       float* cr = c + (i + r) * ldc;
       for (int64_t j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + buf[r * kGemmNR + j] : buf[r * kGemmNR + j];
@@ -79,6 +97,7 @@ void panel_rows(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t 
 
 // pstride: floats from one panel to the next (kGemmNR * k for a packed weight; more when the
 // product uses a k-range of longer panels, as sp_attention's P . V does per key block).
+template <bool AT>
 void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
                  int64_t ldc, bool accumulate, int64_t pstride) {
   const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
@@ -89,8 +108,8 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
       const int64_t mc = std::min(kMC, m - ic);
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t cols = std::min(kGemmNR, n - p * kGemmNR);
-        panel_rows(mc, cols, kc, a + ic * lda + pc, lda, wp + p * pstride + pc * kGemmNR,
-                   c + ic * ldc + p * kGemmNR, ldc, acc);
+        panel_rows<AT>(mc, cols, kc, a + a_at<AT>(ic, pc, lda), lda, wp + p * pstride + pc * kGemmNR,
+                       c + ic * ldc + p * kGemmNR, ldc, acc);
       }
     }
   }
@@ -107,10 +126,62 @@ int gemm_env() {  // 0 auto, 1 blas, 2 vitkern
 
 }  // namespace
 
+#if VK_X86_SIMD
+namespace {
+// Eight rows of w (ldw apart), columns [kk, kk + 8), times scale, stored transposed: dst[j * 16 + r]
+// for r < 8 (an 8 x 8 transpose in registers).
+__attribute__((target("avx2,fma"))) void pack_8x8(const float* w, int64_t ldw, float* dst, __m256 scale) {
+  __m256 r0 = _mm256_mul_ps(_mm256_loadu_ps(w), scale), r1 = _mm256_mul_ps(_mm256_loadu_ps(w + ldw), scale);
+  __m256 r2 = _mm256_mul_ps(_mm256_loadu_ps(w + 2 * ldw), scale);
+  __m256 r3 = _mm256_mul_ps(_mm256_loadu_ps(w + 3 * ldw), scale);
+  __m256 r4 = _mm256_mul_ps(_mm256_loadu_ps(w + 4 * ldw), scale);
+  __m256 r5 = _mm256_mul_ps(_mm256_loadu_ps(w + 5 * ldw), scale);
+  __m256 r6 = _mm256_mul_ps(_mm256_loadu_ps(w + 6 * ldw), scale);
+  __m256 r7 = _mm256_mul_ps(_mm256_loadu_ps(w + 7 * ldw), scale);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst + 0 * kGemmNR, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * kGemmNR, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * kGemmNR, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * kGemmNR, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * kGemmNR, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * kGemmNR, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * kGemmNR, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * kGemmNR, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+// A full panel (16 rows of w) in 8 x 8 register transposes; the k % 8 tail element by element.
+__attribute__((target("avx2,fma"))) void pack_panel_avx2(const float* w, int64_t k, int64_t ldw, float* dst,
+                                                         float scale) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  int64_t kk = 0;
+  for (; kk + 8 <= k; kk += 8) {
+    pack_8x8(w + kk, ldw, dst + kk * kGemmNR, sv);
+    pack_8x8(w + 8 * ldw + kk, ldw, dst + kk * kGemmNR + 8, sv);
+  }
+  for (; kk < k; ++kk) {
+    for (int64_t c = 0; c < kGemmNR; ++c) dst[kk * kGemmNR + c] = w[c * ldw + kk] * scale;
+  }
+}
+}  // namespace
+#endif
+
 void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* wp, float scale) {
   const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
   for (int64_t p = 0; p < panels; ++p) {
     float* dst = wp + p * kGemmNR * k;
+#if VK_X86_SIMD
+    if (p * kGemmNR + kGemmNR <= n && simd::has_avx2()) {
+      pack_panel_avx2(w + p * kGemmNR * ldw, k, ldw, dst, scale);  // the same products, in registers
+      continue;
+    }
+#endif
     for (int64_t cidx = 0; cidx < kGemmNR; ++cidx) {
       const int64_t row = p * kGemmNR + cidx;
       if (row < n) {
@@ -207,9 +278,11 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
   sgemm(true, false, n, m, k, 1.f, w, k, a, lda, accumulate ? 1.f : 0.f, c, ldc);
 }
 
-void gemm_packed_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
-                    int64_t ldc, bool accumulate, int64_t panel_stride) {
-  VK_CHECK(packed_gemm_active(), "gemm_packed_nt: the packed GEMM route is not active");
+namespace {
+template <bool AT>
+void packed_product(const char* name, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp,
+                    float* c, int64_t ldc, bool accumulate, int64_t panel_stride) {
+  VK_CHECK(packed_gemm_active(), name, ": the packed GEMM route is not active");
   if (m == 0 || n == 0) return;
 #if VK_X86_SIMD
   if (k == 0) {
@@ -217,8 +290,19 @@ void gemm_packed_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
       for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
     return;
   }
-  gemm_packed(m, n, k, a, lda, wp, c, ldc, accumulate, panel_stride > 0 ? panel_stride : kGemmNR * k);
+  gemm_packed<AT>(m, n, k, a, lda, wp, c, ldc, accumulate, panel_stride > 0 ? panel_stride : kGemmNR * k);
 #endif
+}
+}  // namespace
+
+void gemm_packed_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
+                    int64_t ldc, bool accumulate, int64_t panel_stride) {
+  packed_product<false>("gemm_packed_nt", m, n, k, a, lda, wp, c, ldc, accumulate, panel_stride);
+}
+
+void gemm_packed_tn(int64_t m, int64_t n, int64_t k, const float* at, int64_t lda, const float* wp, float* c,
+                    int64_t ldc, bool accumulate, int64_t panel_stride) {
+  packed_product<true>("gemm_packed_tn", m, n, k, at, lda, wp, c, ldc, accumulate, panel_stride);
 }
 
 void pack_columns(const float* b, int64_t k, int64_t n, int64_t ldb, float* bp) {

@@ -43,6 +43,12 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
 void gemm_packed_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
                     int64_t ldc, bool accumulate, int64_t panel_stride = 0);
 
+// The same with A given transposed: C (m x n) (+)= A^T . W^T, where `at` is A^T, (k x m) row-major
+// with leading dimension lda (element (i, kk) of A at at[kk * lda + i]). The weight gradients' and
+// the attention backward's products over the rows of a (rows x n) matrix: dY^T . X, P^T . dO.
+void gemm_packed_tn(int64_t m, int64_t n, int64_t k, const float* at, int64_t lda, const float* wp, float* c,
+                    int64_t ldc, bool accumulate, int64_t panel_stride = 0);
+
 // B (k x n, row-major, ldb) -> panels of 16 columns (packed_weight_numel(n, k) floats, zero-filled
 // past n): the packed form of W = B^T, so that A . B = gemm_packed_nt(A, packed).
 void pack_columns(const float* b, int64_t k, int64_t n, int64_t ldb, float* bp);

@@ -202,69 +202,94 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
   // from the fused qkv: a page per key). Elsewhere both are sgemm calls, the scale riding on alpha.
   const bool packed = packed_gemm_active();
   const int64_t kpk_size = packed_weight_numel(N, Dh), vpk_size = packed_weight_numel(Dh, N);
-  Tensor kvpk = packed ? empty({B * H * (kpk_size + vpk_size)}) : Tensor();
-  float* kpk_p = packed ? f32_ptr(kvpk) : nullptr;
-  float* vpk_p = packed ? kpk_p + B * H * kpk_size : nullptr;
-  if (packed) {
+  // With enough (batch, head) pairs for every thread, one task is a whole (batch, head): its
+  // thread packs K and V into its own buffer and runs every query block while they are still in
+  // its L2 (ViT-S batch 8: 48 heads x 100 KB packed, which a separate packing pass had pushed out
+  // to L3 before the products read them). With few pairs (batch 1 on several threads) the packing
+  // is a pass of its own and the tasks are query blocks, so the threads share every head.
+  const bool per_head = packed && B * H >= 4 * std::max<int64_t>(1, num_threads());
+  Tensor kvpk = packed && !per_head ? empty({B * H * (kpk_size + vpk_size)}) : Tensor();
+  float* kpk_all = packed && !per_head ? f32_ptr(kvpk) : nullptr;
+  float* vpk_all = packed && !per_head ? kpk_all + B * H * kpk_size : nullptr;
+  auto pack_head = [&](int64_t bh, float* kpk, float* vpk) {
+    const Mat km = slice(k, bh / H, bh % H), vm = slice(v, bh / H, bh % H);
+    pack_weight(km.p, N, Dh, km.ld, kpk, scale);
+    pack_columns(vm.p, N, Dh, vm.ld, vpk);
+  };
+  if (packed && !per_head) {
     parallel_tasks(B * H, [&](auto& queue) {
-      for (int64_t bh; (bh = queue.next()) >= 0;) {
-        const Mat km = slice(k, bh / H, bh % H), vm = slice(v, bh / H, bh % H);
-        pack_weight(km.p, N, Dh, km.ld, kpk_p + bh * kpk_size, scale);
-        pack_columns(vm.p, N, Dh, vm.ld, vpk_p + bh * vpk_size);
-      }
+      for (int64_t bh; (bh = queue.next()) >= 0;) pack_head(bh, kpk_all + bh * kpk_size, vpk_all + bh * vpk_size);
     });
   }
 
-  parallel_tasks(B * H * n_qblk, [&](auto& queue) {
-    Scratch s_buf = scratch(bm * kBlockN);
-    std::vector<float> acc(bm * Dh), m(bm), l(bm);
-    for (int64_t task; (task = queue.next()) >= 0;) {
-      const int64_t qb = task % n_qblk, bh = task / n_qblk, b = bh / H, h = bh % H;
-      const int64_t i0 = qb * bm, rows = std::min(bm, N - i0);
-      Prior prior{expanded_p ? expanded_p + h * esize : nullptr, gh, gw, num_prefix};
-      Mat qm = slice(q, b, h), km = slice(k, b, h), vm = slice(v, b, h);
-      qm.p += i0 * qm.ld;
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j0 = 0; j0 < N; j0 += kBlockN) {
-        const int64_t cols = std::min(kBlockN, N - j0);
-        if (packed) {
-          gemm_packed_nt(rows, cols, Dh, qm.p, qm.ld, kpk_p + bh * kpk_size + j0 * Dh, s_buf.get(), kBlockN, false);
-        } else {
-          // The logit scale rides on the GEMM's alpha: no separate pass.
-          gemm_abt(rows, cols, Dh, qm, {km.p + j0 * km.ld, km.ld}, s_buf.get(), kBlockN, scale);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* s = s_buf.get() + r * kBlockN;
-          prior.apply_row(s, i0 + r, j0, j0 + cols, 1.f);
-          const float mb = simd::row_max(s, cols);
-          const float m_new = std::max(m[r], mb);
-          // Rows whose logits are all -inf keep m = -inf; use 0 as the shift so exp gives 0, not NaN.
-          const float shift = std::isinf(m_new) && m_new < 0 ? 0.f : m_new;
-          const float alpha = std::exp(m[r] - shift);
-          const float rowsum = simd::exp_sub_sum(s, cols, shift);
-          l[r] = l[r] * alpha + rowsum;
-          m[r] = m_new;
-          if (alpha != 1.f) {
-            float* a = acc.data() + r * Dh;
-            for (int64_t t = 0; t < Dh; ++t) a[t] *= alpha;
-          }
-        }
-        if (packed) {
-          gemm_packed_nt(rows, Dh, cols, s_buf.get(), kBlockN, vpk_p + bh * vpk_size + j0 * kGemmNR, acc.data(), Dh,
-                         true, kGemmNR * N);
-        } else {
-          gemm_ab(rows, cols, Dh, s_buf.get(), kBlockN, {vm.p + j0 * vm.ld, vm.ld}, 1.f, acc.data(), Dh);
+  // Row stride of the score tile: the key block rounded up to 16 plus 16 floats (197 keys: 224),
+  // not kBlockN: 512-float rows put every row's start on one of two L1 sets.
+  const int64_t lds = (std::min(kBlockN, N) + 15) / 16 * 16 + 16;
+  // Query block qb of (batch, head) bh; kpk / vpk: that head's packed K and V (packed route).
+  auto query_block = [&](int64_t bh, int64_t qb, const float* kpk, const float* vpk, float* s_buf, float* acc,
+                         float* m, float* l) {
+    const int64_t b = bh / H, h = bh % H;
+    const int64_t i0 = qb * bm, rows = std::min(bm, N - i0);
+    Prior prior{expanded_p ? expanded_p + h * esize : nullptr, gh, gw, num_prefix};
+    Mat qm = slice(q, b, h), km = slice(k, b, h), vm = slice(v, b, h);
+    qm.p += i0 * qm.ld;
+    std::fill(m, m + bm, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + bm, 0.f);
+    std::fill(acc, acc + bm * Dh, 0.f);
+    for (int64_t j0 = 0; j0 < N; j0 += kBlockN) {
+      const int64_t cols = std::min(kBlockN, N - j0);
+      if (packed) {
+        gemm_packed_nt(rows, cols, Dh, qm.p, qm.ld, kpk + j0 * Dh, s_buf, lds, false);
+      } else {
+        // The logit scale rides on the GEMM's alpha: no separate pass.
+        gemm_abt(rows, cols, Dh, qm, {km.p + j0 * km.ld, km.ld}, s_buf, lds, scale);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = s_buf + r * lds;
+        prior.apply_row(s, i0 + r, j0, j0 + cols, 1.f);
+        const float mb = simd::row_max(s, cols);
+        const float m_new = std::max(m[r], mb);
+        // Rows whose logits are all -inf keep m = -inf; use 0 as the shift so exp gives 0, not NaN.
+        const float shift = std::isinf(m_new) && m_new < 0 ? 0.f : m_new;
+        const float alpha = std::exp(m[r] - shift);
+        const float rowsum = simd::exp_sub_sum(s, cols, shift);
+        l[r] = l[r] * alpha + rowsum;
+        m[r] = m_new;
+        if (alpha != 1.f) {
+          float* a = acc + r * Dh;
+          for (int64_t t = 0; t < Dh; ++t) a[t] *= alpha;
         }
       }
-      float* o = out_p + ((b * N + i0) * H + h) * Dh;  // token-major rows, stride H * Dh
-      float* ls = lse_p + (b * H + h) * N + i0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float inv = 1.f / l[r];
-        const float* a = acc.data() + r * Dh;
-        for (int64_t t = 0; t < Dh; ++t) o[r * H * Dh + t] = a[t] * inv;
-        ls[r] = m[r] + std::log(l[r]);
+      if (packed) {
+        gemm_packed_nt(rows, Dh, cols, s_buf, lds, vpk + j0 * kGemmNR, acc, Dh, true, kGemmNR * N);
+      } else {
+        gemm_ab(rows, cols, Dh, s_buf, lds, {vm.p + j0 * vm.ld, vm.ld}, 1.f, acc, Dh);
+      }
+    }
+    float* o = out_p + ((b * N + i0) * H + h) * Dh;  // token-major rows, stride H * Dh
+    float* ls = lse_p + (b * H + h) * N + i0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float inv = 1.f / l[r];
+      const float* a = acc + r * Dh;
+      for (int64_t t = 0; t < Dh; ++t) o[r * H * Dh + t] = a[t] * inv;
+      ls[r] = m[r] + std::log(l[r]);
+    }
+  };
+
+  const int64_t n_tasks = per_head ? B * H : B * H * n_qblk;
+  parallel_tasks(n_tasks, [&](auto& queue) {
+    Scratch s_buf = scratch(bm * lds), kv_buf = scratch(per_head ? kpk_size + vpk_size : 0);
+    std::vector<float> acc(bm * Dh), m(bm), l(bm);
+    for (int64_t task; (task = queue.next()) >= 0;) {
+      if (per_head) {
+        pack_head(task, kv_buf.get(), kv_buf.get() + kpk_size);
+        for (int64_t qb = 0; qb < n_qblk; ++qb) {
+          query_block(task, qb, kv_buf.get(), kv_buf.get() + kpk_size, s_buf.get(), acc.data(), m.data(), l.data());
+        }
+      } else {
+        const int64_t qb = task % n_qblk, bh = task / n_qblk;
+        query_block(bh, qb, packed ? kpk_all + bh * kpk_size : nullptr, packed ? vpk_all + bh * vpk_size : nullptr,
+                    s_buf.get(), acc.data(), m.data(), l.data());
       }
     }
   });
@@ -297,11 +322,29 @@ std::vector<Tensor> sp_attention_backward_cpu(const Tensor& dout_in, const Tenso
   const float* lse_base = f32_ptr(lse);
   float *dq_base = f32_ptr(dq), *dk_base = f32_ptr(dk), *dv_base = f32_ptr(dv);
 
-  parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    Scratch p_buf = scratch(kBlockM * kBlockN), dp_buf = scratch(kBlockM * kBlockN), logit_buf = scratch(kBlockN);
+  // Packed GEMM route (gemm.h): per (batch, head), K (times the scale) and V are packed as
+  // "weights" for P = scale Q . K^T and dP = dO . V^T, and K by columns for dQ += dS . K; per
+  // query block, dO and Q by columns for dV += P^T . dO and dK += dS^T . Q, which read P and dS
+  // transposed in place (gemm_packed_tn). Query blocks as in the forward (197: 54, 54, 54, 35).
+  // Elsewhere the five products are sgemm calls on 64-row blocks.
+  const bool packed = packed_gemm_active();
+  const int64_t bm = packed ? query_block_rows(N) : kBlockM;
+  const int64_t lds = packed ? (std::min(kBlockN, N) + 15) / 16 * 16 + 16 : kBlockN;  // as in the forward
+  const int64_t kw_size = packed_weight_numel(N, Dh), kc_size = packed_weight_numel(Dh, N);
+  const int64_t blk_size = packed_weight_numel(Dh, bm);
+
+  parallel_tasks(B * H, [&](auto& queue) {
+    Scratch p_buf = scratch(bm * lds), dp_buf = scratch(bm * lds), logit_buf = scratch(kBlockN);
+    // Packed operands: K (scaled) and V as weights, K by columns; dO and Q blocks by columns.
+    Scratch pk_buf = scratch(packed ? 3 * kw_size + 2 * blk_size : 0);
+    float* kw = pk_buf.get();
+    float* vw = kw + kw_size;
+    float* kcol = vw + kw_size;
+    float* docol = kcol + kc_size;
+    float* qcol = docol + blk_size;
     std::vector<float> delta(N);
     std::vector<float> dexp(has_prior ? esize : 0);  // this task's expanded d-omega
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh; (bh = queue.next()) >= 0;) {
       const int64_t b = bh / H, h = bh % H;
       Prior prior{has_prior ? expanded_p + h * esize : nullptr, gh, gw, num_prefix};
       float* dtab = has_prior ? dtab_p + bh * tsize : nullptr;
@@ -314,6 +357,11 @@ std::vector<Tensor> sp_attention_backward_cpu(const Tensor& dout_in, const Tenso
       float* dv_p = dv_base + bh * N * Dh;
       std::fill(dk_p, dk_p + N * Dh, 0.f);
       std::fill(dv_p, dv_p + N * Dh, 0.f);
+      if (packed) {
+        pack_weight(km.p, N, Dh, km.ld, kw, scale);
+        pack_weight(vm.p, N, Dh, vm.ld, vw);
+        pack_columns(km.p, N, Dh, km.ld, kcol);
+      }
       // delta_i = rowsum(dO_i * O_i), the softmax backward's correction term.
       for (int64_t i = 0; i < N; ++i) {
         const float* a = dom.p + i * dom.ld;
@@ -322,20 +370,29 @@ std::vector<Tensor> sp_attention_backward_cpu(const Tensor& dout_in, const Tenso
         for (int64_t t = 0; t < Dh; ++t) d += a[t] * c[t];
         delta[i] = d;
       }
-      for (int64_t i0 = 0; i0 < N; i0 += kBlockM) {
-        const int64_t rows = std::min(kBlockM, N - i0);
+      for (int64_t i0 = 0; i0 < N; i0 += bm) {
+        const int64_t rows = std::min(bm, N - i0);
         const Mat qb{qm.p + i0 * qm.ld, qm.ld}, dob{dom.p + i0 * dom.ld, dom.ld};
         float* dq_blk = dq_p + i0 * Dh;
         std::fill(dq_blk, dq_blk + rows * Dh, 0.f);
+        if (packed) {
+          pack_columns(dob.p, rows, Dh, dob.ld, docol);
+          pack_columns(qb.p, rows, Dh, qb.ld, qcol);
+        }
         for (int64_t j0 = 0; j0 < N; j0 += kBlockN) {
           const int64_t cols = std::min(kBlockN, N - j0);
           const Mat kb{km.p + j0 * km.ld, km.ld}, vb{vm.p + j0 * vm.ld, vm.ld};
-          gemm_abt(rows, cols, Dh, qb, kb, p_buf.get(), kBlockN, scale);  // scale * q.k
-          gemm_abt(rows, cols, Dh, dob, vb, dp_buf.get(), kBlockN);  // dP = dO . V^T
+          if (packed) {
+            gemm_packed_nt(rows, cols, Dh, qb.p, qb.ld, kw + j0 * Dh, p_buf.get(), lds, false);     // scale * q.k
+            gemm_packed_nt(rows, cols, Dh, dob.p, dob.ld, vw + j0 * Dh, dp_buf.get(), lds, false);  // dP = dO . V^T
+          } else {
+            gemm_abt(rows, cols, Dh, qb, kb, p_buf.get(), lds, scale);
+            gemm_abt(rows, cols, Dh, dob, vb, dp_buf.get(), lds);
+          }
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + r;
-            float* p = p_buf.get() + r * kBlockN;
-            float* ds = dp_buf.get() + r * kBlockN;
+            float* p = p_buf.get() + r * lds;
+            float* ds = dp_buf.get() + r * lds;
             prior.apply_row(p, i, j0, j0 + cols, 1.f, has_prior ? logit_buf.get() : nullptr);
             const float li = lse_p[i], di = delta[i];
             simd::exp_sub_sum(p, cols, li);
@@ -345,9 +402,16 @@ std::vector<Tensor> sp_attention_backward_cpu(const Tensor& dout_in, const Tenso
             // Chain through the prior and the scale: d(q.k) = dS * scale * factor.
             prior.apply_row(ds, i, j0, j0 + cols, scale);
           }
-          gemm_atb(rows, cols, Dh, p_buf.get(), kBlockN, dob, dv_p + j0 * Dh, Dh);        // dV += P^T dO
-          gemm_ab(rows, cols, Dh, dp_buf.get(), kBlockN, kb, 1.f, dq_blk, Dh);          // dQ += dQK . K
-          gemm_atb(rows, cols, Dh, dp_buf.get(), kBlockN, qb, dk_p + j0 * Dh, Dh);       // dK += dQK^T . Q
+          if (packed) {
+            gemm_packed_tn(cols, Dh, rows, p_buf.get(), lds, docol, dv_p + j0 * Dh, Dh, true);   // dV += P^T dO
+            gemm_packed_nt(rows, Dh, cols, dp_buf.get(), lds, kcol + j0 * kGemmNR, dq_blk, Dh, true,
+                           kGemmNR * N);                                                          // dQ += dS . K
+            gemm_packed_tn(cols, Dh, rows, dp_buf.get(), lds, qcol, dk_p + j0 * Dh, Dh, true);  // dK += dS^T Q
+          } else {
+            gemm_atb(rows, cols, Dh, p_buf.get(), lds, dob, dv_p + j0 * Dh, Dh);  // dV += P^T dO
+            gemm_ab(rows, cols, Dh, dp_buf.get(), lds, kb, 1.f, dq_blk, Dh);      // dQ += dQK . K
+            gemm_atb(rows, cols, Dh, dp_buf.get(), lds, qb, dk_p + j0 * Dh, Dh);  // dK += dQK^T . Q
+          }
         }
       }
       if (has_prior) Prior::fold(dexp.data(), dtab, gh, gw);

@@ -21,6 +21,7 @@ from vitkern.ops._autograd import eager_inference
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+@torch.compiler.assume_constant_result  # fixed per process; traced code (the dispatch's auto rules) reads it
 def packed_route() -> bool:
     """Whether the cpu kernels' weight GEMMs take prepacked weights on this machine."""
     ext = load_extension()

@@ -25,6 +25,7 @@ from vitkern.ops._autograd import (
     no_autocast,
 )
 from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
+from vitkern.ops._packed import packed_route
 from vitkern.ops._validate import check_same, check_tensor
 from vitkern.ops.spatial_prior import resolve_grid, spatial_prior_reference
 
@@ -104,11 +105,24 @@ def _triton_backward(dout, q, k, v, omega, out, lse, gh, gw, num_prefix, scale):
     return sp_attention_bwd(dout, q, k, v, omega, out, lse, (gh, gw), num_prefix, scale)
 
 
+# Below this many (batch, head) pairs the cpu kernel's plain-attention training step (forward +
+# backward) loses to SDPA's: ViT-S at batch 1 (6 heads) 4.65 vs 4.34 ms on one thread, batch 2
+# (12) 7.7 vs 8.4 (benchmarks/NOTES.md, "The attention backward on the packed GEMM").
+_OWN_BACKWARD_MIN_HEADS = 12
+
+
 def _cpu_auto_skip(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None:
     if omega is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        # Measured (benchmarks/NOTES.md): without a prior, PyTorch's fused SDPA backward
-        # is faster than this kernel's; the reference path uses SDPA.
-        return "plain attention with autograd: SDPA's fused backward (reference path) is faster"
+        # Measured (benchmarks/NOTES.md): without a prior, PyTorch's fused SDPA backward is
+        # faster than this kernel's where the kernel's products are BLAS calls (CPUs with
+        # AVX-512), and for a handful of heads; the reference path uses SDPA.
+        if not packed_route():
+            return "plain attention with autograd: SDPA's fused backward (reference path) is faster here"
+        if q.shape[0] * q.shape[1] < _OWN_BACKWARD_MIN_HEADS:
+            return (
+                f"plain attention with autograd on {q.shape[0] * q.shape[1]} (batch, head) pairs: "
+                f"SDPA's fused backward (reference path) is faster below {_OWN_BACKWARD_MIN_HEADS}"
+            )
     return None
 
 
