@@ -27,6 +27,8 @@ CASES = [
     (1, 1, (23, 23), 1, 32, True),  # N = 530 spans two key blocks of 512 (online rescaling)
     (1, 2, (22, 24), 5, 64, True),  # N = 533, non-square: the second key block starts mid grid row
     (1, 1, (1, 1), 0, 16, True),  # a single token
+    (2, 3, (6, 7), 1, 24, True),  # head dim not a multiple of 16 (a partial packed panel)
+    (1, 2, (5, 5), 0, 8, True),  # head dim 8: K by columns is one 16-wide panel, longer than K packed by rows
     (2, 2, (7, 7), 1, 64, False),  # omega=None: plain attention
     (1, 2, None, 0, 48, False),  # plain attention with no grid at all (N = 300)
 ]

@@ -336,7 +336,7 @@ std::vector<Tensor> sp_attention_backward_cpu(const Tensor& dout_in, const Tenso
   parallel_tasks(B * H, [&](auto& queue) {
     Scratch p_buf = scratch(bm * lds), dp_buf = scratch(bm * lds), logit_buf = scratch(kBlockN);
     // Packed operands: K (scaled) and V as weights, K by columns; dO and Q blocks by columns.
-    Scratch pk_buf = scratch(packed ? 3 * kw_size + 2 * blk_size : 0);
+    Scratch pk_buf = scratch(packed ? 2 * kw_size + kc_size + 2 * blk_size : 0);
     float* kw = pk_buf.get();
     float* vw = kw + kw_size;
     float* kcol = vw + kw_size;
