@@ -7,7 +7,8 @@
 // max m and sum l per row, fp32), so no (N x N) buffer exists: per task the
 // largest buffers are BM x BN tiles. The prior factor comes from the small
 // per-head table, indexed by the relative offset computed on the fly.
-// Block GEMMs call the BLAS torch uses (sgemm_, see blas.h), fp32.
+// Block GEMMs run on vitkern's packed micro-kernel where that route is active (gemm.h: K, V,
+// dO and Q packed per head or per query block), else on the BLAS torch uses (sgemm_, blas.h); fp32.
 // Inputs of any floating dtype are computed in fp32 (fp64 is left to the
 // reference path); outputs are cast back. Backward is deterministic: every
 // (batch, head) task owns its dK/dV rows and its own d-omega partial table,
