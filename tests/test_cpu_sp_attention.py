@@ -3,13 +3,12 @@ float64 reference: output and every gradient, fp32 and bf16, ragged shapes."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import TOL, assert_close_rel, randn
+from conftest import SUBPROCESS_CWD, TOL, assert_close_rel, randn, subprocess_env
 
 import vitkern
 from vitkern._ext import extension_error, load_extension
@@ -136,8 +135,15 @@ def test_plain_attention_training_with_many_heads_follows_the_gemm_route(gen):
         "rec = vitkern.backend_report()['sp_attention']\n"
         "assert rec.backend == 'reference' and 'SDPA' in rec.skipped['cpu'], rec\n"
     )
-    env = {**os.environ, "VITKERN_GEMM": "blas"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(VITKERN_GEMM="blas"),
+        cwd=SUBPROCESS_CWD,  # not the repository root: the installed vitkern, with its _C
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_auto_picks_cpu_for_cpu_tensors(gen):

@@ -57,6 +57,20 @@ def _linear(x, w, b):
     return ext.linear_forward(x, w, b, ext.pack_gemm_weight(w))
 
 
+@pytest.mark.parametrize("n,k", [(16, 8), (17, 9), (5, 3), (48, 131), (1152, 384)])
+def test_packed_layout_is_exact(n, k, gen):
+    """pack_gemm_weight's panels hold exactly W's values in the documented layout (16 rows per
+    panel, k-major, zero past n): the register-transposed full panels, the k % 8 tail and the
+    partial last panel. (A wrong layout would not fail the GEMM tests: the C++ tripwire would
+    see it and fall back to BLAS.)"""
+    w = randn(n, k, gen=gen)
+    panels = (n + 15) // 16
+    ref = torch.zeros(panels * 16, k)
+    ref[:n] = w
+    expected = ref.reshape(panels, 16, k).permute(0, 2, 1).reshape(-1)
+    assert torch.equal(load_extension().pack_gemm_weight(w), expected)
+
+
 @needs_route
 @pytest.mark.parametrize(
     "M,K,N",
