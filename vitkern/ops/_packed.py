@@ -21,11 +21,20 @@ from vitkern.ops._autograd import eager_inference
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-@torch.compiler.assume_constant_result  # fixed per process; traced code (the dispatch's auto rules) reads it
+def _route_of_this_process() -> bool:
+    ext = load_extension()  # (already loaded: vitkern._backend loads it on import)
+    return ext is not None and ext.packed_gemm_active()
+
+
+# Fixed per process (the C++ side reads VITKERN_GEMM and the CPU once), so it is read here once,
+# on import: a plain bool that torch.compile traces as a constant (the dispatch's auto rules
+# consult it inside compiled code, where calling into the extension would break the graph).
+_PACKED_ROUTE = _route_of_this_process()
+
+
 def packed_route() -> bool:
     """Whether the cpu kernels' weight GEMMs take prepacked weights on this machine."""
-    ext = load_extension()
-    return ext is not None and ext.packed_gemm_active()
+    return _PACKED_ROUTE
 
 
 def packed_weight(w: torch.Tensor | None) -> torch.Tensor | None:

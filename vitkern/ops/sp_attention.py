@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from vitkern import _backend
 from vitkern._ext import load_extension
+from vitkern.ops import _packed
 from vitkern.ops._autograd import (
     autocast_cast,
     autocast_dtype,
@@ -25,7 +26,6 @@ from vitkern.ops._autograd import (
     no_autocast,
 )
 from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
-from vitkern.ops._packed import packed_route
 from vitkern.ops._validate import check_same, check_tensor
 from vitkern.ops.spatial_prior import resolve_grid, spatial_prior_reference
 
@@ -116,7 +116,7 @@ def _cpu_auto_skip(q, k, v, omega, grid, num_prefix_tokens, scale) -> str | None
         # Measured (benchmarks/NOTES.md): without a prior, PyTorch's fused SDPA backward is
         # faster than this kernel's where the kernel's products are BLAS calls (CPUs with
         # AVX-512), and for a handful of heads; the reference path uses SDPA.
-        if not packed_route():
+        if not _packed.packed_route():
             return "plain attention with autograd: SDPA's fused backward (reference path) is faster here"
         if q.shape[0] * q.shape[1] < _OWN_BACKWARD_MIN_HEADS:
             return (
