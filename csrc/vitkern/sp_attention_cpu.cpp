@@ -33,13 +33,17 @@ namespace {
 constexpr int64_t kBlockM = 64;   // queries per tile
 constexpr int64_t kBlockN = 512;  // keys per tile
 
-// Rows per query block of the forward: n queries in ceil(n / kBlockM) blocks of equal size,
+// Rows per query block (forward and backward): n queries in ceil(n / kBlockM) blocks of equal size,
 // rounded up to a multiple of 6 (the packed GEMM's micro-kernel rows).
 inline int64_t query_block_rows(int64_t n) {
   const int64_t blocks = std::max<int64_t>(1, (n + kBlockM - 1) / kBlockM);
   const int64_t rows = (n + blocks - 1) / blocks;
   return std::max<int64_t>(1, (rows + 5) / 6 * 6);
 }
+
+// Row stride of a score tile (forward and backward): the key block rounded up to 16, plus 16
+// floats (197 keys: 224) — not kBlockN, whose 512-float rows all start on one of two L1 sets.
+inline int64_t score_row_stride(int64_t n) { return (std::min(kBlockN, n) + 15) / 16 * 16 + 16; }
 
 // Prior geometry. The factor of patch query (ri, ci) and patch key (rj, cj) is
 // tab[rj - ri + gh - 1][cj - ci + gw - 1]. Unrolled once per call into an
@@ -223,9 +227,7 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
     });
   }
 
-  // Row stride of the score tile: the key block rounded up to 16 plus 16 floats (197 keys: 224),
-  // not kBlockN: 512-float rows put every row's start on one of two L1 sets.
-  const int64_t lds = (std::min(kBlockN, N) + 15) / 16 * 16 + 16;
+  const int64_t lds = score_row_stride(N);
   // Query block qb of (batch, head) bh; kpk / vpk: that head's packed K and V (packed route).
   auto query_block = [&](int64_t bh, int64_t qb, const float* kpk, const float* vpk, float* s_buf, float* acc,
                          float* m, float* l) {
@@ -327,10 +329,9 @@ std::vector<Tensor> sp_attention_backward_cpu(const Tensor& dout_in, const Tenso
   // "weights" for P = scale Q . K^T and dP = dO . V^T, and K by columns for dQ += dS . K; per
   // query block, dO and Q by columns for dV += P^T . dO and dK += dS^T . Q, which read P and dS
   // transposed in place (gemm_packed_tn). Query blocks as in the forward (197: 54, 54, 54, 35).
-  // Elsewhere the five products are sgemm calls on 64-row blocks.
+  // Elsewhere the five products are sgemm calls on the same blocks.
   const bool packed = packed_gemm_active();
-  const int64_t bm = packed ? query_block_rows(N) : kBlockM;
-  const int64_t lds = packed ? (std::min(kBlockN, N) + 15) / 16 * 16 + 16 : kBlockN;  // as in the forward
+  const int64_t bm = query_block_rows(N), lds = score_row_stride(N);  // the forward's tile geometry
   const int64_t kw_size = packed_weight_numel(N, Dh), kc_size = packed_weight_numel(Dh, N);
   const int64_t blk_size = packed_weight_numel(Dh, bm);
 
