@@ -130,6 +130,14 @@ def test_hooked_or_subclassed_modules_take_the_module_path(case, calls):
     assert_close_rel(out, want, TOL[torch.float32], case)
 
 
+def _half_gemms(native: bool):
+    """Pretend this CPU has (or lacks) bf16/fp16 GEMM hardware: the rule that sends half
+    precision to the fp32 one-call block only where torch would emulate the half GEMMs."""
+    from unittest import mock
+
+    return mock.patch("vitkern.ops._validate.native_half_gemm", lambda dtype: native)
+
+
 def test_global_hooks_training_autograd_autocast_and_backends_take_the_module_path(calls):
     model = _model(dict(embed_dim=64, depth=2, num_heads=2), 64)
     x = _image(2, 64)
@@ -147,8 +155,8 @@ def test_global_hooks_training_autograd_autocast_and_backends_take_the_module_pa
     out = model(x)  # autograd: parameters require grad
     assert out.requires_grad
     assert_close_rel(out.detach(), want, TOL[torch.float32], "autograd")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model(x).dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _half_gemms(True):
+        assert model(x).dtype == torch.bfloat16  # a CPU with bf16 GEMMs: torch's, module by module
     with torch.no_grad(), vitkern.use_backend("reference"):
         assert_close_rel(model(x), want, TOL[torch.float32], "reference backend")
     model.train()
@@ -172,11 +180,65 @@ def test_global_hooks_training_autograd_autocast_and_backends_take_the_module_pa
     assert calls[0] == 1, "drop path in training must not be skipped"
 
 
+HALF_CASES = [(c, mode) for c in CONFIGS for mode in ("bfloat16", "float16", "autocast")]
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,batch,img,mode", [(*c, m) for c, m in HALF_CASES], ids=[f"{c[0]}-{m}" for c, m in HALF_CASES]
+)
+def test_half_precision_without_half_gemms_runs_the_block_in_fp32(name, kwargs, batch, img, mode, calls, poison_empty):
+    """bf16/fp16 parameters and input, or a bf16 autocast region, on a CPU whose half GEMMs torch
+    would emulate: each block is one fp32 call, the output in the dtype the module path gives,
+    within the half-precision tolerance of float64."""
+    model = _model(kwargs, img)
+    x = _image(batch, img)
+    with torch.no_grad(), vitkern.use_backend("reference"):
+        want = model.double()(x.double())
+    model.float()
+    if mode == "autocast":
+        ctx, dtype, tol = torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16, TOL[torch.bfloat16]
+        with torch.no_grad(), ctx, _half_gemms(True):
+            module_path = model(x)  # torch's bf16 GEMMs, module by module
+        assert calls[0] == 0
+    else:
+        dtype = getattr(torch, mode)
+        ctx, tol = torch.autocast("cpu", enabled=False), TOL[dtype]
+        model, x = model.to(dtype), x.to(dtype)
+    with torch.no_grad(), ctx, _half_gemms(False):
+        out = model(x)
+    assert calls[0] == len(model.blocks), "every block should have run as one call"
+    if mode == "autocast":
+        assert out.dtype == module_path.dtype, (out.dtype, module_path.dtype)
+        assert_close_rel(out.float(), module_path.float(), 2 * tol, f"{name} vs the module path")
+    else:
+        assert out.dtype == dtype
+    assert_close_rel(out.double(), want, tol, name)
+
+
+def test_half_weights_changed_through_data_are_seen():
+    """The packed copy of a bf16 weight is checked against the weight itself (the tripwire for an
+    in-place change through ``.data``, whose version counter the cache cannot see)."""
+    model = _model(dict(embed_dim=64, depth=1, num_heads=2), 64).to(torch.bfloat16)
+    x = _image(2, 64).bfloat16()
+    with torch.no_grad(), _half_gemms(False):
+        model(x)  # packs (where the packed route is on)
+        model.blocks[0].mlp.fc1.weight.data.mul_(-2.0)
+        model.blocks[0].attn.qkv.weight.data.mul_(0.5)
+        out = model(x)
+        with vitkern.use_backend("reference"):
+            want = model.double()(x.double())
+    assert_close_rel(out.double(), want, TOL[torch.bfloat16], "after the in-place change")
+
+
 def test_parameters_of_another_dtype_raise_a_clear_error():
     model = _model(dict(embed_dim=64, depth=1, num_heads=2), 64)
     model.blocks[0].mlp.fc1.bias.data = model.blocks[0].mlp.fc1.bias.data.double()
     with torch.no_grad(), pytest.raises(RuntimeError, match="fc1_bias must be float32"):
         model(_image(1, 64))
+    half = _model(dict(embed_dim=64, depth=1, num_heads=2), 64).bfloat16()
+    half.blocks[0].attn.proj.bias.data = half.blocks[0].attn.proj.bias.data.float()
+    with torch.no_grad(), _half_gemms(False), pytest.raises(RuntimeError, match="proj_bias must be bfloat16 like x"):
+        half(_image(1, 64).bfloat16())
 
 
 def test_bad_block_forward_arguments_raise():
@@ -241,5 +303,51 @@ assert err < 1e-5, err
 def test_cold_process_first_call_is_the_one_call_block_matching_timm():
     r = subprocess.run(
         [sys.executable, "-c", _COLD], env=subprocess_env(), cwd=SUBPROCESS_CWD, capture_output=True, text=True
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+
+_COLD_HALF = r"""
+import torch, timm, vitkern
+from vitkern._ext import load_extension
+from vitkern.ops._validate import native_half_gemm
+ext = load_extension()
+real, n = ext.block_forward, [0]
+def counting(*a):
+    n[0] += 1
+    return real(*a)
+ext.block_forward = counting
+torch.manual_seed(0)
+ref = timm.create_model("vit_small_patch16_224", num_classes=10).eval()
+model = vitkern.ViT.from_timm(ref).eval()
+x = torch.randn(1, 3, 224, 224)
+rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    out = model(x)  # the process's first forward: under autocast
+    want = ref(x)
+with torch.inference_mode():
+    exact = ref(x)
+blocks = 0 if native_half_gemm(torch.bfloat16) else 12
+print(n[0], out.dtype, rel(out, exact), rel(out, want))
+assert n[0] == blocks, n[0]
+assert out.dtype == want.dtype, (out.dtype, want.dtype)
+assert rel(out, exact) < 1e-2 and rel(out, want) < 2e-2
+n[0] = 0
+model, ref = model.to(torch.bfloat16), ref.to(torch.bfloat16)
+with torch.inference_mode():
+    out = model(x.bfloat16())
+    timm_bf16 = ref(x.bfloat16())
+# every weight rounded to bf16: timm's own bf16 model is the measure of that error
+print(n[0], out.dtype, rel(out, exact), rel(timm_bf16, exact))
+assert n[0] == blocks and out.dtype == torch.bfloat16
+assert rel(out, exact) < 1.5 * rel(timm_bf16, exact) + 2e-3
+"""
+
+
+def test_cold_process_first_call_under_autocast_and_in_bf16_matches_timm():
+    """A user's first forward under ``torch.autocast`` (and then the model in bf16): on a CPU
+    without bf16 GEMMs every block runs as one fp32 call; on one with them, module by module."""
+    r = subprocess.run(
+        [sys.executable, "-c", _COLD_HALF], env=subprocess_env(), cwd=SUBPROCESS_CWD, capture_output=True, text=True
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

@@ -23,13 +23,15 @@
 namespace vitkern {
 namespace {
 
-// The module-by-module forward this call replaces would refuse an fp32 input with parameters of
-// another dtype or device (F.linear, F.layer_norm): so does this.
-void check_param(const OptTensor& t, const char* name) {
+// The module-by-module forward this call replaces would refuse an input with parameters of another
+// dtype or device (F.linear, F.layer_norm): so does this. x and the parameters are fp32, or all
+// bf16 / all fp16 (computed in fp32, the output rounded once to x's dtype: the Python side takes
+// this path for half precision only on CPUs without half-precision GEMM hardware).
+void check_param(const OptTensor& t, const char* name, ScalarType dtype) {
   if (!t.has_value()) return;
   VK_CHECK(t->is_cpu(), "block_forward: ", name, " must be on the CPU, got ", device_str(*t));
-  VK_CHECK(t->scalar_type() == kFloat, "block_forward: ", name, " must be float32 like x, got ",
-           dtype_name(t->scalar_type()));
+  VK_CHECK(t->scalar_type() == dtype, "block_forward: ", name, " must be ", torch_dtype_name(dtype), " like x, got ",
+           torch_dtype_name(t->scalar_type()));
 }
 
 }  // namespace
@@ -43,16 +45,19 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
                          const OptTensor& fc2_b, const OptTensor& fc2_packed, int64_t act) {
   VK_CHECK_CPU(x_in);
   VK_CHECK(x_in.dim() == 3, "x must have shape (batch, tokens, dim), got ", shape_str(x_in));
-  VK_CHECK(x_in.scalar_type() == kFloat, "block_forward: x must be float32, got ", dtype_name(x_in.scalar_type()));
+  const ScalarType dt = x_in.scalar_type();
+  VK_CHECK(dt == kFloat || dt == ScalarType::BFloat16 || dt == ScalarType::Half,
+           "block_forward: x must be float32, bfloat16 or float16, got ", torch_dtype_name(dt));
   const std::pair<const OptTensor*, const char*> params[] = {
       {&ln1_w_in, "norm1_weight"}, {&ln1_b_in, "norm1_bias"}, {&qkv_b_in, "qkv_bias"}, {&proj_b_in, "proj_bias"},
-      {&omega, "omega"},           {&ln2_w, "norm2_weight"},  {&ln2_b, "norm2_bias"},  {&fc1_b, "fc1_bias"},
-      {&fc2_b, "fc2_bias"}};
-  for (const auto& [t, name] : params) check_param(*t, name);
-  check_param(qkv_w_in, "qkv_weight");
-  check_param(proj_w_in, "proj_weight");
-  check_param(fc1_w, "fc1_weight");
-  check_param(fc2_w, "fc2_weight");
+      {&ln2_w, "norm2_weight"},    {&ln2_b, "norm2_bias"},    {&fc1_b, "fc1_bias"},    {&fc2_b, "fc2_bias"}};
+  for (const auto& [t, name] : params) check_param(*t, name, dt);
+  // The prior's table: in the parameters' dtype, or fp32 (sp_attention's mixed-precision omega).
+  check_param(omega, "omega", omega.has_value() && omega->scalar_type() == kFloat ? kFloat : dt);
+  check_param(qkv_w_in, "qkv_weight", dt);
+  check_param(proj_w_in, "proj_weight", dt);
+  check_param(fc1_w, "fc1_weight", dt);
+  check_param(fc2_w, "fc2_weight", dt);
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2), M = B * N;
   VK_CHECK(heads > 0 && D % heads == 0, "heads must divide dim ", D, ", got ", heads);
   check_shape(qkv_w_in, "qkv_weight", {3 * D, D});
@@ -62,14 +67,15 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   if (ln1_w_in.has_value()) check_shape(*ln1_w_in, "norm1_weight", {D});
   if (ln1_b_in.has_value()) check_shape(*ln1_b_in, "norm1_bias", {D});
   const int64_t Dh = D / heads;
-  const Tensor x = f32c(x_in), qkv_w = f32c(qkv_w_in), proj_w = f32c(proj_w_in);
+  const Tensor x = f32c(x_in);
+  const GemmWeight qkv_w = gemm_weight(qkv_w_in, qkv_packed, "qkv_packed", 3 * D, D);
+  const GemmWeight proj_w = gemm_weight(proj_w_in, proj_packed, "proj_packed", D, D);
   const Tensor qkv_b = opt_f32(qkv_b_in), proj_b = opt_f32(proj_b_in), ln1_w = opt_f32(ln1_w_in),
                ln1_b = opt_f32(ln1_b_in);
-  const float *xp = f32_ptr(x), *qwp = f32_ptr(qkv_w), *pwp = f32_ptr(proj_w);
+  const float *xp = f32_ptr(x), *qwp = qkv_w.w, *pwp = proj_w.w;
   const float *qbp = f32_ptr_or_null(qkv_b), *pbp = f32_ptr_or_null(proj_b);
   const float *l1w = f32_ptr_or_null(ln1_w), *l1b = f32_ptr_or_null(ln1_b);
-  const float* qkv_pk = packed_ptr(qkv_packed, "qkv_packed", qwp, 3 * D, D);
-  const float* proj_pk = packed_ptr(proj_packed, "proj_packed", pwp, D, D);
+  const float *qkv_pk = qkv_w.packed, *proj_pk = proj_w.packed;
   const float e1 = static_cast<float>(eps1);
 
   // 1. qkv (M, 3D) = LayerNorm1(x) . Wqkv^T + b, per row tile.
@@ -115,7 +121,7 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   const Tensor y = layernorm_mlp_forward_cpu(a, ln2_w, ln2_b, fc1_w, fc1_b, std::nullopt, std::nullopt, fc2_w, fc2_b,
                                              eps2, act, false, kGluNone, true, false, fc1_packed, std::nullopt,
                                              fc2_packed)[0];
-  return view_of(y, {B, N, D});
+  return to(view_of(y, {B, N, D}), dt);
 }
 
 }  // namespace vitkern

@@ -214,24 +214,60 @@ Tensor pack_gemm_weight_cpu(const Tensor& w_in) {
   return out;
 }
 
-const float* packed_ptr(const OptTensor& p, const char* name, const float* w, int64_t n, int64_t k) {
-  if (!p.has_value() || !packed_gemm_active()) return nullptr;
-  const Tensor& t = *p;
-  VK_CHECK_CPU(t);
-  VK_CHECK(t.scalar_type() == ScalarType::Float && t.dim() == 1 && t.is_contiguous() &&
-               t.numel() == packed_weight_numel(n, k),
-           name, " must be a contiguous fp32 1-D tensor of ", packed_weight_numel(n, k),
-           " elements (pack_gemm_weight of a ", n, " x ", k, " weight), got ", dtype_name(t.scalar_type()), " ",
-           shape_str(t));
-  const float* wp = f32_ptr(t);
+namespace {
+// Element idx of a contiguous weight as fp32 (bf16 and fp16 values are exact in fp32).
+float weight_at(const Tensor& w, int64_t idx) {
+  switch (w.scalar_type()) {
+    case ScalarType::BFloat16:
+      return static_cast<float>(static_cast<const BFloat16*>(w.data_ptr())[idx]);
+    case ScalarType::Half:
+      return static_cast<float>(static_cast<const Half*>(w.data_ptr())[idx]);
+    default:
+      return static_cast<const float*>(w.data_ptr())[idx];
+  }
+}
+
+// Whether the packed panels hold w: 16 elements spread over w (first and last included).
+bool packed_matches(const Tensor& w, const float* wp, int64_t n, int64_t k) {
   const int64_t total = n * k;
   for (int64_t s = 0; s < 16 && total > 0; ++s) {
-    const int64_t idx = s == 15 ? total - 1 : (s * 7919 * 104729) % total;  // spread, first and last
+    const int64_t idx = s == 15 ? total - 1 : (s * 7919 * 104729) % total;
     const int64_t row = idx / k, col = idx % k;
     const float packed = wp[row / kGemmNR * kGemmNR * k + col * kGemmNR + row % kGemmNR];
-    if (std::memcmp(&packed, w + idx, sizeof(float)) != 0) return nullptr;
+    const float value = weight_at(w, idx);
+    if (std::memcmp(&packed, &value, sizeof(float)) != 0) return false;
   }
-  return wp;
+  return true;
+}
+}  // namespace
+
+GemmWeight gemm_weight(const Tensor& w_in, const OptTensor& p, const char* name, int64_t n, int64_t k) {
+  VK_CHECK(w_in.numel() == n * k, name, ": expected a ", n, " x ", k, " weight, got ", shape_str(w_in));
+  const ScalarType dt = w_in.scalar_type();
+  VK_CHECK(dt == ScalarType::Float || dt == ScalarType::BFloat16 || dt == ScalarType::Half,
+           name, ": the weight must be float32, bfloat16 or float16, got ", torch_dtype_name(dt));
+  GemmWeight g;
+  if (p.has_value() && packed_gemm_active()) {
+    const Tensor& t = *p;
+    VK_CHECK_CPU(t);
+    VK_CHECK(t.scalar_type() == ScalarType::Float && t.dim() == 1 && t.is_contiguous() &&
+                 t.numel() == packed_weight_numel(n, k),
+             name, " must be a contiguous fp32 1-D tensor of ", packed_weight_numel(n, k),
+             " elements (pack_gemm_weight of a ", n, " x ", k, " weight), got ", dtype_name(t.scalar_type()), " ",
+             shape_str(t));
+    const Tensor wc = contig(w_in);
+    if (packed_matches(wc, f32_ptr(t), n, k)) {
+      g.packed = f32_ptr(t);
+      if (dt == ScalarType::Float) {
+        g.f32 = wc;
+        g.w = f32_ptr(wc);
+      }
+      return g;
+    }
+  }
+  g.f32 = f32c(w_in);
+  g.w = f32_ptr(g.f32);
+  return g;
 }
 
 Tensor linear_forward_cpu(const Tensor& x_in, const Tensor& w_in, const OptTensor& bias_in, const OptTensor& w_packed) {
@@ -244,9 +280,10 @@ Tensor linear_forward_cpu(const Tensor& x_in, const Tensor& w_in, const OptTenso
            "), got ", shape_str(w_in));
   const int64_t m = x_in.size(0), k = x_in.size(1), n = w_in.size(0);
   if (bias_in.has_value()) check_shape(*bias_in, "bias", {n});
-  const Tensor x = f32c(x_in), w = f32c(w_in), bias = bias_in.has_value() ? f32c(*bias_in) : Tensor();
-  const float *xp = f32_ptr(x), *wptr = f32_ptr(w), *bp = f32_ptr_or_null(bias);
-  const float* wpk = packed_ptr(w_packed, "weight_packed", wptr, n, k);
+  const Tensor x = f32c(x_in), bias = bias_in.has_value() ? f32c(*bias_in) : Tensor();
+  const GemmWeight w = gemm_weight(w_in, w_packed, "weight_packed", n, k);
+  const float *xp = f32_ptr(x), *wptr = w.w, *bp = f32_ptr_or_null(bias);
+  const float* wpk = w.packed;
   Tensor out = empty({m, n});
   float* op = f32_ptr(out);
   const int64_t tile = wpk != nullptr ? packed_tile_rows(m) : std::max<int64_t>(1, m);

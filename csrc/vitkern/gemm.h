@@ -53,14 +53,22 @@ void gemm_packed_tn(int64_t m, int64_t n, int64_t k, const float* at, int64_t ld
 // past n): the packed form of W = B^T, so that A . B = gemm_packed_nt(A, packed).
 void pack_columns(const float* b, int64_t k, int64_t n, int64_t ldb, float* bp);
 
-// The packed weight of an op argument for the weight w (n x k, row-major fp32): null when absent
-// or the packed route is off (then the op calls BLAS on w). Otherwise it must be an fp32
-// contiguous 1-D tensor of packed_weight_numel(n, k) elements (else RuntimeError). The Python
-// cache repacks on every tracked change of w (vitkern/ops/_packed.py); as a tripwire for an
-// untracked one (an in-place change through `w.data`, which has its own version counter),
-// 16 elements spread over w are compared with their packed copies, and on a mismatch this call
-// computes with w itself (null).
-const float* packed_ptr(const OptTensor& p, const char* name, const float* w, int64_t n, int64_t k);
+// A GEMM weight w (n x k, row-major; fp32, or bf16/fp16 for half-precision inputs, which the kernels
+// compute in fp32) as a cpu kernel reads it, with its optional prepacked copy p (an op argument).
+// `packed` is p when it is given, the packed route is on and p matches w; then w is not converted
+// and `w` may be null. Otherwise `packed` is null and `w` points at w in fp32 (a converted copy,
+// held in `f32`, for a half weight), and the op calls BLAS on it. p must be an fp32 contiguous 1-D
+// tensor of packed_weight_numel(n, k) elements (else RuntimeError). The Python cache repacks on
+// every tracked change of w (vitkern/ops/_packed.py); as a tripwire for an untracked one (an
+// in-place change through `w.data`, which has its own version counter), 16 elements spread over w
+// are compared with their packed copies (exactly: a half weight's values are fp32 numbers), and
+// on a mismatch the call computes from w itself.
+struct GemmWeight {
+  Tensor f32;  // keeps a converted or contiguous weight alive
+  const float* w = nullptr;
+  const float* packed = nullptr;
+};
+GemmWeight gemm_weight(const Tensor& w, const OptTensor& p, const char* name, int64_t n, int64_t k);
 
 // pack_gemm_weight(w (n, k)) -> the packed fp32 panels (packed_weight_numel(n, k),).
 Tensor pack_gemm_weight_cpu(const Tensor& w);

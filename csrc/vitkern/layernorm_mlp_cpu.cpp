@@ -217,27 +217,27 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
   const int64_t Hd = check_args(x_in, w1a_in, w1b_in, w2_in, act, glu);
   const bool gated = glu != kGluNone, split = w1b_in.has_value();
   const int64_t M = x_in.size(0), D = x_in.size(1), P = gated ? 2 * Hd : Hd;
-  const Tensor x = f32c(x_in), w1a = f32c(w1a_in), w2 = f32c(w2_in), w1b = opt_f32(w1b_in);
+  const Tensor x = f32c(x_in);
   const Tensor lnw = opt_f32(lnw_in), lnb = opt_f32(lnb_in), b1a = opt_f32(b1a_in), b1b = opt_f32(b1b_in);
   const Tensor b2 = opt_f32(b2_in);
+  // Prepacked weights (gemm.h; vitkern/ops/_packed.py caches them per weight): the packed GEMM route.
+  const GemmWeight w1a = gemm_weight(w1a_in, w1a_packed, "w1a_packed", w1a_in.size(0), D);
+  const GemmWeight w1b = split ? gemm_weight(*w1b_in, w1b_packed, "w1b_packed", Hd, D) : GemmWeight{};
+  const GemmWeight w2 = gemm_weight(w2_in, w2_packed, "w2_packed", D, Hd);
   const float eps = static_cast<float>(eps_d);
   Tensor out = empty({M, D});
   Tensor mean = empty({M}), rstd = empty({M});
   Tensor pre = save_for_backward ? empty({M, P}) : empty({0});
   Tensor hsave = save_for_backward ? empty({M, Hd}) : empty({0});
   Tensor hnsave = save_for_backward ? empty({M, D}) : empty({0});
-  const float *xp = f32_ptr(x), *w1ap = f32_ptr(w1a), *w1bp = ptr_or_null(w1b);
-  const float* w2p = f32_ptr(w2);
+  const float *xp = f32_ptr(x), *w1ap = w1a.w, *w1bp = w1b.w, *w2p = w2.w;
   const float *lnwp = ptr_or_null(lnw), *lnbp = ptr_or_null(lnb), *b2p = ptr_or_null(b2);
   const float *b1ap = ptr_or_null(b1a), *b1bp = ptr_or_null(b1b);
   float *op = f32_ptr(out), *mp = f32_ptr(mean), *rp = f32_ptr(rstd);
   float* prep = save_for_backward ? f32_ptr(pre) : nullptr;
   float* hsp = save_for_backward ? f32_ptr(hsave) : nullptr;
   float* hnsp = save_for_backward ? f32_ptr(hnsave) : nullptr;
-  // Prepacked weights (gemm.h; vitkern/ops/_packed.py caches them per weight): the packed GEMM route.
-  const float* w1a_pk = packed_ptr(w1a_packed, "w1a_packed", w1ap, w1a.size(0), D);
-  const float* w1b_pk = packed_ptr(w1b_packed, "w1b_packed", w1bp, Hd, D);
-  const float* w2_pk = packed_ptr(w2_packed, "w2_packed", w2p, D, Hd);
+  const float *w1a_pk = w1a.packed, *w1b_pk = w1b.packed, *w2_pk = w2.packed;
   const int64_t kTileM = forward_tile_rows(M, w1a_pk != nullptr);
   const int64_t tiles = (M + kTileM - 1) / kTileM;
   const int64_t goff = glu == kGluGateLast ? Hd : 0, voff = glu == kGluGateFirst ? Hd : 0;

@@ -86,15 +86,15 @@ Tensor patch_embed_forward_cpu(const Tensor& images_in, const Tensor& weight_in,
                                const OptTensor& pos_in, const OptTensor& weight_packed) {
   const Geometry g = geometry(images_in, weight_in);
   const Tensor img = f32c(images_in);
-  const Tensor w = view_of(f32c(weight_in), {g.D, g.K});
+  const GemmWeight w = gemm_weight(weight_in, weight_packed, "weight_packed", g.D, g.K);
   const Tensor bias = opt_f32(bias_in);
   const Tensor pos = pos_in.has_value() ? view_of(f32c(*pos_in), {g.N, g.D}) : Tensor();
   if (bias.defined()) check_shape(bias, "bias", {g.D});
   Tensor out = empty({g.B, g.N, g.D});
-  const float *ip = f32_ptr(img), *wp = f32_ptr(w);
+  const float *ip = f32_ptr(img), *wp = w.w;
   const float* bp = f32_ptr_or_null(bias);
   const float* pp = f32_ptr_or_null(pos);
-  const float* wpk = packed_ptr(weight_packed, "weight_packed", wp, g.D, g.K);
+  const float* wpk = w.packed;
   float* op = f32_ptr(out);
   // BLAS repacks the weight per call: one chunk per thread; the packed route takes smaller tasks.
   const int64_t total = g.B * g.N, chunk = wpk ? packed_tile_rows(total) : chunk_rows(total);

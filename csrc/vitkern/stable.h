@@ -58,6 +58,21 @@ template <typename... Args>
   } while (0)
 
 inline const char* dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
+// The name Python users know (torch.float32 ...) for the kernels' floating dtypes.
+inline const char* torch_dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float:
+      return "float32";
+    case ScalarType::Double:
+      return "float64";
+    case ScalarType::BFloat16:
+      return "bfloat16";
+    case ScalarType::Half:
+      return "float16";
+    default:
+      return torch::headeronly::toString(t);
+  }
+}
 
 inline std::string device_str(const Tensor& t) {
   if (t.is_cpu()) return "cpu";

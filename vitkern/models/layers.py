@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from vitkern import _backend
 from vitkern._ext import load_extension
-from vitkern.ops import layernorm_mlp, sp_attention
+from vitkern.ops import _validate, layernorm_mlp, sp_attention
 from vitkern.ops._autograd import eager_inference, no_autocast
 from vitkern.ops._packed import global_hooks, linear, packed_weight, skippable
 from vitkern.ops.layernorm_mlp import ACTIVATIONS
@@ -281,11 +281,13 @@ class Block(nn.Module):
 
 def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
     """The modules and parameters ``block_forward`` takes for ``blk(x, ...)``, or None where the
-    block must run module by module. The one-call path needs plain eager fp32 CPU inference (no
-    gradient wanted, no autocast, no compile / trace / torch function or dispatch mode), the
+    block must run module by module. The one-call path needs plain eager CPU inference (no
+    gradient wanted, no compile / trace / torch function or dispatch mode) in fp32 — or in
+    bf16/fp16 (parameters and input, or an autocast region of that dtype) on a CPU without GEMM
+    hardware for it (``_validate.native_half_gemm``), where the block computes in fp32 — the
     "auto" or "cpu" backend, and the block as vitkern builds it for a timm ViT: LayerNorms, the
     Attention without q/k norm, output norm or gate, the plain GELU-family Mlp, no LayerScale,
-    drop path inert, plain nn.Linear layers, plain fp32 CPU parameters, and no forward hook,
+    drop path inert, plain nn.Linear layers, plain CPU parameters of one dtype, and no forward hook,
     pre-hook or instance-level ``forward`` replacement on any of those modules, nor a global hook
     (a hook or a patched forward must see its module run).
     Everything else takes the module-by-module forward, with the same result.
@@ -294,9 +296,15 @@ def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
     dicts directly (nn.Module attribute lookup costs ~1 us a step)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: dynamo folds it, traces none of the rest
         return None
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3:
+    if x.device.type != "cpu" or x.dim() != 3 or global_hooks():
         return None
-    if global_hooks() or torch.is_autocast_enabled("cpu"):
+    # Half precision (bf16/fp16 parameters and input, or a bf16/fp16 autocast region) runs this
+    # fp32 kernel only on CPUs without hardware for that dtype's GEMMs, where torch emulates them
+    # (~7x slower than fp32); elsewhere torch's half GEMMs beat it and the block goes module by module.
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    if amp is not None and (amp not in _HALF or _validate.native_half_gemm(amp)):
+        return None
+    if x.dtype != torch.float32 and (x.dtype not in _HALF or _validate.native_half_gemm(x.dtype)):
         return None
     mods = blk._modules
     attn, mlp, n1, n2 = mods["attn"], mods["mlp"], mods["norm1"], mods["norm2"]
@@ -334,6 +342,7 @@ def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
 
 
 _LN, _LIN, _PARAM = nn.LayerNorm, nn.Linear, nn.Parameter
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def inference_block(blk: Block, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor | None:
@@ -346,17 +355,21 @@ def inference_block(blk: Block, x: torch.Tensor, grid: tuple[int, int], num_pref
     if ext is None:
         return None
     attn, mlp, n1, n2, (n1w, n1b, qw, qb, pw_, pb, n2w, n2b, w1, b1, w2, b2) = args
+    # Inside a (half-precision: _block_args) autocast region the block computes in fp32 from the
+    # parameters as they are; x goes in in their dtype and the output comes back in x's dtype, as
+    # the module-by-module block under autocast returns it (its residual adds keep x's dtype).
+    xin = x.to(qw.dtype) if torch.is_autocast_enabled("cpu") else x
     omega = attn.omega(grid)
     gh, gw = grid if omega is not None else (1, 1)
     pk = packed_weight
     y = ext.block_forward(
-        x, n1w, n1b, n1.eps, qw, qb, pk(qw), pw_, pb, pk(pw_),
+        xin, n1w, n1b, n1.eps, qw, qb, pk(qw), pw_, pb, pk(pw_),
         omega, gh, gw, num_prefix_tokens, attn.num_heads, attn.scale,
         n2w, n2b, n2.eps, w1, b1, pk(w1), w2, b2, pk(w2), ACTIVATIONS[mlp.activation],
     )  # fmt: skip
     _backend.record_choice("sp_attention", "cpu")
     _backend.record_choice("layernorm_mlp", "cpu")
-    return y
+    return y.to(x.dtype)
 
 
 def mlp_residual(x: torch.Tensor, ls: nn.Module, drop_path: nn.Module, fused_mlp) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from vitkern import _backend
 from vitkern._ext import load_extension
+from vitkern.ops import _validate
 from vitkern.ops._autograd import eager_inference
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -79,26 +80,41 @@ def _plain_linear(m: torch.nn.Module) -> bool:
     return type(m) is torch.nn.Linear and skippable(m) and not global_hooks()
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``m(x)`` for a model's nn.Linear (attention qkv / proj). In eager fp32 CPU inference on the
+    """``m(x)`` for a model's nn.Linear (attention qkv / proj). In eager CPU inference on the
     packed GEMM route, with the "auto" or "cpu" backend requested, it runs vitkern's GEMM on the
-    cached packed weight (the same sum in fp32, rounding order aside); everywhere else — the
-    reference or triton backend, training, autocast, torch.compile, other devices and dtypes, a
-    subclass or a hooked module (LoRA, feature hooks) — it is ``m(x)`` itself."""
+    cached packed weight (the same sum in fp32, rounding order aside): for fp32, and for bf16/fp16
+    (weight and input of that dtype, or an autocast region of it over an fp32 weight, the output
+    then in the autocast dtype as autocast's linear gives it) on CPUs without GEMM hardware for
+    that dtype, where torch would emulate it. Everywhere else — the reference or triton backend,
+    training, torch.compile, other devices and dtypes, a CPU with bf16/fp16 GEMMs, a subclass or
+    a hooked module (LoRA, feature hooks) — it is ``m(x)`` itself."""
     if (
         x.device.type != "cpu"
-        or x.dtype != torch.float32
         or x.dim() < 2
+        or not packed_route()
         or not _plain_linear(m)
-        or m.weight.dtype != torch.float32
-        or torch.is_autocast_enabled("cpu")
         or not eager_inference(x, m.weight, m.bias)
         or _backend.requested_backend() not in ("auto", "cpu")
     ):
         return m(x)
-    wp = packed_weight(m.weight)
+    w = m.weight
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    if amp is not None:  # autocast: fp32 weights only, computed in fp32 where half GEMMs are emulated
+        if amp not in _HALF or _validate.native_half_gemm(amp) or w.dtype != torch.float32:
+            return m(x)
+        x = x.to(torch.float32)
+    elif x.dtype != w.dtype or (
+        x.dtype != torch.float32 and (x.dtype not in _HALF or _validate.native_half_gemm(x.dtype))
+    ):
+        return m(x)
+    wp = packed_weight(w)
     if wp is None:
         return m(x)
     x2 = x.reshape(-1, x.shape[-1])
-    out = load_extension().linear_forward(x2.contiguous(), m.weight, m.bias, wp)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    out = load_extension().linear_forward(x2.contiguous(), w, m.bias, wp)
+    out = out.reshape(*x.shape[:-1], out.shape[-1])
+    return out if amp is None else out.to(amp)
