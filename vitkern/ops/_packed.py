@@ -84,37 +84,52 @@ _HALF = (torch.bfloat16, torch.float16)
 
 
 def linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``m(x)`` for a model's nn.Linear (attention qkv / proj). In eager CPU inference on the
-    packed GEMM route, with the "auto" or "cpu" backend requested, it runs vitkern's GEMM on the
-    cached packed weight (the same sum in fp32, rounding order aside): for fp32, and for bf16/fp16
-    (weight and input of that dtype, or an autocast region of it over an fp32 weight, the output
-    then in the autocast dtype as autocast's linear gives it) on CPUs without GEMM hardware for
-    that dtype, where torch would emulate it. Everywhere else — the reference or triton backend,
-    training, torch.compile, other devices and dtypes, a CPU with bf16/fp16 GEMMs, a subclass or
-    a hooked module (LoRA, feature hooks) — it is ``m(x)`` itself."""
-    if (
-        x.device.type != "cpu"
-        or x.dim() < 2
-        or not packed_route()
-        or not _plain_linear(m)
-        or not eager_inference(x, m.weight, m.bias)
-        or _backend.requested_backend() not in ("auto", "cpu")
-    ):
+    """``m(x)`` for a model's nn.Linear (attention qkv / proj), with the "auto" or "cpu" backend
+    requested, on the CPU:
+
+    * eager inference on the packed GEMM route: vitkern's GEMM on the cached packed weight (the
+      same sum in fp32, rounding order aside), for fp32 and for bf16/fp16 weight and input on CPUs
+      without GEMM hardware for that dtype (torch would emulate it);
+    * inside a bf16/fp16 autocast region on such a CPU, over an fp32 weight: the product in fp32
+      (on the packed route in eager inference, else ``F.linear`` with autocast off, also with
+      autograd: training under autocast), the output in the autocast dtype as autocast's linear
+      gives it; gradients are those of the fp32 product.
+
+    Everywhere else — the reference or triton backend, fp32 / native-half training, torch.compile
+    and tracing, other devices and dtypes, a CPU with bf16/fp16 GEMMs, a subclass or a hooked
+    module (LoRA, feature hooks) — it is ``m(x)`` itself."""
+    if x.device.type != "cpu" or x.dim() < 2 or not _plain_linear(m):
+        return m(x)
+    if _backend.requested_backend() not in ("auto", "cpu"):
         return m(x)
     w = m.weight
     amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    inference = eager_inference(x, w, m.bias)
     if amp is not None:  # autocast: fp32 weights only, computed in fp32 where half GEMMs are emulated
         if amp not in _HALF or _validate.native_half_gemm(amp) or w.dtype != torch.float32:
             return m(x)
+        if not inference or not packed_route():
+            if torch.compiler.is_compiling() or torch.jit.is_tracing():
+                return m(x)
+            return _fp32_linear(x, w, m.bias, amp)
         x = x.to(torch.float32)
-    elif x.dtype != w.dtype or (
-        x.dtype != torch.float32 and (x.dtype not in _HALF or _validate.native_half_gemm(x.dtype))
+    elif (
+        not inference
+        or not packed_route()
+        or x.dtype != w.dtype
+        or (x.dtype != torch.float32 and (x.dtype not in _HALF or _validate.native_half_gemm(x.dtype)))
     ):
         return m(x)
     wp = packed_weight(w)
     if wp is None:
-        return m(x)
+        return m(x) if amp is None else _fp32_linear(x, w, m.bias, amp)
     x2 = x.reshape(-1, x.shape[-1])
     out = load_extension().linear_forward(x2.contiguous(), w, m.bias, wp)
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out if amp is None else out.to(amp)
+
+
+def _fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, amp: torch.dtype) -> torch.Tensor:
+    """The linear in fp32 with autocast off, its output in the autocast dtype ``amp``."""
+    with torch.autocast("cpu", enabled=False):
+        return torch.nn.functional.linear(x.to(torch.float32), w, b).to(amp)

@@ -1,0 +1,94 @@
+"""bf16 under autocast on a CPU without bf16 GEMM hardware (no avx512_bf16 / AMX).
+
+There torch emulates bf16 GEMMs at a fraction of its fp32 speed, so the models' attention linears
+(qkv, proj) compute in fp32 inside an autocast region — the packed GEMM in eager inference, an fp32
+``F.linear`` with autocast off under autograd (training) — and return the autocast dtype, as
+autocast's own linear does. These tests pretend the CPU lacks (or has) bf16 GEMMs, so that both
+rules run on any machine, and check a training step's loss and every gradient against float64.
+(The one-call inference block's half-precision path is tested in test_inference_block.py.)
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from conftest import rel_err
+
+import vitkern
+import vitkern.ops._packed as packed
+
+
+def _half_gemms(native: bool):
+    return mock.patch("vitkern.ops._validate.native_half_gemm", lambda dtype: native)
+
+
+@pytest.fixture
+def fp32_linears(monkeypatch):
+    """Counts the attention linears that ran as fp32 products with autocast off."""
+    real, count = packed._fp32_linear, [0]
+
+    def counting(*a):
+        count[0] += 1
+        out = real(*a)
+        assert out.dtype == a[-1]  # the autocast dtype
+        return out
+
+    monkeypatch.setattr(packed, "_fp32_linear", counting)
+    return count
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    model = vitkern.ViT(img_size=64, patch_size=16, num_classes=5, embed_dim=64, depth=2, num_heads=2, **kw)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "spatial_relation.w2" in name:
+                p.copy_(0.3 * torch.randn_like(p))  # a prior that is not all ones
+    return model
+
+
+def _step(model, x, y):
+    model.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kw", [{}, dict(spatial_prior=True, sp_layers=1)], ids=["vit", "sp_vit"])
+def test_autocast_training_without_bf16_gemms_computes_the_linears_in_fp32(kw, fp32_linears):
+    model = _model(**kw).train()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 3, 4])
+    with vitkern.use_backend("reference"):
+        want_loss, want = _step(model.double(), x.double(), y)
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16), _half_gemms(False):
+        loss, grads = _step(model, x, y)
+    assert fp32_linears[0] == 2 * len(model.blocks), fp32_linears[0]  # qkv and proj of every block
+    assert abs(loss.item() - want_loss.item()) < 2e-2 * abs(want_loss.item())
+    for name, g in grads.items():
+        assert g is not None and g.dtype == torch.float32, name
+        assert rel_err(g.double(), want[name]) < 5e-2, (name, rel_err(g.double(), want[name]))
+    # with bf16 GEMMs in hardware the linears are autocast's own (bf16)
+    fp32_linears[0] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16), _half_gemms(True):
+        _step(model, x, y)
+    assert fp32_linears[0] == 0
+
+
+def test_autocast_inference_off_the_packed_route_uses_the_fp32_linear(fp32_linears, monkeypatch):
+    """A CPU with AVX-512 but no bf16 (the packed route is off there): inference under autocast with
+    a LayerScale model (module by module) still computes its linears in fp32."""
+    monkeypatch.setattr(packed, "_PACKED_ROUTE", False)
+    model = _model(init_values=0.5).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16), _half_gemms(False):
+            out = model(x)
+    assert fp32_linears[0] == 2 * len(model.blocks)
+    assert rel_err(out.float(), want) < 1e-2
