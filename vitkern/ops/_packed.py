@@ -98,6 +98,8 @@ def linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     Everywhere else — the reference or triton backend, fp32 / native-half training, torch.compile
     and tracing, other devices and dtypes, a CPU with bf16/fp16 GEMMs, a subclass or a hooked
     module (LoRA, feature hooks) — it is ``m(x)`` itself."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: dynamo folds it, traces none of the rest
+        return m(x)
     if x.device.type != "cpu" or x.dim() < 2 or not _plain_linear(m):
         return m(x)
     if _backend.requested_backend() not in ("auto", "cpu"):
@@ -109,8 +111,6 @@ def linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if amp not in _HALF or _validate.native_half_gemm(amp) or w.dtype != torch.float32:
             return m(x)
         if not inference or not packed_route():
-            if torch.compiler.is_compiling() or torch.jit.is_tracing():
-                return m(x)
             return _fp32_linear(x, w, m.bias, amp)
         x = x.to(torch.float32)
     elif (
