@@ -14,6 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from conftest import rel_err
 
 import vitkern
@@ -37,6 +38,26 @@ def fp32_linears(monkeypatch):
 
     monkeypatch.setattr(packed, "_fp32_linear", counting)
     return count
+
+
+class _HalfProducts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the (last two dims of the) operand and result shapes of every matrix product that ran
+    in bf16 (emulated on such a CPU)."""
+
+    PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "linear"}
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.PRODUCTS:
+            ts = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
+            if any(t.dtype == torch.bfloat16 for t in ts):
+                out = func(*args, **(kwargs or {}))
+                self.shapes.append({tuple(t.shape[-2:]) for t in (*ts, out)})
+                return out
+        return func(*args, **(kwargs or {}))
 
 
 def _model(**kw):
@@ -66,8 +87,12 @@ def test_autocast_training_without_bf16_gemms_computes_the_linears_in_fp32(kw, f
     with vitkern.use_backend("reference"):
         want_loss, want = _step(model.double(), x.double(), y)
     model.float()
-    with torch.autocast("cpu", dtype=torch.bfloat16), _half_gemms(False):
-        loss, grads = _step(model, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _half_gemms(False), _HalfProducts() as half:
+        loss, grads = _step(model, x, y)  # backward inside the autocast region, as timm's --amp
+    # no bf16 product has a qkv / proj weight (or its gradient) as an operand or result (the head's,
+    # and the SP relation MLP's tiny backward products, stay autocast's)
+    weights = {(192, 64), (64, 192), (64, 64)}
+    assert not [s for s in half.shapes if s & weights], half.shapes
     assert fp32_linears[0] == 2 * len(model.blocks), fp32_linears[0]  # qkv and proj of every block
     assert abs(loss.item() - want_loss.item()) < 2e-2 * abs(want_loss.item())
     for name, g in grads.items():

@@ -130,6 +130,33 @@ def linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, amp: torch.dtype) -> torch.Tensor:
-    """The linear in fp32 with autocast off, its output in the autocast dtype ``amp``."""
-    with torch.autocast("cpu", enabled=False):
-        return torch.nn.functional.linear(x.to(torch.float32), w, b).to(amp)
+    """The linear in fp32 with autocast off, forward and backward (a backward run inside the
+    autocast region, as timm's ``--amp`` does, would otherwise autocast its products to ``amp``);
+    the output in the autocast dtype ``amp``, the input's gradient in the input's dtype."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))):
+        with torch.autocast("cpu", enabled=False):
+            return torch.nn.functional.linear(x.to(torch.float32), w, b).to(amp)
+    return _FP32Linear.apply(x, w, b, amp)
+
+
+class _FP32Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, amp):
+        ctx.save_for_backward(x, w)
+        ctx.bias_dtype = None if b is None else b.dtype
+        with torch.autocast("cpu", enabled=False):
+            return torch.nn.functional.linear(x.to(torch.float32), w, b).to(amp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        gx = gw = gb = None
+        with torch.autocast("cpu", enabled=False):
+            g = grad.to(torch.float32).reshape(-1, w.shape[0])
+            if ctx.needs_input_grad[0]:
+                gx = (g @ w.to(torch.float32)).reshape(x.shape).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                gw = (g.t() @ x.reshape(-1, x.shape[-1]).to(torch.float32)).to(w.dtype)
+            if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+                gb = g.sum(0).to(ctx.bias_dtype)
+        return gx, gw, gb, None
