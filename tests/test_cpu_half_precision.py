@@ -117,3 +117,16 @@ def test_autocast_inference_off_the_packed_route_uses_the_fp32_linear(fp32_linea
             out = model(x)
     assert fp32_linears[0] == 2 * len(model.blocks)
     assert rel_err(out.float(), want) < 1e-2
+
+
+def test_patched_timm_model_under_autocast_takes_the_fp32_linears(fp32_linears):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=5, depth=2).train()
+    vitkern.patch_timm(model)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16), _half_gemms(False), _HalfProducts() as half:
+        model(x).float().logsumexp(-1).mean().backward()
+    assert fp32_linears[0] == 2 * len(model.blocks)
+    weights = {(576, 192), (192, 576), (192, 192)}  # ViT-Ti qkv / proj
+    assert not [s for s in half.shapes if s & weights], half.shapes

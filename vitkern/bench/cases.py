@@ -387,7 +387,9 @@ def _model_runner(
         return run
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
-    def step() -> object:  # one training step: forward and backward under autocast (as timm's --amp), optimizer
+    # One training step: forward under autocast as timm's --amp runs it, and the backward inside the region
+    # too (the README's pattern; timm's train.py calls backward after leaving it), then the optimizer.
+    def step() -> object:
         opt.zero_grad(set_to_none=True)
         with amp():
             loss = model(x).float().logsumexp(-1).mean()

@@ -11,6 +11,7 @@ import torch.nn as nn
 from vitkern.interop.timm import check_timm_model, fusable_patch_embed, is_rmsnorm, timm_classes, timm_mlp_activation
 from vitkern.models.layers import mlp_residual, norm_mlp
 from vitkern.ops import patch_embed, sp_attention
+from vitkern.ops._packed import linear
 
 __all__ = ["patch_timm"]
 
@@ -21,8 +22,10 @@ def patch_timm(model: nn.Module) -> nn.Module:
 
     Every timm ``Attention`` runs through :func:`vitkern.ops.sp_attention` (plain attention,
     omega=None; qk_norm, scale_attn_norm and the attention gate stay timm's modules around
-    it); every LayerNorm / RmsNorm + MLP (any eps; GELU exact or tanh, QuickGELU, SiLU), plain
-    or gated (timm's GluMlp and SwiGLU with an Identity inner norm), runs through
+    it), its qkv / proj through the packed GEMM route where vitkern's models take it (eager CPU
+    inference; fp32 compute for bf16 on CPUs without bf16 GEMMs); every LayerNorm / RmsNorm +
+    MLP (any eps; GELU exact or tanh, QuickGELU, SiLU), plain or gated (timm's GluMlp and
+    SwiGLU with an Identity inner norm), runs through
     :func:`vitkern.ops.layernorm_mlp`; a plain patch embedding runs through
     :func:`vitkern.ops.patch_embed`. Other parts (other activations, gated MLPs with an
     inner norm, hybrid stems, attention-pool heads) keep timm's own forward; their names are listed in
@@ -81,14 +84,14 @@ def _patched_attention_forward(self, x, attn_mask=None, is_causal=False):
         return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
     B, N, _ = x.shape
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    qkv = linear(self.qkv, x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
     o = sp_attention(q, k, v, None, scale=self.scale)
     o = self.norm(o.transpose(1, 2).reshape(B, N, self.attn_dim))
     if gate is not None:
         o = o * gate
-    return self.proj_drop(self.proj(o))
+    return self.proj_drop(linear(self.proj, o))
 
 
 def _fused_mlp(n2, mlp, x, activation_norm, residual):

@@ -131,7 +131,8 @@ def linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, amp: torch.dtype) -> torch.Tensor:
     """The linear in fp32 with autocast off, forward and backward (a backward run inside the
-    autocast region, as timm's ``--amp`` does, would otherwise autocast its products to ``amp``);
+    autocast region — the README's example, the bench's training step — would otherwise autocast
+    its products to ``amp``: CPU backward runs on the calling thread, with its autocast state);
     the output in the autocast dtype ``amp``, the input's gradient in the input's dtype."""
     if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))):
         with torch.autocast("cpu", enabled=False):
