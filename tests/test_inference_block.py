@@ -278,7 +278,8 @@ def test_block_forward_is_bitwise_the_same_on_any_thread_count(calls):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
-_COLD = r"""
+# A fresh process: block_forward calls counted in n[0], a timm ViT-S (10 classes) as ref, its vitkern copy as model.
+_COLD_SETUP = r"""
 import torch, timm, vitkern
 from vitkern._ext import load_extension
 ext = load_extension()
@@ -290,6 +291,9 @@ ext.block_forward = counting
 torch.manual_seed(0)
 ref = timm.create_model("vit_small_patch16_224", num_classes=10).eval()
 model = vitkern.ViT.from_timm(ref).eval()
+"""
+
+_COLD = r"""
 with torch.inference_mode():
     x = torch.randn(1, 3, 224, 224)
     out, want = model(x), ref(x)
@@ -300,26 +304,23 @@ assert err < 1e-5, err
 """
 
 
-def test_cold_process_first_call_is_the_one_call_block_matching_timm():
+def _run_cold(script: str) -> None:
     r = subprocess.run(
-        [sys.executable, "-c", _COLD], env=subprocess_env(), cwd=SUBPROCESS_CWD, capture_output=True, text=True
+        [sys.executable, "-c", _COLD_SETUP + script],
+        env=subprocess_env(),
+        cwd=SUBPROCESS_CWD,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
 
 
+def test_cold_process_first_call_is_the_one_call_block_matching_timm():
+    _run_cold(_COLD)
+
+
 _COLD_HALF = r"""
-import torch, timm, vitkern
-from vitkern._ext import load_extension
 from vitkern.ops._validate import native_half_gemm
-ext = load_extension()
-real, n = ext.block_forward, [0]
-def counting(*a):
-    n[0] += 1
-    return real(*a)
-ext.block_forward = counting
-torch.manual_seed(0)
-ref = timm.create_model("vit_small_patch16_224", num_classes=10).eval()
-model = vitkern.ViT.from_timm(ref).eval()
 x = torch.randn(1, 3, 224, 224)
 rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
 with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -347,7 +348,4 @@ assert rel(out, exact) < 1.5 * rel(timm_bf16, exact) + 2e-3
 def test_cold_process_first_call_under_autocast_and_in_bf16_matches_timm():
     """A user's first forward under ``torch.autocast`` (and then the model in bf16): on a CPU
     without bf16 GEMMs every block runs as one fp32 call; on one with them, module by module."""
-    r = subprocess.run(
-        [sys.executable, "-c", _COLD_HALF], env=subprocess_env(), cwd=SUBPROCESS_CWD, capture_output=True, text=True
-    )
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    _run_cold(_COLD_HALF)
