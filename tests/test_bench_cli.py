@@ -60,6 +60,10 @@ def test_vitkern_info():
     if ext is not None and f"vitkern._C: {ext.__file__}" in res.stdout:  # the same build as this process
         assert "vitkern._C ABI: LibTorch stable ABI (torch>=" in res.stdout, res.stdout
         assert "abi3" in res.stdout and "torch.ops.vitkern_C" in res.stdout, res.stdout
+        from vitkern.ops._validate import native_half_gemm
+
+        bf16 = "yes" if native_half_gemm(__import__("torch").bfloat16) else "no"
+        assert f"half-precision GEMMs in this CPU: bfloat16 {bf16}," in res.stdout, res.stdout
 
 
 def test_interleaved_timing_pauses_between_timed_calls():

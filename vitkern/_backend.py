@@ -131,7 +131,8 @@ BACKEND_TABLE: tuple[Backend, ...] = (
         dtype_note="runs on the reference path (the cpu kernel computes in fp32)",
         auto={"cpu": 0},
         probe=_cpu_probe,
-        limits="C++ kernels of vitkern._C, fp32 compute; auto prefers torch's GEMMs for half-precision GEMM ops",
+        limits="C++ kernels of vitkern._C, fp32 compute; auto prefers torch's GEMMs for half-precision GEMM ops "
+        "on CPUs with bf16/fp16 GEMM hardware",
     ),
 )
 _TABLE = {b.name: b for b in BACKEND_TABLE}

@@ -34,9 +34,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _info() -> int:
+    import torch
+
     import vitkern
     from vitkern._backend import ops_of
     from vitkern._ext import build_info_line, load_extension
+    from vitkern.ops._validate import native_half_gemm
 
     for b in vitkern.BACKEND_TABLE:
         reason = b.status()
@@ -51,6 +54,12 @@ def _info() -> int:
     if ext is not None:
         print(f"vitkern._C: {ext.__file__}; CPU BLAS: {ext.blas_backend()}; SIMD paths: {ext.simd_paths()}")
         print(f"vitkern._C weight GEMMs: {ext.gemm_route()}")
+        hw = {d: native_half_gemm(getattr(torch, d)) for d in ("bfloat16", "float16")}
+        print(
+            "half-precision GEMMs in this CPU: "
+            + ", ".join(f"{d} {'yes' if v else 'no'}" for d, v in hw.items())
+            + " (where not: bf16/fp16 CPU inference and autocast compute in the fp32 kernels; where yes: torch's)"
+        )
         print(f"vitkern._C ABI: {ext.abi()}")
         print(f"vitkern._C build: {build_info_line()}")
     return 0
