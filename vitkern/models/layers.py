@@ -86,8 +86,18 @@ class SpatialRelation(nn.Module):
         with autograd, torch.compile, a trace or on a GPU it is computed every call."""
         params = (self.w1, self.b1, self.w2, self.b2)
         if self.w1.device.type != "cpu" or not eager_inference(*params):  # (on a GPU the compare would sync)
+            # A CPU backward runs on the calling thread with its autocast state: a backward called inside
+            # the autocast region would autocast the MLP's gradient products. Its own backward keeps fp32.
+            own_backward = (
+                self.w1.device.type == "cpu"
+                and torch.is_autocast_enabled("cpu")
+                and torch.is_grad_enabled()
+                and any(p.requires_grad for p in params)
+                and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing()
+            )
             with no_autocast(self.w1.device.type):
-                return self._table(grid)
+                return self._table(grid, own_backward)
         snapshot = torch.cat([p.detach().reshape(-1) for p in params])
         hit = self._cached
         if hit is not None and hit[0] == tuple(grid) and hit[1].dtype == snapshot.dtype:
@@ -98,17 +108,44 @@ class SpatialRelation(nn.Module):
         self._cached = (tuple(grid), snapshot, table)
         return table
 
-    def _table(self, grid: tuple[int, int]) -> torch.Tensor:
+    def _table(self, grid: tuple[int, int], own_backward: bool = False) -> torch.Tensor:
         gh, gw = grid
         dev, dt = self.w1.device, self.w1.dtype
         dy = torch.arange(-(gh - 1), gh, device=dev, dtype=dt)
         dx = torch.arange(-(gw - 1), gw, device=dev, dtype=dt)
         delta = torch.stack(torch.meshgrid(dx, dy, indexing="xy"), dim=-1)  # (2gh-1, 2gw-1, 2) as (dx, dy)
-        hidden = torch.einsum("yxc,hkc->hyxk", delta, self.w1) + self.b1[:, None, None, :]
-        return torch.einsum("hyxk,hk->hyx", hidden.relu(), self.w2) + self.b2[:, None, None]
+        if own_backward:
+            return _RelationTable.apply(delta, self.w1, self.b1, self.w2, self.b2)
+        return _relation_table(delta, self.w1, self.b1, self.w2, self.b2)[0]
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, hidden={self.hidden}"
+
+
+def _relation_table(delta, w1, b1, w2, b2):
+    """omega[h, y, x] = w2_h . ReLU(W1_h delta[y, x] + b1_h) + b2_h, and the pre-activation."""
+    hidden = torch.einsum("yxc,hkc->hyxk", delta, w1) + b1[:, None, None, :]
+    return torch.einsum("hyxk,hk->hyx", hidden.relu(), w2) + b2[:, None, None], hidden
+
+
+class _RelationTable(torch.autograd.Function):
+    """The relation MLP with its backward computed with autocast off (its forward already is)."""
+
+    @staticmethod
+    def forward(ctx, delta, w1, b1, w2, b2):
+        table, hidden = _relation_table(delta, w1, b1, w2, b2)
+        ctx.save_for_backward(delta, w2, hidden)
+        return table
+
+    @staticmethod
+    def backward(ctx, g):
+        delta, w2, hidden = ctx.saved_tensors
+        with no_autocast(g.device.type):
+            g = g.to(w2.dtype)
+            d_hidden = torch.einsum("hyx,hk->hyxk", g, w2) * (hidden > 0)
+            d_w1 = torch.einsum("hyxk,yxc->hkc", d_hidden, delta)
+            d_w2 = torch.einsum("hyx,hyxk->hk", g, hidden.relu())
+            return None, d_w1, d_hidden.sum((1, 2)), d_w2, g.sum((1, 2))
 
 
 class Attention(nn.Module):
