@@ -228,6 +228,11 @@ def test_compiled_model_under_autocast(backend, gen):
     out, grads = _run(torch.compile(model, fullgraph=True, backend="aot_eager"), x, backend, torch.bfloat16)
     ref_out, ref_grads = _run(model, x, backend, torch.bfloat16)
     assert out.dtype == torch.bfloat16
-    assert_close_rel(out, ref_out, 1e-2, "compiled logits")
+    # On a CPU without bf16 GEMMs eager computes the attention linears in fp32 (ops/_packed.py: linear)
+    # while the compiled graph keeps autocast's bf16 linears: two bf16-accurate results, not one route.
+    from vitkern.ops._validate import native_half_gemm
+
+    tol = 1e-2 if backend == "reference" or native_half_gemm(torch.bfloat16) else 3e-2
+    assert_close_rel(out, ref_out, tol, "compiled logits")
     for n, g in ref_grads.items():
-        assert_close_rel(grads[n], g, 1e-2, f"compiled grad {n}")
+        assert_close_rel(grads[n], g, tol, f"compiled grad {n}")

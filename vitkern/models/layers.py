@@ -93,7 +93,6 @@ class SpatialRelation(nn.Module):
                 and torch.is_autocast_enabled("cpu")
                 and torch.is_grad_enabled()
                 and any(p.requires_grad for p in params)
-                and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing()
             )
             with no_autocast(self.w1.device.type):
@@ -414,11 +413,21 @@ def mlp_residual(x: torch.Tensor, ls: nn.Module, drop_path: nn.Module, fused_mlp
     runs the fused op with or without the residual add. When LayerScale is off and drop path
     cannot drop (eval, or rate 0) the residual add is fused into fc2's epilogue. The one
     decision for vitkern's Block and for timm blocks patched by ``patch_timm`` (vitkern's or
-    timm's DropPath: both keep their rate in ``drop_prob``)."""
+    timm's DropPath: both keep their rate in ``drop_prob``).
+
+    Inside an autocast region whose dtype is narrower than x's (an fp32 residual stream under
+    bf16/fp16 autocast) the add stays outside: the fused op returns the autocast dtype, and the
+    stream keeps x's dtype, as timm's ``x + mlp(norm(x))`` does under autocast."""
     drops = drop_path.training and float(getattr(drop_path, "drop_prob", 0.0) or 0.0) > 0
-    if isinstance(ls, nn.Identity) and not drops:
+    if isinstance(ls, nn.Identity) and not drops and not _narrowed_by_autocast(x):
         return fused_mlp(True)
     return x + drop_path(ls(fused_mlp(False)))
+
+
+def _narrowed_by_autocast(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device and would cast the (float32) x to a half dtype."""
+    dev = x.device.type
+    return x.dtype == torch.float32 and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
 
 
 def fusable_mlp(norm: nn.Module, mlp: nn.Module) -> bool:
