@@ -82,3 +82,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 SUBPROCESS_CWD = tempfile.gettempdir()
+
+
+def half_gemms(native: bool):
+    """A context that makes vitkern see a CPU with (``native``) or without bf16/fp16 GEMM hardware
+    (``vitkern.ops._validate.native_half_gemm``); with ``native`` vitkern's own bf16 GEMM kernel is
+    off too, so half precision takes torch's GEMMs as on a CPU without that kernel."""
+    import contextlib
+    from unittest import mock
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch("vitkern.ops._validate.native_half_gemm", lambda dtype: native))
+    if native:
+        stack.enter_context(mock.patch("vitkern.ops._packed._BF16_ROUTE", False))
+    return stack

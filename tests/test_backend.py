@@ -144,14 +144,16 @@ def test_each_op_has_one_forward_and_one_backward_custom_op():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_sends_half_gemm_ops_to_torch_only_where_the_cpu_has_native_half_gemms(monkeypatch, dtype, native):
-    """The cpu GEMM kernels compute in fp32. With hardware bf16/fp16 GEMMs torch's are faster and
-    ``auto`` takes the reference path; without them (e.g. an AVX2-only CPU, where torch emulates
-    them 4-7x slower than the fp32 kernel) the cpu kernel stays."""
-    from vitkern.ops import _validate, layernorm_mlp
+    """The cpu GEMM kernels compute in fp32, except for bf16 inference on vitkern's bf16 kernel
+    (AVX512-BF16; tests/test_cpu_bf16.py). With hardware bf16/fp16 GEMMs and no such kernel
+    torch's are faster and ``auto`` takes the reference path; without them (e.g. an AVX2-only
+    CPU, where torch emulates them 4-7x slower than the fp32 kernel) the cpu kernel stays."""
+    from vitkern.ops import _packed, _validate, layernorm_mlp
 
     if vitkern.available_backends()["cpu"] is not None:
         pytest.skip("cpu backend not built")
     monkeypatch.setattr(_validate, "native_half_gemm", lambda dt: native and dt == dtype)
+    monkeypatch.setattr(_packed, "_BF16_ROUTE", False)  # vitkern's bf16 kernel off (VITKERN_GEMM=blas)
     D, Hd = 16, 32
     x, lw, lb, b2 = (torch.randn(2, 5, D).to(dtype), *(torch.randn(D).to(dtype) for _ in range(3)))
     w1, b1, w2 = torch.randn(Hd, D).to(dtype), torch.randn(Hd).to(dtype), torch.randn(D, Hd).to(dtype)

@@ -10,19 +10,17 @@ rules run on any machine, and check a training step's loss and every gradient ag
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 import torch.utils._python_dispatch
-from conftest import rel_err
+from conftest import half_gemms, rel_err
 
 import vitkern
 import vitkern.ops._packed as packed
 
 
 def _half_gemms(native: bool):
-    return mock.patch("vitkern.ops._validate.native_half_gemm", lambda dtype: native)
+    return half_gemms(native)
 
 
 @pytest.fixture

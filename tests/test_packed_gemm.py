@@ -1,13 +1,13 @@
 """vitkern's own GEMM on prepacked weights (csrc/vitkern/gemm.h, vitkern/ops/_packed.py).
 
-On CPUs with AVX2 but no AVX-512 the cpu kernels' weight GEMMs (layernorm_mlp's fc1/fc2, the
-models' attention qkv/proj in eager inference) run a 6 x 16 AVX2 micro-kernel over weights
-packed once and cached per weight. These tests check the GEMM against float64 on ragged
-shapes, that the cache follows every change of a weight, that the qkv/proj shortcut steps
-aside wherever it must (hooks, subclasses, training, autocast, the reference backend), and that
-bad inputs raise. On an AVX-512 CPU the route is off by default: tests/test_simd_paths.py
-reruns this file with VITKERN_SIMD=avx2, and the last test here reruns the cpu-kernel tests on
-whichever route is not the default.
+On x86 CPUs with AVX2 the cpu kernels' weight GEMMs (layernorm_mlp's fc1/fc2, the models'
+attention qkv/proj in eager inference, patch_embed, the attention's tiles) run vitkern's own
+micro-kernel over weights packed once and cached per weight: 12 x 32 on AVX-512, 6 x 16 on
+AVX2. These tests check the GEMM against float64 on ragged shapes, that the cache follows
+every change of a weight, that the qkv/proj shortcut steps aside wherever it must (hooks,
+subclasses, training, autocast, the reference backend), and that bad inputs raise. On an
+AVX-512 CPU tests/test_simd_paths.py reruns this file with VITKERN_SIMD=avx2 (the AVX2
+kernel), and the last test here reruns the cpu-kernel tests on BLAS.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 needs_ext = pytest.mark.skipif(load_extension() is None, reason=f"_C not built: {extension_error()}")
 needs_route = pytest.mark.skipif(
     load_extension() is None or not load_extension().packed_gemm_active(),
-    reason="the packed GEMM route is off on this CPU (AVX-512 or no AVX2); "
-    "tests/test_simd_paths.py reruns this file with VITKERN_SIMD=avx2",
+    reason="the packed GEMM route is off (no AVX2, or VITKERN_GEMM=blas)",
 )
 
 
@@ -81,6 +80,9 @@ def test_packed_layout_is_exact(n, k, gen):
         (197, 1536, 384),  # fc2: K in four blocks
         (300, 777, 100),  # K not a multiple of the block, ragged last panel, two row tiles
         (1000, 64, 16),  # many row tiles, exactly one panel
+        (13, 40, 33),  # AVX-512: a 12-row block + 1, a panel pair + a 1-column panel
+        (25, 300, 48),  # AVX-512: two K blocks (256 + 44), a pair + a lone full panel
+        (37, 257, 80),  # AVX-512: K one past the block, two pairs + a lone panel, 3 x 12 + 1 rows
     ],
 )
 @pytest.mark.parametrize("bias", [True, False])
@@ -290,7 +292,9 @@ def test_vitkern_gemm_env_is_honoured_and_unknown_values_warn():
 
     assert "packed" not in route("blas")[0]
     if _avx2_here():
-        assert "packed AVX2" in route("vitkern")[0]
+        avx512 = load_extension().simd_paths().endswith("active: avx512f")  # after the VITKERN_SIMD cap
+        assert f"packed {'AVX-512' if avx512 else 'AVX2'} micro-kernel" in route("vitkern")[0]
+    assert "packed" in route("auto")[0] or not _avx2_here()
     _, err = route("mkl")
     assert "VITKERN_GEMM='mkl'" in err
 

@@ -62,6 +62,10 @@ class CompiledExtension:
     def packed_gemm_active(self) -> bool:
         return bool(self.module.packed_gemm_active())
 
+    def bf16_gemm_active(self) -> bool:
+        f = getattr(self.module, "bf16_gemm_active", None)  # (absent from an older build)
+        return bool(f()) if f is not None else False
+
     def abi(self) -> str:
         """One line: which ABIs the binary uses, for ``vitkern info``."""
         limited = getattr(self.module, "PY_LIMITED_API", 0)

@@ -72,17 +72,16 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   const GemmWeight proj_w = gemm_weight(proj_w_in, proj_packed, "proj_packed", D, D);
   const Tensor qkv_b = opt_f32(qkv_b_in), proj_b = opt_f32(proj_b_in), ln1_w = opt_f32(ln1_w_in),
                ln1_b = opt_f32(ln1_b_in);
-  const float *xp = f32_ptr(x), *qwp = qkv_w.w, *pwp = proj_w.w;
+  const float* xp = f32_ptr(x);
   const float *qbp = f32_ptr_or_null(qkv_b), *pbp = f32_ptr_or_null(proj_b);
   const float *l1w = f32_ptr_or_null(ln1_w), *l1b = f32_ptr_or_null(ln1_b);
-  const float *qkv_pk = qkv_w.packed, *proj_pk = proj_w.packed;
   const float e1 = static_cast<float>(eps1);
 
   // 1. qkv (M, 3D) = LayerNorm1(x) . Wqkv^T + b, per row tile.
   Tensor qkv = empty({B, N, 3 * D});
   float* qkvp = f32_ptr(qkv);
   {
-    const int64_t tile = forward_tile_rows(M, qkv_pk != nullptr), tiles = (M + tile - 1) / tile;
+    const int64_t tile = forward_tile_rows(M, qkv_w.prepacked()), tiles = (M + tile - 1) / tile;
     parallel_tasks(tiles, [&](auto& queue) {
       Scratch hn = scratch(tile * D), stats = scratch(2 * tile);
       for (int64_t t; (t = queue.next()) >= 0;) {
@@ -90,7 +89,7 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
         ln_rows(xp + r0 * D, rows, D, e1, l1w, l1b, false, stats.get(), stats.get() + tile, hn.get());
         float* o = qkvp + r0 * 3 * D;
         if (qbp != nullptr) init_rows(o, nullptr, qbp, rows, 3 * D);
-        gemm_nt(rows, 3 * D, D, hn.get(), D, qwp, qkv_pk, o, 3 * D, qbp != nullptr);
+        gemm_nt(rows, 3 * D, D, hn.get(), D, qkv_w, o, 3 * D, qbp != nullptr);
       }
     });
   }
@@ -107,12 +106,12 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   Tensor a = empty({M, D});
   float* app = f32_ptr(a);
   {
-    const int64_t tile = forward_tile_rows(M, proj_pk != nullptr), tiles = (M + tile - 1) / tile;
+    const int64_t tile = forward_tile_rows(M, proj_w.prepacked()), tiles = (M + tile - 1) / tile;
     parallel_tasks(tiles, [&](auto& queue) {
       for (int64_t t; (t = queue.next()) >= 0;) {
         const int64_t r0 = t * tile, rows = std::min(tile, M - r0);
         init_rows(app + r0 * D, xp + r0 * D, pbp, rows, D);
-        gemm_nt(rows, D, D, ap + r0 * D, D, pwp, proj_pk, app + r0 * D, D, true);
+        gemm_nt(rows, D, D, ap + r0 * D, D, proj_w, app + r0 * D, D, true);
       }
     });
   }

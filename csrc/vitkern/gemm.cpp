@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 
 #include "blas.h"
 #include "stable.h"
@@ -20,6 +21,16 @@ namespace vitkern {
 namespace {
 
 constexpr int64_t kMR = 6, kKC = 384, kMC = 96;
+
+// fp32 -> bf16, round to nearest even (NaN stays NaN): the rounding of torch's .to(bfloat16).
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
 
 #if VK_X86_SIMD
 // C rows (ldc) = or += the MR x 16 block of A (MR rows of kc, lda) . panel (kc x 16). AT: A is
@@ -114,6 +125,197 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
     }
   }
 }
+
+// AVX-512: up to 12 rows x two panels (32 columns) per call, 24 zmm accumulators; one 512-bit
+// load per panel and twelve broadcasts of A per k. NP = 1 for a lone last panel. The second panel
+// lies pstride floats after the first.
+constexpr int64_t kMR512 = 12;
+template <int MR, bool AT, int NP>
+__attribute__((target("avx512f"))) void micro_kernel_512(int64_t kc, const float* a, int64_t lda, const float* b,
+                                                         int64_t pstride, float* c, int64_t ldc, bool accumulate) {
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = _mm512_setzero_ps();
+    c1[r] = _mm512_setzero_ps();
+  }
+  const float* b2 = b + pstride;
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * kGemmNR);
+    const __m512 b1 = NP == 2 ? _mm512_loadu_ps(b2 + k * kGemmNR) : b0;
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(AT ? a[k * lda + r] : a[r * lda + k]);
+      c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+      if (NP == 2) c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + r * ldc;
+    if (accumulate) c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(cr));
+    _mm512_storeu_ps(cr, c0[r]);
+    if (NP == 2) {
+      if (accumulate) c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(cr + kGemmNR));
+      _mm512_storeu_ps(cr + kGemmNR, c1[r]);
+    }
+  }
+}
+
+using MicroKernel512 = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
+template <bool AT, int NP>
+constexpr MicroKernel512 kMicro512[kMR512 + 1] = {
+    nullptr,
+    micro_kernel_512<1, AT, NP>,  micro_kernel_512<2, AT, NP>,  micro_kernel_512<3, AT, NP>,
+    micro_kernel_512<4, AT, NP>,  micro_kernel_512<5, AT, NP>,  micro_kernel_512<6, AT, NP>,
+    micro_kernel_512<7, AT, NP>,  micro_kernel_512<8, AT, NP>,  micro_kernel_512<9, AT, NP>,
+    micro_kernel_512<10, AT, NP>, micro_kernel_512<11, AT, NP>, micro_kernel_512<12, AT, NP>};
+
+// rows x (up to) 32 columns of C from np (1 or 2) panels; cols < 16 (a lone last panel) through a buffer.
+template <bool AT>
+void panel_rows_512(int64_t rows, int64_t cols, int np, int64_t kc, const float* a, int64_t lda, const float* b,
+                    int64_t pstride, float* c, int64_t ldc, bool accumulate) {
+  if (cols == np * kGemmNR) {
+    const auto& table = np == 2 ? kMicro512<AT, 2> : kMicro512<AT, 1>;
+    int64_t i = 0;
+    for (; i + kMR512 <= rows; i += kMR512) {
+      table[kMR512](kc, a + a_at<AT>(i, 0, lda), lda, b, pstride, c + i * ldc, ldc, accumulate);
+    }
+    if (i < rows) table[rows - i](kc, a + a_at<AT>(i, 0, lda), lda, b, pstride, c + i * ldc, ldc, accumulate);
+    return;
+  }
+  float buf[kMR512 * kGemmNR];
+  for (int64_t i = 0; i < rows; i += kMR512) {
+    const int64_t mr = std::min(kMR512, rows - i);
+    kMicro512<AT, 1>[mr](kc, a + a_at<AT>(i, 0, lda), lda, b, pstride, buf, kGemmNR, false);
+    for (int64_t r = 0; r < mr; ++r) {
+      float* cr = c + (i + r) * ldc;
+      for (int64_t j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + buf[r * kGemmNR + j] : buf[r * kGemmNR + j];
+    }
+  }
+}
+
+// The AVX-512 loop nest: K blocks of kKC512 (a pair of panels' kc x 32 block, 32 KB, stays in
+// the 48 KB L1 of Zen 4/5 and Intel cores), rows in blocks of kMC, then panel pairs.
+constexpr int64_t kKC512 = 256;
+template <bool AT>
+void gemm_packed_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
+                     int64_t ldc, bool accumulate, int64_t pstride) {
+  const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
+  for (int64_t pc = 0; pc < k; pc += kKC512) {
+    const int64_t kc = std::min(kKC512, k - pc);
+    const bool acc = accumulate || pc > 0;
+    for (int64_t ic = 0; ic < m; ic += kMC) {
+      const int64_t mc = std::min(kMC, m - ic);
+      for (int64_t p = 0; p < panels;) {
+        const int64_t left = n - p * kGemmNR;
+        const int np = left >= 2 * kGemmNR ? 2 : 1;
+        const int64_t cols = std::min<int64_t>(np * kGemmNR, left);
+        panel_rows_512<AT>(mc, cols, np, kc, a + a_at<AT>(ic, pc, lda), lda, wp + p * pstride + pc * kGemmNR,
+                           pstride, c + ic * ldc + p * kGemmNR, ldc, acc);
+        p += np;
+      }
+    }
+  }
+}
+
+// bf16: the same 12-row x two-panel blocking over k-pairs. Per pair t: one 512-bit load per panel
+// (16 columns x 2 bf16), and per row one broadcast of the row's (2t, 2t + 1) bf16 pair; vdpbf16ps
+// adds both products to each fp32 lane. a: bf16 rows (lda elements, even), b: the panel's pair t = 0.
+template <int MR, int NP>
+__attribute__((target("avx512f,avx512bf16"))) void micro_kernel_bf16(int64_t pairs, const uint16_t* a, int64_t lda,
+                                                                     const uint16_t* b, int64_t pstride, float* c,
+                                                                     int64_t ldc, bool accumulate) {
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = _mm512_setzero_ps();
+    c1[r] = _mm512_setzero_ps();
+  }
+  const uint16_t* b2 = b + pstride;
+  for (int64_t t = 0; t < pairs; ++t) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + t * 2 * kGemmNR);
+    const __m512bh b1 = NP == 2 ? (__m512bh)_mm512_loadu_si512(b2 + t * 2 * kGemmNR) : b0;
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * t, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
+      if (NP == 2) c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + r * ldc;
+    if (accumulate) c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(cr));
+    _mm512_storeu_ps(cr, c0[r]);
+    if (NP == 2) {
+      if (accumulate) c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(cr + kGemmNR));
+      _mm512_storeu_ps(cr + kGemmNR, c1[r]);
+    }
+  }
+}
+
+using MicroKernelBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool);
+template <int NP>
+constexpr MicroKernelBf16 kMicroBf16[kMR512 + 1] = {
+    nullptr,
+    micro_kernel_bf16<1, NP>,  micro_kernel_bf16<2, NP>,  micro_kernel_bf16<3, NP>,  micro_kernel_bf16<4, NP>,
+    micro_kernel_bf16<5, NP>,  micro_kernel_bf16<6, NP>,  micro_kernel_bf16<7, NP>,  micro_kernel_bf16<8, NP>,
+    micro_kernel_bf16<9, NP>,  micro_kernel_bf16<10, NP>, micro_kernel_bf16<11, NP>, micro_kernel_bf16<12, NP>};
+
+// rows x k fp32 (lda) -> rows x kp bf16 (kp = k + k % 2, the pad column zero).
+__attribute__((target("avx512f,avx512bf16"))) void rows_to_bf16(const float* a, int64_t rows, int64_t k, int64_t lda,
+                                                                uint16_t* dst, int64_t kp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = a + r * lda;
+    uint16_t* d = dst + r * kp;
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+    }
+    for (; i < k; ++i) d[i] = bf16_bits(src[i]);
+    if (kp > k) d[k] = 0;
+  }
+}
+
+// The bf16 loop nest: K blocks of kKCBf16 elements (a panel pair's block, 32 KB, stays in L1).
+constexpr int64_t kKCBf16 = 512;
+void gemm_packed_bf16(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* wp, float* c,
+                      int64_t ldc, bool accumulate) {
+  const int64_t panels = (n + kGemmNR - 1) / kGemmNR, pstride = kGemmNR * kp;
+  float buf[kMR512 * kGemmNR];
+  for (int64_t pc = 0; pc < kp; pc += kKCBf16) {
+    const int64_t kc = std::min(kKCBf16, kp - pc);
+    const bool acc = accumulate || pc > 0;
+    for (int64_t ic = 0; ic < m; ic += kMC) {
+      const int64_t mc = std::min(kMC, m - ic);
+      for (int64_t p = 0; p < panels;) {
+        const int64_t left = n - p * kGemmNR;
+        const int np = left >= 2 * kGemmNR ? 2 : 1;
+        const int64_t cols = std::min<int64_t>(np * kGemmNR, left);
+        const uint16_t* b = wp + p * pstride + pc * kGemmNR;
+        const uint16_t* ab = a + ic * lda + pc;
+        float* cb = c + ic * ldc + p * kGemmNR;
+        const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
+        for (int64_t i = 0; i < mc; i += kMR512) {
+          const int64_t mr = std::min(kMR512, mc - i);
+          if (cols == np * kGemmNR) {
+            table[mr](kc / 2, ab + i * lda, lda, b, pstride, cb + i * ldc, ldc, acc);
+          } else {  // a lone partial panel
+            kMicroBf16<1>[mr](kc / 2, ab + i * lda, lda, b, pstride, buf, kGemmNR, false);
+            for (int64_t r = 0; r < mr; ++r) {
+              float* cr = cb + (i + r) * ldc;
+              for (int64_t j = 0; j < cols; ++j) cr[j] = acc ? cr[j] + buf[r * kGemmNR + j] : buf[r * kGemmNR + j];
+            }
+          }
+        }
+        p += np;
+      }
+    }
+  }
+}
 #endif
 
 int gemm_env() {  // 0 auto, 1 blas, 2 vitkern
@@ -197,8 +399,7 @@ void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* wp, f
 bool packed_gemm_active() {
   static const bool active = [] {
     const int env = gemm_env();
-    if (env == 1 || !simd::has_avx2()) return false;
-    return env == 2 || !simd::has_avx512();
+    return env != 1 && simd::has_avx2();
   }();
   return active;
 }
@@ -241,13 +442,71 @@ bool packed_matches(const Tensor& w, const float* wp, int64_t n, int64_t k) {
 }
 }  // namespace
 
+bool bf16_gemm_active() {
+#if VK_X86_SIMD
+  static const bool active =
+      gemm_env() != 1 && simd::has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return active;
+#else
+  return false;
+#endif
+}
+
+Tensor pack_gemm_weight_bf16_cpu(const Tensor& w_in) {
+  VK_CHECK_CPU(w_in);
+  VK_CHECK_FLOATING(w_in);
+  VK_CHECK(w_in.dim() == 2, "weight must be 2-D (out_features, in_features), got ", shape_str(w_in));
+  const Tensor w = f32c(w_in);  // bf16 / fp16 values are exact in fp32: rounding from there is the same
+  const int64_t n = w.size(0), k = w.size(1), kp = k + k % 2;
+  Tensor out = empty({packed_weight_numel_bf16(n, k)}, ScalarType::BFloat16);
+  uint16_t* dst = static_cast<uint16_t*>(out.data_ptr());
+  const float* src = f32_ptr(w);
+  const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
+  for (int64_t p = 0; p < panels; ++p) {
+    uint16_t* pd = dst + p * kGemmNR * kp;
+    for (int64_t j = 0; j < kGemmNR; ++j) {
+      const int64_t row = p * kGemmNR + j;
+      for (int64_t kk = 0; kk < kp; ++kk) {
+        pd[kk / 2 * 2 * kGemmNR + 2 * j + kk % 2] = row < n && kk < k ? bf16_bits(src[row * k + kk]) : 0;
+      }
+    }
+  }
+  return out;
+}
+
+namespace {
+// The bf16 tripwire: 16 elements spread over w, rounded to bf16, against the packed panels.
+bool packed_matches_bf16(const Tensor& w, const uint16_t* wp, int64_t n, int64_t k) {
+  const int64_t total = n * k, kp = k + k % 2;
+  for (int64_t s = 0; s < 16 && total > 0; ++s) {
+    const int64_t idx = s == 15 ? total - 1 : (s * 7919 * 104729) % total;
+    const int64_t row = idx / k, col = idx % k;
+    const uint16_t packed = wp[row / kGemmNR * kGemmNR * kp + col / 2 * 2 * kGemmNR + 2 * (row % kGemmNR) + col % 2];
+    if (packed != bf16_bits(weight_at(w, idx))) return false;
+  }
+  return true;
+}
+}  // namespace
+
 GemmWeight gemm_weight(const Tensor& w_in, const OptTensor& p, const char* name, int64_t n, int64_t k) {
   VK_CHECK(w_in.numel() == n * k, name, ": expected a ", n, " x ", k, " weight, got ", shape_str(w_in));
   const ScalarType dt = w_in.scalar_type();
   VK_CHECK(dt == ScalarType::Float || dt == ScalarType::BFloat16 || dt == ScalarType::Half,
            name, ": the weight must be float32, bfloat16 or float16, got ", torch_dtype_name(dt));
   GemmWeight g;
-  if (p.has_value() && packed_gemm_active()) {
+  if (p.has_value() && p->scalar_type() == ScalarType::BFloat16) {
+    const Tensor& t = *p;
+    VK_CHECK_CPU(t);
+    VK_CHECK(bf16_gemm_active(), name, " is a bf16 packed weight, but the bf16 GEMM route is not active on this CPU");
+    VK_CHECK(t.dim() == 1 && t.is_contiguous() && t.numel() == packed_weight_numel_bf16(n, k), name,
+             " must be a contiguous 1-D tensor of ", packed_weight_numel_bf16(n, k),
+             " elements (pack_gemm_weight_bf16 of a ", n, " x ", k, " weight), got ", shape_str(t));
+    const Tensor wc = contig(w_in);
+    if (packed_matches_bf16(wc, static_cast<const uint16_t*>(t.data_ptr()), n, k)) {
+      g.packed_bf16 = static_cast<const uint16_t*>(t.data_ptr());
+      return g;
+    }
+  } else if (p.has_value() && packed_gemm_active()) {
     const Tensor& t = *p;
     VK_CHECK_CPU(t);
     VK_CHECK(t.scalar_type() == ScalarType::Float && t.dim() == 1 && t.is_contiguous() &&
@@ -282,11 +541,10 @@ Tensor linear_forward_cpu(const Tensor& x_in, const Tensor& w_in, const OptTenso
   if (bias_in.has_value()) check_shape(*bias_in, "bias", {n});
   const Tensor x = f32c(x_in), bias = bias_in.has_value() ? f32c(*bias_in) : Tensor();
   const GemmWeight w = gemm_weight(w_in, w_packed, "weight_packed", n, k);
-  const float *xp = f32_ptr(x), *wptr = w.w, *bp = f32_ptr_or_null(bias);
-  const float* wpk = w.packed;
+  const float *xp = f32_ptr(x), *bp = f32_ptr_or_null(bias);
   Tensor out = empty({m, n});
   float* op = f32_ptr(out);
-  const int64_t tile = wpk != nullptr ? packed_tile_rows(m) : std::max<int64_t>(1, m);
+  const int64_t tile = w.prepacked() ? packed_tile_rows(m) : std::max<int64_t>(1, m);
   parallel_tasks((m + tile - 1) / tile, [&](auto& queue) {
     for (int64_t t; (t = queue.next()) >= 0;) {
       const int64_t r0 = t * tile, rows = std::min(tile, m - r0);
@@ -294,14 +552,16 @@ Tensor linear_forward_cpu(const Tensor& x_in, const Tensor& w_in, const OptTenso
       if (bp != nullptr) {
         for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * n, bp, sizeof(float) * n);
       }
-      gemm_nt(rows, n, k, xp + r0 * k, k, wptr, wpk, o, n, bp != nullptr);
+      gemm_nt(rows, n, k, xp + r0 * k, k, w, o, n, bp != nullptr);
     }
   });
   return to(out, x_in.scalar_type());
 }
 
 const char* gemm_route() {
-  return packed_gemm_active() ? "vitkern packed AVX2 micro-kernel (prepacked weights)" : blas_backend();
+  if (!packed_gemm_active()) return blas_backend();
+  return simd::has_avx512() ? "vitkern packed AVX-512 micro-kernel (prepacked weights)"
+                            : "vitkern packed AVX2 micro-kernel (prepacked weights)";
 }
 
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, const float* wp, float* c,
@@ -313,6 +573,31 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
   }
   // Column-major view: C^T (n x m, ldc) = W (k x n column-major, transposed) . A^T (k x m, lda).
   sgemm(true, false, n, m, k, 1.f, w, k, a, lda, accumulate ? 1.f : 0.f, c, ldc);
+}
+
+void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c, int64_t ldc,
+             bool accumulate) {
+  if (m == 0 || n == 0) return;
+#if VK_X86_SIMD
+  if (w.packed_bf16 != nullptr) {
+    const int64_t kp = k + k % 2;
+    thread_local std::unique_ptr<uint16_t[]> abuf;
+    thread_local int64_t abuf_size = 0;
+    if (abuf_size < m * kp) {
+      abuf.reset(new uint16_t[m * kp]);
+      abuf_size = m * kp;
+    }
+    rows_to_bf16(a, m, k, lda, abuf.get(), kp);
+    if (k == 0) {
+      if (!accumulate)
+        for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
+      return;
+    }
+    gemm_packed_bf16(m, n, kp, abuf.get(), kp, w.packed_bf16, c, ldc, accumulate);
+    return;
+  }
+#endif
+  gemm_nt(m, n, k, a, lda, w.w, w.packed, c, ldc, accumulate);
 }
 
 namespace {
@@ -327,7 +612,12 @@ void packed_product(const char* name, int64_t m, int64_t n, int64_t k, const flo
       for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
     return;
   }
-  gemm_packed<AT>(m, n, k, a, lda, wp, c, ldc, accumulate, panel_stride > 0 ? panel_stride : kGemmNR * k);
+  const int64_t ps = panel_stride > 0 ? panel_stride : kGemmNR * k;
+  if (simd::has_avx512()) {
+    gemm_packed_512<AT>(m, n, k, a, lda, wp, c, ldc, accumulate, ps);
+  } else {
+    gemm_packed<AT>(m, n, k, a, lda, wp, c, ldc, accumulate, ps);
+  }
 #endif
 }
 }  // namespace

@@ -1,10 +1,12 @@
 // vitkern's own fp32 GEMM for the CPU kernels' weight products, C = A . W^T, with the weight
 // W (n x k, row-major: an nn.Linear weight) prepacked once into column panels.
 //
-// Why: on CPUs without AVX-512 (AMD Zen 2/3) torch's bundled MKL runs `sgemm` on its generic
-// path, 50-80% of the core's FMA peak at ViT shapes; this 6 x 16 AVX2+FMA micro-kernel over a
-// prepacked weight reaches 85-94% (benchmarks/NOTES.md, "vitkern's own GEMM"). On AVX-512 CPUs
-// MKL (and oneDNN) have kernels for the wider registers, so the route stays on BLAS there.
+// Why: torch's bundled MKL runs `sgemm` on its generic path on AMD CPUs: 50-80% of the core's
+// FMA peak at ViT shapes on Zen 3, under half of it on Zen 5 (~100 of ~225 GFLOP/s per core).
+// Over a prepacked weight a 6 x 16 AVX2+FMA micro-kernel reaches 85-94% (Zen 3), a 12 x 32
+// AVX-512 one 90-100% (Zen 5: the rate of oneDNN's own packed-weight matmul), and on CPUs with
+// AVX512-BF16 a bf16 micro-kernel (vdpbf16ps, fp32 sums) twice that (benchmarks/NOTES.md).
+// VITKERN_GEMM=blas sends the products back to BLAS.
 //
 // Packed layout: panels of kGemmNR = 16 output columns (weight rows); panel p holds, for each
 // k, W[16p .. 16p+15][k] contiguously (zero-filled past n). numel = ceil(n / 16) * 16 * k.
@@ -24,8 +26,8 @@ inline int64_t packed_weight_numel(int64_t n, int64_t k) { return (n + kGemmNR -
 void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* wp, float scale = 1.f);
 
 // Whether the weight GEMMs take the packed route: this build has x86 SIMD, the CPU has AVX2+FMA
-// (within the VITKERN_SIMD cap) and no AVX-512 path is active, unless VITKERN_GEMM says
-// otherwise ("blas": never; "vitkern": wherever AVX2+FMA is available). Read once.
+// (within the VITKERN_SIMD cap; the AVX-512 kernel where avx512f is in it too) and
+// VITKERN_GEMM is not "blas". Read once.
 bool packed_gemm_active();
 const char* gemm_route();
 
@@ -63,12 +65,38 @@ void pack_columns(const float* b, int64_t k, int64_t n, int64_t ldb, float* bp);
 // in-place change through `w.data`, which has its own version counter), 16 elements spread over w
 // are compared with their packed copies (exactly: a half weight's values are fp32 numbers), and
 // on a mismatch the call computes from w itself.
+//
+// p may instead be a bf16 packed weight (pack_gemm_weight_bf16; only where bf16_gemm_active()):
+// then `packed_bf16` is set, `w` and `packed` are null, and the product runs on the bf16 route:
+// the A rows rounded to bf16, bf16 x bf16 products summed in fp32 (vdpbf16ps). The tripwire
+// compares w's elements rounded to bf16 with the packed ones.
 struct GemmWeight {
   Tensor f32;  // keeps a converted or contiguous weight alive
   const float* w = nullptr;
   const float* packed = nullptr;
+  const uint16_t* packed_bf16 = nullptr;
+  bool prepacked() const { return packed != nullptr || packed_bf16 != nullptr; }
 };
 GemmWeight gemm_weight(const Tensor& w, const OptTensor& p, const char* name, int64_t n, int64_t k);
+
+// C (m x n, ldc) (+)= A (m x k, fp32, lda) . W^T through whichever form of W `w` holds: the bf16
+// packed panels (A converted to bf16 rows on the way), the fp32 packed panels, or BLAS on w.
+void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c, int64_t ldc,
+             bool accumulate);
+
+// ---- the bf16 route (AVX512-BF16: AMD Zen 4/5, Intel Cooper Lake, Sapphire Rapids and later)
+// Whether this build and CPU run the bf16 micro-kernel (x86 SIMD compiled in, avx512f and
+// avx512_bf16 on the CPU within the VITKERN_SIMD cap, VITKERN_GEMM not "blas"). Read once.
+bool bf16_gemm_active();
+// Packed bf16 layout: the same 16-column panels, K padded to an even kp = k + k % 2, and within
+// a panel the k-pairs (2t, 2t + 1) of the 16 columns interleaved: element (row j of the panel,
+// k) at t * 32 + 2 * j + k % 2 with t = k / 2 (what vdpbf16ps multiplies pairwise).
+inline int64_t packed_weight_numel_bf16(int64_t n, int64_t k) {
+  return (n + kGemmNR - 1) / kGemmNR * kGemmNR * (k + k % 2);
+}
+// pack_gemm_weight_bf16(w (n, k), any float dtype) -> (packed_weight_numel_bf16(n, k),) bf16,
+// w's values rounded to nearest-even bf16.
+Tensor pack_gemm_weight_bf16_cpu(const Tensor& w);
 
 // pack_gemm_weight(w (n, k)) -> the packed fp32 panels (packed_weight_numel(n, k),).
 Tensor pack_gemm_weight_cpu(const Tensor& w);

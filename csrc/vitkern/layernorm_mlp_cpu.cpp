@@ -230,15 +230,14 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
   Tensor pre = save_for_backward ? empty({M, P}) : empty({0});
   Tensor hsave = save_for_backward ? empty({M, Hd}) : empty({0});
   Tensor hnsave = save_for_backward ? empty({M, D}) : empty({0});
-  const float *xp = f32_ptr(x), *w1ap = w1a.w, *w1bp = w1b.w, *w2p = w2.w;
+  const float* xp = f32_ptr(x);
   const float *lnwp = ptr_or_null(lnw), *lnbp = ptr_or_null(lnb), *b2p = ptr_or_null(b2);
   const float *b1ap = ptr_or_null(b1a), *b1bp = ptr_or_null(b1b);
   float *op = f32_ptr(out), *mp = f32_ptr(mean), *rp = f32_ptr(rstd);
   float* prep = save_for_backward ? f32_ptr(pre) : nullptr;
   float* hsp = save_for_backward ? f32_ptr(hsave) : nullptr;
   float* hnsp = save_for_backward ? f32_ptr(hnsave) : nullptr;
-  const float *w1a_pk = w1a.packed, *w1b_pk = w1b.packed, *w2_pk = w2.packed;
-  const int64_t kTileM = forward_tile_rows(M, w1a_pk != nullptr);
+  const int64_t kTileM = forward_tile_rows(M, w1a.prepacked());
   const int64_t tiles = (M + kTileM - 1) / kTileM;
   const int64_t goff = glu == kGluGateLast ? Hd : 0, voff = glu == kGluGateFirst ? Hd : 0;
 
@@ -257,7 +256,7 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
       ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
       if (!gated) {
         // fc1: hid (rows x Hd) = hn . W1^T, then bias + activation in place (epilogue).
-        gemm_nt(rows, Hd, D, hn, D, w1ap, w1a_pk, hid, Hd, false);
+        gemm_nt(rows, Hd, D, hn, D, w1a, hid, Hd, false);
         for (int64_t r = 0; r < rows; ++r) {
           simd::bias_act(hid + r * Hd, b1ap, Hd, act, prep ? prep + (r0 + r) * Hd : nullptr);
         }
@@ -266,10 +265,10 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
         // then bias and act(gate) * value into hid.
         float* pt = save_for_backward ? prep + r0 * P : pre_buf.get();
         if (split) {
-          gemm_nt(rows, Hd, D, hn, D, w1ap, w1a_pk, pt, P, false);
-          gemm_nt(rows, Hd, D, hn, D, w1bp, w1b_pk, pt + Hd, P, false);
+          gemm_nt(rows, Hd, D, hn, D, w1a, pt, P, false);
+          gemm_nt(rows, Hd, D, hn, D, w1b, pt + Hd, P, false);
         } else {
-          gemm_nt(rows, P, D, hn, D, w1ap, w1a_pk, pt, P, false);
+          gemm_nt(rows, P, D, hn, D, w1a, pt, P, false);
         }
         for (int64_t r = 0; r < rows; ++r) {
           float* pr = pt + r * P;
@@ -281,7 +280,7 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
       // fc2 with bias and residual: out rows start as x + b2, GEMM accumulates (beta = 1).
       float* o = op + r0 * D;
       init_rows(o, residual ? xp + r0 * D : nullptr, b2p, rows, D);
-      gemm_nt(rows, D, Hd, hid, Hd, w2p, w2_pk, o, D, true);
+      gemm_nt(rows, D, Hd, hid, Hd, w2, o, D, true);
     }
   });
   return {to(out, x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};

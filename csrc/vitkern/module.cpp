@@ -26,12 +26,14 @@ PyObject* blas_backend(PyObject*, PyObject*) { return PyUnicode_FromString(vitke
 
 PyObject* gemm_route(PyObject*, PyObject*) { return PyUnicode_FromString(vitkern::gemm_route()); }
 PyObject* packed_gemm_active(PyObject*, PyObject*) { return PyBool_FromLong(vitkern::packed_gemm_active()); }
+PyObject* bf16_gemm_active(PyObject*, PyObject*) { return PyBool_FromLong(vitkern::bf16_gemm_active()); }
 
 PyMethodDef methods[] = {
     {"simd_paths", simd_paths, METH_NOARGS, "the x86 SIMD code paths compiled into this build"},
     {"blas_backend", blas_backend, METH_NOARGS, "how the CPU kernels reach BLAS"},
     {"gemm_route", gemm_route, METH_NOARGS, "the route of the CPU kernels' weight GEMMs (gemm.h)"},
     {"packed_gemm_active", packed_gemm_active, METH_NOARGS, "whether the weight GEMMs take prepacked weights"},
+    {"bf16_gemm_active", bf16_gemm_active, METH_NOARGS, "whether bf16 GEMMs run vitkern's AVX512-BF16 kernel"},
     {nullptr, nullptr, 0, nullptr},
 };
 

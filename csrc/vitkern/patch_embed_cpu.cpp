@@ -91,13 +91,12 @@ Tensor patch_embed_forward_cpu(const Tensor& images_in, const Tensor& weight_in,
   const Tensor pos = pos_in.has_value() ? view_of(f32c(*pos_in), {g.N, g.D}) : Tensor();
   if (bias.defined()) check_shape(bias, "bias", {g.D});
   Tensor out = empty({g.B, g.N, g.D});
-  const float *ip = f32_ptr(img), *wp = w.w;
+  const float* ip = f32_ptr(img);
   const float* bp = f32_ptr_or_null(bias);
   const float* pp = f32_ptr_or_null(pos);
-  const float* wpk = w.packed;
   float* op = f32_ptr(out);
   // BLAS repacks the weight per call: one chunk per thread; the packed route takes smaller tasks.
-  const int64_t total = g.B * g.N, chunk = wpk ? packed_tile_rows(total) : chunk_rows(total);
+  const int64_t total = g.B * g.N, chunk = w.prepacked() ? packed_tile_rows(total) : chunk_rows(total);
   const int64_t chunks = (total + chunk - 1) / chunk;
   parallel_tasks(chunks, [&](auto& queue) {
     Scratch tile = scratch(chunk * g.K);
@@ -109,7 +108,7 @@ Tensor patch_embed_forward_cpu(const Tensor& images_in, const Tensor& weight_in,
         const float* pr = pp ? pp + ((r0 + r) % g.N) * g.D : nullptr;
         for (int64_t t = 0; t < g.D; ++t) o[r * g.D + t] = (bp ? bp[t] : 0.f) + (pr ? pr[t] : 0.f);
       }
-      gemm_nt(rows, g.D, g.K, tile.get(), g.K, wp, wpk, o, g.D, true);
+      gemm_nt(rows, g.D, g.K, tile.get(), g.K, w, o, g.D, true);
     }
   });
   return to(out, images_in.scalar_type());

@@ -11,7 +11,7 @@ from vitkern import _backend
 from vitkern._ext import load_extension
 from vitkern.ops import _validate, layernorm_mlp, sp_attention
 from vitkern.ops._autograd import eager_inference, no_autocast
-from vitkern.ops._packed import global_hooks, linear, packed_weight, skippable
+from vitkern.ops._packed import bf16_products, global_hooks, linear, packed_weight, skippable
 from vitkern.ops.layernorm_mlp import ACTIVATIONS
 
 
@@ -337,10 +337,13 @@ def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
     # Half precision (bf16/fp16 parameters and input, or a bf16/fp16 autocast region) runs this
     # fp32 kernel only on CPUs without hardware for that dtype's GEMMs, where torch emulates them
     # (~7x slower than fp32); elsewhere torch's half GEMMs beat it and the block goes module by module.
+    # On a CPU with AVX512-BF16 (bf16_route) bf16 runs it too, on vitkern's bf16 GEMM kernel.
     amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    if amp is not None and (amp not in _HALF or _validate.native_half_gemm(amp)):
+    if amp is not None and (amp not in _HALF or (_validate.native_half_gemm(amp) and not bf16_products(amp))):
         return None
-    if x.dtype != torch.float32 and (x.dtype not in _HALF or _validate.native_half_gemm(x.dtype)):
+    if x.dtype != torch.float32 and (
+        x.dtype not in _HALF or (_validate.native_half_gemm(x.dtype) and not bf16_products(x.dtype))
+    ):
         return None
     mods = blk._modules
     attn, mlp, n1, n2 = mods["attn"], mods["mlp"], mods["norm1"], mods["norm2"]
@@ -394,10 +397,17 @@ def inference_block(blk: Block, x: torch.Tensor, grid: tuple[int, int], num_pref
     # Inside a (half-precision: _block_args) autocast region the block computes in fp32 from the
     # parameters as they are; x goes in in their dtype and the output comes back in x's dtype, as
     # the module-by-module block under autocast returns it (its residual adds keep x's dtype).
-    xin = x.to(qw.dtype) if torch.is_autocast_enabled("cpu") else x
+    # On the bf16 route (bf16 parameters, or a bf16 autocast region over any) the weight GEMMs take
+    # the weights packed as bf16: bf16 products summed in fp32, the rest of the block in fp32.
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    bf16 = bf16_products(amp if amp is not None else qw.dtype)
+    xin = x.to(qw.dtype) if amp is not None else x
     omega = attn.omega(grid)
     gh, gw = grid if omega is not None else (1, 1)
-    pk = packed_weight
+
+    def pk(w):
+        return packed_weight(w, bf16=bf16)
+
     y = ext.block_forward(
         xin, n1w, n1b, n1.eps, qw, qb, pk(qw), pw_, pb, pk(pw_),
         omega, gh, gw, num_prefix_tokens, attn.num_heads, attn.scale,

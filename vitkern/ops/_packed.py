@@ -1,7 +1,9 @@
 """Prepacked weights for the cpu kernels' packed GEMM route (csrc/vitkern/gemm.h).
 
-Where vitkern's own GEMM is the route (CPUs with AVX2 but no AVX-512, or ``VITKERN_GEMM=vitkern``),
-the cpu kernels take each weight packed into 16-column panels. Packing a ViT-S fc1 weight costs
+Where vitkern's own GEMM is the route (x86 CPUs with AVX2: the AVX-512 or AVX2 micro-kernel;
+``VITKERN_GEMM=blas`` turns it off), the cpu kernels take each weight packed into 16-column
+panels. On CPUs with AVX512-BF16 the bf16 inference path takes a second packed form, bf16
+k-pairs for ``vdpbf16ps`` (``packed_weight(w, bf16=True)``), cached beside the first. Packing a ViT-S fc1 weight costs
 about a fifth of one batch-1 GEMM, so it is done once per weight and cached here, keyed by the
 weight tensor object (weakly: the entry goes when the weight does) and checked on every call
 against the weight's storage pointer, in-place version counter, shape and dtype — an optimizer
@@ -20,6 +22,7 @@ from vitkern.ops import _validate
 from vitkern.ops._autograd import eager_inference
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_CACHE_BF16: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _route_of_this_process() -> bool:
@@ -33,32 +36,53 @@ def _route_of_this_process() -> bool:
 _PACKED_ROUTE = _route_of_this_process()
 
 
+_BF16_ROUTE = _PACKED_ROUTE and load_extension().bf16_gemm_active()
+
+
 def packed_route() -> bool:
     """Whether the cpu kernels' weight GEMMs take prepacked weights on this machine."""
     return _PACKED_ROUTE
 
 
-def packed_weight(w: torch.Tensor | None) -> torch.Tensor | None:
+def bf16_route() -> bool:
+    """Whether this machine runs vitkern's bf16 GEMM kernel (AVX512-BF16; csrc/vitkern/gemm.h):
+    then the cpu kernels compute bf16 inference (bf16 input, or a bf16 autocast region) with bf16
+    products summed in fp32, on weights packed as bf16."""
+    return _BF16_ROUTE
+
+
+def bf16_products(dtype: torch.dtype | None) -> bool:
+    """Whether a cpu kernel computing ``dtype`` (bf16) inference takes vitkern's bf16 GEMM kernel:
+    the CPU has bf16 GEMM hardware (``_validate.native_half_gemm``) and the kernel runs here."""
+    return dtype == torch.bfloat16 and _BF16_ROUTE and _validate.native_half_gemm(dtype)
+
+
+def packed_weight(w: torch.Tensor | None, bf16: bool = False) -> torch.Tensor | None:
     """``w`` (out_features, in_features), or (out_features, ...) read as (out_features, rest),
-    packed for the packed GEMM route: from the cache when the weight has not changed since it
-    was packed; ``None`` where the route is off or the weight cannot be cached."""
-    if w is None or w.device.type != "cpu" or not packed_route():
+    packed for the packed GEMM route (fp32 panels; with ``bf16``, the bf16 route's panels of w
+    rounded to bf16): from the cache when the weight has not changed since it was packed;
+    ``None`` where the route is off or the weight cannot be cached."""
+    if w is None or w.device.type != "cpu" or not (bf16_route() if bf16 else packed_route()):
         return None
     if w.is_inference():
         return None  # no version counter: an in-place change could not be seen
+    cache = _CACHE_BF16 if bf16 else _CACHE
     key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
-    hit = _CACHE.get(w)
+    hit = cache.get(w)
     if hit is not None and hit[0] == key:
         return hit[1]
+    ext = load_extension()
     with torch.no_grad():
-        packed = load_extension().pack_gemm_weight(w.detach().reshape(w.shape[0], -1))
-    _CACHE[w] = (key, packed)
+        flat = w.detach().reshape(w.shape[0], -1)
+        packed = ext.pack_gemm_weight_bf16(flat) if bf16 else ext.pack_gemm_weight(flat)
+    cache[w] = (key, packed)
     return packed
 
 
 def clear_packed_weights() -> None:
     """Drop every cached packed weight (they are rebuilt on the next call)."""
     _CACHE.clear()
+    _CACHE_BF16.clear()
 
 
 def skippable(m: torch.nn.Module) -> bool:
@@ -90,7 +114,10 @@ def linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     * eager inference on the packed GEMM route: vitkern's GEMM on the cached packed weight (the
       same sum in fp32, rounding order aside), for fp32 and for bf16/fp16 weight and input on CPUs
       without GEMM hardware for that dtype (torch would emulate it);
-    * inside a bf16/fp16 autocast region on such a CPU, over an fp32 weight: the product in fp32
+    * on a CPU with AVX512-BF16 (``bf16_route``), for bf16 weight and input or a bf16 autocast
+      region over an fp32 weight, in eager inference: vitkern's bf16 kernel on the weight packed
+      as bf16 (bf16 products summed in fp32), the output in bf16;
+    * inside a bf16/fp16 autocast region on a CPU without half GEMMs, over an fp32 weight: the product in fp32
       (on the packed route in eager inference, else ``F.linear`` with autocast off, also with
       autograd: training under autocast), the output in the autocast dtype as autocast's linear
       gives it; gradients are those of the fp32 product.
@@ -107,20 +134,29 @@ def linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     w = m.weight
     amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     inference = eager_inference(x, w, m.bias)
-    if amp is not None:  # autocast: fp32 weights only, computed in fp32 where half GEMMs are emulated
-        if amp not in _HALF or _validate.native_half_gemm(amp) or w.dtype != torch.float32:
+    bf16 = False  # the bf16 route: bf16 products on the weight packed as bf16
+    if amp is not None:  # autocast: fp32 weights only
+        if amp not in _HALF or w.dtype != torch.float32:
             return m(x)
-        if not inference or not packed_route():
+        if _validate.native_half_gemm(amp):  # bf16 hardware: vitkern's bf16 kernel or torch's
+            if not inference or not bf16_products(amp):
+                return m(x)
+            bf16 = True
+        elif not inference or not packed_route():  # emulated half GEMMs: computed in fp32
             return _fp32_linear(x, w, m.bias, amp)
-        x = x.to(torch.float32)
-    elif (
-        not inference
-        or not packed_route()
-        or x.dtype != w.dtype
-        or (x.dtype != torch.float32 and (x.dtype not in _HALF or _validate.native_half_gemm(x.dtype)))
-    ):
-        return m(x)
-    wp = packed_weight(w)
+        else:
+            x = x.to(torch.float32)
+    else:
+        if not inference or not packed_route() or x.dtype != w.dtype:
+            return m(x)
+        if x.dtype != torch.float32:
+            if x.dtype not in _HALF:
+                return m(x)
+            if _validate.native_half_gemm(x.dtype):
+                if not bf16_products(x.dtype):
+                    return m(x)
+                bf16 = True
+    wp = packed_weight(w, bf16=bf16)
     if wp is None:
         return m(x) if amp is None else _fp32_linear(x, w, m.bias, amp)
     x2 = x.reshape(-1, x.shape[-1])

@@ -82,6 +82,12 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
 
 def cpu_gemm_kernel_auto_skip(x: torch.Tensor, *args: object) -> str | None:
     if x.dtype in (torch.bfloat16, torch.float16) and native_half_gemm(x.dtype):
+        from vitkern.ops._autograd import eager_inference
+        from vitkern.ops._packed import bf16_products
+
+        tensors = [t for t in (x, *args) if isinstance(t, torch.Tensor)]
+        if bf16_products(x.dtype) and eager_inference(*tensors):
+            return None  # inference on vitkern's bf16 kernel (csrc/vitkern/gemm.h), fused
         # Measured (benchmarks/NOTES.md): with avx512_bf16 torch's bf16 GEMMs run ~3x faster than
         # the fp32 sgemm these kernels compute in, so eager wins for half-precision inputs there.
         # Without hardware support the half GEMMs are emulated and 4-7x slower than this kernel

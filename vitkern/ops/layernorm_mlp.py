@@ -31,7 +31,7 @@ from vitkern import _backend
 from vitkern._ext import load_extension
 from vitkern.ops._autograd import autocast_dtype, autocast_inputs, eager_inference, mark_saved_outputs, no_autocast
 from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
-from vitkern.ops._packed import packed_weight
+from vitkern.ops._packed import bf16_products, packed_weight
 from vitkern.ops._validate import check_same, check_tensor, cpu_gemm_kernel_auto_skip
 
 __all__ = ["layernorm_mlp", "layernorm_mlp_reference", "ACTIVATIONS", "NORMS", "GATED"]
@@ -226,7 +226,9 @@ if _backend.backend_status("triton") is None:
 # Triton's are imported on first use: they also run CPU tensors under the interpreter (TRITON_INTERPRET=1).
 def _cpu_forward(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, *rest):
     # the weights packed for the packed GEMM route (vitkern/ops/_packed.py), or None: BLAS
-    packed = [packed_weight(w) for w in (w1a, w1b, fc2_weight)]
+    # bf16 input on the bf16 route without saving for a backward: bf16 panels (bf16 products)
+    bf16 = bf16_products(x.dtype) and not rest[-1]
+    packed = [packed_weight(w, bf16=bf16) for w in (w1a, w1b, fc2_weight)]
     return load_extension().layernorm_mlp_forward(x, ln_weight, ln_bias, w1a, b1a, w1b, b1b, fc2_weight, *rest, *packed)
 
 

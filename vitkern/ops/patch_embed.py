@@ -11,7 +11,7 @@ from vitkern import _backend
 from vitkern._ext import load_extension
 from vitkern.ops._autograd import autocast_dtype, autocast_inputs, eager_inference, no_autocast
 from vitkern.ops._kernels import Kernels, kernels_of, register_kernels
-from vitkern.ops._packed import packed_weight
+from vitkern.ops._packed import bf16_products, packed_weight
 from vitkern.ops._validate import check_same, check_tensor, cpu_gemm_kernel_auto_skip
 
 __all__ = ["patch_embed", "patch_embed_reference"]
@@ -40,7 +40,9 @@ _backend.register_impl("patch_embed", "reference", patch_embed_reference)
 # first use: they also run CPU tensors under the interpreter (TRITON_INTERPRET=1).
 def _cpu_forward(images, weight, bias, pos_embed):
     # the weight packed for the packed GEMM route (vitkern/ops/_packed.py), or None: BLAS
-    return load_extension().patch_embed_forward(images, weight, bias, pos_embed, packed_weight(weight))
+    # bf16 images on the bf16 route (inference: the backward does not read the packed weight)
+    bf16 = bf16_products(images.dtype)
+    return load_extension().patch_embed_forward(images, weight, bias, pos_embed, packed_weight(weight, bf16=bf16))
 
 
 def _cpu_backward(dout, images, weight, need_images, need_weight):
