@@ -242,3 +242,56 @@ def test_bf16_kernel_error_is_that_of_bf16_operands():
     ours = ext.linear_forward(x, w, None, ext.pack_gemm_weight_bf16(w))
     torch_bf16 = F.linear(x.bfloat16(), w.bfloat16())
     assert rel_err(ours, exact) < 1.01 * rel_err(torch_bf16.float(), exact) + 1e-6
+
+
+@needs_bf16
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bf16_blocks_are_bitwise_the_same_on_any_thread_count(batch):
+    """The bf16 block (its GEMMs and the attention's bf16 tiles: packed in a pass of their own at
+    batch 1, per (batch, head) task at batch 3) hands out row tiles and heads dynamically; what a
+    task computes must not depend on the thread count."""
+    model = _model(dict(embed_dim=96, depth=2, num_heads=3), 224).to(torch.bfloat16)
+    x = _image(batch, 224).bfloat16()
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outs.append(model(x))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_bf16
+def test_bench_gemm_floor_measures_the_bf16_kernel():
+    """`vitkern bench`'s bf16 GEMM floor includes vitkern's own bf16 kernel beside torch's route."""
+    from vitkern.bench.baselines import gemm_routes_gflops
+
+    routes = gemm_routes_gflops("cpu", torch.bfloat16, n=128)
+    assert "vitkern packed bf16 (gemm.h)" in routes and any(k.startswith("torch.mm") for k in routes)
+    assert all(g > 0 for g in routes.values())
+
+
+@needs_bf16
+def test_autocast_inference_packs_each_weight_once(monkeypatch):
+    """Under autocast the fused ops get bf16 copies of the fp32 weights, made per call; their bf16
+    panels are cached on the fp32 source, so a second forward packs nothing."""
+    ext = load_extension()
+    real, packs = ext.pack_gemm_weight_bf16, [0]
+
+    def counting(w):
+        packs[0] += 1
+        return real(w)
+
+    monkeypatch.setattr(ext, "pack_gemm_weight_bf16", counting, raising=False)
+    model = _model(dict(embed_dim=64, depth=2, num_heads=2), 64)
+    x = _image(2, 64)
+    _packed.clear_packed_weights()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        first = packs[0]
+        model(x)
+    assert first == 1 + 4 * len(model.blocks), first  # patch projection + qkv, proj, fc1, fc2 per block
+    assert packs[0] == first, (first, packs[0])

@@ -337,8 +337,9 @@ assert n[0] == blocks, n[0]
 import vitkern.ops._packed as packed
 assert bool(packed._CACHE_BF16) == bf16_products(torch.bfloat16)  # the bf16 kernel's packed weights
 assert out.dtype == want.dtype, (out.dtype, want.dtype)
-# fp32 inside: within 1e-2 of fp32; bf16 products (vitkern's kernel): no further than timm's own autocast
-assert rel(out, exact) < (rel(want, exact) + 2e-3 if bf16_products(torch.bfloat16) else 1e-2)
+# fp32 inside: within 1e-2 of fp32; bf16 products (vitkern's kernel, the attention's tiles too): in the
+# band of timm's own autocast (two independent bf16 roundings of 12 blocks: 1.5-1.8e-2 here, either way)
+assert rel(out, exact) < (1.25 * rel(want, exact) if bf16_products(torch.bfloat16) else 1e-2)
 assert rel(out, want) < 2e-2
 n[0] = 0
 model, ref = model.to(torch.bfloat16), ref.to(torch.bfloat16)

@@ -99,7 +99,9 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   const Tensor q = from_blob(qkvp, view_sizes, view_strides);
   const Tensor k = from_blob(qkvp + D, view_sizes, view_strides);
   const Tensor v = from_blob(qkvp + 2 * D, view_sizes, view_strides);
-  const Tensor attn = sp_attention_forward_cpu(q, k, v, omega, gh, gw, num_prefix, scale)[0];
+  // bf16 inference (the weights packed as bf16): the attention's tile products on bf16 operands too.
+  const bool bf16 = qkv_w.packed_bf16 != nullptr;
+  const Tensor attn = sp_attention_forward_impl(q, k, v, omega, gh, gw, num_prefix, scale, bf16)[0];
   const float* ap = f32_ptr(attn);  // (B, H, N, Dh) view of (B, N, H, Dh) storage: row r at ap + r * D
 
   // 3. a = x + attn . Wproj^T + b: rows start as x + b, the GEMM accumulates.

@@ -266,8 +266,8 @@ constexpr MicroKernelBf16 kMicroBf16[kMR512 + 1] = {
     micro_kernel_bf16<9, NP>,  micro_kernel_bf16<10, NP>, micro_kernel_bf16<11, NP>, micro_kernel_bf16<12, NP>};
 
 // rows x k fp32 (lda) -> rows x kp bf16 (kp = k + k % 2, the pad column zero).
-__attribute__((target("avx512f,avx512bf16"))) void rows_to_bf16(const float* a, int64_t rows, int64_t k, int64_t lda,
-                                                                uint16_t* dst, int64_t kp) {
+__attribute__((target("avx512f,avx512bf16"))) void rows_to_bf16_avx512(const float* a, int64_t rows, int64_t k,
+                                                                       int64_t lda, uint16_t* dst, int64_t kp) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = a + r * lda;
     uint16_t* d = dst + r * kp;
@@ -283,8 +283,8 @@ __attribute__((target("avx512f,avx512bf16"))) void rows_to_bf16(const float* a, 
 // The bf16 loop nest: K blocks of kKCBf16 elements (a panel pair's block, 32 KB, stays in L1).
 constexpr int64_t kKCBf16 = 512;
 void gemm_packed_bf16(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* wp, float* c,
-                      int64_t ldc, bool accumulate) {
-  const int64_t panels = (n + kGemmNR - 1) / kGemmNR, pstride = kGemmNR * kp;
+                      int64_t ldc, bool accumulate, int64_t pstride) {
+  const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
   float buf[kMR512 * kGemmNR];
   for (int64_t pc = 0; pc < kp; pc += kKCBf16) {
     const int64_t kc = std::min(kKCBf16, kp - pc);
@@ -313,6 +313,48 @@ void gemm_packed_bf16(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64
         }
         p += np;
       }
+    }
+  }
+}
+
+// Two fp32 vectors (16 lanes) -> 16 bf16 pairs (lo from a, hi from b), as one 512-bit store.
+__attribute__((target("avx512f,avx512bf16"))) inline void store_pairs(uint16_t* dst, __m512 a, __m512 b) {
+  const __m512i a32 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
+  const __m512i b32 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(b));
+  _mm512_storeu_si512(dst, _mm512_or_si512(a32, _mm512_slli_epi32(b32, 16)));
+}
+
+__attribute__((target("avx512f,avx512bf16"))) void pack_rows_bf16_avx512(const float* w, int64_t n, int64_t k,
+                                                                         int64_t ldw, uint16_t* wp, float scale) {
+  const int64_t kp = k + k % 2, panels = (n + kGemmNR - 1) / kGemmNR;
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t rows = std::min(kGemmNR, n - p * kGemmNR);
+    const __mmask16 m = static_cast<__mmask16>((1u << rows) - 1u);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(static_cast<int>(ldw)));
+    const float* base = w + p * kGemmNR * ldw;
+    uint16_t* dst = wp + p * kGemmNR * kp;
+    for (int64_t t = 0; t < kp / 2; ++t) {
+      const __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, base + 2 * t, 4);
+      const __m512 b = 2 * t + 1 < k ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, base + 2 * t + 1, 4)
+                                     : _mm512_setzero_ps();
+      store_pairs(dst + t * 2 * kGemmNR, _mm512_mul_ps(a, sv), _mm512_mul_ps(b, sv));
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bf16"))) void pack_columns_bf16_avx512(const float* b, int64_t k, int64_t n,
+                                                                            int64_t ldb, uint16_t* bp) {
+  const int64_t kp = k + k % 2, panels = (n + kGemmNR - 1) / kGemmNR;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t c0 = p * kGemmNR, cols = std::min(kGemmNR, n - c0);
+    const __mmask16 m = static_cast<__mmask16>((1u << cols) - 1u);
+    uint16_t* dst = bp + p * kGemmNR * kp;
+    for (int64_t t = 0; t < kp / 2; ++t) {
+      const __m512 r0 = _mm512_maskz_loadu_ps(m, b + 2 * t * ldb + c0);
+      const __m512 r1 = 2 * t + 1 < k ? _mm512_maskz_loadu_ps(m, b + (2 * t + 1) * ldb + c0) : _mm512_setzero_ps();
+      store_pairs(dst + t * 2 * kGemmNR, r0, r1);
     }
   }
 }
@@ -587,17 +629,53 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
       abuf.reset(new uint16_t[m * kp]);
       abuf_size = m * kp;
     }
-    rows_to_bf16(a, m, k, lda, abuf.get(), kp);
+    rows_to_bf16_avx512(a, m, k, lda, abuf.get(), kp);
     if (k == 0) {
       if (!accumulate)
         for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
       return;
     }
-    gemm_packed_bf16(m, n, kp, abuf.get(), kp, w.packed_bf16, c, ldc, accumulate);
+    gemm_packed_bf16(m, n, kp, abuf.get(), kp, w.packed_bf16, c, ldc, accumulate, kGemmNR * kp);
     return;
   }
 #endif
   gemm_nt(m, n, k, a, lda, w.w, w.packed, c, ldc, accumulate);
+}
+
+void rows_to_bf16(const float* a, int64_t rows, int64_t k, int64_t lda, uint16_t* dst, int64_t kp) {
+  VK_CHECK(bf16_gemm_active(), "rows_to_bf16: the bf16 GEMM route is not active");
+#if VK_X86_SIMD
+  rows_to_bf16_avx512(a, rows, k, lda, dst, kp);
+#endif
+}
+
+void pack_rows_bf16(const float* w, int64_t n, int64_t k, int64_t ldw, uint16_t* wp, float scale) {
+  VK_CHECK(bf16_gemm_active(), "pack_rows_bf16: the bf16 GEMM route is not active");
+  VK_CHECK(ldw * kGemmNR < (int64_t{1} << 31), "pack_rows_bf16: row stride ", ldw, " too large for the gather");
+#if VK_X86_SIMD
+  pack_rows_bf16_avx512(w, n, k, ldw, wp, scale);
+#endif
+}
+
+void pack_columns_bf16(const float* b, int64_t k, int64_t n, int64_t ldb, uint16_t* bp) {
+  VK_CHECK(bf16_gemm_active(), "pack_columns_bf16: the bf16 GEMM route is not active");
+#if VK_X86_SIMD
+  pack_columns_bf16_avx512(b, k, n, ldb, bp);
+#endif
+}
+
+void gemm_packed_bf16_nt(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* wp,
+                         float* c, int64_t ldc, bool accumulate, int64_t pstride) {
+  VK_CHECK(bf16_gemm_active(), "gemm_packed_bf16_nt: the bf16 GEMM route is not active");
+  if (m == 0 || n == 0) return;
+#if VK_X86_SIMD
+  if (kp == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
+    return;
+  }
+  gemm_packed_bf16(m, n, kp, a, lda, wp, c, ldc, accumulate, pstride > 0 ? pstride : kGemmNR * kp);
+#endif
 }
 
 namespace {

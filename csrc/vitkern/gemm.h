@@ -94,6 +94,18 @@ bool bf16_gemm_active();
 inline int64_t packed_weight_numel_bf16(int64_t n, int64_t k) {
   return (n + kGemmNR - 1) / kGemmNR * kGemmNR * (k + k % 2);
 }
+// The bf16 route's pieces for products whose operands are not weights (sp_attention's Q . K^T
+// and P . V in bf16 inference). rows_to_bf16: rows x k fp32 (lda) -> rows x kp bf16, the pad
+// column zero. pack_rows_bf16: W (n x k fp32, ldw) times scale -> the packed bf16 layout.
+// pack_columns_bf16: B (k x n fp32, ldb) -> the packed bf16 layout of W = B^T. gemm_packed_bf16_nt:
+// C (m x n, ldc) (+)= A (m x kp bf16, lda) . W^T over packed panels kp long, pstride elements
+// apart (0: kGemmNR * kp); the route must be active (RuntimeError otherwise).
+void rows_to_bf16(const float* a, int64_t rows, int64_t k, int64_t lda, uint16_t* dst, int64_t kp);
+void pack_rows_bf16(const float* w, int64_t n, int64_t k, int64_t ldw, uint16_t* wp, float scale);
+void pack_columns_bf16(const float* b, int64_t k, int64_t n, int64_t ldb, uint16_t* bp);
+void gemm_packed_bf16_nt(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* wp,
+                         float* c, int64_t ldc, bool accumulate, int64_t pstride = 0);
+
 // pack_gemm_weight_bf16(w (n, k), any float dtype) -> (packed_weight_numel_bf16(n, k),) bf16,
 // w's values rounded to nearest-even bf16.
 Tensor pack_gemm_weight_bf16_cpu(const Tensor& w);

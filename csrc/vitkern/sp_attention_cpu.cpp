@@ -181,6 +181,12 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const OptTe
 std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                              const OptTensor& omega_in, int64_t gh, int64_t gw, int64_t num_prefix,
                                              double scale_d) {
+  return sp_attention_forward_impl(q_in, k_in, v_in, omega_in, gh, gw, num_prefix, scale_d, false);
+}
+
+std::vector<Tensor> sp_attention_forward_impl(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                              const OptTensor& omega_in, int64_t gh, int64_t gw, int64_t num_prefix,
+                                              double scale_d, bool bf16_products) {
   check_inputs(q_in, k_in, v_in, omega_in, gh, gw, num_prefix);
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), Dh = q_in.size(3);
   const Tensor q = as_fp32_rows(q_in), k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
@@ -206,7 +212,12 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
   // the micro-kernel over contiguous panels (V read in place had a row stride of 3 * H * Dh floats
   // from the fused qkv: a page per key). Elsewhere both are sgemm calls, the scale riding on alpha.
   const bool packed = packed_gemm_active();
-  const int64_t kpk_size = packed_weight_numel(N, Dh), vpk_size = packed_weight_numel(Dh, N);
+  // bf16 products (the one-call block's bf16 inference): the packed panels hold bf16 (two per
+  // float of the buffers below), K over Dh padded to even (dhp), V over N padded to even (np2).
+  const bool bf = packed && bf16_products && bf16_gemm_active();
+  const int64_t dhp = Dh + Dh % 2, np2 = N + N % 2;
+  const int64_t kpk_size = bf ? (packed_weight_numel_bf16(N, Dh) + 1) / 2 : packed_weight_numel(N, Dh);
+  const int64_t vpk_size = bf ? (packed_weight_numel_bf16(Dh, N) + 1) / 2 : packed_weight_numel(Dh, N);
   // With enough (batch, head) pairs for every thread, one task is a whole (batch, head): its
   // thread packs K and V into its own buffer and runs every query block while they are still in
   // its L2 (ViT-S batch 8: 48 heads x 100 KB packed, which a separate packing pass had pushed out
@@ -218,6 +229,11 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
   float* vpk_all = packed && !per_head ? kpk_all + B * H * kpk_size : nullptr;
   auto pack_head = [&](int64_t bh, float* kpk, float* vpk) {
     const Mat km = slice(k, bh / H, bh % H), vm = slice(v, bh / H, bh % H);
+    if (bf) {
+      pack_rows_bf16(km.p, N, Dh, km.ld, reinterpret_cast<uint16_t*>(kpk), scale);
+      pack_columns_bf16(vm.p, N, Dh, vm.ld, reinterpret_cast<uint16_t*>(vpk));
+      return;
+    }
     pack_weight(km.p, N, Dh, km.ld, kpk, scale);
     pack_columns(vm.p, N, Dh, vm.ld, vpk);
   };
@@ -229,19 +245,25 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
 
   const int64_t lds = score_row_stride(N);
   // Query block qb of (batch, head) bh; kpk / vpk: that head's packed K and V (packed route).
+  // q16 / p16: bf16 rows of the query block and of its probabilities (bf16 products only).
   auto query_block = [&](int64_t bh, int64_t qb, const float* kpk, const float* vpk, float* s_buf, float* acc,
-                         float* m, float* l) {
+                         float* m, float* l, uint16_t* q16, uint16_t* p16) {
     const int64_t b = bh / H, h = bh % H;
     const int64_t i0 = qb * bm, rows = std::min(bm, N - i0);
     Prior prior{expanded_p ? expanded_p + h * esize : nullptr, gh, gw, num_prefix};
     Mat qm = slice(q, b, h), km = slice(k, b, h), vm = slice(v, b, h);
     qm.p += i0 * qm.ld;
+    const uint16_t* k16 = reinterpret_cast<const uint16_t*>(kpk);
+    const uint16_t* v16 = reinterpret_cast<const uint16_t*>(vpk);
+    if (bf) rows_to_bf16(qm.p, rows, Dh, qm.ld, q16, dhp);
     std::fill(m, m + bm, -std::numeric_limits<float>::infinity());
     std::fill(l, l + bm, 0.f);
     std::fill(acc, acc + bm * Dh, 0.f);
     for (int64_t j0 = 0; j0 < N; j0 += kBlockN) {
       const int64_t cols = std::min(kBlockN, N - j0);
-      if (packed) {
+      if (bf) {
+        gemm_packed_bf16_nt(rows, cols, dhp, q16, dhp, k16 + j0 * dhp, s_buf, lds, false);
+      } else if (packed) {
         gemm_packed_nt(rows, cols, Dh, qm.p, qm.ld, kpk + j0 * Dh, s_buf, lds, false);
       } else {
         // The logit scale rides on the GEMM's alpha: no separate pass.
@@ -263,7 +285,11 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
           for (int64_t t = 0; t < Dh; ++t) a[t] *= alpha;
         }
       }
-      if (packed) {
+      if (bf) {
+        const int64_t cp = cols + cols % 2;  // (an odd count only in the last key block: its pad key is zero)
+        rows_to_bf16(s_buf, rows, cols, lds, p16, cp);
+        gemm_packed_bf16_nt(rows, Dh, cp, p16, cp, v16 + j0 * kGemmNR, acc, Dh, true, kGemmNR * np2);
+      } else if (packed) {
         gemm_packed_nt(rows, Dh, cols, s_buf, lds, vpk + j0 * kGemmNR, acc, Dh, true, kGemmNR * N);
       } else {
         gemm_ab(rows, cols, Dh, s_buf, lds, {vm.p + j0 * vm.ld, vm.ld}, 1.f, acc, Dh);
@@ -283,16 +309,18 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
   parallel_tasks(n_tasks, [&](auto& queue) {
     Scratch s_buf = scratch(bm * lds), kv_buf = scratch(per_head ? kpk_size + vpk_size : 0);
     std::vector<float> acc(bm * Dh), m(bm), l(bm);
+    std::vector<uint16_t> q16(bf ? bm * dhp : 0), p16(bf ? bm * (std::min(kBlockN, N) + 1) : 0);
     for (int64_t task; (task = queue.next()) >= 0;) {
       if (per_head) {
         pack_head(task, kv_buf.get(), kv_buf.get() + kpk_size);
         for (int64_t qb = 0; qb < n_qblk; ++qb) {
-          query_block(task, qb, kv_buf.get(), kv_buf.get() + kpk_size, s_buf.get(), acc.data(), m.data(), l.data());
+          query_block(task, qb, kv_buf.get(), kv_buf.get() + kpk_size, s_buf.get(), acc.data(), m.data(), l.data(),
+                      q16.data(), p16.data());
         }
       } else {
         const int64_t qb = task % n_qblk, bh = task / n_qblk;
         query_block(bh, qb, packed ? kpk_all + bh * kpk_size : nullptr, packed ? vpk_all + bh * vpk_size : nullptr,
-                    s_buf.get(), acc.data(), m.data(), l.data());
+                    s_buf.get(), acc.data(), m.data(), l.data(), q16.data(), p16.data());
       }
     }
   });

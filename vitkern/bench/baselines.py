@@ -84,8 +84,8 @@ def gemm_routes_gflops(device: torch.device | str = "cpu", dtype=torch.float32, 
     CPU routes: ``torch.mm`` (fp32: MKL ``sgemm`` when torch has MKL; bf16/fp16: oneDNN,
     which uses AMX or AVX512-BF16 where the CPU has them) and oneDNN's own fp32 matmul
     through ``mkldnn_linear`` on a prepacked weight; where the cpu kernels' weight GEMMs take
-    vitkern's packed route (csrc/vitkern/gemm.h), that kernel on a prepacked weight too. GPU:
-    ``torch.mm`` (cuBLAS)."""
+    vitkern's packed route (csrc/vitkern/gemm.h), that kernel on a prepacked weight too (in
+    bf16: vitkern's bf16 kernel, where the CPU has AVX512-BF16). GPU: ``torch.mm`` (cuBLAS)."""
     from vitkern.bench.timing import time_interleaved
 
     device = torch.device(device)
@@ -102,7 +102,7 @@ def gemm_routes_gflops(device: torch.device | str = "cpu", dtype=torch.float32, 
                 routes["oneDNN (mkldnn_linear, packed)"] = lambda: torch._C._nn.mkldnn_linear(a_mk, w_mk, None)
             except RuntimeError:  # a torch build without the op for this dtype
                 pass
-        from vitkern.ops._packed import packed_route
+        from vitkern.ops._packed import bf16_products, packed_route
 
         if dtype == torch.float32 and packed_route():  # vitkern's own GEMM, where it is the cpu kernels' route
             from vitkern._ext import load_extension
@@ -111,6 +111,13 @@ def gemm_routes_gflops(device: torch.device | str = "cpu", dtype=torch.float32, 
             w = b.t().contiguous()
             wp = ext.pack_gemm_weight(w)
             routes["vitkern packed (gemm.h)"] = lambda: ext.linear_forward(a, w, None, wp)
+        if bf16_products(dtype):  # vitkern's bf16 kernel (AVX512-BF16), bf16 in and out as torch.mm
+            from vitkern._ext import load_extension
+
+            ext = load_extension()
+            wb = b.t().contiguous()
+            wpb = ext.pack_gemm_weight_bf16(wb)
+            routes["vitkern packed bf16 (gemm.h)"] = lambda: ext.linear_forward(a, wb, None, wpb)
     else:
         routes["torch.mm (cuBLAS)"] = lambda: torch.mm(a, b)
     t = time_interleaved(routes, device, warmup=2, repeats=5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def mark_saved_outputs(ctx, output) -> None:
@@ -54,10 +55,20 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 
 
 def autocast_cast(dtype: torch.dtype | None, t):
-    """``t`` in ``dtype`` if it is a floating tensor other than float64 (autocast's eligibility)."""
+    """``t`` in ``dtype`` if it is a floating tensor other than float64 (autocast's eligibility).
+    A CPU weight's bf16 copy remembers its fp32 source (``CAST_SOURCE``), so that the bf16 packed
+    weights of the cpu kernels are cached on the source, not packed anew for every call's copy."""
     if dtype is None or not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
         return t
-    return t.to(dtype)
+    out = t.to(dtype)
+    if dtype == torch.bfloat16 and t.dtype == torch.float32 and t.dim() >= 2 and t.device.type == "cpu":
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():  # (eager only: the kernels' path)
+            CAST_SOURCE[out] = t
+    return out
+
+
+# bf16 copy -> its fp32 source, for as long as the copy lives (vitkern/ops/_packed.py: packed_weight).
+CAST_SOURCE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def autocast_inputs(dtype: torch.dtype | None, *tensors):

@@ -19,7 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from vitkern import _backend
 from vitkern._ext import load_extension
 from vitkern.ops import _validate
-from vitkern.ops._autograd import eager_inference
+from vitkern.ops._autograd import CAST_SOURCE, eager_inference
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _CACHE_BF16: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -64,6 +64,10 @@ def packed_weight(w: torch.Tensor | None, bf16: bool = False) -> torch.Tensor | 
     ``None`` where the route is off or the weight cannot be cached."""
     if w is None or w.device.type != "cpu" or not (bf16_route() if bf16 else packed_route()):
         return None
+    if bf16:  # an autocast copy (bf16 of an fp32 weight, made for this call): pack and cache its source
+        src = CAST_SOURCE.get(w)
+        if src is not None and src.shape == w.shape:
+            w = src
     if w.is_inference():
         return None  # no version counter: an in-place change could not be seen
     cache = _CACHE_BF16 if bf16 else _CACHE
