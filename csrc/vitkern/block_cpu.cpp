@@ -80,7 +80,12 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   // 1. qkv (M, 3D) = LayerNorm1(x) . Wqkv^T + b, per row tile.
   Tensor qkv = empty({B, N, 3 * D});
   float* qkvp = f32_ptr(qkv);
-  {
+  if (split_columns(M, qkv_w)) {  // few rows on several threads: LayerNorm, then column tasks
+    Scratch hn = scratch(M * D), stats = scratch(2 * M);
+    ln_rows(xp, M, D, e1, l1w, l1b, false, stats.get(), stats.get() + M, hn.get());
+    if (qbp != nullptr) init_rows(qkvp, nullptr, qbp, M, 3 * D);
+    gemm_nt_columns(M, 3 * D, D, hn.get(), D, qkv_w, qkvp, 3 * D, qbp != nullptr);
+  } else {
     const int64_t tile = forward_tile_rows(M, qkv_w.prepacked()), tiles = (M + tile - 1) / tile;
     parallel_tasks(tiles, [&](auto& queue) {
       Scratch hn = scratch(tile * D), stats = scratch(2 * tile);
@@ -107,7 +112,10 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   // 3. a = x + attn . Wproj^T + b: rows start as x + b, the GEMM accumulates.
   Tensor a = empty({M, D});
   float* app = f32_ptr(a);
-  {
+  if (split_columns(M, proj_w)) {
+    init_rows(app, xp, pbp, M, D);
+    gemm_nt_columns(M, D, D, ap, D, proj_w, app, D, true);
+  } else {
     const int64_t tile = forward_tile_rows(M, proj_w.prepacked()), tiles = (M + tile - 1) / tile;
     parallel_tasks(tiles, [&](auto& queue) {
       for (int64_t t; (t = queue.next()) >= 0;) {

@@ -586,6 +586,13 @@ Tensor linear_forward_cpu(const Tensor& x_in, const Tensor& w_in, const OptTenso
   const float *xp = f32_ptr(x), *bp = f32_ptr_or_null(bias);
   Tensor out = empty({m, n});
   float* op = f32_ptr(out);
+  if (split_columns(m, w)) {  // few rows on several threads: column tasks, each over all rows
+    if (bp != nullptr) {
+      for (int64_t r = 0; r < m; ++r) std::memcpy(op + r * n, bp, sizeof(float) * n);
+    }
+    gemm_nt_columns(m, n, k, xp, k, w, op, n, bp != nullptr);
+    return to(out, x_in.scalar_type());
+  }
   const int64_t tile = w.prepacked() ? packed_tile_rows(m) : std::max<int64_t>(1, m);
   parallel_tasks((m + tile - 1) / tile, [&](auto& queue) {
     for (int64_t t; (t = queue.next()) >= 0;) {
@@ -676,6 +683,45 @@ void gemm_packed_bf16_nt(int64_t m, int64_t n, int64_t kp, const uint16_t* a, in
   }
   gemm_packed_bf16(m, n, kp, a, lda, wp, c, ldc, accumulate, pstride > 0 ? pstride : kGemmNR * kp);
 #endif
+}
+
+void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c,
+                     int64_t ldc, bool accumulate, const std::function<void(int64_t, int64_t)>& epilogue) {
+  VK_CHECK(w.prepacked(), "gemm_nt_columns: the weight must be prepacked");
+  if (m == 0 || n == 0) return;
+  // Tasks of whole panel pairs (32 columns), about kTasksPerThread per thread.
+  const int64_t pairs = (n + 2 * kGemmNR - 1) / (2 * kGemmNR);
+  const int64_t tasks_wanted = std::max<int64_t>(1, num_threads() * kTasksPerThread);
+  const int64_t per_task = std::max<int64_t>(1, (pairs + tasks_wanted - 1) / tasks_wanted) * 2 * kGemmNR;
+  const int64_t tasks = (n + per_task - 1) / per_task;
+  const int64_t kp = k + k % 2;
+  std::unique_ptr<uint16_t[]> a16;
+#if VK_X86_SIMD
+  if (w.packed_bf16 != nullptr) {  // A rounded to bf16 once, shared by the tasks
+    a16.reset(new uint16_t[std::max<int64_t>(1, m * kp)]);
+    rows_to_bf16_avx512(a, m, k, lda, a16.get(), kp);
+  }
+#endif
+  parallel_tasks(tasks, [&](auto& queue) {
+    for (int64_t t; (t = queue.next()) >= 0;) {
+      const int64_t c0 = t * per_task, cols = std::min(per_task, n - c0);
+      float* ct = c + c0;
+#if VK_X86_SIMD
+      if (w.packed_bf16 != nullptr) {
+        if (k == 0) {
+          if (!accumulate)
+            for (int64_t i = 0; i < m; ++i) std::memset(ct + i * ldc, 0, sizeof(float) * cols);
+        } else {
+          gemm_packed_bf16(m, cols, kp, a16.get(), kp, w.packed_bf16 + c0 * kp, ct, ldc, accumulate, kGemmNR * kp);
+        }
+        if (epilogue) epilogue(c0, cols);
+        continue;
+      }
+#endif
+      gemm_packed_nt(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, accumulate);
+      if (epilogue) epilogue(c0, cols);
+    }
+  });
 }
 
 namespace {

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "checks.h"
 
@@ -83,6 +84,22 @@ GemmWeight gemm_weight(const Tensor& w, const OptTensor& p, const char* name, in
 // packed panels (A converted to bf16 rows on the way), the fp32 packed panels, or BLAS on w.
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c, int64_t ldc,
              bool accumulate);
+
+// Few rows on several threads (batch-1 inference): the output columns are split among the threads
+// instead of the rows. Row tiles would each read the whole weight (ViT-S batch 1 on two threads:
+// seven 30-row tiles, seven passes over each weight); column tasks read it once in all. Whether
+// m rows on this many threads take that path: a prepacked weight, more than one thread and fewer
+// than kColumnSplitRows rows per thread.
+constexpr int64_t kColumnSplitRows = 128;
+inline bool split_columns(int64_t m, const GemmWeight& w) {
+  return w.prepacked() && num_threads() > 1 && m < kColumnSplitRows * num_threads();
+}
+// C (m x n, ldc) (+)= A (m x k, fp32, lda) . W^T on a prepacked W, threaded over column tasks of
+// whole panel pairs (about four per thread), each over all m rows; per task, `epilogue(c0, cols)`
+// (may be empty) runs on the task's columns [c0, c0 + cols) of every row after the product. The
+// same sums as gemm_nt, bit for bit.
+void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c,
+                     int64_t ldc, bool accumulate, const std::function<void(int64_t, int64_t)>& epilogue = {});
 
 // ---- the bf16 route (AVX512-BF16: AMD Zen 4/5, Intel Cooper Lake, Sapphire Rapids and later)
 // Whether this build and CPU run the bf16 micro-kernel (x86 SIMD compiled in, avx512f and

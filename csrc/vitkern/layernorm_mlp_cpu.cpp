@@ -241,6 +241,24 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
   const int64_t tiles = (M + kTileM - 1) / kTileM;
   const int64_t goff = glu == kGluGateLast ? Hd : 0, voff = glu == kGluGateFirst ? Hd : 0;
 
+  if (!gated && split_columns(M, w1a) && w2.prepacked()) {
+    // Few rows on several threads (batch-1 inference): the LayerNorm over all rows, then fc1 and fc2
+    // each threaded over column tasks that read their weight once in all (gemm.h, split_columns),
+    // fc1's bias + activation on each task's columns. The same sums as the row tiles, bit for bit.
+    Scratch hn_buf = scratch(save_for_backward ? 0 : M * D), hid_buf = scratch(save_for_backward ? 0 : M * Hd);
+    float* hn = save_for_backward ? hnsp : hn_buf.get();
+    float* hid = save_for_backward ? hsp : hid_buf.get();
+    ln_rows(xp, M, D, eps, lnwp, lnbp, rms, mp, rp, hn);
+    gemm_nt_columns(M, Hd, D, hn, D, w1a, hid, Hd, false, [&](int64_t c0, int64_t cols) {
+      for (int64_t r = 0; r < M; ++r) {
+        simd::bias_act(hid + r * Hd + c0, b1ap ? b1ap + c0 : nullptr, cols, act,
+                       prep ? prep + r * Hd + c0 : nullptr);
+      }
+    });
+    init_rows(op, residual ? xp : nullptr, b2p, M, D);
+    gemm_nt_columns(M, D, Hd, hid, Hd, w2, op, D, true);
+    return {to(out, x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};
+  }
   parallel_tasks(tiles, [&](auto& queue) {
     // Without a gradient the tile lives in per-thread buffers; with one, the LN output, the
     // pre-activation and the activation output are written straight into the tensors saved for
