@@ -316,11 +316,12 @@ class Block(nn.Module):
 
 
 def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
-    """The modules and parameters ``block_forward`` takes for ``blk(x, ...)``, or None where the
-    block must run module by module. The one-call path needs plain eager CPU inference (no
-    gradient wanted, no compile / trace / torch function or dispatch mode) in fp32 — or in
-    bf16/fp16 (parameters and input, or an autocast region of that dtype) on a CPU without GEMM
-    hardware for it (``_validate.native_half_gemm``), where the block computes in fp32 — the
+    """The modules and parameters ``block_forward`` takes for ``blk(x, ...)`` and the requested
+    backend, or None where the block must run module by module. The one-call path needs plain
+    eager CPU inference (no gradient wanted, no compile / trace / torch function or dispatch mode)
+    in fp32 — or in bf16/fp16 (parameters and input, or an autocast region of that dtype) on a CPU
+    without GEMM hardware for it (``_validate.native_half_gemm``), where the block computes in fp32,
+    or in bf16 on a CPU with AVX512-BF16 (``_packed.bf16_products``: vitkern's bf16 GEMMs) — the
     "auto" or "cpu" backend, and the block as vitkern builds it for a timm ViT: LayerNorms, the
     Attention without q/k norm, output norm or gate, the plain GELU-family Mlp, no LayerScale,
     drop path inert, plain nn.Linear layers, plain CPU parameters of one dtype, and no forward hook,
@@ -375,9 +376,10 @@ def _block_args(blk: Block, x: torch.Tensor) -> tuple | None:
     for p in params:
         if p is not None and ((type(p) is not _PARAM and type(p) is not torch.Tensor) or (grad and p.requires_grad)):
             return None
-    if not eager_inference(x) or _backend.requested_backend() not in ("auto", "cpu"):
+    requested = _backend.requested_backend()
+    if not eager_inference(x) or requested not in ("auto", "cpu"):
         return None
-    return attn, mlp, n1, n2, params
+    return attn, mlp, n1, n2, params, requested
 
 
 _LN, _LIN, _PARAM = nn.LayerNorm, nn.Linear, nn.Parameter
@@ -393,7 +395,7 @@ def inference_block(blk: Block, x: torch.Tensor, grid: tuple[int, int], num_pref
     ext = load_extension() if args is not None else None
     if ext is None:
         return None
-    attn, mlp, n1, n2, (n1w, n1b, qw, qb, pw_, pb, n2w, n2b, w1, b1, w2, b2) = args
+    attn, mlp, n1, n2, (n1w, n1b, qw, qb, pw_, pb, n2w, n2b, w1, b1, w2, b2), requested = args
     # Inside a (half-precision: _block_args) autocast region the block computes in fp32 from the
     # parameters as they are; x goes in in their dtype and the output comes back in x's dtype, as
     # the module-by-module block under autocast returns it (its residual adds keep x's dtype).
@@ -413,8 +415,8 @@ def inference_block(blk: Block, x: torch.Tensor, grid: tuple[int, int], num_pref
         omega, gh, gw, num_prefix_tokens, attn.num_heads, attn.scale,
         n2w, n2b, n2.eps, w1, b1, pk(w1), w2, b2, pk(w2), ACTIVATIONS[mlp.activation],
     )  # fmt: skip
-    _backend.record_choice("sp_attention", "cpu")
-    _backend.record_choice("layernorm_mlp", "cpu")
+    _backend.record_choice("sp_attention", "cpu", requested)
+    _backend.record_choice("layernorm_mlp", "cpu", requested)
     return y.to(x.dtype)
 
 
