@@ -121,6 +121,18 @@ def _attention_grads(q, k, v, omega, grid, prefix):
         return torch.autograd.grad(out, ins + ([om] if om is not None else []), g)
 
 
+def _mlp_grads(x, *params):
+    """layernorm_mlp's gradients (x and every parameter) from the cpu kernel's backward (its four
+    products on the packed route)."""
+    from vitkern.ops import layernorm_mlp
+
+    with torch.enable_grad():
+        ins = [t.detach().requires_grad_() for t in (x, *params)]
+        out = layernorm_mlp(*ins, residual=True, backend="cpu")
+        g = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape)
+        return torch.autograd.grad(out, ins, g)
+
+
 @needs_route
 @pytest.mark.parametrize("rows", [1, 197, 1576])
 def test_every_op_is_bitwise_the_same_on_any_thread_count(rows, gen):
@@ -146,6 +158,7 @@ def test_every_op_is_bitwise_the_same_on_any_thread_count(rows, gen):
         "sp_attention": lambda: sp_attention(q, k, v, omega, grid=grid, num_prefix_tokens=prefix, backend="cpu"),
         "patch_embed": lambda: patch_embed(imgs, wp, None, backend="cpu"),
         "sp_attention backward": lambda: _attention_grads(q, k, v, omega, grid, prefix),
+        "layernorm_mlp backward": lambda: _mlp_grads(x, lnw, lnb, w1, b1, w2, b2),
     }
     prev = torch.get_num_threads()
     try:
