@@ -352,3 +352,48 @@ def test_cold_process_first_call_is_packed_inference_matching_timm():
         pytest.skip("no AVX2: the packed route cannot run on this CPU")
     r = _python(["-c", _COLD], VITKERN_GEMM="vitkern")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+
+@needs_route
+@pytest.mark.parametrize("shape,K,N", [((5,), 7, 3), ((2, 197), 64, 192), ((1,), 40, 17), ((3, 44), 300, 100)])
+def test_fp32_training_linear_is_packed_forward_and_backward(shape, K, N, gen):
+    """The models' attention linears with autograd (training) on the packed route: the forward on
+    the cached packed weight, dx and dW on ``packed_matmul``; every gradient against float64."""
+    m = nn.Linear(K, N)
+    x = randn(*shape, K, gen=gen).requires_grad_()
+    out = _packed.linear(m, x)
+    assert type(out.grad_fn).__name__ == "_PackedLinearBackward"
+    g = randn(*out.shape, gen=gen)
+    grads = torch.autograd.grad(out, (x, m.weight, m.bias), g)
+    md = copy.deepcopy(m).double()
+    xd = x.detach().double().requires_grad_()
+    ref = md(xd)
+    want = torch.autograd.grad(ref, (xd, md.weight, md.bias), g.double())
+    assert_close_rel(out.detach(), ref.detach(), TOL[torch.float32], "forward")
+    for name, got, exp in zip(("dx", "dW", "db"), grads, want, strict=True):
+        assert got.dtype == torch.float32 and got.shape == exp.shape
+        assert_close_rel(got, exp, TOL[torch.float32], name)
+
+
+@needs_route
+def test_training_linear_steps_aside_under_modes_and_for_other_dtypes(gen):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = nn.Linear(16, 8)
+    x = randn(4, 16, gen=gen).requires_grad_()
+    with FlopCounterMode(display=False):  # a dispatch mode must see aten's linear
+        assert type(_packed.linear(m, x).grad_fn).__name__ != "_PackedLinearBackward"
+    md, xd = copy.deepcopy(m).double(), x.detach().double().requires_grad_()
+    assert type(_packed.linear(md, xd).grad_fn).__name__ != "_PackedLinearBackward"
+
+
+@needs_route
+def test_packed_matmul_matches_float64_and_rejects_bad_shapes(gen):
+    ext = load_extension()
+    a, b, at = randn(37, 50, gen=gen), randn(50, 29, gen=gen), randn(50, 37, gen=gen)
+    assert_close_rel(ext.packed_matmul(a, b, False), a.double() @ b.double(), TOL[torch.float32], "a . b")
+    assert_close_rel(ext.packed_matmul(at, b, True), at.double().t() @ b.double(), TOL[torch.float32], "a^T . b")
+    with pytest.raises(RuntimeError, match="do not chain"):
+        ext.packed_matmul(a, randn(49, 3, gen=gen), False)
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        ext.packed_matmul(randn(3, gen=gen), b, False)

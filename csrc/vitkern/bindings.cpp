@@ -50,6 +50,7 @@ STABLE_TORCH_LIBRARY(vitkern_C, m) {
   // an (n, k) weight packed for the GEMMs' packed route (gemm.h) -> fp32 (ceil(n / 16) * 16 * k,)
   m.def("pack_gemm_weight(Tensor weight) -> Tensor");
   m.def("pack_gemm_weight_bf16(Tensor weight) -> Tensor");
+  m.def("packed_matmul(Tensor a, Tensor b, bool trans_a) -> Tensor");
   // x (M, K) . weight (N, K)^T + bias on the packed route (gemm.h) -> (M, N); inference only
   m.def("linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? weight_packed) -> Tensor");
   // one pre-norm ViT block for eager inference: x + proj(attn(qkv(LN1(x)))), then + fc2(act(fc1(LN2(.))))
@@ -82,6 +83,7 @@ STABLE_TORCH_LIBRARY_IMPL(vitkern_C, CPU, m) {
   m.impl("layernorm_mlp_forward", TORCH_BOX(&vitkern::layernorm_mlp_forward_cpu));
   m.impl("pack_gemm_weight", TORCH_BOX(&vitkern::pack_gemm_weight_cpu));
   m.impl("pack_gemm_weight_bf16", TORCH_BOX(&vitkern::pack_gemm_weight_bf16_cpu));
+  m.impl("packed_matmul", TORCH_BOX(&vitkern::packed_matmul_cpu));
   m.impl("linear_forward", TORCH_BOX(&vitkern::linear_forward_cpu));
   m.impl("block_forward", TORCH_BOX(&vitkern::block_forward_cpu));
   m.impl("layernorm_mlp_backward", TORCH_BOX(&vitkern::layernorm_mlp_backward_cpu));

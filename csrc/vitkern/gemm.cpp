@@ -728,6 +728,68 @@ void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
   });
 }
 
+// The backward's products on the packed GEMM route (gemm.h): B packed into 16-column panels
+// (threaded over panels), then row tiles of C threaded over gemm_packed_nt / _tn. The same sums
+// for any thread count (each element's K loop is one micro-kernel's, in one order).
+namespace {
+void pack_columns_threaded(const float* b, int64_t k, int64_t n, int64_t ldb, float* bp) {
+  const int64_t panels = (n + kGemmNR - 1) / kGemmNR, per = 8;  // 8 panels (128 columns) a task
+  parallel_tasks((panels + per - 1) / per, [&](auto& queue) {
+    for (int64_t t; (t = queue.next()) >= 0;) {
+      const int64_t c0 = t * per * kGemmNR, cols = std::min(per * kGemmNR, n - c0);
+      pack_columns(b + c0, k, cols, ldb, bp + c0 * k);
+    }
+  });
+}
+}  // namespace
+
+// C (m x n, row-major) = A (m x k, lda) . B (k x n, ldb).
+Tensor packed_mm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb) {
+  Scratch bp = scratch(packed_weight_numel(n, k));
+  pack_columns_threaded(b, k, n, ldb, bp.get());
+  Tensor out = empty({m, n});
+  float* c = f32_ptr(out);
+  const int64_t tile = packed_tile_rows(m);
+  parallel_tasks((m + tile - 1) / tile, [&](auto& queue) {
+    for (int64_t t; (t = queue.next()) >= 0;) {
+      const int64_t r0 = t * tile, rows = std::min(tile, m - r0);
+      gemm_packed_nt(rows, n, k, a + r0 * lda, lda, bp.get(), c + r0 * n, n, false);
+    }
+  });
+  return out;
+}
+
+// C (m x n) = A^T . B with A (k x m, lda) and B (k x n, ldb): a weight gradient, summed over the k rows.
+Tensor packed_mm_tn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb) {
+  Scratch bp = scratch(packed_weight_numel(n, k));
+  pack_columns_threaded(b, k, n, ldb, bp.get());
+  Tensor out = empty({m, n});
+  float* c = f32_ptr(out);
+  const int64_t tile = task_rows(m, 96, 24, 12);
+  parallel_tasks((m + tile - 1) / tile, [&](auto& queue) {
+    for (int64_t t; (t = queue.next()) >= 0;) {
+      const int64_t r0 = t * tile, rows = std::min(tile, m - r0);
+      gemm_packed_tn(rows, n, k, a + r0, lda, bp.get(), c + r0 * n, n, false);
+    }
+  });
+  return out;
+}
+
+Tensor packed_matmul_cpu(const Tensor& a_in, const Tensor& b_in, bool trans_a) {
+  VK_CHECK_CPU(a_in);
+  VK_CHECK_CPU(b_in);
+  VK_CHECK(a_in.dim() == 2 && b_in.dim() == 2, "packed_matmul: a and b must be 2-D, got ", shape_str(a_in), " and ",
+           shape_str(b_in));
+  VK_CHECK(a_in.size(trans_a ? 0 : 1) == b_in.size(0), "packed_matmul: a", trans_a ? "^T" : "", " ",
+           shape_str(a_in), " and b ", shape_str(b_in), " do not chain");
+  VK_CHECK(packed_gemm_active(), "packed_matmul: the packed GEMM route is not active");
+  const Tensor a = f32c(a_in), b = f32c(b_in);
+  const int64_t n = b.size(1), k = b.size(0), m = trans_a ? a.size(1) : a.size(0);
+  if (m == 0 || n == 0) return empty({m, n});
+  if (k == 0) return zeros({m, n});
+  return trans_a ? packed_mm_tn(m, n, k, f32_ptr(a), m, f32_ptr(b), n) : packed_mm(m, n, k, f32_ptr(a), k, f32_ptr(b), n);
+}
+
 namespace {
 template <bool AT>
 void packed_product(const char* name, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp,

@@ -101,6 +101,15 @@ inline bool split_columns(int64_t m, const GemmWeight& w) {
 void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c,
                      int64_t ldc, bool accumulate, const std::function<void(int64_t, int64_t)>& epilogue = {});
 
+// C (m x n) = A (m x k, lda) . B (k x n, ldb), and C = A^T . B with A (k x m, lda), on the packed
+// route (B packed per call, threaded over panels; row tiles of C threaded): the layernorm_mlp
+// backward's products and packed_matmul's.
+Tensor packed_mm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb);
+Tensor packed_mm_tn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb);
+// packed_matmul(a, b, trans_a) -> a . b or a^T . b (fp32, 2-D, contiguous after conversion): the
+// backward of the models' attention linears in training on the packed route (vitkern/ops/_packed.py).
+Tensor packed_matmul_cpu(const Tensor& a, const Tensor& b, bool trans_a);
+
 // ---- the bf16 route (AVX512-BF16: AMD Zen 4/5, Intel Cooper Lake, Sapphire Rapids and later)
 // Whether this build and CPU run the bf16 micro-kernel (x86 SIMD compiled in, avx512f and
 // avx512_bf16 on the CPU within the VITKERN_SIMD cap, VITKERN_GEMM not "blas"). Read once.

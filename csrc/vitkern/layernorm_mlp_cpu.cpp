@@ -203,51 +203,6 @@ VK_TARGET_CLONES void gated_row_backward(const float* gate, const float* value, 
   for (int64_t t = 0; t < n; ++t) dv[t] *= dh[t];
 }
 
-// The backward's products on the packed GEMM route (gemm.h): B packed into 16-column panels
-// (threaded over panels), then row tiles of C threaded over gemm_packed_nt / _tn. The same sums
-// for any thread count (each element's K loop is one micro-kernel's, in one order).
-void pack_columns_threaded(const float* b, int64_t k, int64_t n, int64_t ldb, float* bp) {
-  const int64_t panels = (n + kGemmNR - 1) / kGemmNR, per = 8;  // 8 panels (128 columns) a task
-  parallel_tasks((panels + per - 1) / per, [&](auto& queue) {
-    for (int64_t t; (t = queue.next()) >= 0;) {
-      const int64_t c0 = t * per * kGemmNR, cols = std::min(per * kGemmNR, n - c0);
-      pack_columns(b + c0, k, cols, ldb, bp + c0 * k);
-    }
-  });
-}
-
-// C (m x n, row-major) = A (m x k, lda) . B (k x n, ldb).
-Tensor packed_mm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb) {
-  Scratch bp = scratch(packed_weight_numel(n, k));
-  pack_columns_threaded(b, k, n, ldb, bp.get());
-  Tensor out = empty({m, n});
-  float* c = f32_ptr(out);
-  const int64_t tile = packed_tile_rows(m);
-  parallel_tasks((m + tile - 1) / tile, [&](auto& queue) {
-    for (int64_t t; (t = queue.next()) >= 0;) {
-      const int64_t r0 = t * tile, rows = std::min(tile, m - r0);
-      gemm_packed_nt(rows, n, k, a + r0 * lda, lda, bp.get(), c + r0 * n, n, false);
-    }
-  });
-  return out;
-}
-
-// C (m x n) = A^T . B with A (k x m, lda) and B (k x n, ldb): a weight gradient, summed over the k rows.
-Tensor packed_mm_tn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb) {
-  Scratch bp = scratch(packed_weight_numel(n, k));
-  pack_columns_threaded(b, k, n, ldb, bp.get());
-  Tensor out = empty({m, n});
-  float* c = f32_ptr(out);
-  const int64_t tile = task_rows(m, 96, 24, 12);
-  parallel_tasks((m + tile - 1) / tile, [&](auto& queue) {
-    for (int64_t t; (t = queue.next()) >= 0;) {
-      const int64_t r0 = t * tile, rows = std::min(tile, m - r0);
-      gemm_packed_tn(rows, n, k, a + r0, lda, bp.get(), c + r0 * n, n, false);
-    }
-  });
-  return out;
-}
-
 }  // namespace
 
 // The plain MLP and the gated one share every step but two: fc1's epilogue (bias + act, or bias
