@@ -96,3 +96,34 @@ def half_gemms(native: bool):
     if native:
         stack.enter_context(mock.patch("vitkern.ops._packed._BF16_ROUTE", False))
     return stack
+
+
+def run_python(args: list[str], **env: str):
+    """A fresh Python running ``args`` with ``env`` added to the environment, from SUBPROCESS_CWD."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, *args], env=subprocess_env(**env), cwd=SUBPROCESS_CWD, capture_output=True, text=True
+    )
+
+
+def small_vit(kwargs: dict, img):
+    """A small eval-mode ``vitkern.ViT`` (patch 16, 7 classes) with non-trivial norms and biases."""
+    import vitkern
+
+    torch.manual_seed(0)
+    model = vitkern.ViT(**{"img_size": img, "patch_size": 16, "num_classes": 7, **kwargs}).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def grid_image(batch: int, img):
+    """A seeded (batch, 3, H, W) image batch; ``img`` an int or (H, W)."""
+    h, w = (img, img) if isinstance(img, int) else img
+    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))

@@ -14,13 +14,10 @@ weights raise. Without AVX512-BF16 only the layout test runs; the route is then 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SUBPROCESS_CWD, TOL, assert_close_rel, half_gemms, rel_err, subprocess_env
+from conftest import TOL, assert_close_rel, grid_image, half_gemms, rel_err, run_python, small_vit
 
 import vitkern
 from vitkern._ext import extension_error, load_extension
@@ -125,13 +122,7 @@ def test_bad_bf16_packed_weights_raise():
         "import torch; from vitkern._ext import load_extension; e = load_extension(); "
         "w = torch.randn(5, 6); e.linear_forward(torch.randn(3, 6), w, None, e.pack_gemm_weight_bf16(w))"
     )
-    r = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(VITKERN_GEMM="blas"),
-        cwd=SUBPROCESS_CWD,
-        capture_output=True,
-        text=True,
-    )
+    r = run_python(["-c", code], VITKERN_GEMM="blas")
     assert r.returncode != 0 and "the bf16 GEMM route is not active on this CPU" in r.stderr, r.stderr[-2000:]
 
 
@@ -145,21 +136,7 @@ CONFIGS = [
 ]
 
 
-def _model(kwargs, img):
-    torch.manual_seed(0)
-    model = vitkern.ViT(**{"img_size": img, "patch_size": 16, "num_classes": 7, **kwargs}).eval()
-    with torch.no_grad():  # non-trivial norms and biases
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return model
-
-
-def _image(batch, img):
-    h, w = (img, img) if isinstance(img, int) else img
-    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
+_model, _image = small_vit, grid_image
 
 
 @needs_bf16

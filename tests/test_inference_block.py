@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from conftest import SUBPROCESS_CWD, TOL, assert_close_rel, subprocess_env
+from conftest import SUBPROCESS_CWD, TOL, assert_close_rel, grid_image, small_vit, subprocess_env
 from conftest import half_gemms as _mock_half_gemms
 
 import vitkern
@@ -52,21 +52,7 @@ CONFIGS = [
 ]
 
 
-def _model(kwargs, img):
-    torch.manual_seed(0)
-    model = vitkern.ViT(**{"img_size": img, "patch_size": 16, "num_classes": 7, **kwargs}).eval()
-    with torch.no_grad():  # non-trivial norms and biases
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return model
-
-
-def _image(batch, img):
-    h, w = (img, img) if isinstance(img, int) else img
-    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
+_model, _image = small_vit, grid_image
 
 
 @pytest.mark.parametrize("name,kwargs,batch,img", CONFIGS, ids=[c[0] for c in CONFIGS])

@@ -15,14 +15,12 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import SUBPROCESS_CWD, TOL, assert_close_rel, randn, subprocess_env
+from conftest import TOL, assert_close_rel, randn, run_python
 
 import vitkern
 from vitkern._ext import extension_error, load_extension
@@ -44,11 +42,7 @@ def _avx2_here() -> bool:
     )
 
 
-def _python(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    """A fresh Python running ``args`` with ``env`` added, from SUBPROCESS_CWD."""
-    return subprocess.run(
-        [sys.executable, *args], env=subprocess_env(**env), cwd=SUBPROCESS_CWD, capture_output=True, text=True
-    )
+_python = run_python
 
 
 def _linear(x, w, b):

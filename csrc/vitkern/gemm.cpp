@@ -34,6 +34,38 @@ inline uint16_t bf16_bits(float f) {
 }
 
 
+// The first `cols` columns of `rows` rows of a 16-wide buffer (a partial last panel's product)
+// into C (ldc): stored, or added where `accumulate`.
+inline void buffer_to_rows(const float* buf, int64_t rows, int64_t cols, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* cr = c + r * ldc;
+    for (int64_t j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + buf[r * kGemmNR + j] : buf[r * kGemmNR + j];
+  }
+}
+
+// The outer loops of the packed GEMMs' nests: K blocks of kcb (the first stores into C, the rest
+// accumulate), then row blocks of mcb: body(pc, kc, acc, ic, mc).
+template <typename F>
+inline void for_blocks(int64_t m, int64_t k, int64_t kcb, int64_t mcb, bool accumulate, F&& body) {
+  for (int64_t pc = 0; pc < k; pc += kcb) {
+    const int64_t kc = std::min(kcb, k - pc);
+    for (int64_t ic = 0; ic < m; ic += mcb) body(pc, kc, accumulate || pc > 0, ic, std::min(mcb, m - ic));
+  }
+}
+
+// The panels of an n-column product in pairs (a lone last panel, full or partial, on its own):
+// body(p, np, cols) for the group starting at panel p, np panels, cols columns.
+template <typename F>
+inline void for_panel_pairs(int64_t n, F&& body) {
+  const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
+  for (int64_t p = 0; p < panels;) {
+    const int64_t left = n - p * kGemmNR;
+    const int np = left >= 2 * kGemmNR ? 2 : 1;
+    body(p, np, std::min<int64_t>(np * kGemmNR, left));
+    p += np;
+  }
+}
+
 #if VK_X86_SIMD
 // C rows (ldc) = or += the MR x 16 block of A (MR rows of kc, lda) . panel (kc x 16). AT: A is
 // stored transposed (kc x MR, element (r, k) at a[k * lda + r]), as for the weight gradients'
@@ -101,10 +133,7 @@ void panel_rows(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t 
   for (; i < rows; i += kMR) {
     const int64_t mr = std::min(kMR, rows - i);
     kMicro<AT>[mr](kc, a + a_at<AT>(i, 0, lda), lda, b, buf, kGemmNR, false);
-    for (int64_t r = 0; r < mr; ++r) {
-      float* cr = c + (i + r) * ldc;
-      for (int64_t j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + buf[r * kGemmNR + j] : buf[r * kGemmNR + j];
-    }
+    buffer_to_rows(buf, mr, cols, c + i * ldc, ldc, accumulate);
   }
 }
 
@@ -114,24 +143,35 @@ template <bool AT>
 void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
                  int64_t ldc, bool accumulate, int64_t pstride) {
   const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
-  for (int64_t pc = 0; pc < k; pc += kKC) {
-    const int64_t kc = std::min(kKC, k - pc);
-    const bool acc = accumulate || pc > 0;
-    for (int64_t ic = 0; ic < m; ic += kMC) {
-      const int64_t mc = std::min(kMC, m - ic);
-      for (int64_t p = 0; p < panels; ++p) {
-        const int64_t cols = std::min(kGemmNR, n - p * kGemmNR);
-        panel_rows<AT>(mc, cols, kc, a + a_at<AT>(ic, pc, lda), lda, wp + p * pstride + pc * kGemmNR,
-                       c + ic * ldc + p * kGemmNR, ldc, acc);
-      }
+  for_blocks(m, k, kKC, kMC, accumulate, [&](int64_t pc, int64_t kc, bool acc, int64_t ic, int64_t mc) {
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t cols = std::min(kGemmNR, n - p * kGemmNR);
+      panel_rows<AT>(mc, cols, kc, a + a_at<AT>(ic, pc, lda), lda, wp + p * pstride + pc * kGemmNR,
+                     c + ic * ldc + p * kGemmNR, ldc, acc);
     }
-  }
+  });
 }
 
 // AVX-512: up to 12 rows x two panels (32 columns) per call, 24 zmm accumulators; one 512-bit
 // load per panel and twelve broadcasts of A per k. NP = 1 for a lone last panel. The second panel
 // lies pstride floats after the first.
 constexpr int64_t kMR512 = 12;
+
+// The MR x (16 NP) accumulator tile of an AVX-512 micro-kernel into C (ldc): stored, or added.
+template <int MR, int NP>
+__attribute__((target("avx512f"), always_inline)) inline void store_tile_512(__m512 (&c0)[MR], __m512 (&c1)[MR],
+                                                                             float* c, int64_t ldc, bool accumulate) {
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + r * ldc;
+    if (accumulate) c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(cr));
+    _mm512_storeu_ps(cr, c0[r]);
+    if (NP == 2) {
+      if (accumulate) c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(cr + kGemmNR));
+      _mm512_storeu_ps(cr + kGemmNR, c1[r]);
+    }
+  }
+}
 template <int MR, bool AT, int NP>
 __attribute__((target("avx512f"))) void micro_kernel_512(int64_t kc, const float* a, int64_t lda, const float* b,
                                                          int64_t pstride, float* c, int64_t ldc, bool accumulate) {
@@ -152,16 +192,7 @@ __attribute__((target("avx512f"))) void micro_kernel_512(int64_t kc, const float
       if (NP == 2) c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
     }
   }
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) {
-    float* cr = c + r * ldc;
-    if (accumulate) c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(cr));
-    _mm512_storeu_ps(cr, c0[r]);
-    if (NP == 2) {
-      if (accumulate) c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(cr + kGemmNR));
-      _mm512_storeu_ps(cr + kGemmNR, c1[r]);
-    }
-  }
+  store_tile_512<MR, NP>(c0, c1, c, ldc, accumulate);
 }
 
 using MicroKernel512 = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
@@ -190,10 +221,7 @@ void panel_rows_512(int64_t rows, int64_t cols, int np, int64_t kc, const float*
   for (int64_t i = 0; i < rows; i += kMR512) {
     const int64_t mr = std::min(kMR512, rows - i);
     kMicro512<AT, 1>[mr](kc, a + a_at<AT>(i, 0, lda), lda, b, pstride, buf, kGemmNR, false);
-    for (int64_t r = 0; r < mr; ++r) {
-      float* cr = c + (i + r) * ldc;
-      for (int64_t j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + buf[r * kGemmNR + j] : buf[r * kGemmNR + j];
-    }
+    buffer_to_rows(buf, mr, cols, c + i * ldc, ldc, accumulate);
   }
 }
 
@@ -205,22 +233,12 @@ constexpr int64_t kKC512 = 256, kMC512 = 240;
 template <bool AT>
 void gemm_packed_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
                      int64_t ldc, bool accumulate, int64_t pstride) {
-  const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
-  for (int64_t pc = 0; pc < k; pc += kKC512) {
-    const int64_t kc = std::min(kKC512, k - pc);
-    const bool acc = accumulate || pc > 0;
-    for (int64_t ic = 0; ic < m; ic += kMC512) {
-      const int64_t mc = std::min(kMC512, m - ic);
-      for (int64_t p = 0; p < panels;) {
-        const int64_t left = n - p * kGemmNR;
-        const int np = left >= 2 * kGemmNR ? 2 : 1;
-        const int64_t cols = std::min<int64_t>(np * kGemmNR, left);
-        panel_rows_512<AT>(mc, cols, np, kc, a + a_at<AT>(ic, pc, lda), lda, wp + p * pstride + pc * kGemmNR,
-                           pstride, c + ic * ldc + p * kGemmNR, ldc, acc);
-        p += np;
-      }
-    }
-  }
+  for_blocks(m, k, kKC512, kMC512, accumulate, [&](int64_t pc, int64_t kc, bool acc, int64_t ic, int64_t mc) {
+    for_panel_pairs(n, [&](int64_t p, int np, int64_t cols) {
+      panel_rows_512<AT>(mc, cols, np, kc, a + a_at<AT>(ic, pc, lda), lda, wp + p * pstride + pc * kGemmNR, pstride,
+                         c + ic * ldc + p * kGemmNR, ldc, acc);
+    });
+  });
 }
 
 // bf16: the same 12-row x two-panel blocking over k-pairs. Per pair t: one 512-bit load per panel
@@ -249,16 +267,7 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_kernel_bf16(int64_t pai
       if (NP == 2) c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
     }
   }
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) {
-    float* cr = c + r * ldc;
-    if (accumulate) c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(cr));
-    _mm512_storeu_ps(cr, c0[r]);
-    if (NP == 2) {
-      if (accumulate) c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(cr + kGemmNR));
-      _mm512_storeu_ps(cr + kGemmNR, c1[r]);
-    }
-  }
+  store_tile_512<MR, NP>(c0, c1, c, ldc, accumulate);
 }
 
 using MicroKernelBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool);
@@ -288,37 +297,24 @@ __attribute__((target("avx512f,avx512bf16"))) void rows_to_bf16_avx512(const flo
 constexpr int64_t kKCBf16 = 512;
 void gemm_packed_bf16(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* wp, float* c,
                       int64_t ldc, bool accumulate, int64_t pstride) {
-  const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
   float buf[kMR512 * kGemmNR];
-  for (int64_t pc = 0; pc < kp; pc += kKCBf16) {
-    const int64_t kc = std::min(kKCBf16, kp - pc);
-    const bool acc = accumulate || pc > 0;
-    for (int64_t ic = 0; ic < m; ic += kMC512) {
-      const int64_t mc = std::min(kMC512, m - ic);
-      for (int64_t p = 0; p < panels;) {
-        const int64_t left = n - p * kGemmNR;
-        const int np = left >= 2 * kGemmNR ? 2 : 1;
-        const int64_t cols = std::min<int64_t>(np * kGemmNR, left);
-        const uint16_t* b = wp + p * pstride + pc * kGemmNR;
-        const uint16_t* ab = a + ic * lda + pc;
-        float* cb = c + ic * ldc + p * kGemmNR;
-        const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
-        for (int64_t i = 0; i < mc; i += kMR512) {
-          const int64_t mr = std::min(kMR512, mc - i);
-          if (cols == np * kGemmNR) {
-            table[mr](kc / 2, ab + i * lda, lda, b, pstride, cb + i * ldc, ldc, acc);
-          } else {  // a lone partial panel
-            kMicroBf16<1>[mr](kc / 2, ab + i * lda, lda, b, pstride, buf, kGemmNR, false);
-            for (int64_t r = 0; r < mr; ++r) {
-              float* cr = cb + (i + r) * ldc;
-              for (int64_t j = 0; j < cols; ++j) cr[j] = acc ? cr[j] + buf[r * kGemmNR + j] : buf[r * kGemmNR + j];
-            }
-          }
+  for_blocks(m, kp, kKCBf16, kMC512, accumulate, [&](int64_t pc, int64_t kc, bool acc, int64_t ic, int64_t mc) {
+    for_panel_pairs(n, [&](int64_t p, int np, int64_t cols) {
+      const uint16_t* b = wp + p * pstride + pc * kGemmNR;
+      const uint16_t* ab = a + ic * lda + pc;
+      float* cb = c + ic * ldc + p * kGemmNR;
+      const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
+      for (int64_t i = 0; i < mc; i += kMR512) {
+        const int64_t mr = std::min(kMR512, mc - i);
+        if (cols == np * kGemmNR) {
+          table[mr](kc / 2, ab + i * lda, lda, b, pstride, cb + i * ldc, ldc, acc);
+        } else {  // a lone partial panel
+          kMicroBf16<1>[mr](kc / 2, ab + i * lda, lda, b, pstride, buf, kGemmNR, false);
+          buffer_to_rows(buf, mr, cols, cb + i * ldc, ldc, acc);
         }
-        p += np;
       }
-    }
-  }
+    });
+  });
 }
 
 // Two fp32 vectors (16 lanes) -> 16 bf16 pairs (lo from a, hi from b), as one 512-bit store.
