@@ -86,7 +86,17 @@ def test_linear_forward_matches_float64(M, K, N, bias, gen, poison_empty):
     out = _linear(x, w, b)
     ref = F.linear(x.double(), w.double(), b.double() if bias else None)
     assert out.dtype == torch.float32 and out.shape == (M, N)
-    assert_close_rel(out, ref, TOL[torch.float32], "linear_forward")
+    assert not out.isnan().any()
+    # Relative to the reference, plus fp32 rounding relative to the sum of the terms' magnitudes: a
+    # few-element output (M = N = 1) can cancel to near zero, where any fp32 sum is off by more than
+    # 1e-5 of the result (seen once in CI: 4e-5 on a 24-term dot product).
+    magnitude = F.linear(x.double().abs(), w.double().abs(), b.double().abs() if bias else None)
+    err = (out.double() - ref).norm().item()
+    assert err < TOL[torch.float32] * ref.norm().item() + 1e-6 * magnitude.norm().item(), (
+        err,
+        ref.norm().item(),
+        magnitude.norm().item(),
+    )
 
 
 @needs_route
