@@ -280,6 +280,19 @@ def test_model_inference_matches_the_blas_route(gen, monkeypatch):
 
 
 @needs_ext
+def test_linear_forward_with_no_input_features_is_the_bias(gen):
+    """in_features 0: the product is zero (BLAS would refuse the zero leading dimension and leave the
+    output unwritten), on every route."""
+    ext = load_extension()
+    w, x, b = torch.randn(40, 0), torch.randn(5, 0), randn(40, gen=gen)
+    packs = [None] + ([ext.pack_gemm_weight(w)] if ext.packed_gemm_active() else [])
+    packs += [ext.pack_gemm_weight_bf16(w)] if ext.bf16_gemm_active() else []
+    for wp in packs:
+        assert torch.equal(ext.linear_forward(x, w, None, wp), torch.zeros(5, 40))
+        assert torch.equal(ext.linear_forward(x, w, b, wp), b.expand(5, 40))
+
+
+@needs_ext
 def test_bad_inputs_raise_clear_errors(gen):
     ext = load_extension()
     with pytest.raises(RuntimeError, match="weight must be 2-D"):

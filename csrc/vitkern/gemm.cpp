@@ -34,6 +34,11 @@ inline uint16_t bf16_bits(float f) {
 }
 
 
+// C (m x n, ldc) = 0: an empty-K product that does not accumulate.
+inline void clear_rows(float* c, int64_t m, int64_t n, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
+}
+
 // The first `cols` columns of `rows` rows of a 16-wide buffer (a partial last panel's product)
 // into C (ldc): stored, or added where `accumulate`.
 inline void buffer_to_rows(const float* buf, int64_t rows, int64_t cols, float* c, int64_t ldc, bool accumulate) {
@@ -297,6 +302,10 @@ __attribute__((target("avx512f,avx512bf16"))) void rows_to_bf16_avx512(const flo
 constexpr int64_t kKCBf16 = 512;
 void gemm_packed_bf16(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* wp, float* c,
                       int64_t ldc, bool accumulate, int64_t pstride) {
+  if (kp == 0) {  // no K: C = 0, or unchanged when accumulating
+    if (!accumulate) clear_rows(c, m, n, ldc);
+    return;
+  }
   float buf[kMR512 * kGemmNR];
   for_blocks(m, kp, kKCBf16, kMC512, accumulate, [&](int64_t pc, int64_t kc, bool acc, int64_t ic, int64_t mc) {
     for_panel_pairs(n, [&](int64_t p, int np, int64_t cols) {
@@ -616,6 +625,10 @@ const char* gemm_route() {
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, const float* wp, float* c,
              int64_t ldc, bool accumulate) {
   if (m == 0 || n == 0) return;
+  if (k == 0) {  // no K (BLAS refuses a zero leading dimension and leaves C unwritten)
+    if (!accumulate) clear_rows(c, m, n, ldc);
+    return;
+  }
   if (wp != nullptr && packed_gemm_active()) {
     gemm_packed_nt(m, n, k, a, lda, wp, c, ldc, accumulate);
     return;
@@ -637,11 +650,6 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
       abuf_size = m * kp;
     }
     rows_to_bf16_avx512(a, m, k, lda, abuf.get(), kp);
-    if (k == 0) {
-      if (!accumulate)
-        for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
-      return;
-    }
     gemm_packed_bf16(m, n, kp, abuf.get(), kp, w.packed_bf16, c, ldc, accumulate, kGemmNR * kp);
     return;
   }
@@ -676,11 +684,6 @@ void gemm_packed_bf16_nt(int64_t m, int64_t n, int64_t kp, const uint16_t* a, in
   VK_CHECK(bf16_gemm_active(), "gemm_packed_bf16_nt: the bf16 GEMM route is not active");
   if (m == 0 || n == 0) return;
 #if VK_X86_SIMD
-  if (kp == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
-    return;
-  }
   gemm_packed_bf16(m, n, kp, a, lda, wp, c, ldc, accumulate, pstride > 0 ? pstride : kGemmNR * kp);
 #endif
 }
@@ -708,12 +711,7 @@ void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
       float* ct = c + c0;
 #if VK_X86_SIMD
       if (w.packed_bf16 != nullptr) {
-        if (k == 0) {
-          if (!accumulate)
-            for (int64_t i = 0; i < m; ++i) std::memset(ct + i * ldc, 0, sizeof(float) * cols);
-        } else {
-          gemm_packed_bf16(m, cols, kp, a16.get(), kp, w.packed_bf16 + c0 * kp, ct, ldc, accumulate, kGemmNR * kp);
-        }
+        gemm_packed_bf16(m, cols, kp, a16.get(), kp, w.packed_bf16 + c0 * kp, ct, ldc, accumulate, kGemmNR * kp);
         if (epilogue) epilogue(c0, cols);
         continue;
       }
@@ -794,8 +792,7 @@ void packed_product(const char* name, int64_t m, int64_t n, int64_t k, const flo
   if (m == 0 || n == 0) return;
 #if VK_X86_SIMD
   if (k == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
+    if (!accumulate) clear_rows(c, m, n, ldc);
     return;
   }
   const int64_t ps = panel_stride > 0 ? panel_stride : kGemmNR * k;
