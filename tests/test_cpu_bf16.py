@@ -209,6 +209,58 @@ def test_fused_ops_take_the_bf16_kernel_for_inference_only():
     assert_close_rel(tokens.double(), ref, TOL[torch.bfloat16], "patch_embed bf16")
 
 
+_ACT_REF = {1: F.gelu, 2: lambda t: F.gelu(t, approximate="tanh"), 3: lambda t: t * torch.sigmoid(1.702 * t), 4: F.silu}
+
+
+@needs_bf16
+@pytest.mark.parametrize(
+    "M,D,Hd",
+    [
+        (197, 384, 1536),  # ViT-S batch 1: one K block, 17 row tiles (the last of 5 rows)
+        (250, 96, 384),  # two row blocks (240 + 10)
+        (37, 40, 23),  # odd hidden width: a partial last panel and the bf16 pad column
+        (5, 1030, 77),  # K past one bf16 K block: the product first, then the tiles
+    ],
+)
+@pytest.mark.parametrize("act", [1, 2, 3, 4])
+def test_bf16_mlp_hidden_goes_to_fc2_in_bf16(M, D, Hd, act, poison_empty):
+    """bf16 inference's MLP: fc1's bias and activation on each product tile, the hidden rows stored
+    once as bf16 for fc2 (gemm_nt_bf16_out). Against float64 on the same bf16 values, with the
+    hidden activation rounded to bf16 as it enters fc2 (what the kernel and torch's bf16 GEMMs do)."""
+    ext = load_extension()
+    x = _randn(M, D, seed=1).bfloat16()
+    w1, w2 = (_randn(Hd, D, seed=2) * D**-0.5).bfloat16(), (_randn(D, Hd, seed=3) * Hd**-0.5).bfloat16()
+    b1, b2 = _randn(Hd, seed=4).bfloat16(), _randn(D, seed=5).bfloat16()
+    lw, lb = (1 + 0.1 * _randn(D, seed=6)).bfloat16(), (0.1 * _randn(D, seed=7)).bfloat16()
+    p1, p2 = ext.pack_gemm_weight_bf16(w1), ext.pack_gemm_weight_bf16(w2)
+    h = F.layer_norm(x.double(), (D,), lw.double(), lb.double(), 1e-6).bfloat16().double()
+    hid = _ACT_REF[act](F.linear(h, w1.double(), b1.double())).bfloat16().double()
+    ref = x.double() + F.linear(hid, w2.double(), b2.double())
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        # one thread: row tiles (this path); two: fewer than 128 rows a thread take the column split
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = ext.layernorm_mlp_forward(
+                x, lw, lb, w1, b1, None, None, w2, b2, 1e-6, act, False, 0, True, False, p1, None, p2
+            )[0]
+            assert out.dtype == torch.bfloat16 and out.shape == (M, D)
+            assert_close_rel(out.double(), ref, TOL[torch.bfloat16], f"act {act}, {threads} thread(s)")
+            outs.append(out)
+        # fp32 input and output over the same bf16 panels: the same products, the output not rounded
+        torch.set_num_threads(1)
+        out32 = ext.layernorm_mlp_forward(
+            x.float(), lw.float(), lb.float(), w1.float(), b1.float(), None, None,
+            w2.float(), b2.float(), 1e-6, act, False, 0, True, False, p1, None, p2,
+        )[0]  # fmt: skip
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(outs[0], outs[1]), "row tiles and the column split sum the same products"
+    assert out32.dtype == torch.float32
+    assert torch.equal(out32.bfloat16(), outs[0])
+
+
 @needs_bf16
 def test_bf16_kernel_error_is_that_of_bf16_operands():
     """The kernel rounds each activation entering a GEMM to bf16, as torch's bf16 GEMMs take it:

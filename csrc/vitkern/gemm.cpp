@@ -663,24 +663,83 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
   sgemm(true, false, n, m, k, 1.f, w, k, a, lda, accumulate ? 1.f : 0.f, c, ldc);
 }
 
+#if VK_X86_SIMD
+namespace {
+// A (m x k fp32, lda) as bf16 rows of kp = k + k % 2 elements, in this thread's buffer.
+const uint16_t* a_rows_bf16(const float* a, int64_t m, int64_t k, int64_t lda) {
+  const int64_t kp = k + k % 2;
+  thread_local std::unique_ptr<uint16_t[]> abuf;
+  thread_local int64_t abuf_size = 0;
+  if (abuf_size < m * kp) {
+    abuf.reset(new uint16_t[m * kp]);
+    abuf_size = m * kp;
+  }
+  rows_to_bf16_avx512(a, m, k, lda, abuf.get(), kp);
+  return abuf.get();
+}
+
+// rows x cols fp32 (ldt) -> bf16 rows (ldh), no padding.
+__attribute__((target("avx512f,avx512bf16"))) void tile_to_bf16(const float* t, int64_t ldt, int64_t rows,
+                                                                int64_t cols, uint16_t* h, int64_t ldh) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = t + r * ldt;
+    uint16_t* d = h + r * ldh;
+    int64_t i = 0;
+    for (; i + 16 <= cols; i += 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+    }
+    for (; i < cols; ++i) d[i] = bf16_bits(src[i]);  // (a partial last panel)
+  }
+}
+}  // namespace
+#endif
+
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c, int64_t ldc,
              bool accumulate) {
   if (m == 0 || n == 0) return;
 #if VK_X86_SIMD
   if (w.packed_bf16 != nullptr) {
     const int64_t kp = k + k % 2;
-    thread_local std::unique_ptr<uint16_t[]> abuf;
-    thread_local int64_t abuf_size = 0;
-    if (abuf_size < m * kp) {
-      abuf.reset(new uint16_t[m * kp]);
-      abuf_size = m * kp;
-    }
-    rows_to_bf16_avx512(a, m, k, lda, abuf.get(), kp);
-    gemm_packed_bf16(m, n, kp, abuf.get(), kp, w.packed_bf16, c, ldc, accumulate, kGemmNR * kp);
+    gemm_packed_bf16(m, n, kp, a_rows_bf16(a, m, k, lda), kp, w.packed_bf16, c, ldc, accumulate, kGemmNR * kp);
     return;
   }
 #endif
   gemm_nt(m, n, k, a, lda, w.w, w.packed, c, ldc, accumulate);
+}
+
+void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, uint16_t* h,
+                      int64_t ldh, const TileEpilogue& epilogue) {
+  VK_CHECK(w.packed_bf16 != nullptr, "gemm_nt_bf16_out: the weight must be packed as bf16");
+  if (m == 0 || n == 0) return;
+#if VK_X86_SIMD
+  const int64_t kp = k + k % 2;
+  if (kp == 0 || kp > kKCBf16) {  // no K, or several K blocks: the whole product first, then the tiles
+    Scratch c = scratch(m * n);
+    gemm_nt(m, n, k, a, lda, w, c.get(), n, false);
+    epilogue(c.get(), n, 0, m, 0, n);
+    tile_to_bf16(c.get(), n, m, n, h, ldh);
+    return;
+  }
+  const uint16_t* ab = a_rows_bf16(a, m, k, lda);
+  const int64_t pstride = kGemmNR * kp;
+  alignas(64) float tile[kMR512 * 2 * kGemmNR];
+  constexpr int64_t ldt = 2 * kGemmNR;
+  for (int64_t ic = 0; ic < m; ic += kMC512) {  // row blocks (A's block stays in L2), then panel pairs
+    const int64_t mc = std::min(kMC512, m - ic);
+    for_panel_pairs(n, [&](int64_t p, int np, int64_t cols) {
+      const uint16_t* b = w.packed_bf16 + p * pstride;
+      const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
+      for (int64_t i = ic; i < ic + mc; i += kMR512) {
+        const int64_t mr = std::min(kMR512, ic + mc - i);
+        table[mr](kp / 2, ab + i * kp, kp, b, pstride, tile, ldt, false);
+        epilogue(tile, ldt, i, mr, p * kGemmNR, cols);
+        tile_to_bf16(tile, ldt, mr, cols, h + i * ldh + p * kGemmNR, ldh);
+      }
+    });
+  }
+#else
+  (void)a; (void)lda; (void)h; (void)ldh; (void)epilogue; (void)k;
+#endif
 }
 
 void rows_to_bf16(const float* a, int64_t rows, int64_t k, int64_t lda, uint16_t* dst, int64_t kp) {

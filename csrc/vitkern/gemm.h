@@ -85,6 +85,17 @@ GemmWeight gemm_weight(const Tensor& w, const OptTensor& p, const char* name, in
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c, int64_t ldc,
              bool accumulate);
 
+// bf16 inference's fc1 -> fc2 hand-off: H (m x n bf16, ldh elements per row) = epilogue(A . W^T)
+// rounded to bf16, on the bf16 packed panels of W (w.packed_bf16 required). Each 12-row x 32-column
+// tile of the product goes through `epilogue(tile, ldt, r0, rows, c0, cols)` (fp32, in place) while
+// it is still in L1, then is stored as bf16: no fp32 (m x n) activation is written and read back
+// (fc1's output for ViT-S batch 1 is 1.2 MB, beyond a 1 MB L2: the GELU pass and the conversion
+// for fc2 each went through the L3). K beyond one bf16 K block (512) computes into an fp32 buffer
+// first. Single-threaded: the caller's row tile.
+using TileEpilogue = std::function<void(float*, int64_t, int64_t, int64_t, int64_t, int64_t)>;
+void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, uint16_t* h,
+                      int64_t ldh, const TileEpilogue& epilogue);
+
 // Few rows on several threads (batch-1 inference): the output columns are split among the threads
 // instead of the rows. Row tiles would each read the whole weight (ViT-S batch 1 on two threads:
 // seven 30-row tiles, seven passes over each weight); column tasks read it once in all. Whether

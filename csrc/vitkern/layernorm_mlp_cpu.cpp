@@ -19,6 +19,7 @@
 // backward with the LN-affine sums) fused in C++ loops.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "blas.h"
@@ -259,19 +260,42 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
     gemm_nt_columns(M, D, Hd, hid, Hd, w2, op, D, true);
     return {to(out, x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};
   }
+  // bf16 inference (both weights packed as bf16, no gradient): fc1's bias + activation run on each
+  // product tile while it is in L1 and the hidden activations are stored once, as the bf16 rows fc2
+  // reads (gemm_nt_bf16_out), instead of an fp32 (rows x H) tile that the activation pass and then
+  // fc2's bf16 conversion each read back.
+  const bool bf16_hidden = !gated && !save_for_backward && w1a.packed_bf16 != nullptr && w2.packed_bf16 != nullptr;
+  const int64_t hdp = Hd + Hd % 2;  // bf16 hidden row: H padded to even (the pad column zero)
   parallel_tasks(tiles, [&](auto& queue) {
     // Without a gradient the tile lives in per-thread buffers; with one, the LN output, the
     // pre-activation and the activation output are written straight into the tensors saved for
     // the backward (same row-major layout), so keeping them costs no copy. The plain MLP's
     // pre-activation needs no tile of its own (its epilogue stores it on the way).
     const int64_t own = save_for_backward ? 0 : kTileM;
-    Scratch hn_buf = scratch(own * D), pre_buf = scratch(gated ? own * P : 0), hid_buf = scratch(own * Hd);
+    Scratch hn_buf = scratch(own * D), pre_buf = scratch(gated ? own * P : 0),
+            hid_buf = scratch(bf16_hidden ? 0 : own * Hd);
+    std::unique_ptr<uint16_t[]> h16(new uint16_t[bf16_hidden ? kTileM * hdp : 1]);  // (not zeroed: written first)
     for (int64_t tile; (tile = queue.next()) >= 0;) {
       const int64_t r0 = tile * kTileM, rows = std::min(kTileM, M - r0);
       float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.get();
       float* hid = save_for_backward ? hsp + r0 * Hd : hid_buf.get();
       // LayerNorm prologue into the tile buffer.
       ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
+      if (bf16_hidden) {
+        gemm_nt_bf16_out(rows, Hd, D, hn, D, w1a, h16.get(), hdp,
+                         [&](float* t, int64_t ldt, int64_t, int64_t nr, int64_t c0, int64_t nc) {
+                           for (int64_t r = 0; r < nr; ++r) {
+                             simd::bias_act(t + r * ldt, b1ap ? b1ap + c0 : nullptr, nc, act, nullptr);
+                           }
+                         });
+        if (hdp > Hd) {
+          for (int64_t r = 0; r < rows; ++r) h16[r * hdp + Hd] = 0;
+        }
+        float* o = op + r0 * D;
+        init_rows(o, residual ? xp + r0 * D : nullptr, b2p, rows, D);
+        gemm_packed_bf16_nt(rows, D, hdp, h16.get(), hdp, w2.packed_bf16, o, D, true, kGemmNR * hdp);
+        continue;
+      }
       if (!gated) {
         // fc1: hid (rows x Hd) = hn . W1^T, then bias + activation in place (epilogue).
         gemm_nt(rows, Hd, D, hn, D, w1a, hid, Hd, false);
