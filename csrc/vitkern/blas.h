@@ -24,8 +24,96 @@ namespace vitkern {
 // Uninitialised fp32 scratch for tiles that are written in full before being read.
 // (std::vector<float>(n) zero-fills: for the LN-MLP forward's hidden tile that was a
 // 9.7 MB memset per call, ~3 % of the op at D 384.)
-using Scratch = std::unique_ptr<float[]>;
-inline Scratch scratch(int64_t n) { return Scratch(new float[std::max<int64_t>(n, 1)]); }
+//
+// The buffers come from a small per-thread pool and go back to it when the Scratch dies, so a
+// kernel called again reuses the same pages. Allocating them per call let glibc hand the memory
+// back to the kernel between calls (a freed buffer at the top of a heap is trimmed, the more so
+// after other code ran in between: a timm model, another engine, the application itself), and
+// the next call page-faulted it back in: SP-ViT-S batch 1 on two threads took 300-3000 faults per
+// forward, ~1 ms each 1000 (benchmarks/NOTES.md, "Ninth session"). A thread keeps at most
+// kScratchPoolBuffers buffers and kScratchPoolBytes in its pool; a buffer beyond that is freed.
+constexpr int kScratchPoolBuffers = 8;
+constexpr int64_t kScratchPoolBytes = int64_t{64} << 20;
+
+class ScratchPool {
+ public:
+  ~ScratchPool() {
+    for (int i = 0; i < count_; ++i) delete[] bufs_[i].p;
+  }
+  // The smallest pooled buffer of at least n floats, or a new one (capacity in *cap).
+  float* take(int64_t n, int64_t* cap) {
+    int best = -1;
+    for (int i = 0; i < count_; ++i) {
+      if (bufs_[i].cap >= n && (best < 0 || bufs_[i].cap < bufs_[best].cap)) best = i;
+    }
+    if (best < 0) {
+      *cap = n;
+      return new float[n];
+    }
+    float* p = bufs_[best].p;
+    *cap = bufs_[best].cap;
+    bytes_ -= *cap * static_cast<int64_t>(sizeof(float));
+    bufs_[best] = bufs_[--count_];
+    return p;
+  }
+  void give(float* p, int64_t cap) {
+    const int64_t b = cap * static_cast<int64_t>(sizeof(float));
+    if (count_ == kScratchPoolBuffers || bytes_ + b > kScratchPoolBytes) {
+      delete[] p;
+      return;
+    }
+    bufs_[count_++] = {p, cap};
+    bytes_ += b;
+  }
+  static ScratchPool& local() {
+    thread_local ScratchPool pool;
+    return pool;
+  }
+
+ private:
+  struct Buf {
+    float* p;
+    int64_t cap;
+  };
+  Buf bufs_[kScratchPoolBuffers] = {};
+  int count_ = 0;
+  int64_t bytes_ = 0;
+};
+
+class Scratch {
+ public:
+  Scratch() = default;
+  explicit Scratch(int64_t n) { p_ = ScratchPool::local().take(std::max<int64_t>(n, 1), &cap_); }
+  ~Scratch() { release(); }
+  Scratch(Scratch&& o) noexcept : p_(o.p_), cap_(o.cap_) {
+    o.p_ = nullptr;
+    o.cap_ = 0;
+  }
+  Scratch& operator=(Scratch&& o) noexcept {
+    if (this != &o) {
+      release();
+      p_ = o.p_;
+      cap_ = o.cap_;
+      o.p_ = nullptr;
+      o.cap_ = 0;
+    }
+    return *this;
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* get() const { return p_; }
+  float& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  void release() {
+    if (p_ != nullptr) ScratchPool::local().give(p_, cap_);  // (the pool of the thread it dies on)
+    p_ = nullptr;
+    cap_ = 0;
+  }
+  float* p_ = nullptr;
+  int64_t cap_ = 0;
+};
+inline Scratch scratch(int64_t n) { return Scratch(n); }
 
 inline bool use_sgemm() {
   static const bool use = [] {
