@@ -212,6 +212,42 @@ def test_packed_weights_are_cached_and_follow_every_change(gen):
 
 
 @needs_route
+@pytest.mark.parametrize("bf16", [False, True])
+def test_first_packs_sit_in_the_huge_page_arena_and_repacks_do_not(bf16, gen, monkeypatch):
+    """A weight's first pack is copied into the arena (side by side with the others, in mappings
+    advised for transparent huge pages); a repack after a change gets an ordinary allocation, so
+    training does not fill mappings with stale packs; small weights stay where they are. Whatever
+    the placement, the panels are the kernel's, bit for bit, and the products are unchanged."""
+    if bf16 and not _packed.bf16_route():
+        pytest.skip("no AVX512-BF16 here")
+    ext = load_extension()
+    pack = ext.pack_gemm_weight_bf16 if bf16 else ext.pack_gemm_weight
+    arena = _packed._HugePageArena()
+    monkeypatch.setattr(_packed, "_ARENA", arena)
+    if not arena.enabled:
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    _packed.clear_packed_weights()
+    big, small = nn.Linear(384, 1536), nn.Linear(64, 48)
+    first = _packed.packed_weight(big.weight, bf16=bf16)
+    assert first.untyped_storage().data_ptr() == arena._base.untyped_storage().data_ptr()
+    assert first.data_ptr() % 64 == 0 and first.is_contiguous()
+    assert torch.equal(first, pack(big.weight.detach()))
+    second = _packed.packed_weight(nn.Linear(384, 1152).weight, bf16=bf16)
+    assert second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()  # the same mapping
+    tiny = _packed.packed_weight(small.weight, bf16=bf16)
+    assert tiny.untyped_storage().data_ptr() != arena._base.untyped_storage().data_ptr()
+    with torch.no_grad():
+        big.weight.mul_(-0.5)
+    again = _packed.packed_weight(big.weight, bf16=bf16)
+    assert again.untyped_storage().data_ptr() != arena._base.untyped_storage().data_ptr()
+    assert torch.equal(again, pack(big.weight.detach()))
+    x = randn(197, 384, gen=gen)
+    want = ext.linear_forward(x, big.weight.detach(), None, pack(big.weight.detach()))
+    assert torch.equal(ext.linear_forward(x, big.weight.detach(), None, again), want)
+    _packed.clear_packed_weights()
+
+
+@needs_route
 def test_cache_entries_go_with_their_weights_and_inference_tensors_are_not_cached(gen):
     _packed.clear_packed_weights()
     m = nn.Linear(32, 16)
