@@ -19,7 +19,6 @@
 // backward with the LN-affine sums) fused in C++ loops.
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <vector>
 
 #include "blas.h"
@@ -274,7 +273,9 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
     const int64_t own = save_for_backward ? 0 : kTileM;
     Scratch hn_buf = scratch(own * D), pre_buf = scratch(gated ? own * P : 0),
             hid_buf = scratch(bf16_hidden ? 0 : own * Hd);
-    std::unique_ptr<uint16_t[]> h16(new uint16_t[bf16_hidden ? kTileM * hdp : 1]);  // (not zeroed: written first)
+    // (bf16 hidden rows, two per float of a pooled scratch buffer; not zeroed: written first)
+    Scratch h16_buf = scratch(bf16_hidden ? (kTileM * hdp + 1) / 2 : 0);
+    uint16_t* h16 = reinterpret_cast<uint16_t*>(h16_buf.get());
     for (int64_t tile; (tile = queue.next()) >= 0;) {
       const int64_t r0 = tile * kTileM, rows = std::min(kTileM, M - r0);
       float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.get();
@@ -282,7 +283,7 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
       // LayerNorm prologue into the tile buffer.
       ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
       if (bf16_hidden) {
-        gemm_nt_bf16_out(rows, Hd, D, hn, D, w1a, h16.get(), hdp,
+        gemm_nt_bf16_out(rows, Hd, D, hn, D, w1a, h16, hdp,
                          [&](float* t, int64_t ldt, int64_t, int64_t nr, int64_t c0, int64_t nc) {
                            for (int64_t r = 0; r < nr; ++r) {
                              simd::bias_act(t + r * ldt, b1ap ? b1ap + c0 : nullptr, nc, act, nullptr);
@@ -293,7 +294,7 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
         }
         float* o = op + r0 * D;
         init_rows(o, residual ? xp + r0 * D : nullptr, b2p, rows, D);
-        gemm_packed_bf16_nt(rows, D, hdp, h16.get(), hdp, w2.packed_bf16, o, D, true, kGemmNR * hdp);
+        gemm_packed_bf16_nt(rows, D, hdp, h16, hdp, w2.packed_bf16, o, D, true, kGemmNR * hdp);
         continue;
       }
       if (!gated) {
