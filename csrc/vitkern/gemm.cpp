@@ -283,18 +283,25 @@ constexpr MicroKernelBf16 kMicroBf16[kMR512 + 1] = {
     micro_kernel_bf16<5, NP>,  micro_kernel_bf16<6, NP>,  micro_kernel_bf16<7, NP>,  micro_kernel_bf16<8, NP>,
     micro_kernel_bf16<9, NP>,  micro_kernel_bf16<10, NP>, micro_kernel_bf16<11, NP>, micro_kernel_bf16<12, NP>};
 
-// rows x k fp32 (lda) -> rows x kp bf16 (kp = k + k % 2, the pad column zero).
-__attribute__((target("avx512f,avx512bf16"))) void rows_to_bf16_avx512(const float* a, int64_t rows, int64_t k,
-                                                                       int64_t lda, uint16_t* dst, int64_t kp) {
+// rows x cols fp32 (lda) -> bf16 rows (ldd elements apart), no padding.
+__attribute__((target("avx512f,avx512bf16"))) void rows_to_bf16_strided(const float* a, int64_t rows, int64_t cols,
+                                                                        int64_t lda, uint16_t* dst, int64_t ldd) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = a + r * lda;
-    uint16_t* d = dst + r * kp;
+    uint16_t* d = dst + r * ldd;
     int64_t i = 0;
-    for (; i + 16 <= k; i += 16) {
+    for (; i + 16 <= cols; i += 16) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
     }
-    for (; i < k; ++i) d[i] = bf16_bits(src[i]);
-    if (kp > k) d[k] = 0;
+    for (; i < cols; ++i) d[i] = bf16_bits(src[i]);
+  }
+}
+
+// rows x k fp32 (lda) -> rows x kp bf16 (kp = k + k % 2, the pad column zero).
+void rows_to_bf16_avx512(const float* a, int64_t rows, int64_t k, int64_t lda, uint16_t* dst, int64_t kp) {
+  rows_to_bf16_strided(a, rows, k, lda, dst, kp);
+  if (kp > k) {
+    for (int64_t r = 0; r < rows; ++r) dst[r * kp + k] = 0;
   }
 }
 
@@ -486,28 +493,34 @@ inline int64_t tripwire_index(int s, int64_t total) {
   return s == kTripwireSamples - 1 ? total - 1 : (s * int64_t{7919} * 104729) % total;
 }
 
-// Whether the packed panels hold w: 16 elements spread over w (first and last included). In a
+// Whether the packed panels hold w: 16 elements spread over w (first and last included), each
+// compared by same(packed element, w's element as fp32) at the packed offset at(row, col). In a
 // forward the weights and their panels are beyond the L3, so every sample is a memory miss: all
 // are requested first, then compared, so the misses overlap instead of following one another
 // (the compare loop alone took ~1% of a bf16 ViT-S forward).
-bool packed_matches(const Tensor& w, const float* wp, int64_t n, int64_t k) {
+template <typename T, typename At, typename Same>
+bool tripwire_matches(const Tensor& w, const T* wp, int64_t n, int64_t k, At at_of, Same same) {
   const int64_t total = n * k;
   if (total == 0) return true;
   const int64_t esize = w.scalar_type() == ScalarType::Float ? 4 : 2;  // (weight_at: fp32, bf16 or fp16)
   const char* wb = static_cast<const char*>(w.data_ptr());
   int64_t at[kTripwireSamples];
   for (int s = 0; s < kTripwireSamples; ++s) {
-    const int64_t idx = tripwire_index(s, total), row = idx / k, col = idx % k;
-    at[s] = row / kGemmNR * kGemmNR * k + col * kGemmNR + row % kGemmNR;
+    const int64_t idx = tripwire_index(s, total);
+    at[s] = at_of(idx / k, idx % k);
     __builtin_prefetch(wp + at[s]);
     __builtin_prefetch(wb + idx * esize);
   }
   for (int s = 0; s < kTripwireSamples; ++s) {
-    const float packed = wp[at[s]];
-    const float value = weight_at(w, tripwire_index(s, total));
-    if (std::memcmp(&packed, &value, sizeof(float)) != 0) return false;
+    if (!same(wp[at[s]], weight_at(w, tripwire_index(s, total)))) return false;
   }
   return true;
+}
+
+bool packed_matches(const Tensor& w, const float* wp, int64_t n, int64_t k) {
+  return tripwire_matches(
+      w, wp, n, k, [k](int64_t row, int64_t col) { return row / kGemmNR * kGemmNR * k + col * kGemmNR + row % kGemmNR; },
+      [](float packed, float value) { return std::memcmp(&packed, &value, sizeof(float)) == 0; });
 }
 }  // namespace
 
@@ -545,23 +558,14 @@ Tensor pack_gemm_weight_bf16_cpu(const Tensor& w_in) {
 
 namespace {
 // The bf16 tripwire: 16 elements spread over w, rounded to bf16, against the packed panels.
-// (The samples requested first, as in packed_matches.)
 bool packed_matches_bf16(const Tensor& w, const uint16_t* wp, int64_t n, int64_t k) {
-  const int64_t total = n * k, kp = k + k % 2;
-  if (total == 0) return true;
-  const int64_t esize = w.scalar_type() == ScalarType::Float ? 4 : 2;  // (weight_at: fp32, bf16 or fp16)
-  const char* wb = static_cast<const char*>(w.data_ptr());
-  int64_t at[kTripwireSamples];
-  for (int s = 0; s < kTripwireSamples; ++s) {
-    const int64_t idx = tripwire_index(s, total), row = idx / k, col = idx % k;
-    at[s] = row / kGemmNR * kGemmNR * kp + col / 2 * 2 * kGemmNR + 2 * (row % kGemmNR) + col % 2;
-    __builtin_prefetch(wp + at[s]);
-    __builtin_prefetch(wb + idx * esize);
-  }
-  for (int s = 0; s < kTripwireSamples; ++s) {
-    if (wp[at[s]] != bf16_bits(weight_at(w, tripwire_index(s, total)))) return false;
-  }
-  return true;
+  const int64_t kp = k + k % 2;
+  return tripwire_matches(
+      w, wp, n, k,
+      [kp](int64_t row, int64_t col) {
+        return row / kGemmNR * kGemmNR * kp + col / 2 * 2 * kGemmNR + 2 * (row % kGemmNR) + col % 2;
+      },
+      [](uint16_t packed, float value) { return packed == bf16_bits(value); });
 }
 }  // namespace
 
@@ -678,19 +682,6 @@ const uint16_t* a_rows_bf16(const float* a, int64_t m, int64_t k, int64_t lda) {
   return abuf.get();
 }
 
-// rows x cols fp32 (ldt) -> bf16 rows (ldh), no padding.
-__attribute__((target("avx512f,avx512bf16"))) void tile_to_bf16(const float* t, int64_t ldt, int64_t rows,
-                                                                int64_t cols, uint16_t* h, int64_t ldh) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* src = t + r * ldt;
-    uint16_t* d = h + r * ldh;
-    int64_t i = 0;
-    for (; i + 16 <= cols; i += 16) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-    }
-    for (; i < cols; ++i) d[i] = bf16_bits(src[i]);  // (a partial last panel)
-  }
-}
 }  // namespace
 #endif
 
@@ -717,7 +708,7 @@ void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
     Scratch c = scratch(m * n);
     gemm_nt(m, n, k, a, lda, w, c.get(), n, false);
     epilogue(c.get(), n, 0, m, 0, n);
-    tile_to_bf16(c.get(), n, m, n, h, ldh);
+    rows_to_bf16_strided(c.get(), m, n, n, h, ldh);
     return;
   }
   const uint16_t* ab = a_rows_bf16(a, m, k, lda);
@@ -733,7 +724,7 @@ void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
         const int64_t mr = std::min(kMR512, ic + mc - i);
         table[mr](kp / 2, ab + i * kp, kp, b, pstride, tile, ldt, false);
         epilogue(tile, ldt, i, mr, p * kGemmNR, cols);
-        tile_to_bf16(tile, ldt, mr, cols, h + i * ldh + p * kGemmNR, ldh);
+        rows_to_bf16_strided(tile, mr, cols, ldt, h + i * ldh + p * kGemmNR, ldh);
       }
     });
   }
