@@ -244,7 +244,20 @@ def test_first_packs_sit_in_the_huge_page_arena_and_repacks_do_not(bf16, gen, mo
     x = randn(197, 384, gen=gen)
     want = ext.linear_forward(x, big.weight.detach(), None, pack(big.weight.detach()))
     assert torch.equal(ext.linear_forward(x, big.weight.detach(), None, again), want)
+    # the mapping is unmapped with the last weight placed in it, once the arena has let go of it
+    def mapped(addr):
+        with open("/proc/self/maps") as f:
+            return any(int(a, 16) <= addr < int(b, 16) for a, b in (ln.split()[0].split("-") for ln in f))
+
+    addr = first.untyped_storage().data_ptr()
     _packed.clear_packed_weights()
+    assert arena._base is None and mapped(addr)
+    del first
+    gc.collect()
+    assert mapped(addr)  # `second` still lives there
+    del second
+    gc.collect()
+    assert not mapped(addr)
 
 
 @needs_route

@@ -110,6 +110,10 @@ class _HugePageArena:
         self._base: torch.Tensor | None = None
         self._off = self._end = 0
 
+    def release(self) -> None:
+        """Stop filling the current mapping: it goes when the weights placed in it do."""
+        self._base, self._off, self._end = None, 0, 0
+
     def place(self, packed: torch.Tensor) -> torch.Tensor:
         """``packed`` copied into the arena (a view of a mapping), or ``packed`` itself."""
         nbytes = packed.numel() * packed.element_size()
@@ -137,9 +141,11 @@ _ARENA = _HugePageArena()
 
 
 def clear_packed_weights() -> None:
-    """Drop every cached packed weight (they are rebuilt on the next call)."""
+    """Drop every cached packed weight (they are rebuilt on the next call) and the huge-page arena's
+    current mapping (each mapping is unmapped once no packed weight in it is left)."""
     _CACHE.clear()
     _CACHE_BF16.clear()
+    _ARENA.release()
 
 
 def skippable(m: torch.nn.Module) -> bool:
