@@ -244,6 +244,7 @@ def test_first_packs_sit_in_the_huge_page_arena_and_repacks_do_not(bf16, gen, mo
     x = randn(197, 384, gen=gen)
     want = ext.linear_forward(x, big.weight.detach(), None, pack(big.weight.detach()))
     assert torch.equal(ext.linear_forward(x, big.weight.detach(), None, again), want)
+
     # the mapping is unmapped with the last weight placed in it, once the arena has let go of it
     def mapped(addr):
         with open("/proc/self/maps") as f:
