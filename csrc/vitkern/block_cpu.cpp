@@ -78,8 +78,11 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   const float e1 = static_cast<float>(eps1);
 
   // 1. qkv (M, 3D) = LayerNorm1(x) . Wqkv^T + b, per row tile.
-  Tensor qkv = empty({B, N, 3 * D});
-  float* qkvp = f32_ptr(qkv);
+  // The block's intermediates (qkv, the attention output, the residual stream a) live in pooled
+  // scratch (blas.h): fresh torch allocations of them were page-faulted back in on many forwards
+  // (ViT-S batch 8: 1150-4700 faults on some forwards, ~4 us each).
+  Scratch qkv_buf = scratch(M * 3 * D);
+  float* qkvp = qkv_buf.get();
   if (split_columns(M, qkv_w)) {  // few rows on several threads: LayerNorm, then column tasks
     Scratch hn = scratch(M * D), stats = scratch(2 * M);
     ln_rows(xp, M, D, e1, l1w, l1b, false, stats.get(), stats.get() + M, hn.get());
@@ -106,12 +109,14 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   const Tensor v = from_blob(qkvp + 2 * D, view_sizes, view_strides);
   // bf16 inference (the weights packed as bf16): the attention's tile products on bf16 operands too.
   const bool bf16 = qkv_w.packed_bf16 != nullptr;
-  const Tensor attn = sp_attention_forward_impl(q, k, v, omega, gh, gw, num_prefix, scale, bf16)[0];
-  const float* ap = f32_ptr(attn);  // (B, H, N, Dh) view of (B, N, H, Dh) storage: row r at ap + r * D
+  Scratch attn_buf = scratch(M * D);  // (B, N, H, Dh): row r of the attention output at ap + r * D
+  sp_attention_forward_impl(q, k, v, omega, gh, gw, num_prefix, scale, bf16, attn_buf.get());
+  const float* ap = attn_buf.get();
 
   // 3. a = x + attn . Wproj^T + b: rows start as x + b, the GEMM accumulates.
-  Tensor a = empty({M, D});
-  float* app = f32_ptr(a);
+  Scratch a_buf = scratch(M * D);
+  float* app = a_buf.get();
+  const Tensor a = from_blob(app, {M, D}, {D, 1});
   if (split_columns(M, proj_w)) {
     init_rows(app, xp, pbp, M, D);
     gemm_nt_columns(M, D, D, ap, D, proj_w, app, D, true);

@@ -186,7 +186,7 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
 
 std::vector<Tensor> sp_attention_forward_impl(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                               const OptTensor& omega_in, int64_t gh, int64_t gw, int64_t num_prefix,
-                                              double scale_d, bool bf16_products) {
+                                              double scale_d, bool bf16_products, float* out_into) {
   check_inputs(q_in, k_in, v_in, omega_in, gh, gw, num_prefix);
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), Dh = q_in.size(3);
   const Tensor q = as_fp32_rows(q_in), k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
@@ -198,7 +198,9 @@ std::vector<Tensor> sp_attention_forward_impl(const Tensor& q_in, const Tensor& 
   // The output is stored token-major, (B, N, H, Dh), and returned as a (B, H, N, Dh)
   // view: the usual transpose(1, 2).reshape(B, N, H*Dh) before the output
   // projection is then free instead of a copy.
-  Tensor out_tok = empty({B, N, H, Dh});  // fp32; cast at the end if needed
+  // fp32, cast at the end if needed; or the caller's (B, N, H, Dh) buffer (the one-call block's)
+  Tensor out_tok = out_into != nullptr ? from_blob(out_into, {B, N, H, Dh}, {N * H * Dh, H * Dh, Dh, 1})
+                                       : empty({B, N, H, Dh});
   Tensor out = permuted(out_tok, {0, 2, 1, 3});
   Tensor lse = empty({B, H, N});
   // Query blocks of about kBlockM rows, equal in size (197 tokens: 54, 54, 54, 35, not 64, 64,
