@@ -220,6 +220,7 @@ _ACT_REF = {1: F.gelu, 2: lambda t: F.gelu(t, approximate="tanh"), 3: lambda t: 
         (250, 96, 384),  # two row blocks (240 + 10)
         (37, 40, 23),  # odd hidden width: a partial last panel and the bf16 pad column
         (5, 1030, 77),  # K past one bf16 K block: the product first, then the tiles
+        (9, 41, 40),  # odd model width: the LayerNorm's bf16 rows carry a zero pad column
     ],
 )
 @pytest.mark.parametrize("act", [1, 2, 3, 4])
@@ -259,6 +260,44 @@ def test_bf16_mlp_hidden_goes_to_fc2_in_bf16(M, D, Hd, act, poison_empty):
     assert torch.equal(outs[0], outs[1]), "row tiles and the column split sum the same products"
     assert out32.dtype == torch.float32
     assert torch.equal(out32.bfloat16(), outs[0])
+
+
+@needs_bf16
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("D", [33, 384])
+def test_bf16_norm_writes_the_gemm_rows_directly(D, affine, rms, poison_empty):
+    """bf16 inference's LayerNorm / RMSNorm prologue (ln_rows_bf16) writes fc1's bf16 A rows itself:
+    with and without the affine parameters, an odd width (the pad column must be zero: it meets
+    the packed weight's zero pad), against float64 on the normalised rows rounded to bf16, and the
+    saved statistics against float64."""
+    ext = load_extension()
+    M, Hd = 29, 48
+    x = (3 + 2 * _randn(M, D, seed=1)).bfloat16()
+    w1, w2 = (_randn(Hd, D, seed=2) * D**-0.5).bfloat16(), (_randn(D, Hd, seed=3) * Hd**-0.5).bfloat16()
+    lw = (1 + 0.1 * _randn(D, seed=6)).bfloat16() if affine else None
+    lb = (0.1 * _randn(D, seed=7)).bfloat16() if affine and not rms else None
+    xd = x.double()
+    if rms:
+        h = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = h * lw.double() if affine else h
+    else:
+        h = F.layer_norm(xd, (D,), None if lw is None else lw.double(), None if lb is None else lb.double(), 1e-6)
+    ref = xd + F.linear(F.gelu(F.linear(h.bfloat16().double(), w1.double())).bfloat16().double(), w2.double())
+    p1, p2 = ext.pack_gemm_weight_bf16(w1), ext.pack_gemm_weight_bf16(w2)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out, mean, rstd = ext.layernorm_mlp_forward(
+            x, lw, lb, w1, None, None, None, w2, None, 1e-6, 1, rms, 0, True, False, p1, None, p2
+        )[:3]
+    finally:
+        torch.set_num_threads(prev)
+    assert_close_rel(out.double(), ref, TOL[torch.bfloat16], f"D {D} affine {affine} rms {rms}")
+    want_mean = torch.zeros(M, dtype=torch.float64) if rms else xd.mean(-1)
+    want_var = xd.pow(2).mean(-1) if rms else xd.var(-1, unbiased=False)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(want_var + 1e-6), rtol=1e-5, atol=1e-6)
 
 
 @needs_bf16

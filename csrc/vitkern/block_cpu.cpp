@@ -90,13 +90,22 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
     gemm_nt_columns(M, 3 * D, D, hn.get(), D, qkv_w, qkvp, 3 * D, qbp != nullptr);
   } else {
     const int64_t tile = forward_tile_rows(M, qkv_w.prepacked()), tiles = (M + tile - 1) / tile;
+    // bf16 weights: norm1 writes the GEMM's bf16 A rows directly (D padded to even).
+    const bool a16 = qkv_w.packed_bf16 != nullptr;
+    const int64_t dp = D + D % 2;
     parallel_tasks(tiles, [&](auto& queue) {
-      Scratch hn = scratch(tile * D), stats = scratch(2 * tile);
+      Scratch hn = scratch(a16 ? (tile * dp + 1) / 2 : tile * D), stats = scratch(2 * tile);
+      uint16_t* h16 = reinterpret_cast<uint16_t*>(hn.get());
       for (int64_t t; (t = queue.next()) >= 0;) {
         const int64_t r0 = t * tile, rows = std::min(tile, M - r0);
-        ln_rows(xp + r0 * D, rows, D, e1, l1w, l1b, false, stats.get(), stats.get() + tile, hn.get());
         float* o = qkvp + r0 * 3 * D;
         if (qbp != nullptr) init_rows(o, nullptr, qbp, rows, 3 * D);
+        if (a16) {
+          ln_rows_bf16(xp + r0 * D, rows, D, e1, l1w, l1b, false, stats.get(), stats.get() + tile, h16, dp);
+          gemm_packed_bf16_nt(rows, 3 * D, dp, h16, dp, qkv_w.packed_bf16, o, 3 * D, qbp != nullptr);
+          continue;
+        }
+        ln_rows(xp + r0 * D, rows, D, e1, l1w, l1b, false, stats.get(), stats.get() + tile, hn.get());
         gemm_nt(rows, 3 * D, D, hn.get(), D, qkv_w, o, 3 * D, qbp != nullptr);
       }
     });

@@ -704,15 +704,25 @@ void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
   if (m == 0 || n == 0) return;
 #if VK_X86_SIMD
   const int64_t kp = k + k % 2;
+  gemm_bf16_nt_bf16_out(m, n, kp, kp == 0 ? nullptr : a_rows_bf16(a, m, k, lda), kp, w, h, ldh, epilogue);
+#else
+  (void)a; (void)lda; (void)h; (void)ldh; (void)epilogue; (void)k;
+#endif
+}
+
+void gemm_bf16_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int64_t lda, const GemmWeight& w,
+                           uint16_t* h, int64_t ldh, const TileEpilogue& epilogue) {
+  VK_CHECK(w.packed_bf16 != nullptr, "gemm_bf16_nt_bf16_out: the weight must be packed as bf16");
+  if (m == 0 || n == 0) return;
+#if VK_X86_SIMD
+  const int64_t pstride = kGemmNR * kp;
   if (kp == 0 || kp > kKCBf16) {  // no K, or several K blocks: the whole product first, then the tiles
     Scratch c = scratch(m * n);
-    gemm_nt(m, n, k, a, lda, w, c.get(), n, false);
+    gemm_packed_bf16(m, n, kp, ab, lda, w.packed_bf16, c.get(), n, false, pstride);
     epilogue(c.get(), n, 0, m, 0, n);
     rows_to_bf16_strided(c.get(), m, n, n, h, ldh);
     return;
   }
-  const uint16_t* ab = a_rows_bf16(a, m, k, lda);
-  const int64_t pstride = kGemmNR * kp;
   alignas(64) float tile[kMR512 * 2 * kGemmNR];
   constexpr int64_t ldt = 2 * kGemmNR;
   for (int64_t ic = 0; ic < m; ic += kMC512) {  // row blocks (A's block stays in L2), then panel pairs
@@ -722,14 +732,59 @@ void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
       const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
       for (int64_t i = ic; i < ic + mc; i += kMR512) {
         const int64_t mr = std::min(kMR512, ic + mc - i);
-        table[mr](kp / 2, ab + i * kp, kp, b, pstride, tile, ldt, false);
+        table[mr](kp / 2, ab + i * lda, lda, b, pstride, tile, ldt, false);
         epilogue(tile, ldt, i, mr, p * kGemmNR, cols);
         rows_to_bf16_strided(tile, mr, cols, ldt, h + i * ldh + p * kGemmNR, ldh);
       }
     });
   }
 #else
-  (void)a; (void)lda; (void)h; (void)ldh; (void)epilogue; (void)k;
+  (void)ab; (void)lda; (void)h; (void)ldh; (void)epilogue; (void)kp;
+#endif
+}
+
+#if VK_X86_SIMD
+namespace {
+__attribute__((target("avx512f,avx512bf16"))) void ln_rows_bf16_avx512(const float* x, int64_t rows, int64_t d,
+                                                                       float eps, const float* w, const float* b,
+                                                                       bool rms, float* mean, float* rstd,
+                                                                       uint16_t* h, int64_t ldh) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    float mu, var;
+    simd::ln_stats_avx512(xr, d, rms, &mu, &var);
+    const float rs = 1.f / std::sqrt(var + eps);
+    mean[r] = mu;
+    rstd[r] = rs;
+    const __m512 mv = _mm512_set1_ps(mu), rv = _mm512_set1_ps(rs);
+    uint16_t* hr = h + r * ldh;
+    for (int64_t t = 0; t < d; t += 16) {
+      const __mmask16 k = d - t >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (d - t)) - 1u);
+      const __m512 xn = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, xr + t), mv), rv);
+      const __m512 wv = w ? _mm512_maskz_loadu_ps(k, w + t) : one, bv = b ? _mm512_maskz_loadu_ps(k, b + t) : zero;
+      const __m256i y = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(xn, wv, bv));
+      if (d - t >= 16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hr + t), y);
+      } else {  // (no masked 16-bit store without AVX512-BW: through a buffer)
+        alignas(32) uint16_t tail[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(tail), y);
+        std::memcpy(hr + t, tail, (d - t) * sizeof(uint16_t));
+      }
+    }
+    for (int64_t t = d; t < ldh; ++t) hr[t] = 0;
+  }
+}
+}  // namespace
+#endif
+
+void ln_rows_bf16(const float* x, int64_t rows, int64_t d, float eps, const float* w, const float* b, bool rms,
+                  float* mean, float* rstd, uint16_t* h, int64_t ldh) {
+  VK_CHECK(bf16_gemm_active(), "ln_rows_bf16: the bf16 GEMM route is not active");
+#if VK_X86_SIMD
+  ln_rows_bf16_avx512(x, rows, d, eps, w, b, rms, mean, rstd, h, ldh);
+#else
+  (void)x; (void)rows; (void)d; (void)eps; (void)w; (void)b; (void)rms; (void)mean; (void)rstd; (void)h; (void)ldh;
 #endif
 }
 

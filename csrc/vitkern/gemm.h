@@ -96,6 +96,17 @@ using TileEpilogue = std::function<void(float*, int64_t, int64_t, int64_t, int64
 void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, uint16_t* h,
                       int64_t ldh, const TileEpilogue& epilogue);
 
+// The same from A already in bf16 rows (ab: m x kp, lda elements apart, kp = K padded to even).
+void gemm_bf16_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int64_t lda, const GemmWeight& w,
+                           uint16_t* h, int64_t ldh, const TileEpilogue& epilogue);
+
+// bf16 inference's LayerNorm prologue: LayerNorm (RMSNorm when rms) of `rows` rows of x (d fp32)
+// written straight as the bf16 A rows of the next GEMM (ldh elements apart, the columns past d
+// zero), mean and 1/std as ln_rows stores them. One pass less than ln_rows then the A-row
+// conversion (an fp32 copy of the rows written and read back). The route must be active.
+void ln_rows_bf16(const float* x, int64_t rows, int64_t d, float eps, const float* w, const float* b, bool rms,
+                  float* mean, float* rstd, uint16_t* h, int64_t ldh);
+
 // Few rows on several threads (batch-1 inference): the output columns are split among the threads
 // instead of the rows. Row tiles would each read the whole weight (ViT-S batch 1 on two threads:
 // seven 30-row tiles, seven passes over each weight); column tasks read it once in all. Whether

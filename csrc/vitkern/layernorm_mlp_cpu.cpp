@@ -35,16 +35,9 @@ VK_TARGET_CLONES void ln_rows(const float* x, int64_t rows, int64_t d, float eps
                               bool rms, float* mean, float* rstd, float* h) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
-    float s = 0.f;
-    if (!rms) {
-#pragma omp simd reduction(+ : s)
-      for (int64_t t = 0; t < d; ++t) s += xr[t];
-    }
-    const float mu = s / d;
-    float v = 0.f;
-#pragma omp simd reduction(+ : v)
-    for (int64_t t = 0; t < d; ++t) v += (xr[t] - mu) * (xr[t] - mu);
-    const float rs = 1.f / std::sqrt(v / d + eps);
+    float mu, v;
+    simd::ln_stats(xr, d, rms, &mu, &v);
+    const float rs = 1.f / std::sqrt(v + eps);
     mean[r] = mu;
     rstd[r] = rs;
     float* hr = h + r * d;
@@ -271,19 +264,23 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
     // the backward (same row-major layout), so keeping them costs no copy. The plain MLP's
     // pre-activation needs no tile of its own (its epilogue stores it on the way).
     const int64_t own = save_for_backward ? 0 : kTileM;
-    Scratch hn_buf = scratch(own * D), pre_buf = scratch(gated ? own * P : 0),
+    Scratch hn_buf = scratch(bf16_hidden ? 0 : own * D), pre_buf = scratch(gated ? own * P : 0),
             hid_buf = scratch(bf16_hidden ? 0 : own * Hd);
     // (bf16 hidden rows, two per float of a pooled scratch buffer; not zeroed: written first)
     Scratch h16_buf = scratch(bf16_hidden ? (kTileM * hdp + 1) / 2 : 0);
     uint16_t* h16 = reinterpret_cast<uint16_t*>(h16_buf.get());
+    // (and the LayerNorm's output as fc1's bf16 A rows, D padded to even)
+    const int64_t dp = D + D % 2;
+    Scratch a16_buf = scratch(bf16_hidden ? (kTileM * dp + 1) / 2 : 0);
+    uint16_t* a16 = reinterpret_cast<uint16_t*>(a16_buf.get());
     for (int64_t tile; (tile = queue.next()) >= 0;) {
       const int64_t r0 = tile * kTileM, rows = std::min(kTileM, M - r0);
       float* hn = save_for_backward ? hnsp + r0 * D : hn_buf.get();
       float* hid = save_for_backward ? hsp + r0 * Hd : hid_buf.get();
-      // LayerNorm prologue into the tile buffer.
-      ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
       if (bf16_hidden) {
-        gemm_nt_bf16_out(rows, Hd, D, hn, D, w1a, h16, hdp,
+        // LayerNorm prologue straight into fc1's bf16 A rows.
+        ln_rows_bf16(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, a16, dp);
+        gemm_bf16_nt_bf16_out(rows, Hd, dp, a16, dp, w1a, h16, hdp,
                          [&](float* t, int64_t ldt, int64_t, int64_t nr, int64_t c0, int64_t nc) {
                            for (int64_t r = 0; r < nr; ++r) {
                              simd::bias_act(t + r * ldt, b1ap ? b1ap + c0 : nullptr, nc, act, nullptr);
@@ -297,6 +294,8 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
         gemm_packed_bf16_nt(rows, D, hdp, h16, hdp, w2.packed_bf16, o, D, true, kGemmNR * hdp);
         continue;
       }
+      // LayerNorm prologue into the tile buffer.
+      ln_rows(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, hn);
       if (!gated) {
         // fc1: hid (rows x Hd) = hn . W1^T, then bias + activation in place (epilogue).
         gemm_nt(rows, Hd, D, hn, D, w1a, hid, Hd, false);
