@@ -778,6 +778,43 @@ __attribute__((target("avx512f,avx512bf16"))) void ln_rows_bf16_avx512(const flo
 }  // namespace
 #endif
 
+#if VK_X86_SIMD
+namespace {
+__attribute__((target("avx512f,avx512bf16"))) float exp_sub_sum_bf16_avx512(const float* x, int64_t n, float shift,
+                                                                            uint16_t* p, int64_t np) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 y = simd::exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), (__m256i)_mm512_cvtneps_pbh(y));
+    acc = _mm512_add_ps(acc, y);
+  }
+  if (i < n) {  // masked tail; the bf16 lanes past n (up to the pad) are zero
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 y = _mm512_maskz_mov_ps(m, simd::exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), sh)));
+    alignas(32) uint16_t tail[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tail), (__m256i)_mm512_cvtneps_pbh(y));
+    std::memcpy(p + i, tail, (std::min<int64_t>(np, i + 16) - i) * sizeof(uint16_t));
+    acc = _mm512_add_ps(acc, y);
+    i = std::min<int64_t>(np, i + 16);
+  }
+  for (; i < np; ++i) p[i] = 0;
+  return _mm512_reduce_add_ps(acc);
+}
+}  // namespace
+#endif
+
+float exp_sub_sum_bf16(const float* x, int64_t n, float shift, uint16_t* p, int64_t np) {
+  VK_CHECK(bf16_gemm_active(), "exp_sub_sum_bf16: the bf16 GEMM route is not active");
+#if VK_X86_SIMD
+  return exp_sub_sum_bf16_avx512(x, n, shift, p, np);
+#else
+  (void)x; (void)n; (void)shift; (void)p; (void)np;
+  return 0.f;
+#endif
+}
+
 void ln_rows_bf16(const float* x, int64_t rows, int64_t d, float eps, const float* w, const float* b, bool rms,
                   float* mean, float* rstd, uint16_t* h, int64_t ldh) {
   VK_CHECK(bf16_gemm_active(), "ln_rows_bf16: the bf16 GEMM route is not active");

@@ -107,6 +107,11 @@ void gemm_bf16_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab,
 void ln_rows_bf16(const float* x, int64_t rows, int64_t d, float eps, const float* w, const float* b, bool rms,
                   float* mean, float* rstd, uint16_t* h, int64_t ldh);
 
+// bf16 attention's softmax numerator: p[i] = exp(x[i] - shift) rounded to bf16 for i < n and 0 up
+// to np (the PV product's even K), in one pass with the exp; returns the sum of the fp32 exps
+// (what the fp32 pass exp_sub_sum returns; x is left as it was). The route must be active.
+float exp_sub_sum_bf16(const float* x, int64_t n, float shift, uint16_t* p, int64_t np);
+
 // Few rows on several threads (batch-1 inference): the output columns are split among the threads
 // instead of the rows. Row tiles would each read the whole weight (ViT-S batch 1 on two threads:
 // seven 30-row tiles, seven passes over each weight); column tasks read it once in all. Whether

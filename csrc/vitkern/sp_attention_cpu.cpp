@@ -279,7 +279,9 @@ std::vector<Tensor> sp_attention_forward_impl(const Tensor& q_in, const Tensor& 
         // Rows whose logits are all -inf keep m = -inf; use 0 as the shift so exp gives 0, not NaN.
         const float shift = std::isinf(m_new) && m_new < 0 ? 0.f : m_new;
         const float alpha = std::exp(m[r] - shift);
-        const float rowsum = simd::exp_sub_sum(s, cols, shift);
+        // (bf16 products: the probabilities go straight to the PV product's bf16 rows)
+        const float rowsum = bf ? exp_sub_sum_bf16(s, cols, shift, p16 + r * (cols + cols % 2), cols + cols % 2)
+                                : simd::exp_sub_sum(s, cols, shift);
         l[r] = l[r] * alpha + rowsum;
         m[r] = m_new;
         if (alpha != 1.f) {
@@ -289,7 +291,6 @@ std::vector<Tensor> sp_attention_forward_impl(const Tensor& q_in, const Tensor& 
       }
       if (bf) {
         const int64_t cp = cols + cols % 2;  // (an odd count only in the last key block: its pad key is zero)
-        rows_to_bf16(s_buf, rows, cols, lds, p16, cp);
         gemm_packed_bf16_nt(rows, Dh, cp, p16, cp, v16 + j0 * kGemmNR, acc, Dh, true, kGemmNR * np2);
       } else if (packed) {
         gemm_packed_nt(rows, Dh, cols, s_buf, lds, vpk + j0 * kGemmNR, acc, Dh, true, kGemmNR * N);
