@@ -77,7 +77,8 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   const float *l1w = f32_ptr_or_null(ln1_w), *l1b = f32_ptr_or_null(ln1_b);
   const float e1 = static_cast<float>(eps1);
 
-  // 1. qkv (M, 3D) = LayerNorm1(x) . Wqkv^T + b, per row tile.
+  // 1. qkv (M, 3D) = LayerNorm1(x) . Wqkv^T + b, per row tile (the bias read as the GEMM stores its tiles).
+  const RowInit qkv_init{nullptr, 0, qbp};
   // The block's intermediates (qkv, the attention output, the residual stream a) live in pooled
   // scratch (blas.h): fresh torch allocations of them were page-faulted back in on many forwards
   // (ViT-S batch 8: 1150-4700 faults on some forwards, ~4 us each).
@@ -86,8 +87,7 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   if (split_columns(M, qkv_w)) {  // few rows on several threads: LayerNorm, then column tasks
     Scratch hn = scratch(M * D), stats = scratch(2 * M);
     ln_rows(xp, M, D, e1, l1w, l1b, false, stats.get(), stats.get() + M, hn.get());
-    if (qbp != nullptr) init_rows(qkvp, nullptr, qbp, M, 3 * D);
-    gemm_nt_columns(M, 3 * D, D, hn.get(), D, qkv_w, qkvp, 3 * D, qbp != nullptr);
+    gemm_nt_columns(M, 3 * D, D, hn.get(), D, qkv_w, qkvp, 3 * D, false, {}, &qkv_init);
   } else {
     const int64_t tile = forward_tile_rows(M, qkv_w.prepacked()), tiles = (M + tile - 1) / tile;
     // bf16 weights: norm1 writes the GEMM's bf16 A rows directly (D padded to even).
@@ -99,14 +99,13 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
       for (int64_t t; (t = queue.next()) >= 0;) {
         const int64_t r0 = t * tile, rows = std::min(tile, M - r0);
         float* o = qkvp + r0 * 3 * D;
-        if (qbp != nullptr) init_rows(o, nullptr, qbp, rows, 3 * D);
         if (a16) {
           ln_rows_bf16(xp + r0 * D, rows, D, e1, l1w, l1b, false, stats.get(), stats.get() + tile, h16, dp);
-          gemm_packed_bf16_nt(rows, 3 * D, dp, h16, dp, qkv_w.packed_bf16, o, 3 * D, qbp != nullptr);
+          gemm_packed_bf16_nt(rows, 3 * D, dp, h16, dp, qkv_w.packed_bf16, o, 3 * D, false, 0, &qkv_init);
           continue;
         }
         ln_rows(xp + r0 * D, rows, D, e1, l1w, l1b, false, stats.get(), stats.get() + tile, hn.get());
-        gemm_nt(rows, 3 * D, D, hn.get(), D, qkv_w, o, 3 * D, qbp != nullptr);
+        gemm_nt(rows, 3 * D, D, hn.get(), D, qkv_w, o, 3 * D, false, &qkv_init);
       }
     });
   }
@@ -122,20 +121,20 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   sp_attention_forward_impl(q, k, v, omega, gh, gw, num_prefix, scale, bf16, attn_buf.get());
   const float* ap = attn_buf.get();
 
-  // 3. a = x + attn . Wproj^T + b: rows start as x + b, the GEMM accumulates.
+  // 3. a = x + attn . Wproj^T + b: x + b is the GEMM's starting value (read as it stores its tiles).
   Scratch a_buf = scratch(M * D);
   float* app = a_buf.get();
   const Tensor a = from_blob(app, {M, D}, {D, 1});
+  const RowInit proj_init{xp, D, pbp};
   if (split_columns(M, proj_w)) {
-    init_rows(app, xp, pbp, M, D);
-    gemm_nt_columns(M, D, D, ap, D, proj_w, app, D, true);
+    gemm_nt_columns(M, D, D, ap, D, proj_w, app, D, false, {}, &proj_init);
   } else {
     const int64_t tile = forward_tile_rows(M, proj_w.prepacked()), tiles = (M + tile - 1) / tile;
     parallel_tasks(tiles, [&](auto& queue) {
       for (int64_t t; (t = queue.next()) >= 0;) {
         const int64_t r0 = t * tile, rows = std::min(tile, M - r0);
-        init_rows(app + r0 * D, xp + r0 * D, pbp, rows, D);
-        gemm_nt(rows, D, D, ap + r0 * D, D, proj_w, app + r0 * D, D, true);
+        const RowInit init = proj_init.shifted(r0, 0);
+        gemm_nt(rows, D, D, ap + r0 * D, D, proj_w, app + r0 * D, D, false, &init);
       }
     });
   }

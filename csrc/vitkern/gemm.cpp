@@ -41,10 +41,31 @@ inline void clear_rows(float* c, int64_t m, int64_t n, int64_t ldc) {
 
 // The first `cols` columns of `rows` rows of a 16-wide buffer (a partial last panel's product)
 // into C (ldc): stored, or added where `accumulate`.
-inline void buffer_to_rows(const float* buf, int64_t rows, int64_t cols, float* c, int64_t ldc, bool accumulate) {
+inline void buffer_to_rows(const float* buf, int64_t rows, int64_t cols, float* c, int64_t ldc, bool accumulate,
+                           const RowInit& init = {}) {
   for (int64_t r = 0; r < rows; ++r) {
     float* cr = c + r * ldc;
-    for (int64_t j = 0; j < cols; ++j) cr[j] = accumulate ? cr[j] + buf[r * kGemmNR + j] : buf[r * kGemmNR + j];
+    const float* src = init.rows != nullptr ? init.rows + r * init.ld : nullptr;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float v = buf[r * kGemmNR + j];
+      if (accumulate) {
+        cr[j] += v;
+      } else if (init.any()) {
+        cr[j] = v + ((src != nullptr ? src[j] : 0.f) + (init.bias != nullptr ? init.bias[j] : 0.f));
+      } else {
+        cr[j] = v;
+      }
+    }
+  }
+}
+
+// C (m x n, ldc) = init (the residual rows plus the bias): the starting value a product then
+// accumulates onto, on the routes whose kernels do not read `init` themselves.
+inline void write_init(float* c, int64_t m, int64_t n, int64_t ldc, const RowInit& init) {
+  for (int64_t r = 0; r < m; ++r) {
+    float* cr = c + r * ldc;
+    const float* src = init.rows != nullptr ? init.rows + r * init.ld : nullptr;
+    for (int64_t j = 0; j < n; ++j) cr[j] = (src != nullptr ? src[j] : 0.f) + (init.bias != nullptr ? init.bias[j] : 0.f);
   }
 }
 
@@ -163,9 +184,30 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
 constexpr int64_t kMR512 = 12;
 
 // The MR x (16 NP) accumulator tile of an AVX-512 micro-kernel into C (ldc): stored, or added.
+// With `init` (a first K block that does not accumulate): C = tile + (init row + init bias), the
+// sum a separate pass used to write into C first, read here instead of C.
 template <int MR, int NP>
 __attribute__((target("avx512f"), always_inline)) inline void store_tile_512(__m512 (&c0)[MR], __m512 (&c1)[MR],
-                                                                             float* c, int64_t ldc, bool accumulate) {
+                                                                             float* c, int64_t ldc, bool accumulate,
+                                                                             const RowInit& init) {
+  if (!accumulate && init.any()) {
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 bias0 = init.bias != nullptr ? _mm512_loadu_ps(init.bias) : zero;
+    const __m512 bias1 = NP == 2 && init.bias != nullptr ? _mm512_loadu_ps(init.bias + kGemmNR) : zero;
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      float* cr = c + r * ldc;
+      const float* src = init.rows + r * init.ld;
+      c0[r] = _mm512_add_ps(c0[r], init.rows != nullptr ? _mm512_add_ps(_mm512_loadu_ps(src), bias0) : bias0);
+      _mm512_storeu_ps(cr, c0[r]);
+      if (NP == 2) {
+        c1[r] = _mm512_add_ps(c1[r],
+                              init.rows != nullptr ? _mm512_add_ps(_mm512_loadu_ps(src + kGemmNR), bias1) : bias1);
+        _mm512_storeu_ps(cr + kGemmNR, c1[r]);
+      }
+    }
+    return;
+  }
 #pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) {
     float* cr = c + r * ldc;
@@ -179,7 +221,8 @@ __attribute__((target("avx512f"), always_inline)) inline void store_tile_512(__m
 }
 template <int MR, bool AT, int NP>
 __attribute__((target("avx512f"))) void micro_kernel_512(int64_t kc, const float* a, int64_t lda, const float* b,
-                                                         int64_t pstride, float* c, int64_t ldc, bool accumulate) {
+                                                         int64_t pstride, float* c, int64_t ldc, bool accumulate,
+                                                         const RowInit& init) {
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) {
@@ -197,10 +240,11 @@ __attribute__((target("avx512f"))) void micro_kernel_512(int64_t kc, const float
       if (NP == 2) c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
     }
   }
-  store_tile_512<MR, NP>(c0, c1, c, ldc, accumulate);
+  store_tile_512<MR, NP>(c0, c1, c, ldc, accumulate, init);
 }
 
-using MicroKernel512 = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
+using MicroKernel512 = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool,
+                                const RowInit&);
 template <bool AT, int NP>
 constexpr MicroKernel512 kMicro512[kMR512 + 1] = {
     nullptr,
@@ -212,21 +256,23 @@ constexpr MicroKernel512 kMicro512[kMR512 + 1] = {
 // rows x (up to) 32 columns of C from np (1 or 2) panels; cols < 16 (a lone last panel) through a buffer.
 template <bool AT>
 void panel_rows_512(int64_t rows, int64_t cols, int np, int64_t kc, const float* a, int64_t lda, const float* b,
-                    int64_t pstride, float* c, int64_t ldc, bool accumulate) {
+                    int64_t pstride, float* c, int64_t ldc, bool accumulate, const RowInit& init) {
   if (cols == np * kGemmNR) {
     const auto& table = np == 2 ? kMicro512<AT, 2> : kMicro512<AT, 1>;
     int64_t i = 0;
     for (; i + kMR512 <= rows; i += kMR512) {
-      table[kMR512](kc, a + a_at<AT>(i, 0, lda), lda, b, pstride, c + i * ldc, ldc, accumulate);
+      table[kMR512](kc, a + a_at<AT>(i, 0, lda), lda, b, pstride, c + i * ldc, ldc, accumulate, init.shifted(i, 0));
     }
-    if (i < rows) table[rows - i](kc, a + a_at<AT>(i, 0, lda), lda, b, pstride, c + i * ldc, ldc, accumulate);
+    if (i < rows) {
+      table[rows - i](kc, a + a_at<AT>(i, 0, lda), lda, b, pstride, c + i * ldc, ldc, accumulate, init.shifted(i, 0));
+    }
     return;
   }
   float buf[kMR512 * kGemmNR];
   for (int64_t i = 0; i < rows; i += kMR512) {
     const int64_t mr = std::min(kMR512, rows - i);
-    kMicro512<AT, 1>[mr](kc, a + a_at<AT>(i, 0, lda), lda, b, pstride, buf, kGemmNR, false);
-    buffer_to_rows(buf, mr, cols, c + i * ldc, ldc, accumulate);
+    kMicro512<AT, 1>[mr](kc, a + a_at<AT>(i, 0, lda), lda, b, pstride, buf, kGemmNR, false, RowInit{});
+    buffer_to_rows(buf, mr, cols, c + i * ldc, ldc, accumulate, init.shifted(i, 0));
   }
 }
 
@@ -237,11 +283,11 @@ void panel_rows_512(int64_t rows, int64_t cols, int np, int64_t kc, const float*
 constexpr int64_t kKC512 = 256, kMC512 = 240;
 template <bool AT>
 void gemm_packed_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
-                     int64_t ldc, bool accumulate, int64_t pstride) {
+                     int64_t ldc, bool accumulate, int64_t pstride, const RowInit& init = {}) {
   for_blocks(m, k, kKC512, kMC512, accumulate, [&](int64_t pc, int64_t kc, bool acc, int64_t ic, int64_t mc) {
     for_panel_pairs(n, [&](int64_t p, int np, int64_t cols) {
       panel_rows_512<AT>(mc, cols, np, kc, a + a_at<AT>(ic, pc, lda), lda, wp + p * pstride + pc * kGemmNR, pstride,
-                         c + ic * ldc + p * kGemmNR, ldc, acc);
+                         c + ic * ldc + p * kGemmNR, ldc, acc, acc ? RowInit{} : init.shifted(ic, p * kGemmNR));
     });
   });
 }
@@ -252,7 +298,8 @@ void gemm_packed_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
 template <int MR, int NP>
 __attribute__((target("avx512f,avx512bf16"))) void micro_kernel_bf16(int64_t pairs, const uint16_t* a, int64_t lda,
                                                                      const uint16_t* b, int64_t pstride, float* c,
-                                                                     int64_t ldc, bool accumulate) {
+                                                                     int64_t ldc, bool accumulate,
+                                                                     const RowInit& init) {
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) {
@@ -272,10 +319,11 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_kernel_bf16(int64_t pai
       if (NP == 2) c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
     }
   }
-  store_tile_512<MR, NP>(c0, c1, c, ldc, accumulate);
+  store_tile_512<MR, NP>(c0, c1, c, ldc, accumulate, init);
 }
 
-using MicroKernelBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool);
+using MicroKernelBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool,
+                                 const RowInit&);
 template <int NP>
 constexpr MicroKernelBf16 kMicroBf16[kMR512 + 1] = {
     nullptr,
@@ -308,9 +356,9 @@ void rows_to_bf16_avx512(const float* a, int64_t rows, int64_t k, int64_t lda, u
 // The bf16 loop nest: K blocks of kKCBf16 elements (a panel pair's block, 32 KB, stays in L1).
 constexpr int64_t kKCBf16 = 512;
 void gemm_packed_bf16(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* wp, float* c,
-                      int64_t ldc, bool accumulate, int64_t pstride) {
-  if (kp == 0) {  // no K: C = 0, or unchanged when accumulating
-    if (!accumulate) clear_rows(c, m, n, ldc);
+                      int64_t ldc, bool accumulate, int64_t pstride, const RowInit& init = {}) {
+  if (kp == 0) {  // no K: C = 0 (or init), or unchanged when accumulating
+    if (!accumulate) init.any() ? write_init(c, m, n, ldc, init) : clear_rows(c, m, n, ldc);
     return;
   }
   float buf[kMR512 * kGemmNR];
@@ -320,13 +368,14 @@ void gemm_packed_bf16(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64
       const uint16_t* ab = a + ic * lda + pc;
       float* cb = c + ic * ldc + p * kGemmNR;
       const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
+      const RowInit in = acc ? RowInit{} : init.shifted(ic, p * kGemmNR);
       for (int64_t i = 0; i < mc; i += kMR512) {
         const int64_t mr = std::min(kMR512, mc - i);
         if (cols == np * kGemmNR) {
-          table[mr](kc / 2, ab + i * lda, lda, b, pstride, cb + i * ldc, ldc, acc);
+          table[mr](kc / 2, ab + i * lda, lda, b, pstride, cb + i * ldc, ldc, acc, in.shifted(i, 0));
         } else {  // a lone partial panel
-          kMicroBf16<1>[mr](kc / 2, ab + i * lda, lda, b, pstride, buf, kGemmNR, false);
-          buffer_to_rows(buf, mr, cols, cb + i * ldc, ldc, acc);
+          kMicroBf16<1>[mr](kc / 2, ab + i * lda, lda, b, pstride, buf, kGemmNR, false, RowInit{});
+          buffer_to_rows(buf, mr, cols, cb + i * ldc, ldc, acc, in.shifted(i, 0));
         }
       }
     });
@@ -625,22 +674,16 @@ Tensor linear_forward_cpu(const Tensor& x_in, const Tensor& w_in, const OptTenso
   const float *xp = f32_ptr(x), *bp = f32_ptr_or_null(bias);
   Tensor out = empty({m, n});
   float* op = f32_ptr(out);
+  const RowInit init{nullptr, 0, bp};  // the bias, read as each output tile is stored
   if (split_columns(m, w)) {  // few rows on several threads: column tasks, each over all rows
-    if (bp != nullptr) {
-      for (int64_t r = 0; r < m; ++r) std::memcpy(op + r * n, bp, sizeof(float) * n);
-    }
-    gemm_nt_columns(m, n, k, xp, k, w, op, n, bp != nullptr);
+    gemm_nt_columns(m, n, k, xp, k, w, op, n, false, {}, &init);
     return to(out, x_in.scalar_type());
   }
   const int64_t tile = w.prepacked() ? packed_tile_rows(m) : std::max<int64_t>(1, m);
   parallel_tasks((m + tile - 1) / tile, [&](auto& queue) {
     for (int64_t t; (t = queue.next()) >= 0;) {
       const int64_t r0 = t * tile, rows = std::min(tile, m - r0);
-      float* o = op + r0 * n;
-      if (bp != nullptr) {
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * n, bp, sizeof(float) * n);
-      }
-      gemm_nt(rows, n, k, xp + r0 * k, k, w, o, n, bp != nullptr);
+      gemm_nt(rows, n, k, xp + r0 * k, k, w, op + r0 * n, n, false, &init);
     }
   });
   return to(out, x_in.scalar_type());
@@ -686,15 +729,25 @@ const uint16_t* a_rows_bf16(const float* a, int64_t m, int64_t k, int64_t lda) {
 #endif
 
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c, int64_t ldc,
-             bool accumulate) {
+             bool accumulate, const RowInit* init) {
   if (m == 0 || n == 0) return;
+  const RowInit in = init != nullptr && !accumulate ? *init : RowInit{};
 #if VK_X86_SIMD
   if (w.packed_bf16 != nullptr) {
     const int64_t kp = k + k % 2;
-    gemm_packed_bf16(m, n, kp, a_rows_bf16(a, m, k, lda), kp, w.packed_bf16, c, ldc, accumulate, kGemmNR * kp);
+    gemm_packed_bf16(m, n, kp, kp == 0 ? nullptr : a_rows_bf16(a, m, k, lda), kp, w.packed_bf16, c, ldc, accumulate,
+                     kGemmNR * kp, in);
+    return;
+  }
+  if (in.any() && k > 0 && w.packed != nullptr && packed_gemm_active() && simd::has_avx512()) {
+    gemm_packed_512<false>(m, n, k, a, lda, w.packed, c, ldc, false, kGemmNR * k, in);
     return;
   }
 #endif
+  if (in.any()) {  // the other routes: C = init first, then accumulate onto it
+    write_init(c, m, n, ldc, in);
+    accumulate = true;
+  }
   gemm_nt(m, n, k, a, lda, w.w, w.packed, c, ldc, accumulate);
 }
 
@@ -732,7 +785,7 @@ void gemm_bf16_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab,
       const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
       for (int64_t i = ic; i < ic + mc; i += kMR512) {
         const int64_t mr = std::min(kMR512, ic + mc - i);
-        table[mr](kp / 2, ab + i * lda, lda, b, pstride, tile, ldt, false);
+        table[mr](kp / 2, ab + i * lda, lda, b, pstride, tile, ldt, false, RowInit{});
         epilogue(tile, ldt, i, mr, p * kGemmNR, cols);
         rows_to_bf16_strided(tile, mr, cols, ldt, h + i * ldh + p * kGemmNR, ldh);
       }
@@ -848,16 +901,20 @@ void pack_columns_bf16(const float* b, int64_t k, int64_t n, int64_t ldb, uint16
 }
 
 void gemm_packed_bf16_nt(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* wp,
-                         float* c, int64_t ldc, bool accumulate, int64_t pstride) {
+                         float* c, int64_t ldc, bool accumulate, int64_t pstride, const RowInit* init) {
   VK_CHECK(bf16_gemm_active(), "gemm_packed_bf16_nt: the bf16 GEMM route is not active");
   if (m == 0 || n == 0) return;
 #if VK_X86_SIMD
-  gemm_packed_bf16(m, n, kp, a, lda, wp, c, ldc, accumulate, pstride > 0 ? pstride : kGemmNR * kp);
+  gemm_packed_bf16(m, n, kp, a, lda, wp, c, ldc, accumulate, pstride > 0 ? pstride : kGemmNR * kp,
+                   init != nullptr && !accumulate ? *init : RowInit{});
+#else
+  (void)init;
 #endif
 }
 
 void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c,
-                     int64_t ldc, bool accumulate, const std::function<void(int64_t, int64_t)>& epilogue) {
+                     int64_t ldc, bool accumulate, const std::function<void(int64_t, int64_t)>& epilogue,
+                     const RowInit* init) {
   VK_CHECK(w.prepacked(), "gemm_nt_columns: the weight must be prepacked");
   if (m == 0 || n == 0) return;
   // Tasks of whole panel pairs (32 columns), about kTasksPerThread per thread.
@@ -877,14 +934,26 @@ void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
     for (int64_t t; (t = queue.next()) >= 0;) {
       const int64_t c0 = t * per_task, cols = std::min(per_task, n - c0);
       float* ct = c + c0;
+      // (this task's columns of the starting value: each task reads or writes its own)
+      const RowInit in = init != nullptr && !accumulate ? init->shifted(0, c0) : RowInit{};
 #if VK_X86_SIMD
       if (w.packed_bf16 != nullptr) {
-        gemm_packed_bf16(m, cols, kp, a16.get(), kp, w.packed_bf16 + c0 * kp, ct, ldc, accumulate, kGemmNR * kp);
+        gemm_packed_bf16(m, cols, kp, a16.get(), kp, w.packed_bf16 + c0 * kp, ct, ldc, accumulate, kGemmNR * kp, in);
+        if (epilogue) epilogue(c0, cols);
+        continue;
+      }
+      if (in.any() && k > 0 && simd::has_avx512()) {
+        gemm_packed_512<false>(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, false, kGemmNR * k, in);
         if (epilogue) epilogue(c0, cols);
         continue;
       }
 #endif
-      gemm_packed_nt(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, accumulate);
+      bool acc = accumulate;
+      if (in.any()) {
+        write_init(ct, m, cols, ldc, in);
+        acc = true;
+      }
+      gemm_packed_nt(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, acc);
       if (epilogue) epilogue(c0, cols);
     }
   });

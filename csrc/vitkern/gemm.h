@@ -56,6 +56,21 @@ void gemm_packed_tn(int64_t m, int64_t n, int64_t k, const float* at, int64_t ld
 // past n): the packed form of W = B^T, so that A . B = gemm_packed_nt(A, packed).
 void pack_columns(const float* b, int64_t k, int64_t n, int64_t ldb, float* bp);
 
+// The starting value of a product C = init + A . W^T: the rows of a residual (m x n, `ld` apart)
+// and/or a bias (n), either may be null. The AVX-512 kernels add it to each output tile of the
+// first K block as they store it, in place of a separate pass that wrote it into C for the
+// product to read back and accumulate onto (the same sums: tile + (row + bias)); other routes
+// write it first. shifted(r, c): the same for the block at row r, column c.
+struct RowInit {
+  const float* rows = nullptr;
+  int64_t ld = 0;
+  const float* bias = nullptr;
+  bool any() const { return rows != nullptr || bias != nullptr; }
+  RowInit shifted(int64_t r, int64_t c) const {
+    return {rows != nullptr ? rows + r * ld + c : nullptr, ld, bias != nullptr ? bias + c : nullptr};
+  }
+};
+
 // A GEMM weight w (n x k, row-major; fp32, or bf16/fp16 for half-precision inputs, which the kernels
 // compute in fp32) as a cpu kernel reads it, with its optional prepacked copy p (an op argument).
 // `packed` is p when it is given, the packed route is on and p matches w; then w is not converted
@@ -82,8 +97,9 @@ GemmWeight gemm_weight(const Tensor& w, const OptTensor& p, const char* name, in
 
 // C (m x n, ldc) (+)= A (m x k, fp32, lda) . W^T through whichever form of W `w` holds: the bf16
 // packed panels (A converted to bf16 rows on the way), the fp32 packed panels, or BLAS on w.
+// With `init` (and accumulate false): C = init + A . W^T.
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c, int64_t ldc,
-             bool accumulate);
+             bool accumulate, const RowInit* init = nullptr);
 
 // bf16 inference's fc1 -> fc2 hand-off: H (m x n bf16, ldh elements per row) = epilogue(A . W^T)
 // rounded to bf16, on the bf16 packed panels of W (w.packed_bf16 required). Each 12-row x 32-column
@@ -125,8 +141,10 @@ inline bool split_columns(int64_t m, const GemmWeight& w) {
 // whole panel pairs (about four per thread), each over all m rows; per task, `epilogue(c0, cols)`
 // (may be empty) runs on the task's columns [c0, c0 + cols) of every row after the product. The
 // same sums as gemm_nt, bit for bit.
+// With `init` (and accumulate false) C = init + A . W^T, each task starting its own columns.
 void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c,
-                     int64_t ldc, bool accumulate, const std::function<void(int64_t, int64_t)>& epilogue = {});
+                     int64_t ldc, bool accumulate, const std::function<void(int64_t, int64_t)>& epilogue = {},
+                     const RowInit* init = nullptr);
 
 // C (m x n) = A (m x k, lda) . B (k x n, ldb), and C = A^T . B with A (k x m, lda), on the packed
 // route (B packed per call, threaded over panels; row tiles of C threaded): the layernorm_mlp
@@ -157,7 +175,7 @@ void rows_to_bf16(const float* a, int64_t rows, int64_t k, int64_t lda, uint16_t
 void pack_rows_bf16(const float* w, int64_t n, int64_t k, int64_t ldw, uint16_t* wp, float scale);
 void pack_columns_bf16(const float* b, int64_t k, int64_t n, int64_t ldb, uint16_t* bp);
 void gemm_packed_bf16_nt(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* wp,
-                         float* c, int64_t ldc, bool accumulate, int64_t pstride = 0);
+                         float* c, int64_t ldc, bool accumulate, int64_t pstride = 0, const RowInit* init = nullptr);
 
 // pack_gemm_weight_bf16(w (n, k), any float dtype) -> (packed_weight_numel_bf16(n, k),) bf16,
 // w's values rounded to nearest-even bf16.

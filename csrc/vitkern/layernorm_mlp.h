@@ -27,10 +27,9 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x, const OptTensor& 
 
 // The forward's row passes, shared with block_cpu.cpp. ln_rows: LayerNorm (RMSNorm when rms) of
 // `rows` rows of d: mean and 1/std into mean / rstd, the normalised rows times w plus b (either
-// may be null) into h. init_rows: o rows = x rows (null: 0) + bias (null: 0).
+// may be null) into h. (A residual + bias starting value goes to the GEMMs as a RowInit, gemm.h.)
 void ln_rows(const float* x, int64_t rows, int64_t d, float eps, const float* w, const float* b, bool rms, float* mean,
              float* rstd, float* h);
-void init_rows(float* o, const float* x, const float* bias, int64_t rows, int64_t d);
 // Rows per row tile of a forward over m rows: the packed route's small tiles (packed_tile_rows), on
 // BLAS one tile per thread of 64 to 1024 rows (MKL repacks the weights on every call).
 int64_t forward_tile_rows(int64_t m, bool packed);

@@ -46,16 +46,6 @@ VK_TARGET_CLONES void ln_rows(const float* x, int64_t rows, int64_t d, float eps
   }
 }
 
-// out rows = x rows (residual, or 0) + bias: the fc2 GEMM then accumulates onto them.
-VK_TARGET_CLONES void init_rows(float* o, const float* x, const float* bias, int64_t rows, int64_t d) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* orow = o + r * d;
-    const float* xr = x ? x + r * d : nullptr;
-#pragma omp simd
-    for (int64_t t = 0; t < d; ++t) orow[t] = (xr ? xr[t] : 0.f) + (bias ? bias[t] : 0.f);
-  }
-}
-
 // Rows per tile of the forward. BLAS route: one tile per thread (64 to 1024 rows; MKL repacks the
 // weights on every call, so fewer, larger calls). Packed route (gemm.h, packed_tile_rows): up to
 // 256 rows, which keeps a tile's hidden activations (rows x H) nearer the core between fc1 and fc2.
@@ -248,8 +238,8 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
                        prep ? prep + r * Hd + c0 : nullptr);
       }
     });
-    init_rows(op, residual ? xp : nullptr, b2p, M, D);
-    gemm_nt_columns(M, D, Hd, hid, Hd, w2, op, D, true);
+    const RowInit init{residual ? xp : nullptr, D, b2p};
+    gemm_nt_columns(M, D, Hd, hid, Hd, w2, op, D, false, {}, &init);
     return {to(out, x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};
   }
   // bf16 inference (both weights packed as bf16, no gradient): fc1's bias + activation run on each
@@ -289,9 +279,8 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
         if (hdp > Hd) {
           for (int64_t r = 0; r < rows; ++r) h16[r * hdp + Hd] = 0;
         }
-        float* o = op + r0 * D;
-        init_rows(o, residual ? xp + r0 * D : nullptr, b2p, rows, D);
-        gemm_packed_bf16_nt(rows, D, hdp, h16, hdp, w2.packed_bf16, o, D, true, kGemmNR * hdp);
+        const RowInit init{residual ? xp + r0 * D : nullptr, D, b2p};
+        gemm_packed_bf16_nt(rows, D, hdp, h16, hdp, w2.packed_bf16, op + r0 * D, D, false, kGemmNR * hdp, &init);
         continue;
       }
       // LayerNorm prologue into the tile buffer.
@@ -319,10 +308,9 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
           gated_row(pr + goff, pr + voff, hid + r * Hd, Hd, act);
         }
       }
-      // fc2 with bias and residual: out rows start as x + b2, GEMM accumulates (beta = 1).
-      float* o = op + r0 * D;
-      init_rows(o, residual ? xp + r0 * D : nullptr, b2p, rows, D);
-      gemm_nt(rows, D, Hd, hid, Hd, w2, o, D, true);
+      // fc2 with bias and residual: x + b2 is the GEMM's starting value.
+      const RowInit init{residual ? xp + r0 * D : nullptr, D, b2p};
+      gemm_nt(rows, D, Hd, hid, Hd, w2, op + r0 * D, D, false, &init);
     }
   });
   return {to(out, x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};
