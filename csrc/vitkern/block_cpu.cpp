@@ -84,10 +84,17 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   // (ViT-S batch 8: 1150-4700 faults on some forwards, ~4 us each).
   Scratch qkv_buf = scratch(M * 3 * D);
   float* qkvp = qkv_buf.get();
-  if (split_columns(M, qkv_w)) {  // few rows on several threads: LayerNorm, then column tasks
+  if (split_columns(M, qkv_w)) {  // few rows on several threads: LayerNorm (row chunks), then column tasks
     Scratch hn = scratch(M * D), stats = scratch(2 * M);
-    ln_rows(xp, M, D, e1, l1w, l1b, false, stats.get(), stats.get() + M, hn.get());
-    gemm_nt_columns(M, 3 * D, D, hn.get(), D, qkv_w, qkvp, 3 * D, false, {}, &qkv_init);
+    if (qkv_w.packed_bf16 != nullptr) {  // (bf16 weights: norm1 writes the bf16 A rows)
+      const int64_t dp = D + D % 2;
+      uint16_t* h16 = reinterpret_cast<uint16_t*>(hn.get());
+      ln_rows_threaded(xp, M, D, e1, l1w, l1b, false, stats.get(), stats.get() + M, nullptr, h16, dp);
+      gemm_nt_columns_bf16a(M, 3 * D, dp, h16, dp, qkv_w, qkvp, 3 * D, false, {}, &qkv_init);
+    } else {
+      ln_rows_threaded(xp, M, D, e1, l1w, l1b, false, stats.get(), stats.get() + M, hn.get());
+      gemm_nt_columns(M, 3 * D, D, hn.get(), D, qkv_w, qkvp, 3 * D, false, {}, &qkv_init);
+    }
   } else {
     const int64_t tile = forward_tile_rows(M, qkv_w.prepacked()), tiles = (M + tile - 1) / tile;
     // bf16 weights: norm1 writes the GEMM's bf16 A rows directly (D padded to even).

@@ -912,24 +912,18 @@ void gemm_packed_bf16_nt(int64_t m, int64_t n, int64_t kp, const uint16_t* a, in
 #endif
 }
 
-void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c,
-                     int64_t ldc, bool accumulate, const std::function<void(int64_t, int64_t)>& epilogue,
-                     const RowInit* init) {
-  VK_CHECK(w.prepacked(), "gemm_nt_columns: the weight must be prepacked");
-  if (m == 0 || n == 0) return;
+namespace {
+// gemm_nt_columns over fp32 A (a, lda) or, on the bf16 route, bf16 A rows (a16, lda16; k then
+// counts the bf16 row's elements and is even).
+void columns_impl(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* a16, int64_t lda16,
+                  const GemmWeight& w, float* c, int64_t ldc, bool accumulate,
+                  const std::function<void(int64_t, int64_t)>& epilogue, const RowInit* init) {
   // Tasks of whole panel pairs (32 columns), about kTasksPerThread per thread.
   const int64_t pairs = (n + 2 * kGemmNR - 1) / (2 * kGemmNR);
   const int64_t tasks_wanted = std::max<int64_t>(1, num_threads() * kTasksPerThread);
   const int64_t per_task = std::max<int64_t>(1, (pairs + tasks_wanted - 1) / tasks_wanted) * 2 * kGemmNR;
   const int64_t tasks = (n + per_task - 1) / per_task;
   const int64_t kp = k + k % 2;
-  std::unique_ptr<uint16_t[]> a16;
-#if VK_X86_SIMD
-  if (w.packed_bf16 != nullptr) {  // A rounded to bf16 once, shared by the tasks
-    a16.reset(new uint16_t[std::max<int64_t>(1, m * kp)]);
-    rows_to_bf16_avx512(a, m, k, lda, a16.get(), kp);
-  }
-#endif
   parallel_tasks(tasks, [&](auto& queue) {
     for (int64_t t; (t = queue.next()) >= 0;) {
       const int64_t c0 = t * per_task, cols = std::min(per_task, n - c0);
@@ -938,7 +932,7 @@ void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
       const RowInit in = init != nullptr && !accumulate ? init->shifted(0, c0) : RowInit{};
 #if VK_X86_SIMD
       if (w.packed_bf16 != nullptr) {
-        gemm_packed_bf16(m, cols, kp, a16.get(), kp, w.packed_bf16 + c0 * kp, ct, ldc, accumulate, kGemmNR * kp, in);
+        gemm_packed_bf16(m, cols, kp, a16, lda16, w.packed_bf16 + c0 * kp, ct, ldc, accumulate, kGemmNR * kp, in);
         if (epilogue) epilogue(c0, cols);
         continue;
       }
@@ -957,6 +951,47 @@ void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
       if (epilogue) epilogue(c0, cols);
     }
   });
+}
+}  // namespace
+
+void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, float* c,
+                     int64_t ldc, bool accumulate, const std::function<void(int64_t, int64_t)>& epilogue,
+                     const RowInit* init) {
+  VK_CHECK(w.prepacked(), "gemm_nt_columns: the weight must be prepacked");
+  if (m == 0 || n == 0) return;
+  const int64_t kp = k + k % 2;
+  Scratch a16_buf = scratch(w.packed_bf16 != nullptr ? (m * kp + 1) / 2 : 0);
+  uint16_t* a16 = reinterpret_cast<uint16_t*>(a16_buf.get());
+#if VK_X86_SIMD
+  if (w.packed_bf16 != nullptr) {  // A rounded to bf16 once, shared by the tasks; row chunks on every thread
+    const int64_t rt = task_rows(m, 64, 8, 1);
+    parallel_tasks((m + rt - 1) / rt, [&](auto& queue) {
+      for (int64_t t; (t = queue.next()) >= 0;) {
+        const int64_t r0 = t * rt;
+        rows_to_bf16_avx512(a + r0 * lda, std::min(rt, m - r0), k, lda, a16 + r0 * kp, kp);
+      }
+    });
+  }
+#endif
+  columns_impl(m, n, k, a, lda, a16, kp, w, c, ldc, accumulate, epilogue, init);
+}
+
+void gemm_nt_columns_bf16a(int64_t m, int64_t n, int64_t kp, const uint16_t* a16, int64_t lda16, const GemmWeight& w,
+                           float* c, int64_t ldc, bool accumulate,
+                           const std::function<void(int64_t, int64_t)>& epilogue, const RowInit* init) {
+  VK_CHECK(w.packed_bf16 != nullptr, "gemm_nt_columns_bf16a: the weight must be packed as bf16");
+  VK_CHECK(kp % 2 == 0, "gemm_nt_columns_bf16a: the bf16 rows must have an even length, got ", kp);
+  if (m == 0 || n == 0) return;
+  columns_impl(m, n, kp, nullptr, 0, a16, lda16, w, c, ldc, accumulate, epilogue, init);
+}
+
+void rows_to_bf16_cols(const float* a, int64_t rows, int64_t cols, int64_t lda, uint16_t* dst, int64_t ldd) {
+  VK_CHECK(bf16_gemm_active(), "rows_to_bf16_cols: the bf16 GEMM route is not active");
+#if VK_X86_SIMD
+  rows_to_bf16_strided(a, rows, cols, lda, dst, ldd);
+#else
+  (void)a; (void)rows; (void)cols; (void)lda; (void)dst; (void)ldd;
+#endif
 }
 
 // The backward's products on the packed GEMM route (gemm.h): B packed into 16-column panels

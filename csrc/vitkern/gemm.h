@@ -146,6 +146,14 @@ void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
                      int64_t ldc, bool accumulate, const std::function<void(int64_t, int64_t)>& epilogue = {},
                      const RowInit* init = nullptr);
 
+// The same from A already in bf16 rows (a16: m x kp, lda16 elements apart, kp even), on a bf16
+// packed W: the column split's GEMMs whose A a row pass wrote as bf16 itself (the LayerNorm, fc1's
+// epilogue). rows_to_bf16_cols: rows x cols fp32 (lda) -> bf16 (ldd), no pad (a task's columns).
+void gemm_nt_columns_bf16a(int64_t m, int64_t n, int64_t kp, const uint16_t* a16, int64_t lda16, const GemmWeight& w,
+                           float* c, int64_t ldc, bool accumulate,
+                           const std::function<void(int64_t, int64_t)>& epilogue = {}, const RowInit* init = nullptr);
+void rows_to_bf16_cols(const float* a, int64_t rows, int64_t cols, int64_t lda, uint16_t* dst, int64_t ldd);
+
 // C (m x n) = A (m x k, lda) . B (k x n, ldb), and C = A^T . B with A (k x m, lda), on the packed
 // route (B packed per call, threaded over panels; row tiles of C threaded): the layernorm_mlp
 // backward's products and packed_matmul's.

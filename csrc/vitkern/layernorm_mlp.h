@@ -30,6 +30,10 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x, const OptTensor& 
 // may be null) into h. (A residual + bias starting value goes to the GEMMs as a RowInit, gemm.h.)
 void ln_rows(const float* x, int64_t rows, int64_t d, float eps, const float* w, const float* b, bool rms, float* mean,
              float* rstd, float* h);
+// ln_rows of m rows in row chunks on all threads (the column split's LayerNorm, which every column
+// task reads in full); with h16, ln_rows_bf16 into bf16 rows ldh apart instead of h.
+void ln_rows_threaded(const float* x, int64_t m, int64_t d, float eps, const float* w, const float* b, bool rms,
+                      float* mean, float* rstd, float* h, uint16_t* h16 = nullptr, int64_t ldh = 0);
 // Rows per row tile of a forward over m rows: the packed route's small tiles (packed_tile_rows), on
 // BLAS one tile per thread of 64 to 1024 rows (MKL repacks the weights on every call).
 int64_t forward_tile_rows(int64_t m, bool packed);

@@ -46,6 +46,21 @@ VK_TARGET_CLONES void ln_rows(const float* x, int64_t rows, int64_t d, float eps
   }
 }
 
+void ln_rows_threaded(const float* x, int64_t m, int64_t d, float eps, const float* w, const float* b, bool rms,
+                      float* mean, float* rstd, float* h, uint16_t* h16, int64_t ldh) {
+  const int64_t rt = task_rows(m, 64, 8, 1);
+  parallel_tasks((m + rt - 1) / rt, [&](auto& queue) {
+    for (int64_t t; (t = queue.next()) >= 0;) {
+      const int64_t r0 = t * rt, rows = std::min(rt, m - r0);
+      if (h16 != nullptr) {
+        ln_rows_bf16(x + r0 * d, rows, d, eps, w, b, rms, mean + r0, rstd + r0, h16 + r0 * ldh, ldh);
+      } else {
+        ln_rows(x + r0 * d, rows, d, eps, w, b, rms, mean + r0, rstd + r0, h + r0 * d);
+      }
+    }
+  });
+}
+
 // Rows per tile of the forward. BLAS route: one tile per thread (64 to 1024 rows; MKL repacks the
 // weights on every call, so fewer, larger calls). Packed route (gemm.h, packed_tile_rows): up to
 // 256 rows, which keeps a tile's hidden activations (rows x H) nearer the core between fc1 and fc2.
@@ -228,17 +243,35 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
     // Few rows on several threads (batch-1 inference): the LayerNorm over all rows, then fc1 and fc2
     // each threaded over column tasks that read their weight once in all (gemm.h, split_columns),
     // fc1's bias + activation on each task's columns. The same sums as the row tiles, bit for bit.
+    // bf16 inference: the LayerNorm writes fc1's bf16 A rows, and each fc1 task stores its columns
+    // of the activation as fc2's bf16 A rows: no serial conversion pass between the column tasks.
+    const bool bf16 = !save_for_backward && w1a.packed_bf16 != nullptr && w2.packed_bf16 != nullptr;
+    const int64_t dp = D + D % 2, hdp = Hd + Hd % 2;
     Scratch hn_buf = scratch(save_for_backward ? 0 : M * D), hid_buf = scratch(save_for_backward ? 0 : M * Hd);
+    Scratch a16_buf = scratch(bf16 ? (M * dp + 1) / 2 : 0), h16_buf = scratch(bf16 ? (M * hdp + 1) / 2 : 0);
+    uint16_t* a16 = reinterpret_cast<uint16_t*>(a16_buf.get());
+    uint16_t* h16 = reinterpret_cast<uint16_t*>(h16_buf.get());
     float* hn = save_for_backward ? hnsp : hn_buf.get();
     float* hid = save_for_backward ? hsp : hid_buf.get();
-    ln_rows(xp, M, D, eps, lnwp, lnbp, rms, mp, rp, hn);
-    gemm_nt_columns(M, Hd, D, hn, D, w1a, hid, Hd, false, [&](int64_t c0, int64_t cols) {
+    const auto fc1_epilogue = [&](int64_t c0, int64_t cols) {
       for (int64_t r = 0; r < M; ++r) {
         simd::bias_act(hid + r * Hd + c0, b1ap ? b1ap + c0 : nullptr, cols, act,
                        prep ? prep + r * Hd + c0 : nullptr);
       }
-    });
+      if (bf16) rows_to_bf16_cols(hid + c0, M, cols, Hd, h16 + c0, hdp);
+    };
     const RowInit init{residual ? xp : nullptr, D, b2p};
+    if (bf16) {
+      ln_rows_threaded(xp, M, D, eps, lnwp, lnbp, rms, mp, rp, nullptr, a16, dp);
+      gemm_nt_columns_bf16a(M, Hd, dp, a16, dp, w1a, hid, Hd, false, fc1_epilogue);
+      if (hdp > Hd) {
+        for (int64_t r = 0; r < M; ++r) h16[r * hdp + Hd] = 0;
+      }
+      gemm_nt_columns_bf16a(M, D, hdp, h16, hdp, w2, op, D, false, {}, &init);
+      return {to(out, x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};
+    }
+    ln_rows_threaded(xp, M, D, eps, lnwp, lnbp, rms, mp, rp, hn);
+    gemm_nt_columns(M, Hd, D, hn, D, w1a, hid, Hd, false, fc1_epilogue);
     gemm_nt_columns(M, D, Hd, hid, Hd, w2, op, D, false, {}, &init);
     return {to(out, x_in.scalar_type()), mean, rstd, pre, hsave, hnsave};
   }
