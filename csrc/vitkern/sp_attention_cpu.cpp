@@ -311,19 +311,25 @@ std::vector<Tensor> sp_attention_forward_impl(const Tensor& q_in, const Tensor& 
   const int64_t n_tasks = per_head ? B * H : B * H * n_qblk;
   parallel_tasks(n_tasks, [&](auto& queue) {
     Scratch s_buf = scratch(bm * lds), kv_buf = scratch(per_head ? kpk_size + vpk_size : 0);
-    std::vector<float> acc(bm * Dh), m(bm), l(bm);
-    std::vector<uint16_t> q16(bf ? bm * dhp : 0), p16(bf ? bm * (std::min(kBlockN, N) + 1) : 0);
+    // The running output, max and sum, and the bf16 rows of Q and P, in one pooled buffer (five
+    // vectors per call were five mallocs and frees on every thread; each is written before read).
+    const int64_t q16_n = bf ? bm * dhp : 0, p16_n = bf ? bm * (std::min(kBlockN, N) + 1) : 0;
+    Scratch work = scratch(bm * Dh + 2 * bm + (q16_n + 1) / 2 + (p16_n + 1) / 2);
+    float* acc = work.get();
+    float* m = acc + bm * Dh;
+    float* l = m + bm;
+    uint16_t* q16 = reinterpret_cast<uint16_t*>(l + bm);
+    uint16_t* p16 = q16 + (q16_n + 1) / 2 * 2;
     for (int64_t task; (task = queue.next()) >= 0;) {
       if (per_head) {
         pack_head(task, kv_buf.get(), kv_buf.get() + kpk_size);
         for (int64_t qb = 0; qb < n_qblk; ++qb) {
-          query_block(task, qb, kv_buf.get(), kv_buf.get() + kpk_size, s_buf.get(), acc.data(), m.data(), l.data(),
-                      q16.data(), p16.data());
+          query_block(task, qb, kv_buf.get(), kv_buf.get() + kpk_size, s_buf.get(), acc, m, l, q16, p16);
         }
       } else {
         const int64_t qb = task % n_qblk, bh = task / n_qblk;
         query_block(bh, qb, packed ? kpk_all + bh * kpk_size : nullptr, packed ? vpk_all + bh * vpk_size : nullptr,
-                    s_buf.get(), acc.data(), m.data(), l.data(), q16.data(), p16.data());
+                    s_buf.get(), acc, m, l, q16, p16);
       }
     }
   });
