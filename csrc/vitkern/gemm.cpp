@@ -1157,9 +1157,13 @@ void pack_columns(const float* b, int64_t k, int64_t n, int64_t ldb, float* bp) 
   for (int64_t p = 0; p < panels; ++p) {
     const int64_t c0 = p * kGemmNR, cols = std::min(kGemmNR, n - c0);
     float* dst = bp + p * kGemmNR * k;
+    if (cols == kGemmNR) {  // (a constant-size copy: inlined, not a libc call per 64 bytes)
+      for (int64_t kk = 0; kk < k; ++kk) std::memcpy(dst + kk * kGemmNR, b + kk * ldb + c0, sizeof(float) * kGemmNR);
+      continue;
+    }
     for (int64_t kk = 0; kk < k; ++kk) {
       std::memcpy(dst + kk * kGemmNR, b + kk * ldb + c0, sizeof(float) * cols);
-      if (cols < kGemmNR) std::memset(dst + kk * kGemmNR + cols, 0, sizeof(float) * (kGemmNR - cols));
+      std::memset(dst + kk * kGemmNR + cols, 0, sizeof(float) * (kGemmNR - cols));
     }
   }
 }

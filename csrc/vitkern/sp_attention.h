@@ -16,7 +16,8 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q, const Tensor& k, c
 // V packed as bf16, the Q rows and the softmax probabilities rounded to bf16, fp32 sums) where
 // `bf16_products` is set and the bf16 route is active: the one-call block's bf16 inference.
 // out_into: where given, the output is written there ((B, N, H, Dh) fp32 rows: the block's pooled
-// scratch) and the returned output is a view of it, valid while that buffer is.
+// scratch) and the returned output is a view of it, valid while that buffer is; then no
+// log-sum-exp is computed (the returned lse is empty: inference has no backward).
 std::vector<Tensor> sp_attention_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const OptTensor& omega, int64_t gh, int64_t gw, int64_t num_prefix,
                                               double scale, bool bf16_products,

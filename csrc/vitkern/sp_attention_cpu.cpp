@@ -202,13 +202,15 @@ std::vector<Tensor> sp_attention_forward_impl(const Tensor& q_in, const Tensor& 
   Tensor out_tok = out_into != nullptr ? from_blob(out_into, {B, N, H, Dh}, {N * H * Dh, H * Dh, Dh, 1})
                                        : empty({B, N, H, Dh});
   Tensor out = permuted(out_tok, {0, 2, 1, 3});
-  Tensor lse = empty({B, H, N});
+  // The log-sum-exp rows are for the backward: the one-call block (out_into, inference) has none.
+  const bool want_lse = out_into == nullptr;
+  Tensor lse = empty({want_lse ? B : 0, H, N});
   // Query blocks of about kBlockM rows, equal in size (197 tokens: 54, 54, 54, 35, not 64, 64,
   // 64, 5), in multiples of the GEMM micro-kernel's 6 rows.
   const int64_t bm = query_block_rows(N);
   const int64_t n_qblk = (N + bm - 1) / bm;
   float* out_p = f32_ptr(out_tok);
-  float* lse_p = f32_ptr(lse);
+  float* lse_p = want_lse ? f32_ptr(lse) : nullptr;
   // Packed GEMM route (gemm.h): per (batch, head), K times the logit scale is packed once into
   // 16-key panels and V into 16-column panels, so both tile products, Q . K^T and P . V, run on
   // the micro-kernel over contiguous panels (V read in place had a row stride of 3 * H * Dh floats
@@ -299,12 +301,14 @@ std::vector<Tensor> sp_attention_forward_impl(const Tensor& q_in, const Tensor& 
       }
     }
     float* o = out_p + ((b * N + i0) * H + h) * Dh;  // token-major rows, stride H * Dh
-    float* ls = lse_p + (b * H + h) * N + i0;
     for (int64_t r = 0; r < rows; ++r) {
       const float inv = 1.f / l[r];
       const float* a = acc + r * Dh;
       for (int64_t t = 0; t < Dh; ++t) o[r * H * Dh + t] = a[t] * inv;
-      ls[r] = m[r] + std::log(l[r]);
+    }
+    if (lse_p != nullptr) {
+      float* ls = lse_p + (b * H + h) * N + i0;
+      for (int64_t r = 0; r < rows; ++r) ls[r] = m[r] + std::log(l[r]);
     }
   };
 
