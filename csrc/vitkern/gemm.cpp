@@ -197,7 +197,7 @@ __attribute__((target("avx512f"), always_inline)) inline void store_tile_512(__m
 #pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
       float* cr = c + r * ldc;
-      const float* src = init.rows + r * init.ld;
+      const float* src = init.rows != nullptr ? init.rows + r * init.ld : nullptr;
       c0[r] = _mm512_add_ps(c0[r], init.rows != nullptr ? _mm512_add_ps(_mm512_loadu_ps(src), bias0) : bias0);
       _mm512_storeu_ps(cr, c0[r]);
       if (NP == 2) {
