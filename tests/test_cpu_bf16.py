@@ -133,6 +133,8 @@ CONFIGS = [
     ("no_biases_dh128", dict(embed_dim=128, depth=2, num_heads=1, qkv_bias=False, proj_bias=False), 2, 64),
     ("sp_vit", dict(embed_dim=64, depth=3, num_heads=2, spatial_prior=True, sp_layers=2), 2, 112),
     ("sp_vit_batch1_odd", dict(embed_dim=96, depth=2, num_heads=2, spatial_prior=True, img_size=(48, 80)), 1, (48, 80)),
+    # odd width (75 = 3 heads x 25): the bf16 A rows of qkv, proj and fc1 carry a zero pad column
+    ("odd_width", dict(embed_dim=75, depth=2, num_heads=3), 2, 64),
     # 651 tokens: two key blocks of the attention (512 + 139), the second odd (a bf16 pad key)
     ("two_key_blocks", dict(embed_dim=64, depth=1, num_heads=2, img_size=(400, 416)), 1, (400, 416)),
 ]

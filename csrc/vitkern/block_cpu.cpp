@@ -124,8 +124,16 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   const Tensor v = from_blob(qkvp + 2 * D, view_sizes, view_strides);
   // bf16 inference (the weights packed as bf16): the attention's tile products on bf16 operands too.
   const bool bf16 = qkv_w.packed_bf16 != nullptr;
-  Scratch attn_buf = scratch(M * D);  // (B, N, H, Dh): row r of the attention output at ap + r * D
-  sp_attention_forward_impl(q, k, v, omega, gh, gw, num_prefix, scale, bf16, attn_buf.get());
+  // With proj packed as bf16 the attention writes proj's bf16 A rows itself (D padded to even).
+  const bool proj16 = proj_w.packed_bf16 != nullptr;
+  const int64_t dp = D + D % 2;
+  Scratch attn_buf = scratch(proj16 ? (M * dp + 1) / 2 : M * D);  // row r of the attention output at r * D (dp)
+  uint16_t* a16 = proj16 ? reinterpret_cast<uint16_t*>(attn_buf.get()) : nullptr;
+  if (proj16 && dp > D) {
+    for (int64_t r = 0; r < M; ++r) a16[r * dp + D] = 0;
+  }
+  sp_attention_forward_impl(q, k, v, omega, gh, gw, num_prefix, scale, bf16, proj16 ? nullptr : attn_buf.get(), a16,
+                            dp);
   const float* ap = attn_buf.get();
 
   // 3. a = x + attn . Wproj^T + b: x + b is the GEMM's starting value (read as it stores its tiles).
@@ -134,14 +142,22 @@ Tensor block_forward_cpu(const Tensor& x_in, const OptTensor& ln1_w_in, const Op
   const Tensor a = from_blob(app, {M, D}, {D, 1});
   const RowInit proj_init{xp, D, pbp};
   if (split_columns(M, proj_w)) {
-    gemm_nt_columns(M, D, D, ap, D, proj_w, app, D, false, {}, &proj_init);
+    if (proj16) {
+      gemm_nt_columns_bf16a(M, D, dp, a16, dp, proj_w, app, D, false, {}, &proj_init);
+    } else {
+      gemm_nt_columns(M, D, D, ap, D, proj_w, app, D, false, {}, &proj_init);
+    }
   } else {
     const int64_t tile = forward_tile_rows(M, proj_w.prepacked()), tiles = (M + tile - 1) / tile;
     parallel_tasks(tiles, [&](auto& queue) {
       for (int64_t t; (t = queue.next()) >= 0;) {
         const int64_t r0 = t * tile, rows = std::min(tile, M - r0);
         const RowInit init = proj_init.shifted(r0, 0);
-        gemm_nt(rows, D, D, ap + r0 * D, D, proj_w, app + r0 * D, D, false, &init);
+        if (proj16) {
+          gemm_packed_bf16_nt(rows, D, dp, a16 + r0 * dp, dp, proj_w.packed_bf16, app + r0 * D, D, false, 0, &init);
+        } else {
+          gemm_nt(rows, D, D, ap + r0 * D, D, proj_w, app + r0 * D, D, false, &init);
+        }
       }
     });
   }

@@ -924,6 +924,41 @@ __attribute__((target("avx512f,avx512bf16"))) float exp_sub_sum_bf16_avx512(cons
 }  // namespace
 #endif
 
+#if VK_X86_SIMD
+namespace {
+__attribute__((target("avx512f,avx512bf16"))) void scale_rows_to_bf16_avx512(const float* acc, int64_t rows,
+                                                                             int64_t dh, const float* l, uint16_t* dst,
+                                                                             int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+    const float* a = acc + r * dh;
+    uint16_t* d = dst + r * ldd;
+    int64_t t = 0;
+    for (; t + 16 <= dh; t += 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + t),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(a + t), inv)));
+    }
+    if (t < dh) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (dh - t)) - 1u);
+      alignas(32) uint16_t tail[16];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tail),
+                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, a + t), inv)));
+      std::memcpy(d + t, tail, (dh - t) * sizeof(uint16_t));
+    }
+  }
+}
+}  // namespace
+#endif
+
+void scale_rows_to_bf16(const float* acc, int64_t rows, int64_t dh, const float* l, uint16_t* dst, int64_t ldd) {
+  VK_CHECK(bf16_gemm_active(), "scale_rows_to_bf16: the bf16 GEMM route is not active");
+#if VK_X86_SIMD
+  scale_rows_to_bf16_avx512(acc, rows, dh, l, dst, ldd);
+#else
+  (void)acc; (void)rows; (void)dh; (void)l; (void)dst; (void)ldd;
+#endif
+}
+
 float exp_sub_sum_bf16(const float* x, int64_t n, float shift, uint16_t* p, int64_t np) {
   VK_CHECK(bf16_gemm_active(), "exp_sub_sum_bf16: the bf16 GEMM route is not active");
 #if VK_X86_SIMD

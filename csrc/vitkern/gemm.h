@@ -129,6 +129,10 @@ void ln_rows_bf16(const float* x, int64_t rows, int64_t d, float eps, const floa
 // (relative error 6e-6, far below the bf16 rounding that follows). The route must be active.
 float exp_sub_sum_bf16(const float* x, int64_t n, float shift, uint16_t* p, int64_t np);
 
+// dst row r (ldd elements apart) = acc row r (dh fp32) times 1 / l[r], rounded to bf16: the bf16
+// attention's normalised output straight into the next GEMM's A rows. The route must be active.
+void scale_rows_to_bf16(const float* acc, int64_t rows, int64_t dh, const float* l, uint16_t* dst, int64_t ldd);
+
 // Few rows on several threads (batch-1 inference): the output columns are split among the threads
 // instead of the rows. Row tiles would each read the whole weight (ViT-S batch 1 on two threads:
 // seven 30-row tiles, seven passes over each weight); column tasks read it once in all. Whether

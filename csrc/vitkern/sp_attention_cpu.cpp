@@ -186,7 +186,8 @@ std::vector<Tensor> sp_attention_forward_cpu(const Tensor& q_in, const Tensor& k
 
 std::vector<Tensor> sp_attention_forward_impl(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                               const OptTensor& omega_in, int64_t gh, int64_t gw, int64_t num_prefix,
-                                              double scale_d, bool bf16_products, float* out_into) {
+                                              double scale_d, bool bf16_products, float* out_into,
+                                              uint16_t* out16_into, int64_t ld16) {
   check_inputs(q_in, k_in, v_in, omega_in, gh, gw, num_prefix);
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), Dh = q_in.size(3);
   const Tensor q = as_fp32_rows(q_in), k = as_fp32_rows(k_in), v = as_fp32_rows(v_in);
@@ -199,11 +200,13 @@ std::vector<Tensor> sp_attention_forward_impl(const Tensor& q_in, const Tensor& 
   // view: the usual transpose(1, 2).reshape(B, N, H*Dh) before the output
   // projection is then free instead of a copy.
   // fp32, cast at the end if needed; or the caller's (B, N, H, Dh) buffer (the one-call block's)
+  // (or bf16 rows into out16_into, the one-call block's proj A rows: then no fp32 output at all)
+  const bool to16 = out16_into != nullptr;
   Tensor out_tok = out_into != nullptr ? from_blob(out_into, {B, N, H, Dh}, {N * H * Dh, H * Dh, Dh, 1})
-                                       : empty({B, N, H, Dh});
+                                       : empty({to16 ? 0 : B, N, H, Dh});
   Tensor out = permuted(out_tok, {0, 2, 1, 3});
   // The log-sum-exp rows are for the backward: the one-call block (out_into, inference) has none.
-  const bool want_lse = out_into == nullptr;
+  const bool want_lse = out_into == nullptr && !to16;
   Tensor lse = empty({want_lse ? B : 0, H, N});
   // Query blocks of about kBlockM rows, equal in size (197 tokens: 54, 54, 54, 35, not 64, 64,
   // 64, 5), in multiples of the GEMM micro-kernel's 6 rows.
@@ -300,11 +303,15 @@ std::vector<Tensor> sp_attention_forward_impl(const Tensor& q_in, const Tensor& 
         gemm_ab(rows, cols, Dh, s_buf, lds, {vm.p + j0 * vm.ld, vm.ld}, 1.f, acc, Dh);
       }
     }
-    float* o = out_p + ((b * N + i0) * H + h) * Dh;  // token-major rows, stride H * Dh
-    for (int64_t r = 0; r < rows; ++r) {
-      const float inv = 1.f / l[r];
-      const float* a = acc + r * Dh;
-      for (int64_t t = 0; t < Dh; ++t) o[r * H * Dh + t] = a[t] * inv;
+    if (to16) {  // the same products a[t] * (1 / l), rounded to bf16 as proj's A rows
+      scale_rows_to_bf16(acc, rows, Dh, l, out16_into + (b * N + i0) * ld16 + h * Dh, ld16);
+    } else {
+      float* o = out_p + ((b * N + i0) * H + h) * Dh;  // token-major rows, stride H * Dh
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = 1.f / l[r];
+        const float* a = acc + r * Dh;
+        for (int64_t t = 0; t < Dh; ++t) o[r * H * Dh + t] = a[t] * inv;
+      }
     }
     if (lse_p != nullptr) {
       float* ls = lse_p + (b * H + h) * N + i0;
