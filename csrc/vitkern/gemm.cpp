@@ -855,12 +855,8 @@ __attribute__((target("avx512f,avx512bf16"))) void ln_rows_bf16_avx512(const flo
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
-    float mu, var;
-    simd::ln_stats_avx512(xr, d, rms, &mu, &var);
-    const float rs = 1.f / std::sqrt(var + eps);
-    mean[r] = mu;
-    rstd[r] = rs;
-    const __m512 mv = _mm512_set1_ps(mu), rv = _mm512_set1_ps(rs);
+    simd::ln_row_stats(xr, d, rms, eps, mean + r, rstd + r);
+    const __m512 mv = _mm512_set1_ps(mean[r]), rv = _mm512_set1_ps(rstd[r]);
     uint16_t* hr = h + r * ldh;
     for (int64_t t = 0; t < d; t += 16) {
       const __mmask16 k = d - t >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (d - t)) - 1u);

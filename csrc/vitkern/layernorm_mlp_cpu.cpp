@@ -35,11 +35,8 @@ VK_TARGET_CLONES void ln_rows(const float* x, int64_t rows, int64_t d, float eps
                               bool rms, float* mean, float* rstd, float* h) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
-    float mu, v;
-    simd::ln_stats(xr, d, rms, &mu, &v);
-    const float rs = 1.f / std::sqrt(v + eps);
-    mean[r] = mu;
-    rstd[r] = rs;
+    simd::ln_row_stats(xr, d, rms, eps, mean + r, rstd + r);
+    const float mu = mean[r], rs = rstd[r];
     float* hr = h + r * d;
 #pragma omp simd
     for (int64_t t = 0; t < d; ++t) hr[t] = (xr[t] - mu) * rs * (w ? w[t] : 1.f) + (b ? b[t] : 0.f);

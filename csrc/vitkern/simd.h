@@ -269,6 +269,14 @@ inline void ln_stats(const float* x, int64_t n, bool rms, float* mean, float* va
   *var = v / static_cast<float>(n);
 }
 
+// One LayerNorm row's statistics as the kernels keep them: mean (0 for RMSNorm) and 1/sqrt(var + eps).
+inline void ln_row_stats(const float* x, int64_t n, bool rms, float eps, float* mean, float* rstd) {
+  float mu, var;
+  ln_stats(x, n, rms, &mu, &var);
+  *mean = mu;
+  *rstd = 1.f / std::sqrt(var + eps);
+}
+
 // x[i] = exp(x[i] - shift) in place; returns the sum of the new x.
 inline float exp_sub_sum(float* x, int64_t n, float shift) {
 #if VK_X86_SIMD
