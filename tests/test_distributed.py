@@ -53,10 +53,15 @@ WORKER = textwrap.dedent(
     if rank == 0:
         used = vitkern.last_backend("layernorm_mlp")
         torch.save({"state": state, "backend": used}, os.path.join(out_dir, mode + ".pt"))
-    # Both ranks leave together: a rank tearing gloo down while its peer is still in a
-    # collective or saving aborted once in CI ("terminate called without an active exception").
+    # Both ranks leave together, and without tearing gloo down: its teardown aborted a rank twice
+    # in CI ("terminate called without an active exception", a gloo thread destroyed while still
+    # joinable), once with destroy_process_group after a barrier. Past the barrier every collective
+    # is done and rank 0's file is written and closed, so the ranks exit at once (os._exit runs
+    # no C++ destructors); the result is checked by the parent from the saved file.
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
     """
 )
 
