@@ -801,21 +801,9 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
   gemm_nt(m, n, k, a, lda, w.w, w.packed, c, ldc, accumulate);
 }
 
-void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const GemmWeight& w, uint16_t* h,
-                      int64_t ldh, const TileEpilogue& epilogue) {
-  VK_CHECK(w.packed_bf16 != nullptr, "gemm_nt_bf16_out: the weight must be packed as bf16");
-  if (m == 0 || n == 0) return;
-#if VK_X86_SIMD
-  const int64_t kp = k + k % 2;
-  gemm_bf16_nt_bf16_out(m, n, kp, kp == 0 ? nullptr : a_rows_bf16(a, m, k, lda), kp, w, h, ldh, epilogue);
-#else
-  (void)a; (void)lda; (void)h; (void)ldh; (void)epilogue; (void)k;
-#endif
-}
-
-void gemm_bf16_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int64_t lda, const GemmWeight& w,
+void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int64_t lda, const GemmWeight& w,
                            uint16_t* h, int64_t ldh, const TileEpilogue& epilogue) {
-  VK_CHECK(w.packed_bf16 != nullptr, "gemm_bf16_nt_bf16_out: the weight must be packed as bf16");
+  VK_CHECK(w.packed_bf16 != nullptr, "gemm_nt_bf16_out: the weight must be packed as bf16");
   if (m == 0 || n == 0) return;
 #if VK_X86_SIMD
   const int64_t pstride = kGemmNR * kp;

@@ -244,7 +244,7 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
     // of the activation as fc2's bf16 A rows: no serial conversion pass between the column tasks.
     const bool bf16 = !save_for_backward && w1a.packed_bf16 != nullptr && w2.packed_bf16 != nullptr;
     const int64_t dp = D + D % 2, hdp = Hd + Hd % 2;
-    Scratch hn_buf = scratch(save_for_backward ? 0 : M * D), hid_buf = scratch(save_for_backward ? 0 : M * Hd);
+    Scratch hn_buf = scratch(save_for_backward || bf16 ? 0 : M * D), hid_buf = scratch(save_for_backward ? 0 : M * Hd);
     Scratch a16_buf = scratch(bf16 ? (M * dp + 1) / 2 : 0), h16_buf = scratch(bf16 ? (M * hdp + 1) / 2 : 0);
     uint16_t* a16 = reinterpret_cast<uint16_t*>(a16_buf.get());
     uint16_t* h16 = reinterpret_cast<uint16_t*>(h16_buf.get());
@@ -300,7 +300,7 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
       if (bf16_hidden) {
         // LayerNorm prologue straight into fc1's bf16 A rows.
         ln_rows_bf16(xp + r0 * D, rows, D, eps, lnwp, lnbp, rms, mp + r0, rp + r0, a16, dp);
-        gemm_bf16_nt_bf16_out(rows, Hd, dp, a16, dp, w1a, h16, hdp,
+        gemm_nt_bf16_out(rows, Hd, dp, a16, dp, w1a, h16, hdp,
                          [&](float* t, int64_t ldt, int64_t, int64_t nr, int64_t c0, int64_t nc) {
                            for (int64_t r = 0; r < nr; ++r) {
                              simd::bias_act(t + r * ldt, b1ap ? b1ap + c0 : nullptr, nc, act, nullptr);
