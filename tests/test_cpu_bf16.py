@@ -223,7 +223,8 @@ _ACT_REF = {1: F.gelu, 2: lambda t: F.gelu(t, approximate="tanh"), 3: lambda t: 
         (197, 384, 1536),  # ViT-S batch 1: one K block, 17 row tiles (the last of 5 rows)
         (250, 96, 384),  # two row blocks (240 + 10)
         (37, 40, 23),  # odd hidden width: a partial last panel and the bf16 pad column
-        (5, 1030, 77),  # K past one bf16 K block: the product first, then the tiles
+        (5, 1030, 77),  # K past one bf16 K block: the blocks summed in a buffer, then the tiles
+        (250, 600, 100),  # and over two row blocks, with a lone last panel (100 = 3 pairs + 4 columns)
         (9, 41, 40),  # odd model width: the LayerNorm's bf16 rows carry a zero pad column
     ],
 )

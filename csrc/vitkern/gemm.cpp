@@ -837,15 +837,44 @@ void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int6
   if (m == 0 || n == 0) return;
 #if VK_X86_SIMD
   const int64_t pstride = kGemmNR * kp;
-  if (kp == 0 || kp > kKCBf16) {  // no K, or several K blocks: the whole product first, then the tiles
+  if (kp == 0) {  // no K: the epilogue of a zero product
     Scratch c = scratch(m * n);
     gemm_packed_bf16(m, n, kp, ab, lda, w.packed_bf16, c.get(), n, false, pstride);
     epilogue(c.get(), n, 0, m, 0, n);
     rows_to_bf16_strided(c.get(), m, n, n, h, ldh);
     return;
   }
-  alignas(64) float tile[kMR512 * 2 * kGemmNR];
   constexpr int64_t ldt = 2 * kGemmNR;
+  if (kp > kKCBf16) {
+    // Several K blocks (ViT-B's fc1: K 768): a row block's 32 columns accumulate over the K blocks
+    // in a (rows x 32) fp32 buffer, in L1 / L2 (30 KB at most), then take the epilogue and the bf16
+    // store. Before, the whole (m x n) product went through an fp32 scratch (ViT-B batch 8's
+    // 256-row tiles: 3 MB, in the L3) that the epilogue and the conversion each read back. The
+    // same sums in the same order (each K block added onto the last, as gemm_packed_bf16 does).
+    Scratch buf = scratch(kMC512 * ldt);
+    const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
+    for (int64_t ic = 0; ic < m; ic += kMC512) {
+      const int64_t mc = std::min(kMC512, m - ic);
+      for (int64_t p = 0; p < panels;) {
+        const int np = n - p * kGemmNR >= 2 * kGemmNR ? 2 : 1;
+        const int64_t cols = std::min<int64_t>(np * kGemmNR, n - p * kGemmNR);
+        const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
+        for (int64_t pc = 0; pc < kp; pc += kKCBf16) {
+          const int64_t kc = std::min(kKCBf16, kp - pc);
+          const uint16_t* b = w.packed_bf16 + p * pstride + pc * kGemmNR;
+          for (int64_t i = 0; i < mc; i += kMR512) {
+            const int64_t mr = std::min(kMR512, mc - i);
+            table[mr](kc / 2, ab + (ic + i) * lda + pc, lda, b, pstride, buf.get() + i * ldt, ldt, pc > 0, RowInit{});
+          }
+        }
+        epilogue(buf.get(), ldt, ic, mc, p * kGemmNR, cols);
+        rows_to_bf16_strided(buf.get(), mc, cols, ldt, h + ic * ldh + p * kGemmNR, ldh);
+        p += np;
+      }
+    }
+    return;
+  }
+  alignas(64) float tile[kMR512 * 2 * kGemmNR];
   for (int64_t ic = 0; ic < m; ic += kMC512) {  // row blocks (A's block stays in L2), then panel pairs
     const int64_t mc = std::min(kMC512, m - ic);
     for_panel_pairs(n, [&](int64_t p, int np, int64_t cols) {

@@ -108,7 +108,8 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
 // cols)` (fp32, in place) while it is still in L1, then is stored as bf16: no fp32 (m x n)
 // activation is written and read back (fc1's output for ViT-S batch 1 is 1.2 MB, beyond a 1 MB L2:
 // the GELU pass and the conversion for fc2 each went through the L3). K beyond one bf16 K block
-// (512) computes into an fp32 buffer first. Single-threaded: the caller's row tile.
+// (512) accumulates a row block's 32 columns in an fp32 buffer first. Single-threaded: the
+// caller's row tile.
 using TileEpilogue = std::function<void(float*, int64_t, int64_t, int64_t, int64_t, int64_t)>;
 void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int64_t lda, const GemmWeight& w,
                       uint16_t* h, int64_t ldh, const TileEpilogue& epilogue);
