@@ -58,6 +58,7 @@ SHAPES = [
     (197, 384, 1152),  # ViT-S qkv at N = 197
     (197, 1536, 384),  # fc2: K in three blocks of 512
     (300, 1031, 100),  # odd K past two blocks, ragged last panel, row tiles
+    (250, 2048, 100),  # bf16 rows 4 KB apart (one L1 set): A blocks copied to a padded stride
 ]
 
 

@@ -73,6 +73,7 @@ def test_packed_layout_is_exact(n, k, gen):
         (197, 384, 1152),  # ViT-S qkv at N = 197
         (197, 1536, 384),  # fc2: K in four blocks
         (300, 777, 100),  # K not a multiple of the block, ragged last panel, two row tiles
+        (250, 2048, 100),  # rows 8 KB apart (one L1 set): A blocks copied to a padded stride
         (1000, 64, 16),  # many row tiles, exactly one panel
         (13, 40, 33),  # AVX-512: a 12-row block + 1, a panel pair + a 1-column panel
         (25, 300, 48),  # AVX-512: two K blocks (256 + 44), a pair + a lone full panel
