@@ -880,12 +880,9 @@ void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int6
     // 256-row tiles: 3 MB, in the L3) that the epilogue and the conversion each read back. The
     // same sums in the same order (each K block added onto the last, as gemm_packed_bf16 does).
     Scratch buf = scratch(kMC512 * ldt);
-    const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
     for (int64_t ic = 0; ic < m; ic += kMC512) {
       const int64_t mc = std::min(kMC512, m - ic);
-      for (int64_t p = 0; p < panels;) {
-        const int np = n - p * kGemmNR >= 2 * kGemmNR ? 2 : 1;
-        const int64_t cols = std::min<int64_t>(np * kGemmNR, n - p * kGemmNR);
+      for_panel_pairs(n, [&](int64_t p, int np, int64_t cols) {
         const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
         for (int64_t pc = 0; pc < kp; pc += kKCBf16) {
           const int64_t kc = std::min(kKCBf16, kp - pc);
@@ -897,8 +894,7 @@ void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int6
         }
         epilogue(buf.get(), ldt, ic, mc, p * kGemmNR, cols);
         rows_to_bf16_strided(buf.get(), mc, cols, ldt, h + ic * ldh + p * kGemmNR, ldh);
-        p += np;
-      }
+      });
     }
     return;
   }
