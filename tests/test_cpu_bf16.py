@@ -59,6 +59,8 @@ SHAPES = [
     (197, 1536, 384),  # fc2: K in three blocks of 512
     (300, 1031, 100),  # odd K past two blocks, ragged last panel, row tiles
     (250, 2048, 100),  # bf16 rows 4 KB apart (one L1 set): A blocks copied to a padded stride
+    (11, 40, 115),  # 6 + 5 rows in 64-column groups, then a pair and a 3-column panel
+    (7, 1100, 128),  # two 64-column groups over three K blocks, 6 + 1 rows
 ]
 
 
@@ -227,6 +229,7 @@ _ACT_REF = {1: F.gelu, 2: lambda t: F.gelu(t, approximate="tanh"), 3: lambda t: 
         (5, 1030, 77),  # K past one bf16 K block: the blocks summed in a buffer, then the tiles
         (250, 600, 100),  # and over two row blocks, with a lone last panel (100 = 3 pairs + 4 columns)
         (9, 41, 40),  # odd model width: the LayerNorm's bf16 rows carry a zero pad column
+        (11, 40, 115),  # fc1: a 64-column group (6 + 5 rows), a pair and a 3-column panel
     ],
 )
 @pytest.mark.parametrize("act", [1, 2, 3, 4])

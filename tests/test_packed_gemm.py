@@ -2,12 +2,12 @@
 
 On x86 CPUs with AVX2 the cpu kernels' weight GEMMs (layernorm_mlp's fc1/fc2, the models'
 attention qkv/proj in eager inference, patch_embed, the attention's tiles) run vitkern's own
-micro-kernel over weights packed once and cached per weight: 12 x 32 on AVX-512, 6 x 16 on
-AVX2. These tests check the GEMM against float64 on ragged shapes, that the cache follows
-every change of a weight, that the qkv/proj shortcut steps aside wherever it must (hooks,
-subclasses, training, autocast, the reference backend), and that bad inputs raise. On an
-AVX-512 CPU tests/test_simd_paths.py reruns this file with VITKERN_SIMD=avx2 (the AVX2
-kernel), and the last test here reruns the cpu-kernel tests on BLAS.
+micro-kernel over weights packed once and cached per weight: on AVX-512 6 x 64 tiles (12 x 32
+for the last columns), on AVX2 6 x 16. These tests check the GEMM against float64 on ragged
+shapes, that the cache follows every change of a weight, that the qkv/proj shortcut steps aside
+wherever it must (hooks, subclasses, training, autocast, the reference backend), and that bad
+inputs raise. On an AVX-512 CPU tests/test_simd_paths.py reruns this file with
+VITKERN_SIMD=avx2 (the AVX2 kernel), and the last test here reruns the cpu-kernel tests on BLAS.
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def test_packed_layout_is_exact(n, k, gen):
         (1000, 64, 16),  # many row tiles, exactly one panel
         (13, 40, 33),  # AVX-512: a 12-row block + 1, a panel pair + a 1-column panel
         (25, 300, 48),  # AVX-512: two K blocks (256 + 44), a pair + a lone full panel
-        (37, 257, 80),  # AVX-512: K one past the block, two pairs + a lone panel, 3 x 12 + 1 rows
+        (37, 257, 80),  # AVX-512: K one past the block, a 64-column group + a lone panel, 6 x 6 + 1 rows
+        (11, 40, 115),  # AVX-512: 6 + 5 rows, a 64-column group, a pair and a 3-column panel
+        (7, 300, 128),  # AVX-512: two 64-column groups over two K blocks, 6 + 1 rows
     ],
 )
 @pytest.mark.parametrize("bias", [True, False])

@@ -5,8 +5,9 @@
 // while the rows stream past it), then the 6 x 16 micro-kernel: 12 ymm accumulators, two
 // panel loads and six broadcasts of A per k. Row tails use the same kernel with fewer rows
 // (a template per row count); a partial last panel computes into a 6 x 16 buffer.
-// AVX-512 (12 x 32) and bf16 (12 x 32, vdpbf16ps over k-pairs): the same nest with two panels
-// per micro-kernel call and 24 zmm accumulators (kKC512 / kKCBf16, kMC512 below).
+// AVX-512 and bf16 (vdpbf16ps over k-pairs): the same nest with 24 zmm accumulators per
+// micro-kernel call, 6 rows x four panels (64 columns) while four full panels are left, then
+// 12 rows x two panels, and a lone last panel (kKC512 / kKCBf16, kMC512 below).
 #include "gemm.h"
 
 #include <algorithm>
@@ -260,6 +261,73 @@ __attribute__((target("avx512f"))) void micro_kernel_512(int64_t kc, const float
   store_tile_512<MR, NP>(c0, c1, c, ldc, accumulate, init);
 }
 
+
+// Four-panel (64-column) tiles, MR <= 6 rows: per k step 4 panel loads and MR broadcasts for 4 MR
+// FMAs (the 12 x 32 tile: 2 loads, 12 broadcasts for 24). On Zen 4, in the ViT GEMM shapes (A's
+// block in L2, the weight panels streaming from L2 / L3) the 6 x 64 tile runs 2-8% faster than
+// 12 x 32; both sum each C element in the same k order, so the results are bit for bit the same.
+constexpr int64_t kMRQuad = 6;
+template <int MR>
+__attribute__((target("avx512f"), always_inline)) inline void store_tile_quad(__m512 (&cc)[4][MR], float* c,
+                                                                             int64_t ldc, bool accumulate,
+                                                                             const RowInit& init) {
+  const bool add_init = !accumulate && init.any();
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + r * ldc;
+    const float* src = add_init && init.rows != nullptr ? init.rows + r * init.ld : nullptr;
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      __m512 v = cc[q][r];
+      if (accumulate) {
+        v = _mm512_add_ps(v, _mm512_loadu_ps(cr + q * kGemmNR));
+      } else if (add_init) {  // tile + (init row + bias), as store_tile_512 adds it
+        const __m512 bias = init.bias != nullptr ? _mm512_loadu_ps(init.bias + q * kGemmNR) : zero;
+        v = _mm512_add_ps(v, src != nullptr ? _mm512_add_ps(_mm512_loadu_ps(src + q * kGemmNR), bias) : bias);
+      }
+      _mm512_storeu_ps(cr + q * kGemmNR, v);
+    }
+  }
+}
+
+template <int MR>
+__attribute__((target("avx512f"))) void micro_kernel_quad(int64_t kc, const float* a, int64_t lda, const float* b,
+                                                          int64_t pstride, float* c, int64_t ldc, bool accumulate,
+                                                          const RowInit& init) {
+  __m512 cc[4][MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) cc[q][r] = _mm512_setzero_ps();
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {  // prefetches as in micro_kernel_512
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + q * kGemmNR), _MM_HINT_T0);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + q * pstride + (k + 8) * kGemmNR), _MM_HINT_T0);
+    }
+    if ((k & 15) == 0) {
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) _mm_prefetch(reinterpret_cast<const char*>(a + r * lda + k + 32), _MM_HINT_T0);
+    }
+    __m512 bv[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) bv[q] = _mm512_loadu_ps(b + q * pstride + k * kGemmNR);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) cc[q][r] = _mm512_fmadd_ps(av, bv[q], cc[q][r]);
+    }
+  }
+  store_tile_quad<MR>(cc, c, ldc, accumulate, init);
+}
+
 using MicroKernel512 = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool,
                                 const RowInit&);
 template <bool AT, int NP>
@@ -269,6 +337,26 @@ constexpr MicroKernel512 kMicro512[kMR512 + 1] = {
     micro_kernel_512<4, AT, NP>,  micro_kernel_512<5, AT, NP>,  micro_kernel_512<6, AT, NP>,
     micro_kernel_512<7, AT, NP>,  micro_kernel_512<8, AT, NP>,  micro_kernel_512<9, AT, NP>,
     micro_kernel_512<10, AT, NP>, micro_kernel_512<11, AT, NP>, micro_kernel_512<12, AT, NP>};
+
+constexpr MicroKernel512 kMicroQuad[kMRQuad + 1] = {nullptr,
+                                                     micro_kernel_quad<1>,
+                                                     micro_kernel_quad<2>,
+                                                     micro_kernel_quad<3>,
+                                                     micro_kernel_quad<4>,
+                                                     micro_kernel_quad<5>,
+                                                     micro_kernel_quad<6>};
+
+// The panels of an n-column product in groups of four full panels, then pairs (as for_panel_pairs)
+// for the rest: body(p, np, cols), np in {1, 2, 4}.
+template <typename F>
+inline void for_panel_groups(int64_t n, bool quads, F&& body) {
+  int64_t p = 0;
+  if (quads) {
+    for (; (p + 4) * kGemmNR <= n; p += 4) body(p, 4, 4 * kGemmNR);
+  }
+  const int64_t c0 = p * kGemmNR;
+  if (c0 < n) for_panel_pairs(n - c0, [&](int64_t pp, int np, int64_t cols) { body(p + pp, np, cols); });
+}
 
 // rows x (up to) 32 columns of C from np (1 or 2) panels; cols < 16 (a lone last panel) through a buffer.
 template <bool AT>
@@ -298,7 +386,8 @@ void panel_rows_512(int64_t rows, int64_t cols, int np, int64_t kc, const float*
 // faster there, the micro-kernel's prefetches bringing its lines back from L2 in time), rows in
 // blocks of kMC512 (240 x 256 floats of A, 240 KB, in a 1-2 MB L2: ViT batch 1's 197 rows read
 // each weight panel once; with 96-row blocks three times, +4% bf16 / +1-2% fp32 over a ViT-S
-// forward's 48 GEMMs), then panel pairs.
+// forward's 48 GEMMs), then groups of four panels (6 x 64 tiles) and the last columns in pairs
+// (12 x 32). (AT, the weight gradients' transposed A: pairs only.)
 constexpr int64_t kKC512 = 256, kMC512 = 240;
 template <bool AT>
 void gemm_packed_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
@@ -319,9 +408,18 @@ void gemm_packed_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
       ab = a_copy.get();
       ld = kPadLd;
     }
-    for_panel_pairs(n, [&](int64_t p, int np, int64_t cols) {
-      panel_rows_512<AT>(mc, cols, np, kc, ab, ld, wp + p * pstride + pc * kGemmNR, pstride,
-                         c + ic * ldc + p * kGemmNR, ldc, acc, acc ? RowInit{} : init.shifted(ic, p * kGemmNR));
+    for_panel_groups(n, !AT, [&](int64_t p, int np, int64_t cols) {
+      const float* b = wp + p * pstride + pc * kGemmNR;
+      float* cb = c + ic * ldc + p * kGemmNR;
+      const RowInit in = acc ? RowInit{} : init.shifted(ic, p * kGemmNR);
+      if (np == 4) {
+        for (int64_t i = 0; i < mc; i += kMRQuad) {
+          const int64_t mr = std::min(kMRQuad, mc - i);
+          kMicroQuad[mr](kc, ab + i * ld, ld, b, pstride, cb + i * ldc, ldc, acc, in.shifted(i, 0));
+        }
+        return;
+      }
+      panel_rows_512<AT>(mc, cols, np, kc, ab, ld, b, pstride, cb, ldc, acc, in);
     });
   });
 }
@@ -367,6 +465,47 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_kernel_bf16(int64_t pai
   store_tile_512<MR, NP>(c0, c1, c, ldc, accumulate, init);
 }
 
+// bf16 four-panel tiles (as micro_kernel_quad): per k-pair 4 panel loads and MR broadcasts.
+template <int MR>
+__attribute__((target("avx512f,avx512bf16"))) void micro_kernel_bf16_quad(int64_t pairs, const uint16_t* a,
+                                                                          int64_t lda, const uint16_t* b,
+                                                                          int64_t pstride, float* c, int64_t ldc,
+                                                                          bool accumulate, const RowInit& init) {
+  __m512 cc[4][MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) cc[q][r] = _mm512_setzero_ps();
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + q * kGemmNR), _MM_HINT_T0);
+  }
+  for (int64_t t = 0; t < pairs; ++t) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + q * pstride + (t + 8) * 2 * kGemmNR), _MM_HINT_T0);
+    }
+    if ((t & 15) == 0) {
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) _mm_prefetch(reinterpret_cast<const char*>(a + r * lda + 2 * t + 64), _MM_HINT_T0);
+    }
+    __m512bh bv[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) bv[q] = (__m512bh)_mm512_loadu_si512(b + q * pstride + t * 2 * kGemmNR);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * t, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) cc[q][r] = _mm512_dpbf16_ps(cc[q][r], av, bv[q]);
+    }
+  }
+  store_tile_quad<MR>(cc, c, ldc, accumulate, init);
+}
+
 using MicroKernelBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool,
                                  const RowInit&);
 template <int NP>
@@ -375,6 +514,14 @@ constexpr MicroKernelBf16 kMicroBf16[kMR512 + 1] = {
     micro_kernel_bf16<1, NP>,  micro_kernel_bf16<2, NP>,  micro_kernel_bf16<3, NP>,  micro_kernel_bf16<4, NP>,
     micro_kernel_bf16<5, NP>,  micro_kernel_bf16<6, NP>,  micro_kernel_bf16<7, NP>,  micro_kernel_bf16<8, NP>,
     micro_kernel_bf16<9, NP>,  micro_kernel_bf16<10, NP>, micro_kernel_bf16<11, NP>, micro_kernel_bf16<12, NP>};
+
+constexpr MicroKernelBf16 kMicroBf16Quad[kMRQuad + 1] = {nullptr,
+                                                          micro_kernel_bf16_quad<1>,
+                                                          micro_kernel_bf16_quad<2>,
+                                                          micro_kernel_bf16_quad<3>,
+                                                          micro_kernel_bf16_quad<4>,
+                                                          micro_kernel_bf16_quad<5>,
+                                                          micro_kernel_bf16_quad<6>};
 
 // rows x cols fp32 (lda) -> bf16 rows (ldd elements apart), no padding.
 __attribute__((target("avx512f,avx512bf16"))) void rows_to_bf16_strided(const float* a, int64_t rows, int64_t cols,
@@ -398,7 +545,8 @@ void rows_to_bf16_avx512(const float* a, int64_t rows, int64_t k, int64_t lda, u
   }
 }
 
-// The bf16 loop nest: K blocks of kKCBf16 elements (a panel pair's block, 32 KB, stays in L1).
+// The bf16 loop nest: K blocks of kKCBf16 elements, row blocks of kMC512, then 6 x 64 tiles and the
+// last columns in pairs, as gemm_packed_512.
 constexpr int64_t kKCBf16 = 512;
 void gemm_packed_bf16(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* wp, float* c,
                       int64_t ldc, bool accumulate, int64_t pstride, const RowInit& init = {}) {
@@ -421,12 +569,19 @@ void gemm_packed_bf16(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64
       a_blk = a_pad;
       ld = kPadLd;
     }
-    for_panel_pairs(n, [&](int64_t p, int np, int64_t cols) {
+    for_panel_groups(n, true, [&](int64_t p, int np, int64_t cols) {
       const uint16_t* b = wp + p * pstride + pc * kGemmNR;
       const uint16_t* ab = a_blk;
       float* cb = c + ic * ldc + p * kGemmNR;
-      const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
       const RowInit in = acc ? RowInit{} : init.shifted(ic, p * kGemmNR);
+      if (np == 4) {
+        for (int64_t i = 0; i < mc; i += kMRQuad) {
+          const int64_t mr = std::min(kMRQuad, mc - i);
+          kMicroBf16Quad[mr](kc / 2, ab + i * ld, ld, b, pstride, cb + i * ldc, ldc, acc, in.shifted(i, 0));
+        }
+        return;
+      }
+      const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
       for (int64_t i = 0; i < mc; i += kMR512) {
         const int64_t mr = std::min(kMR512, mc - i);
         if (cols == np * kGemmNR) {
@@ -872,23 +1027,23 @@ void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int6
     rows_to_bf16_strided(c.get(), m, n, n, h, ldh);
     return;
   }
-  constexpr int64_t ldt = 2 * kGemmNR;
   if (kp > kKCBf16) {
-    // Several K blocks (ViT-B's fc1: K 768): a row block's 32 columns accumulate over the K blocks
-    // in a (rows x 32) fp32 buffer, in L1 / L2 (30 KB at most), then take the epilogue and the bf16
+    // Several K blocks (ViT-B's fc1: K 768): a row block's 64 (or 32) columns accumulate over the K
+    // blocks in a (rows x 64) fp32 buffer, in L2 (60 KB at most), then take the epilogue and the bf16
     // store. Before, the whole (m x n) product went through an fp32 scratch (ViT-B batch 8's
     // 256-row tiles: 3 MB, in the L3) that the epilogue and the conversion each read back. The
     // same sums in the same order (each K block added onto the last, as gemm_packed_bf16 does).
-    Scratch buf = scratch(kMC512 * ldt);
+    Scratch buf = scratch(kMC512 * 4 * kGemmNR);
     for (int64_t ic = 0; ic < m; ic += kMC512) {
       const int64_t mc = std::min(kMC512, m - ic);
-      for_panel_pairs(n, [&](int64_t p, int np, int64_t cols) {
-        const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
+      for_panel_groups(n, true, [&](int64_t p, int np, int64_t cols) {
+        const auto& table = np == 4 ? kMicroBf16Quad : np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
+        const int64_t mrb = np == 4 ? kMRQuad : kMR512, ldt = np == 4 ? 4 * kGemmNR : 2 * kGemmNR;
         for (int64_t pc = 0; pc < kp; pc += kKCBf16) {
           const int64_t kc = std::min(kKCBf16, kp - pc);
           const uint16_t* b = w.packed_bf16 + p * pstride + pc * kGemmNR;
-          for (int64_t i = 0; i < mc; i += kMR512) {
-            const int64_t mr = std::min(kMR512, mc - i);
+          for (int64_t i = 0; i < mc; i += mrb) {
+            const int64_t mr = std::min(mrb, mc - i);
             table[mr](kc / 2, ab + (ic + i) * lda + pc, lda, b, pstride, buf.get() + i * ldt, ldt, pc > 0, RowInit{});
           }
         }
@@ -898,14 +1053,16 @@ void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int6
     }
     return;
   }
-  alignas(64) float tile[kMR512 * 2 * kGemmNR];
-  for (int64_t ic = 0; ic < m; ic += kMC512) {  // row blocks (A's block stays in L2), then panel pairs
+  alignas(64) float tile[kMR512 * 2 * kGemmNR];  // (kMRQuad x 4 panels: the same size)
+  static_assert(kMRQuad * 4 == kMR512 * 2, "the tile holds either shape");
+  for (int64_t ic = 0; ic < m; ic += kMC512) {  // row blocks (A's block stays in L2), then panel groups
     const int64_t mc = std::min(kMC512, m - ic);
-    for_panel_pairs(n, [&](int64_t p, int np, int64_t cols) {
+    for_panel_groups(n, true, [&](int64_t p, int np, int64_t cols) {
       const uint16_t* b = w.packed_bf16 + p * pstride;
-      const auto& table = np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
-      for (int64_t i = ic; i < ic + mc; i += kMR512) {
-        const int64_t mr = std::min(kMR512, ic + mc - i);
+      const auto& table = np == 4 ? kMicroBf16Quad : np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
+      const int64_t mrb = np == 4 ? kMRQuad : kMR512, ldt = np == 4 ? 4 * kGemmNR : 2 * kGemmNR;
+      for (int64_t i = ic; i < ic + mc; i += mrb) {
+        const int64_t mr = std::min(mrb, ic + mc - i);
         table[mr](kp / 2, ab + i * lda, lda, b, pstride, tile, ldt, false, RowInit{});
         epilogue(tile, ldt, i, mr, p * kGemmNR, cols);
         rows_to_bf16_strided(tile, mr, cols, ldt, h + i * ldh + p * kGemmNR, ldh);
@@ -1085,10 +1242,13 @@ namespace {
 void columns_impl(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* a16, int64_t lda16,
                   const GemmWeight& w, float* c, int64_t ldc, bool accumulate,
                   const std::function<void(int64_t, int64_t)>& epilogue, const RowInit* init) {
-  // Tasks of whole panel pairs (32 columns), about kTasksPerThread per thread.
+  // Tasks of whole panel pairs (32 columns; an even number of them past one, so that the tasks run
+  // 64-column tiles), about kTasksPerThread per thread.
   const int64_t pairs = (n + 2 * kGemmNR - 1) / (2 * kGemmNR);
   const int64_t tasks_wanted = std::max<int64_t>(1, num_threads() * kTasksPerThread);
-  const int64_t per_task = std::max<int64_t>(1, (pairs + tasks_wanted - 1) / tasks_wanted) * 2 * kGemmNR;
+  int64_t pairs_per_task = std::max<int64_t>(1, (pairs + tasks_wanted - 1) / tasks_wanted);
+  if (pairs_per_task > 1) pairs_per_task += pairs_per_task % 2;  // whole 64-column groups (the 6 x 64 tiles)
+  const int64_t per_task = pairs_per_task * 2 * kGemmNR;
   const int64_t tasks = (n + per_task - 1) / per_task;
   const int64_t kp = k + k % 2;
   parallel_tasks(tasks, [&](auto& queue) {

@@ -104,11 +104,12 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
 // bf16 inference's fc1 -> fc2 hand-off: H (m x n bf16, ldh elements per row) = epilogue(A . W^T)
 // rounded to bf16, from A's bf16 rows (ab: m x kp, lda elements apart, kp = K padded to even: the
 // LayerNorm writes them, ln_rows_bf16) on the bf16 packed panels of W (w.packed_bf16 required).
-// Each 12-row x 32-column tile of the product goes through `epilogue(tile, ldt, r0, rows, c0,
-// cols)` (fp32, in place) while it is still in L1, then is stored as bf16: no fp32 (m x n)
-// activation is written and read back (fc1's output for ViT-S batch 1 is 1.2 MB, beyond a 1 MB L2:
-// the GELU pass and the conversion for fc2 each went through the L3). K beyond one bf16 K block
-// (512) accumulates a row block's 32 columns in an fp32 buffer first. Single-threaded: the
+// Each product tile (6 rows x 64 columns, or 12 x 32 for the last columns) goes through
+// `epilogue(tile, ldt, r0, rows, c0, cols)` (fp32, in place) while it is still in L1, then is
+// stored as bf16: no fp32 (m x n) activation is written and read back (fc1's output for ViT-S
+// batch 1 is 1.2 MB, beyond a 1 MB L2: the GELU pass and the conversion for fc2 each went through
+// the L3). K beyond one bf16 K block (512) accumulates a row block's 64 (or 32) columns in an fp32
+// buffer first. Single-threaded: the
 // caller's row tile.
 using TileEpilogue = std::function<void(float*, int64_t, int64_t, int64_t, int64_t, int64_t)>;
 void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int64_t lda, const GemmWeight& w,
