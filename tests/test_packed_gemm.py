@@ -71,15 +71,15 @@ def test_packed_layout_is_exact(n, k, gen):
         (1, 24, 1),  # batch-1 row, one output column
         (5, 40, 17),  # fewer rows than the micro-kernel, one column past a panel
         (197, 384, 1152),  # ViT-S qkv at N = 197
-        (197, 1536, 384),  # fc2: K in four blocks
+        (197, 1536, 384),  # fc2: K in three blocks
         (300, 777, 100),  # K not a multiple of the block, ragged last panel, two row tiles
         (250, 2048, 100),  # rows 8 KB apart (one L1 set): A blocks copied to a padded stride
         (1000, 64, 16),  # many row tiles, exactly one panel
         (13, 40, 33),  # AVX-512: a 12-row block + 1, a panel pair + a 1-column panel
-        (25, 300, 48),  # AVX-512: two K blocks (256 + 44), a pair + a lone full panel
-        (37, 257, 80),  # AVX-512: K one past the block, a 64-column group + a lone panel, 6 x 6 + 1 rows
+        (25, 600, 48),  # AVX-512: two K blocks (512 + 88), a pair + a lone full panel
+        (37, 513, 80),  # AVX-512: K one past the block, a 64-column group + a lone panel, 6 x 6 + 1 rows
         (11, 40, 115),  # AVX-512: 6 + 5 rows, a 64-column group, a pair and a 3-column panel
-        (7, 300, 128),  # AVX-512: two 64-column groups over two K blocks, 6 + 1 rows
+        (7, 700, 128),  # AVX-512: two 64-column groups over two K blocks, 6 + 1 rows
     ],
 )
 @pytest.mark.parametrize("bias", [True, False])

@@ -381,14 +381,16 @@ void panel_rows_512(int64_t rows, int64_t cols, int np, int64_t kc, const float*
   }
 }
 
-// The AVX-512 loop nest: K blocks of kKC512 (a pair of panels' kc x 32 block, 32 KB: it stays in
-// Zen 5's 48 KB L1; in Zen 4's 32 KB L1 it does not, but 128- and 192-deep blocks measured no
-// faster there, the micro-kernel's prefetches bringing its lines back from L2 in time), rows in
-// blocks of kMC512 (240 x 256 floats of A, 240 KB, in a 1-2 MB L2: ViT batch 1's 197 rows read
-// each weight panel once; with 96-row blocks three times, +4% bf16 / +1-2% fp32 over a ViT-S
-// forward's 48 GEMMs), then groups of four panels (6 x 64 tiles) and the last columns in pairs
-// (12 x 32). (AT, the weight gradients' transposed A: pairs only.)
-constexpr int64_t kKC512 = 256, kMC512 = 240;
+// The AVX-512 loop nest: K blocks, rows in blocks of kMC512 (ViT batch 1's 197 rows read each
+// weight panel once; with 96-row blocks three times, +4% bf16 / +1-2% fp32 over a ViT-S forward's
+// 48 GEMMs), then groups of four panels (6 x 64 tiles) and the last columns in pairs (12 x 32).
+// K blocks of kKC512 = 512: one block for K <= 512 (ViT-S: every GEMM but fc2), so a C tile is
+// stored once instead of read back and added per block. The four panels' block (512 x 64 floats,
+// 128 KB) does not stay in L1 either way; the micro-kernel's prefetches bring its lines from L2,
+// and the A block (240 x 512 floats, 480 KB) stays in a 1 MB L2. On Zen 4 (6 x 64 tiles) 512 over
+// 256: ViT-S fp32 -3.6% at batch 1 and 8, ViT-B even. AT (the weight gradients' transposed A,
+// 12 x 32 tiles only) keeps blocks of kKC512T = 256.
+constexpr int64_t kKC512 = 512, kKC512T = 256, kMC512 = 240;
 template <bool AT>
 void gemm_packed_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
                      int64_t ldc, bool accumulate, int64_t pstride, const RowInit& init = {}) {
@@ -398,9 +400,9 @@ void gemm_packed_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
   // for its neighbours. Each A block (used by every panel pair) is then copied once to a stride of
   // kc + 16 floats, which spreads the rows over the sets.
   const bool pad_a = !AT && lda % 1024 == 0 && m > 1;
-  constexpr int64_t kPadLd = kKC512 + 16;
+  constexpr int64_t kcb = AT ? kKC512T : kKC512, kPadLd = kcb + 16;
   Scratch a_copy = scratch(pad_a ? std::min(kMC512, m) * kPadLd : 0);
-  for_blocks(m, k, kKC512, kMC512, accumulate, [&](int64_t pc, int64_t kc, bool acc, int64_t ic, int64_t mc) {
+  for_blocks(m, k, kcb, kMC512, accumulate, [&](int64_t pc, int64_t kc, bool acc, int64_t ic, int64_t mc) {
     const float* ab = a + a_at<AT>(ic, pc, lda);
     int64_t ld = lda;
     if (pad_a) {
