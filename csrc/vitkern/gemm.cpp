@@ -1241,16 +1241,20 @@ void gemm_packed_bf16_nt(int64_t m, int64_t n, int64_t kp, const uint16_t* a, in
 namespace {
 // gemm_nt_columns over fp32 A (a, lda) or, on the bf16 route, bf16 A rows (a16, lda16; k then
 // counts the bf16 row's elements and is even).
-void columns_impl(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* a16, int64_t lda16,
-                  const GemmWeight& w, float* c, int64_t ldc, bool accumulate,
-                  const std::function<void(int64_t, int64_t)>& epilogue, const RowInit* init) {
-  // Tasks of whole panel pairs (32 columns; an even number of them past one, so that the tasks run
-  // 64-column tiles), about kTasksPerThread per thread.
+// The column split's task width: whole panel pairs (32 columns; an even number of them past one, so
+// that the tasks run 64-column tiles), about kTasksPerThread tasks per thread.
+int64_t column_task_width(int64_t n) {
   const int64_t pairs = (n + 2 * kGemmNR - 1) / (2 * kGemmNR);
   const int64_t tasks_wanted = std::max<int64_t>(1, num_threads() * kTasksPerThread);
   int64_t pairs_per_task = std::max<int64_t>(1, (pairs + tasks_wanted - 1) / tasks_wanted);
-  if (pairs_per_task > 1) pairs_per_task += pairs_per_task % 2;  // whole 64-column groups (the 6 x 64 tiles)
-  const int64_t per_task = pairs_per_task * 2 * kGemmNR;
+  if (pairs_per_task > 1) pairs_per_task += pairs_per_task % 2;
+  return pairs_per_task * 2 * kGemmNR;
+}
+
+void columns_impl(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* a16, int64_t lda16,
+                  const GemmWeight& w, float* c, int64_t ldc, bool accumulate,
+                  const std::function<void(int64_t, int64_t)>& epilogue, const RowInit* init) {
+  const int64_t per_task = column_task_width(n);
   const int64_t tasks = (n + per_task - 1) / per_task;
   const int64_t kp = k + k % 2;
   parallel_tasks(tasks, [&](auto& queue) {
@@ -1305,6 +1309,25 @@ void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
   columns_impl(m, n, k, a, lda, a16, kp, w, c, ldc, accumulate, epilogue, init);
 }
 
+void gemm_nt_columns_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* a16, int64_t lda16,
+                              const GemmWeight& w, uint16_t* h, int64_t ldh, const TileEpilogue& epilogue) {
+  VK_CHECK(w.packed_bf16 != nullptr, "gemm_nt_columns_bf16_out: the weight must be packed as bf16");
+  VK_CHECK(kp % 2 == 0, "gemm_nt_columns_bf16_out: the bf16 rows must have an even length, got ", kp);
+  if (m == 0 || n == 0) return;
+  const int64_t per_task = column_task_width(n);
+  parallel_tasks((n + per_task - 1) / per_task, [&](auto& queue) {
+    for (int64_t t; (t = queue.next()) >= 0;) {
+      const int64_t c0 = t * per_task, cols = std::min(per_task, n - c0);
+      GemmWeight wt;
+      wt.packed_bf16 = w.packed_bf16 + c0 * kp;  // the task's panels (c0 is a multiple of 16)
+      gemm_nt_bf16_out(m, cols, kp, a16, lda16, wt, h + c0, ldh,
+                       [&](float* tile, int64_t ldt, int64_t r0, int64_t rows, int64_t tc0, int64_t nc) {
+                         epilogue(tile, ldt, r0, rows, c0 + tc0, nc);
+                       });
+    }
+  });
+}
+
 void gemm_nt_columns_bf16a(int64_t m, int64_t n, int64_t kp, const uint16_t* a16, int64_t lda16, const GemmWeight& w,
                            float* c, int64_t ldc, bool accumulate,
                            const std::function<void(int64_t, int64_t)>& epilogue, const RowInit* init) {
@@ -1312,15 +1335,6 @@ void gemm_nt_columns_bf16a(int64_t m, int64_t n, int64_t kp, const uint16_t* a16
   VK_CHECK(kp % 2 == 0, "gemm_nt_columns_bf16a: the bf16 rows must have an even length, got ", kp);
   if (m == 0 || n == 0) return;
   columns_impl(m, n, kp, nullptr, 0, a16, lda16, w, c, ldc, accumulate, epilogue, init);
-}
-
-void rows_to_bf16_cols(const float* a, int64_t rows, int64_t cols, int64_t lda, uint16_t* dst, int64_t ldd) {
-  VK_CHECK(bf16_gemm_active(), "rows_to_bf16_cols: the bf16 GEMM route is not active");
-#if VK_X86_SIMD
-  rows_to_bf16_strided(a, rows, cols, lda, dst, ldd);
-#else
-  (void)a; (void)rows; (void)cols; (void)lda; (void)dst; (void)ldd;
-#endif
 }
 
 // The backward's products on the packed GEMM route (gemm.h): B packed into 16-column panels

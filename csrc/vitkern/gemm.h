@@ -151,12 +151,15 @@ void gemm_nt_columns(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
                      const RowInit* init = nullptr);
 
 // The same from A already in bf16 rows (a16: m x kp, lda16 elements apart, kp even), on a bf16
-// packed W: the column split's GEMMs whose A a row pass wrote as bf16 itself (the LayerNorm, fc1's
-// epilogue). rows_to_bf16_cols: rows x cols fp32 (lda) -> bf16 (ldd), no pad (a task's columns).
+// packed W: the column split's GEMMs whose A an earlier pass wrote as bf16 itself (the LayerNorm,
+// fc1's column tasks, the attention's output).
 void gemm_nt_columns_bf16a(int64_t m, int64_t n, int64_t kp, const uint16_t* a16, int64_t lda16, const GemmWeight& w,
                            float* c, int64_t ldc, bool accumulate,
                            const std::function<void(int64_t, int64_t)>& epilogue = {}, const RowInit* init = nullptr);
-void rows_to_bf16_cols(const float* a, int64_t rows, int64_t cols, int64_t lda, uint16_t* dst, int64_t ldd);
+// gemm_nt_bf16_out threaded over the same column tasks: H's columns of each task as bf16, each
+// product tile through `epilogue` (its c0 counted from H's first column) while it is in L1.
+void gemm_nt_columns_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* a16, int64_t lda16,
+                              const GemmWeight& w, uint16_t* h, int64_t ldh, const TileEpilogue& epilogue);
 
 // C (m x n) = A (m x k, lda) . B (k x n, ldb), and C = A^T . B with A (k x m, lda), on the packed
 // route (B packed per call, threaded over panels; row tiles of C threaded): the layernorm_mlp

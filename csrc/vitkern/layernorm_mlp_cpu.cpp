@@ -240,11 +240,14 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
     // Few rows on several threads (batch-1 inference): the LayerNorm over all rows, then fc1 and fc2
     // each threaded over column tasks that read their weight once in all (gemm.h, split_columns),
     // fc1's bias + activation on each task's columns. The same sums as the row tiles, bit for bit.
-    // bf16 inference: the LayerNorm writes fc1's bf16 A rows, and each fc1 task stores its columns
-    // of the activation as fc2's bf16 A rows: no serial conversion pass between the column tasks.
+    // bf16 inference: the LayerNorm writes fc1's bf16 A rows, and each fc1 task takes the bias and
+    // activation on each product tile while it is in L1 and stores its columns of the activation as
+    // fc2's bf16 A rows (gemm_nt_columns_bf16_out, as the row tiles' gemm_nt_bf16_out): no fp32
+    // hidden activation, and no serial conversion pass between the column tasks.
     const bool bf16 = !save_for_backward && w1a.packed_bf16 != nullptr && w2.packed_bf16 != nullptr;
     const int64_t dp = D + D % 2, hdp = Hd + Hd % 2;
-    Scratch hn_buf = scratch(save_for_backward || bf16 ? 0 : M * D), hid_buf = scratch(save_for_backward ? 0 : M * Hd);
+    Scratch hn_buf = scratch(save_for_backward || bf16 ? 0 : M * D),
+            hid_buf = scratch(save_for_backward || bf16 ? 0 : M * Hd);
     Scratch a16_buf = scratch(bf16 ? (M * dp + 1) / 2 : 0), h16_buf = scratch(bf16 ? (M * hdp + 1) / 2 : 0);
     uint16_t* a16 = reinterpret_cast<uint16_t*>(a16_buf.get());
     uint16_t* h16 = reinterpret_cast<uint16_t*>(h16_buf.get());
@@ -255,12 +258,16 @@ std::vector<Tensor> layernorm_mlp_forward_cpu(const Tensor& x_in, const OptTenso
         simd::bias_act(hid + r * Hd + c0, b1ap ? b1ap + c0 : nullptr, cols, act,
                        prep ? prep + r * Hd + c0 : nullptr);
       }
-      if (bf16) rows_to_bf16_cols(hid + c0, M, cols, Hd, h16 + c0, hdp);
     };
     const RowInit init{residual ? xp : nullptr, D, b2p};
     if (bf16) {
       ln_rows_threaded(xp, M, D, eps, lnwp, lnbp, rms, mp, rp, nullptr, a16, dp);
-      gemm_nt_columns_bf16a(M, Hd, dp, a16, dp, w1a, hid, Hd, false, fc1_epilogue);
+      gemm_nt_columns_bf16_out(M, Hd, dp, a16, dp, w1a, h16, hdp,
+                               [&](float* t, int64_t ldt, int64_t, int64_t nr, int64_t c0, int64_t nc) {
+                                 for (int64_t r = 0; r < nr; ++r) {
+                                   simd::bias_act(t + r * ldt, b1ap ? b1ap + c0 : nullptr, nc, act, nullptr);
+                                 }
+                               });
       if (hdp > Hd) {
         for (int64_t r = 0; r < M; ++r) h16[r * hdp + Hd] = 0;
       }
