@@ -291,21 +291,28 @@ __attribute__((target("avx512f"), always_inline)) inline void store_tile_quad(__
   }
 }
 
+// A four-panel tile's start: zeroed accumulators, and the C tile's lines prefetched (as in
+// micro_kernel_512: the store's read-for-ownership, or the load when accumulating, then overlaps
+// the K loop).
+template <int MR>
+__attribute__((target("avx512f"), always_inline)) inline void quad_tile_start(__m512 (&cc)[4][MR], const float* c,
+                                                                             int64_t ldc) {
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      cc[q][r] = _mm512_setzero_ps();
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + q * kGemmNR), _MM_HINT_T0);
+    }
+  }
+}
+
 template <int MR>
 __attribute__((target("avx512f"))) void micro_kernel_quad(int64_t kc, const float* a, int64_t lda, const float* b,
                                                           int64_t pstride, float* c, int64_t ldc, bool accumulate,
                                                           const RowInit& init) {
   __m512 cc[4][MR];
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) cc[q][r] = _mm512_setzero_ps();
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {  // prefetches as in micro_kernel_512
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + q * kGemmNR), _MM_HINT_T0);
-  }
+  quad_tile_start<MR>(cc, c, ldc);
   for (int64_t k = 0; k < kc; ++k) {
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) {
@@ -474,16 +481,7 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_kernel_bf16_quad(int64_
                                                                           int64_t pstride, float* c, int64_t ldc,
                                                                           bool accumulate, const RowInit& init) {
   __m512 cc[4][MR];
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) cc[q][r] = _mm512_setzero_ps();
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + q * kGemmNR), _MM_HINT_T0);
-  }
+  quad_tile_start<MR>(cc, c, ldc);
   for (int64_t t = 0; t < pairs; ++t) {
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) {
