@@ -261,7 +261,6 @@ __attribute__((target("avx512f"))) void micro_kernel_512(int64_t kc, const float
   store_tile_512<MR, NP>(c0, c1, c, ldc, accumulate, init);
 }
 
-
 // Four-panel (64-column) tiles, MR <= 6 rows: per k step 4 panel loads and MR broadcasts for 4 MR
 // FMAs (the 12 x 32 tile: 2 loads, 12 broadcasts for 24). On Zen 4, in the ViT GEMM shapes (A's
 // block in L2, the weight panels streaming from L2 / L3) the 6 x 64 tile runs 2-8% faster than
@@ -522,6 +521,17 @@ constexpr MicroKernelBf16 kMicroBf16Quad[kMRQuad + 1] = {nullptr,
                                                           micro_kernel_bf16_quad<4>,
                                                           micro_kernel_bf16_quad<5>,
                                                           micro_kernel_bf16_quad<6>};
+
+// The bf16 kernels of a panel group (for_panel_groups' np), their row block and the fp32 tile stride
+// gemm_nt_bf16_out stores them at.
+struct Bf16Group {
+  const MicroKernelBf16* kernels;
+  int64_t rows, ldt;
+};
+inline Bf16Group bf16_group(int np) {
+  if (np == 4) return {kMicroBf16Quad, kMRQuad, 4 * kGemmNR};
+  return {np == 2 ? kMicroBf16<2> : kMicroBf16<1>, kMR512, 2 * kGemmNR};
+}
 
 // rows x cols fp32 (lda) -> bf16 rows (ldd elements apart), no padding.
 __attribute__((target("avx512f,avx512bf16"))) void rows_to_bf16_strided(const float* a, int64_t rows, int64_t cols,
@@ -1037,14 +1047,15 @@ void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int6
     for (int64_t ic = 0; ic < m; ic += kMC512) {
       const int64_t mc = std::min(kMC512, m - ic);
       for_panel_groups(n, true, [&](int64_t p, int np, int64_t cols) {
-        const auto& table = np == 4 ? kMicroBf16Quad : np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
-        const int64_t mrb = np == 4 ? kMRQuad : kMR512, ldt = np == 4 ? 4 * kGemmNR : 2 * kGemmNR;
+        const Bf16Group g = bf16_group(np);
+        const int64_t mrb = g.rows, ldt = g.ldt;
         for (int64_t pc = 0; pc < kp; pc += kKCBf16) {
           const int64_t kc = std::min(kKCBf16, kp - pc);
           const uint16_t* b = w.packed_bf16 + p * pstride + pc * kGemmNR;
           for (int64_t i = 0; i < mc; i += mrb) {
             const int64_t mr = std::min(mrb, mc - i);
-            table[mr](kc / 2, ab + (ic + i) * lda + pc, lda, b, pstride, buf.get() + i * ldt, ldt, pc > 0, RowInit{});
+            g.kernels[mr](kc / 2, ab + (ic + i) * lda + pc, lda, b, pstride, buf.get() + i * ldt, ldt, pc > 0,
+                          RowInit{});
           }
         }
         epilogue(buf.get(), ldt, ic, mc, p * kGemmNR, cols);
@@ -1059,11 +1070,11 @@ void gemm_nt_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* ab, int6
     const int64_t mc = std::min(kMC512, m - ic);
     for_panel_groups(n, true, [&](int64_t p, int np, int64_t cols) {
       const uint16_t* b = w.packed_bf16 + p * pstride;
-      const auto& table = np == 4 ? kMicroBf16Quad : np == 2 ? kMicroBf16<2> : kMicroBf16<1>;
-      const int64_t mrb = np == 4 ? kMRQuad : kMR512, ldt = np == 4 ? 4 * kGemmNR : 2 * kGemmNR;
+      const Bf16Group g = bf16_group(np);
+      const int64_t mrb = g.rows, ldt = g.ldt;
       for (int64_t i = ic; i < ic + mc; i += mrb) {
         const int64_t mr = std::min(mrb, ic + mc - i);
-        table[mr](kp / 2, ab + i * lda, lda, b, pstride, tile, ldt, false, RowInit{});
+        g.kernels[mr](kp / 2, ab + i * lda, lda, b, pstride, tile, ldt, false, RowInit{});
         epilogue(tile, ldt, i, mr, p * kGemmNR, cols);
         rows_to_bf16_strided(tile, mr, cols, ldt, h + i * ldh + p * kGemmNR, ldh);
       }
@@ -1237,50 +1248,50 @@ void gemm_packed_bf16_nt(int64_t m, int64_t n, int64_t kp, const uint16_t* a, in
 }
 
 namespace {
-// gemm_nt_columns over fp32 A (a, lda) or, on the bf16 route, bf16 A rows (a16, lda16; k then
-// counts the bf16 row's elements and is even).
-// The column split's task width: whole panel pairs (32 columns; an even number of them past one, so
-// that the tasks run 64-column tiles), about kTasksPerThread tasks per thread.
-int64_t column_task_width(int64_t n) {
+// The column split's tasks, threaded: body(c0, cols) for each task's columns [c0, c0 + cols).
+// Tasks are whole panel pairs (32 columns; an even number of them past one, so that the tasks run
+// 64-column tiles), about kTasksPerThread per thread.
+template <typename F>
+void for_column_tasks(int64_t n, F&& body) {
   const int64_t pairs = (n + 2 * kGemmNR - 1) / (2 * kGemmNR);
   const int64_t tasks_wanted = std::max<int64_t>(1, num_threads() * kTasksPerThread);
   int64_t pairs_per_task = std::max<int64_t>(1, (pairs + tasks_wanted - 1) / tasks_wanted);
   if (pairs_per_task > 1) pairs_per_task += pairs_per_task % 2;
-  return pairs_per_task * 2 * kGemmNR;
+  const int64_t per_task = pairs_per_task * 2 * kGemmNR;
+  parallel_tasks((n + per_task - 1) / per_task, [&](auto& queue) {
+    for (int64_t t; (t = queue.next()) >= 0;) body(t * per_task, std::min(per_task, n - t * per_task));
+  });
 }
 
+// gemm_nt_columns over fp32 A (a, lda) or, on the bf16 route, bf16 A rows (a16, lda16; k then
+// counts the bf16 row's elements and is even).
 void columns_impl(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* a16, int64_t lda16,
                   const GemmWeight& w, float* c, int64_t ldc, bool accumulate,
                   const std::function<void(int64_t, int64_t)>& epilogue, const RowInit* init) {
-  const int64_t per_task = column_task_width(n);
-  const int64_t tasks = (n + per_task - 1) / per_task;
   const int64_t kp = k + k % 2;
-  parallel_tasks(tasks, [&](auto& queue) {
-    for (int64_t t; (t = queue.next()) >= 0;) {
-      const int64_t c0 = t * per_task, cols = std::min(per_task, n - c0);
-      float* ct = c + c0;
-      // (this task's columns of the starting value: each task reads or writes its own)
-      const RowInit in = init != nullptr && !accumulate ? init->shifted(0, c0) : RowInit{};
+  for_column_tasks(n, [&](int64_t c0, int64_t cols) {
+    float* ct = c + c0;
+    // (this task's columns of the starting value: each task reads or writes its own)
+    const RowInit in = init != nullptr && !accumulate ? init->shifted(0, c0) : RowInit{};
 #if VK_X86_SIMD
-      if (w.packed_bf16 != nullptr) {
-        gemm_packed_bf16(m, cols, kp, a16, lda16, w.packed_bf16 + c0 * kp, ct, ldc, accumulate, kGemmNR * kp, in);
-        if (epilogue) epilogue(c0, cols);
-        continue;
-      }
-      if (in.any() && k > 0 && simd::has_avx512()) {
-        gemm_packed_512<false>(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, false, kGemmNR * k, in);
-        if (epilogue) epilogue(c0, cols);
-        continue;
-      }
-#endif
-      bool acc = accumulate;
-      if (in.any()) {
-        write_init(ct, m, cols, ldc, in);
-        acc = true;
-      }
-      gemm_packed_nt(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, acc);
+    if (w.packed_bf16 != nullptr) {
+      gemm_packed_bf16(m, cols, kp, a16, lda16, w.packed_bf16 + c0 * kp, ct, ldc, accumulate, kGemmNR * kp, in);
       if (epilogue) epilogue(c0, cols);
+      return;
     }
+    if (in.any() && k > 0 && simd::has_avx512()) {
+      gemm_packed_512<false>(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, false, kGemmNR * k, in);
+      if (epilogue) epilogue(c0, cols);
+      return;
+    }
+#endif
+    bool acc = accumulate;
+    if (in.any()) {
+      write_init(ct, m, cols, ldc, in);
+      acc = true;
+    }
+    gemm_packed_nt(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, acc);
+    if (epilogue) epilogue(c0, cols);
   });
 }
 }  // namespace
@@ -1312,17 +1323,13 @@ void gemm_nt_columns_bf16_out(int64_t m, int64_t n, int64_t kp, const uint16_t* 
   VK_CHECK(w.packed_bf16 != nullptr, "gemm_nt_columns_bf16_out: the weight must be packed as bf16");
   VK_CHECK(kp % 2 == 0, "gemm_nt_columns_bf16_out: the bf16 rows must have an even length, got ", kp);
   if (m == 0 || n == 0) return;
-  const int64_t per_task = column_task_width(n);
-  parallel_tasks((n + per_task - 1) / per_task, [&](auto& queue) {
-    for (int64_t t; (t = queue.next()) >= 0;) {
-      const int64_t c0 = t * per_task, cols = std::min(per_task, n - c0);
-      GemmWeight wt;
-      wt.packed_bf16 = w.packed_bf16 + c0 * kp;  // the task's panels (c0 is a multiple of 16)
-      gemm_nt_bf16_out(m, cols, kp, a16, lda16, wt, h + c0, ldh,
-                       [&](float* tile, int64_t ldt, int64_t r0, int64_t rows, int64_t tc0, int64_t nc) {
-                         epilogue(tile, ldt, r0, rows, c0 + tc0, nc);
-                       });
-    }
+  for_column_tasks(n, [&](int64_t c0, int64_t cols) {
+    GemmWeight wt;
+    wt.packed_bf16 = w.packed_bf16 + c0 * kp;  // the task's panels (c0 is a multiple of 16)
+    gemm_nt_bf16_out(m, cols, kp, a16, lda16, wt, h + c0, ldh,
+                     [&](float* tile, int64_t ldt, int64_t r0, int64_t rows, int64_t tc0, int64_t nc) {
+                       epilogue(tile, ldt, r0, rows, c0 + tc0, nc);
+                     });
   });
 }
 
