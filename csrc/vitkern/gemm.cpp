@@ -3,8 +3,9 @@
 // AVX2 (6 x 16): K in blocks of kKC, rows of A in blocks of kMC (the A block, kMC x kKC = 144 KB,
 // stays in L2), weight panels of 16 columns (one panel's kKC x 16 block, 24 KB, stays in L1
 // while the rows stream past it), then the 6 x 16 micro-kernel: 12 ymm accumulators, two
-// panel loads and six broadcasts of A per k. Row tails use the same kernel with fewer rows
-// (a template per row count); a partial last panel computes into a 6 x 16 buffer.
+// panel loads and six broadcasts of A per k, k unrolled by 4. Row tails use the same kernel with
+// fewer rows (a template per row count); a partial last panel computes into a 6 x 16 buffer. The
+// first K block's tiles add the starting value (bias, residual rows) as they are stored.
 // AVX-512 and bf16 (vdpbf16ps over k-pairs): the same nest with 24 zmm accumulators per
 // micro-kernel call, 6 rows x four panels (64 columns) while four full panels are left, then
 // 12 rows x two panels, and a lone last panel (kKC512 / kKCBf16, kMC512 below).
@@ -98,23 +99,58 @@ inline void for_panel_pairs(int64_t n, F&& body) {
 // stored transposed (kc x MR, element (r, k) at a[k * lda + r]), as for the weight gradients'
 // dY^T . X and the attention backward's P^T . dO: the six broadcasts of a k step then read
 // adjacent floats.
+// One k step of the AVX2 micro-kernel: two panel loads, MR broadcasts, 2 MR FMAs.
+template <int MR, bool AT>
+__attribute__((target("avx2,fma"), always_inline)) inline void avx2_step(int64_t k, const float* a, int64_t lda,
+                                                                        const float* b, __m256 (&c0)[MR],
+                                                                        __m256 (&c1)[MR]) {
+  const __m256 b0 = _mm256_loadu_ps(b + k * kGemmNR), b1 = _mm256_loadu_ps(b + k * kGemmNR + 8);
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    const __m256 av = _mm256_broadcast_ss(AT ? a + k * lda + r : a + r * lda + k);
+    c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+    c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+  }
+}
+
 template <int MR, bool AT>
 __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* b,
-                                                      float* c, int64_t ldc, bool accumulate) {
+                                                      float* c, int64_t ldc, bool accumulate, const RowInit& init) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
     c0[r] = _mm256_setzero_ps();
     c1[r] = _mm256_setzero_ps();
   }
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * kGemmNR), b1 = _mm256_loadu_ps(b + k * kGemmNR + 8);
+  // The C tile's lines (the store's read-for-ownership, or the load when accumulating) are
+  // requested first, so that they arrive during the K loop instead of stalling the stores at its end.
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + kGemmNR - 1), _MM_HINT_T0);
+  }
+  // k unrolled by 4: the loop's address arithmetic and branch once per four steps.
+  int64_t k = 0;
+  for (; k + 4 <= kc; k += 4) {
+    avx2_step<MR, AT>(k, a, lda, b, c0, c1);
+    avx2_step<MR, AT>(k + 1, a, lda, b, c0, c1);
+    avx2_step<MR, AT>(k + 2, a, lda, b, c0, c1);
+    avx2_step<MR, AT>(k + 3, a, lda, b, c0, c1);
+  }
+  for (; k < kc; ++k) avx2_step<MR, AT>(k, a, lda, b, c0, c1);
+  if (!accumulate && init.any()) {  // C = tile + (init row + bias)
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 bias0 = init.bias != nullptr ? _mm256_loadu_ps(init.bias) : zero;
+    const __m256 bias1 = init.bias != nullptr ? _mm256_loadu_ps(init.bias + 8) : zero;
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(AT ? a + k * lda + r : a + r * lda + k);
-      c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+      float* cr = c + r * ldc;
+      const float* src = init.rows != nullptr ? init.rows + r * init.ld : nullptr;
+      _mm256_storeu_ps(cr, _mm256_add_ps(c0[r], src != nullptr ? _mm256_add_ps(_mm256_loadu_ps(src), bias0) : bias0));
+      _mm256_storeu_ps(cr + 8,
+                       _mm256_add_ps(c1[r], src != nullptr ? _mm256_add_ps(_mm256_loadu_ps(src + 8), bias1) : bias1));
     }
+    return;
   }
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
@@ -128,7 +164,7 @@ __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a
   }
 }
 
-using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, bool);
+using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, bool, const RowInit&);
 template <bool AT>
 constexpr MicroKernel kMicro[kMR + 1] = {nullptr,
                                          micro_kernel<1, AT>,
@@ -145,22 +181,25 @@ inline int64_t a_at(int64_t i, int64_t k, int64_t lda) {
 }
 
 // rows x (up to) 16 columns of C from one panel; cols < 16 (the last panel) goes through a buffer.
+// `init` (a first K block that does not accumulate): C = product + (init row + bias).
 template <bool AT>
 void panel_rows(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t lda, const float* b, float* c,
-                int64_t ldc, bool accumulate) {
+                int64_t ldc, bool accumulate, const RowInit& init) {
   int64_t i = 0;
   if (cols == kGemmNR) {
     for (; i + kMR <= rows; i += kMR) {
-      micro_kernel<kMR, AT>(kc, a + a_at<AT>(i, 0, lda), lda, b, c + i * ldc, ldc, accumulate);
+      micro_kernel<kMR, AT>(kc, a + a_at<AT>(i, 0, lda), lda, b, c + i * ldc, ldc, accumulate, init.shifted(i, 0));
     }
-    if (i < rows) kMicro<AT>[rows - i](kc, a + a_at<AT>(i, 0, lda), lda, b, c + i * ldc, ldc, accumulate);
+    if (i < rows) {
+      kMicro<AT>[rows - i](kc, a + a_at<AT>(i, 0, lda), lda, b, c + i * ldc, ldc, accumulate, init.shifted(i, 0));
+    }
     return;
   }
   float buf[kMR * kGemmNR];
   for (; i < rows; i += kMR) {
     const int64_t mr = std::min(kMR, rows - i);
-    kMicro<AT>[mr](kc, a + a_at<AT>(i, 0, lda), lda, b, buf, kGemmNR, false);
-    buffer_to_rows(buf, mr, cols, c + i * ldc, ldc, accumulate);
+    kMicro<AT>[mr](kc, a + a_at<AT>(i, 0, lda), lda, b, buf, kGemmNR, false, RowInit{});
+    buffer_to_rows(buf, mr, cols, c + i * ldc, ldc, accumulate, init.shifted(i, 0));
   }
 }
 
@@ -168,13 +207,13 @@ void panel_rows(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t 
 // product uses a k-range of longer panels, as sp_attention's P . V does per key block).
 template <bool AT>
 void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
-                 int64_t ldc, bool accumulate, int64_t pstride) {
+                 int64_t ldc, bool accumulate, int64_t pstride, const RowInit& init = {}) {
   const int64_t panels = (n + kGemmNR - 1) / kGemmNR;
   for_blocks(m, k, kKC, kMC, accumulate, [&](int64_t pc, int64_t kc, bool acc, int64_t ic, int64_t mc) {
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t cols = std::min(kGemmNR, n - p * kGemmNR);
       panel_rows<AT>(mc, cols, kc, a + a_at<AT>(ic, pc, lda), lda, wp + p * pstride + pc * kGemmNR,
-                     c + ic * ldc + p * kGemmNR, ldc, acc);
+                     c + ic * ldc + p * kGemmNR, ldc, acc, acc ? RowInit{} : init.shifted(ic, p * kGemmNR));
     }
   });
 }
@@ -430,6 +469,17 @@ void gemm_packed_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
       panel_rows_512<AT>(mc, cols, np, kc, ab, ld, b, pstride, cb, ldc, acc, in);
     });
   });
+}
+
+// C (m x n, ldc) = A . W^T + init over a packed fp32 weight (panel stride 16 k), the kernels reading
+// the starting value (the bias, the residual rows) as they store each tile of the first K block.
+void gemm_packed_init(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
+                      int64_t ldc, const RowInit& init) {
+  if (simd::has_avx512()) {
+    gemm_packed_512<false>(m, n, k, a, lda, wp, c, ldc, false, kGemmNR * k, init);
+  } else {
+    gemm_packed<false>(m, n, k, a, lda, wp, c, ldc, false, kGemmNR * k, init);
+  }
 }
 
 // bf16: the same 12-row x two-panel blocking over k-pairs. Per pair t: one 512-bit load per panel
@@ -1012,8 +1062,8 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
                      kGemmNR * kp, in);
     return;
   }
-  if (in.any() && k > 0 && w.packed != nullptr && packed_gemm_active() && simd::has_avx512()) {
-    gemm_packed_512<false>(m, n, k, a, lda, w.packed, c, ldc, false, kGemmNR * k, in);
+  if (in.any() && k > 0 && w.packed != nullptr && packed_gemm_active()) {
+    gemm_packed_init(m, n, k, a, lda, w.packed, c, ldc, in);
     return;
   }
 #endif
@@ -1279,8 +1329,8 @@ void columns_impl(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, 
       if (epilogue) epilogue(c0, cols);
       return;
     }
-    if (in.any() && k > 0 && simd::has_avx512()) {
-      gemm_packed_512<false>(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, false, kGemmNR * k, in);
+    if (in.any() && k > 0) {  // (the kernels read the starting value as they store)
+      gemm_packed_init(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, in);
       if (epilogue) epilogue(c0, cols);
       return;
     }
