@@ -80,6 +80,8 @@ def test_packed_layout_is_exact(n, k, gen):
         (37, 513, 80),  # AVX-512: K one past the block, a 64-column group + a lone panel, 6 x 6 + 1 rows
         (11, 40, 115),  # AVX-512: 6 + 5 rows, a 64-column group, a pair and a 3-column panel
         (7, 700, 128),  # AVX-512: two 64-column groups over two K blocks, 6 + 1 rows
+        (100, 700, 70),  # AVX2: K <= 768 as one block, two row blocks (96 + 4), a 6-column panel
+        (101, 1024, 37),  # AVX2: padded A copies over three K blocks (384 + 384 + 256), 96 + 5 rows
     ],
 )
 @pytest.mark.parametrize("bias", [True, False])
