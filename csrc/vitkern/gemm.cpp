@@ -350,9 +350,21 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
       return;
     }
     for (int64_t p0 = 0; p0 < panels; p0 += kGroupPanels) {
-      const int64_t p1 = std::min(panels, p0 + kGroupPanels);
+      const int64_t p1 = std::min(panels, p0 + kGroupPanels), pn = std::min(panels, p1 + kGroupPanels);
+      // The next group's panel lines (one 64-byte line per k and panel) are requested into L2, spread
+      // over this group's kernel calls: a model's weights come from DRAM once per forward, and the
+      // first tile of a group otherwise waits on them (Zen 3, weights cycled beyond the L3: +2-5%).
+      const int64_t next_lines = (pn - p1) * kc, calls = (mc + kMR - 1) / kMR * (p1 - p0);
+      const int64_t per_call = (next_lines + calls - 1) / calls;
+      int64_t issued = 0;
       for (int64_t i = 0; i < mc; i += kMR) {
-        for (int64_t p = p0; p < p1; ++p) panel(p, i, std::min(kMR, mc - i));
+        for (int64_t p = p0; p < p1; ++p) {
+          for (const int64_t stop = std::min(next_lines, issued + per_call); issued < stop; ++issued) {
+            _mm_prefetch(reinterpret_cast<const char*>(wp + (p1 + issued / kc) * pstride + (pc + issued % kc) * kGemmNR),
+                         _MM_HINT_T1);
+          }
+          panel(p, i, std::min(kMR, mc - i));
+        }
       }
     }
   });
