@@ -1,13 +1,16 @@
 // vitkern's own weight GEMMs (gemm.h): BLIS-style blocking over a prepacked weight.
 //
-// AVX2 (6 x 16): K in blocks of kKC, rows of A in blocks of kMC (the A block, kMC x kKC = 144 KB,
-// stays in L2), weight panels of 16 columns (one panel's kKC x 16 block, 24 KB, stays in L1
-// while the rows stream past it), then the 6 x 16 micro-kernel: 12 ymm accumulators, two
-// panel loads and six broadcasts of A per k, k unrolled by 4. Row tails use the same kernel with
-// fewer rows (a template per row count); a partial last panel computes into a 6 x 16 buffer. The
-// first K block's tiles add the starting value (bias, residual rows) as they are stored.
-// AVX-512 and bf16 (vdpbf16ps over k-pairs): the same nest with 24 zmm accumulators per
-// micro-kernel call, 6 rows x four panels (64 columns) while four full panels are left, then
+// AVX2 (6 x 16): K in blocks of kKC (one block up to 2 kKC), row-major A in one row block of up to
+// kMCRows rows (the models' row tiles), then groups of four 16-column weight panels (kKC x 64,
+// 96 KB, in L2), then 6-row tiles, each run across the group's panels while its A rows (6 x kKC,
+// 9 KB) stay in L1 - MLAS's order. The 6 x 16 micro-kernel: 12 ymm accumulators, two panel loads
+// and six broadcasts of A per k, the full tile's K loop in inline assembly (k unrolled by 4). Row
+// tails use intrinsics kernels with fewer rows (a template per row count); a partial last panel
+// computes into a 6 x 16 buffer. The first K block's tiles add the starting value (bias, residual
+// rows) as they are stored. Transposed A (weight gradients) runs panel-first in blocks of kMC rows.
+// AVX-512 and bf16 (vdpbf16ps over k-pairs): K blocks, row blocks of kMC512, then panel groups,
+// each swept down the row block with 24 zmm accumulators per micro-kernel call (the AVX-512 tiles
+// span a whole group): 6 rows x four panels (64 columns) while four full panels are left, then
 // 12 rows x two panels, and a lone last panel (kKC512 / kKCBf16, kMC512 below).
 #include "gemm.h"
 
@@ -109,10 +112,6 @@ inline void for_panel_pairs(int64_t n, F&& body) {
 }
 
 #if VK_X86_SIMD
-// C rows (ldc) = or += the MR x 16 block of A (MR rows of kc, lda) . panel (kc x 16). AT: A is
-// stored transposed (kc x MR, element (r, k) at a[k * lda + r]), as for the weight gradients'
-// dY^T . X and the attention backward's P^T . dO: the six broadcasts of a k step then read
-// adjacent floats.
 // One k step of the AVX2 micro-kernel: two panel loads, MR broadcasts, 2 MR FMAs.
 template <int MR, bool AT>
 __attribute__((target("avx2,fma"), always_inline)) inline void avx2_step(int64_t k, const float* a, int64_t lda,
@@ -216,6 +215,10 @@ __attribute__((target("avx2,fma"))) inline void k_loop_6x16(int64_t kc, const fl
 }
 #undef VK_AVX2_STEP
 
+// C rows (ldc) = or += the MR x 16 block of A (MR rows of kc, lda) . panel (kc x 16). AT: A is
+// stored transposed (kc x MR, element (r, k) at a[k * lda + r]), as for the weight gradients'
+// dY^T . X and the attention backward's P^T . dO: the six broadcasts of a k step then read
+// adjacent floats. With `init` and not `accumulate`: C = tile + (init row + init bias).
 template <int MR, bool AT>
 __attribute__((target("avx2,fma"))) void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* b,
                                                       float* c, int64_t ldc, bool accumulate, const RowInit& init) {
