@@ -621,17 +621,6 @@ void gemm_packed_512(int64_t m, int64_t n, int64_t k, const float* a, int64_t ld
   });
 }
 
-// C (m x n, ldc) = A . W^T + init over a packed fp32 weight (panel stride 16 k), the kernels reading
-// the starting value (the bias, the residual rows) as they store each tile of the first K block.
-void gemm_packed_init(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
-                      int64_t ldc, const RowInit& init) {
-  if (simd::has_avx512()) {
-    gemm_packed_512<false>(m, n, k, a, lda, wp, c, ldc, false, kGemmNR * k, init);
-  } else {
-    gemm_packed<false>(m, n, k, a, lda, wp, c, ldc, false, kGemmNR * k, init);
-  }
-}
-
 // bf16: the same 12-row x two-panel blocking over k-pairs. Per pair t: one 512-bit load per panel
 // (16 columns x 2 bf16), and per row one broadcast of the row's (2t, 2t + 1) bf16 pair; vdpbf16ps
 // adds both products to each fp32 lane. a: bf16 rows (lda elements, even), b: the panel's pair t = 0.
@@ -1212,8 +1201,8 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
                      kGemmNR * kp, in);
     return;
   }
-  if (in.any() && k > 0 && w.packed != nullptr && packed_gemm_active()) {
-    gemm_packed_init(m, n, k, a, lda, w.packed, c, ldc, in);
+  if (in.any() && w.packed != nullptr && packed_gemm_active()) {
+    gemm_packed_nt(m, n, k, a, lda, w.packed, c, ldc, false, 0, in);
     return;
   }
 #endif
@@ -1479,18 +1468,8 @@ void columns_impl(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, 
       if (epilogue) epilogue(c0, cols);
       return;
     }
-    if (in.any() && k > 0) {  // (the kernels read the starting value as they store)
-      gemm_packed_init(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, in);
-      if (epilogue) epilogue(c0, cols);
-      return;
-    }
 #endif
-    bool acc = accumulate;
-    if (in.any()) {
-      write_init(ct, m, cols, ldc, in);
-      acc = true;
-    }
-    gemm_packed_nt(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, acc);
+    gemm_packed_nt(m, cols, k, a, lda, w.packed + c0 * k, ct, ldc, accumulate, 0, in);
     if (epilogue) epilogue(c0, cols);
   });
 }
@@ -1607,27 +1586,29 @@ Tensor packed_matmul_cpu(const Tensor& a_in, const Tensor& b_in, bool trans_a) {
 namespace {
 template <bool AT>
 void packed_product(const char* name, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp,
-                    float* c, int64_t ldc, bool accumulate, int64_t panel_stride) {
+                    float* c, int64_t ldc, bool accumulate, int64_t panel_stride, const RowInit& init = {}) {
   VK_CHECK(packed_gemm_active(), name, ": the packed GEMM route is not active");
   if (m == 0 || n == 0) return;
 #if VK_X86_SIMD
-  if (k == 0) {
-    if (!accumulate) clear_rows(c, m, n, ldc);
+  if (k == 0) {  // no K: C = init (or 0), or unchanged when accumulating
+    if (!accumulate) init.any() ? write_init(c, m, n, ldc, init) : clear_rows(c, m, n, ldc);
     return;
   }
   const int64_t ps = panel_stride > 0 ? panel_stride : kGemmNR * k;
   if (simd::has_avx512()) {
-    gemm_packed_512<AT>(m, n, k, a, lda, wp, c, ldc, accumulate, ps);
+    gemm_packed_512<AT>(m, n, k, a, lda, wp, c, ldc, accumulate, ps, init);
   } else {
-    gemm_packed<AT>(m, n, k, a, lda, wp, c, ldc, accumulate, ps);
+    gemm_packed<AT>(m, n, k, a, lda, wp, c, ldc, accumulate, ps, init);
   }
+#else
+  (void)init;
 #endif
 }
 }  // namespace
 
 void gemm_packed_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
-                    int64_t ldc, bool accumulate, int64_t panel_stride) {
-  packed_product<false>("gemm_packed_nt", m, n, k, a, lda, wp, c, ldc, accumulate, panel_stride);
+                    int64_t ldc, bool accumulate, int64_t panel_stride, const RowInit& init) {
+  packed_product<false>("gemm_packed_nt", m, n, k, a, lda, wp, c, ldc, accumulate, panel_stride, init);
 }
 
 void gemm_packed_tn(int64_t m, int64_t n, int64_t k, const float* at, int64_t lda, const float* wp, float* c,

@@ -38,13 +38,28 @@ const char* gemm_route();
 void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, const float* wp, float* c,
              int64_t ldc, bool accumulate);
 
+// The starting value of a product C = init + A . W^T: the rows of a residual (m x n, `ld` apart)
+// and/or a bias (n), either may be null. The packed kernels (AVX2 and AVX-512) add it to each
+// output tile of the first K block as they store it, in place of a separate pass that wrote it into
+// C for the product to read back and accumulate onto (the same sums: tile + (row + bias)); BLAS
+// routes write it first. shifted(r, c): the same for the block at row r, column c.
+struct RowInit {
+  const float* rows = nullptr;
+  int64_t ld = 0;
+  const float* bias = nullptr;
+  bool any() const { return rows != nullptr || bias != nullptr; }
+  RowInit shifted(int64_t r, int64_t c) const {
+    return {rows != nullptr ? rows + r * ld + c : nullptr, ld, bias != nullptr ? bias + c : nullptr};
+  }
+};
+
 // C (m x n, ldc) (+)= A (m x k, lda) . W^T on the packed route with W given only packed (pack_weight,
 // or pack_columns of W^T); the route must be active (RuntimeError otherwise). panel_stride: floats
 // between panels, 0 for 16 * k (a whole packed matrix); larger when the product takes k-range
 // [k0, k0 + k) of panels packed over a longer K (then wp points at row k0 of the first panel).
-// sp_attention's Q . K^T and P . V.
+// sp_attention's Q . K^T and P . V. Without `accumulate`, C = init + A . W^T (init: see RowInit).
 void gemm_packed_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
-                    int64_t ldc, bool accumulate, int64_t panel_stride = 0);
+                    int64_t ldc, bool accumulate, int64_t panel_stride = 0, const RowInit& init = {});
 
 // The same with A given transposed: C (m x n) (+)= A^T . W^T, where `at` is A^T, (k x m) row-major
 // with leading dimension lda (element (i, kk) of A at at[kk * lda + i]). The weight gradients' and
@@ -55,21 +70,6 @@ void gemm_packed_tn(int64_t m, int64_t n, int64_t k, const float* at, int64_t ld
 // B (k x n, row-major, ldb) -> panels of 16 columns (packed_weight_numel(n, k) floats, zero-filled
 // past n): the packed form of W = B^T, so that A . B = gemm_packed_nt(A, packed).
 void pack_columns(const float* b, int64_t k, int64_t n, int64_t ldb, float* bp);
-
-// The starting value of a product C = init + A . W^T: the rows of a residual (m x n, `ld` apart)
-// and/or a bias (n), either may be null. The AVX-512 kernels add it to each output tile of the
-// first K block as they store it, in place of a separate pass that wrote it into C for the
-// product to read back and accumulate onto (the same sums: tile + (row + bias)); other routes
-// write it first. shifted(r, c): the same for the block at row r, column c.
-struct RowInit {
-  const float* rows = nullptr;
-  int64_t ld = 0;
-  const float* bias = nullptr;
-  bool any() const { return rows != nullptr || bias != nullptr; }
-  RowInit shifted(int64_t r, int64_t c) const {
-    return {rows != nullptr ? rows + r * ld + c : nullptr, ld, bias != nullptr ? bias + c : nullptr};
-  }
-};
 
 // A GEMM weight w (n x k, row-major; fp32, or bf16/fp16 for half-precision inputs, which the kernels
 // compute in fp32) as a cpu kernel reads it, with its optional prepacked copy p (an op argument).
